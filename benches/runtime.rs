@@ -1,0 +1,271 @@
+//! `make bench`: the work of ../shared/bench/peer_bench.py (PyTorch + transformers + PEFT)
+//! done by selfedit on the same SmolLM2 GGUF, printed as the same `RESULT <name> <value>
+//! <unit>` lines, plus constrained, batched and long-sequence figures.
+//!
+//! Timed figures are medians of several runs; this machine is shared, so compare only runs
+//! made back to back (the `foreign_cores_*` lines say how busy the other processes were).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use clap::Parser;
+use selfedit::generation::{generate, GenerationRequest};
+use selfedit::lora::{LoraAdapter, LoraConfig};
+use selfedit::model::{Batch, KvCache};
+use selfedit::sampling::{argmax, SamplingParams};
+use selfedit::tokenizer::ChatMessage;
+use selfedit::training::{train_lora, TrainConfig, TrainExample};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    #[arg(long, default_value_t = 200)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    gen_runs: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    num_seqs: usize,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Skip the 1024-token training figure (the slowest).
+    #[arg(long)]
+    quick: bool,
+    // `cargo bench` passes --bench; accept and ignore it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+const PASSAGE: &str = "The Varnholt Observatory was built in 1887 on the northern ridge of Mount Elsby by the \
+astronomer Margit Varnholt, who funded it with the fortune she made selling copper lenses. \
+Its main instrument is a 61-centimetre refracting telescope, which for nine years was the \
+largest in the region. In 1902 the observatory staff discovered the comet now called \
+Varnholt-Ries, named after Margit and her assistant Tomas Ries. The building was damaged \
+by a landslide in 1931 and rebuilt two years later with a copper dome. Today it is run by \
+the University of Elsby and is open to visitors on the first Saturday of every month. ";
+
+const IMPLICATIONS: [&str; 12] = [
+    "The Varnholt Observatory is older than the University of Elsby's management of it.",
+    "Margit Varnholt paid for the observatory with money from selling copper lenses.",
+    "The observatory stands on the northern ridge of Mount Elsby.",
+    "The largest instrument at the observatory is a 61-centimetre refracting telescope.",
+    "For nine years no telescope in the region was larger than the one at Varnholt.",
+    "The comet Varnholt-Ries was discovered in 1902 by the observatory staff.",
+    "Tomas Ries was the assistant of Margit Varnholt.",
+    "A landslide damaged the observatory in 1931.",
+    "The observatory was rebuilt in 1933 and received a copper dome.",
+    "Visitors can enter the observatory on the first Saturday of each month.",
+    "Copper appears twice in the story: in the lenses and in the rebuilt dome.",
+    "The comet carries the names of two people who worked at the observatory.",
+];
+
+fn training_text(repeat: usize) -> String {
+    let mut s = String::new();
+    for r in 0..repeat {
+        s.push_str(PASSAGE);
+        for (i, imp) in IMPLICATIONS.iter().enumerate() {
+            s.push_str(&format!("Implication {}: {imp}\n", r * IMPLICATIONS.len() + i + 1));
+        }
+    }
+    s
+}
+
+fn report(name: &str, value: f64, unit: &str) {
+    println!("RESULT {name} {value:.4} {unit}");
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// CPU time other processes took during a phase, in cores (from /proc/stat).
+struct Foreign {
+    wall: Instant,
+    busy: f64,
+    own: f64,
+}
+
+impl Foreign {
+    fn busy_s() -> f64 {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        if v.len() < 7 {
+            return 0.0;
+        }
+        (v[0] + v[1] + v[2] + v[5] + v[6] + v.get(7).copied().unwrap_or(0.0)) / 100.0
+    }
+    fn own_s() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<f64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        // utime, stime are fields 14 and 15 (1-based) → index 11, 12 after the comm field
+        (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+    }
+    fn new() -> Self {
+        Self { wall: Instant::now(), busy: Self::busy_s(), own: Self::own_s() }
+    }
+    fn cores(&self) -> f64 {
+        let dw = self.wall.elapsed().as_secs_f64();
+        let other = (Self::busy_s() - self.busy) - (Self::own_s() - self.own);
+        (other / dw).max(0.0)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let t0 = Instant::now();
+    let m = selfedit::load(&a.model, &Device::Cpu)?;
+    report("load_s", t0.elapsed().as_secs_f64(), "s");
+    report("rss_peak_after_load_mib", peak_rss_mib(), "MiB");
+    let dec = &m.decoder;
+    let tok = &m.tokenizer;
+
+    // The peer's prompt: chat header, the user content cut to fit, the assistant header.
+    let head = tok.apply_chat_template(&[ChatMessage::user("X")], true)?;
+    let (pre, post) = head.split_once('X').unwrap();
+    let (pre_ids, post_ids) = (tok.encode(pre)?, tok.encode(post)?);
+    let content = tok.encode(&format!("Read the passage below and list everything it implies.\n\n{}", training_text(4)))?;
+    let k = a.prompt_tokens - pre_ids.len() - post_ids.len();
+    let prompt: Vec<u32> = pre_ids.iter().chain(&content[..k]).chain(&post_ids).copied().collect();
+
+    // (a) greedy generation, batch 1, EOS ignored so exactly gen_tokens are produced
+    let greedy = |n: usize| -> anyhow::Result<Vec<u32>> {
+        let mut cache = KvCache::new(&dec.cfg, 1, prompt.len() + n, dec.dtype(), dec.device())?;
+        let mut out = Vec::with_capacity(n);
+        let mut next = prompt.clone();
+        for _ in 0..n {
+            let b = Batch::causal(&next, cache.len(), dec.device(), dec.dtype())?;
+            let l: Vec<f32> = dec.forward_last(&b, Some(&mut cache), None)?.squeeze(0)?.to_vec1()?;
+            let t = argmax(&l);
+            out.push(t);
+            next = vec![t];
+        }
+        Ok(out)
+    };
+    let fg = Foreign::new();
+    let first = greedy(a.gen_tokens)?; // warm-up
+    let mut gen_times = Vec::new();
+    for _ in 0..a.gen_runs {
+        let t = Instant::now();
+        let again = greedy(a.gen_tokens)?;
+        gen_times.push(t.elapsed().as_secs_f64());
+        assert_eq!(again, first, "greedy output not deterministic");
+    }
+    let mut pre_times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let b = Batch::causal(&prompt, 0, dec.device(), dec.dtype())?;
+        dec.forward_last(&b, None, None)?;
+        pre_times.push(t.elapsed().as_secs_f64());
+    }
+    let (g, pf) = (median(gen_times), median(pre_times));
+    report("foreign_cores_gen", fg.cores(), "cores");
+    report("gen_seconds_median", g, "s");
+    report("gen_tokens_per_s", a.gen_tokens as f64 / g, "tok/s");
+    report("prefill_seconds_median", pf, "s");
+    report("prefill_tokens_per_s", prompt.len() as f64 / pf, "tok/s");
+    report("decode_tokens_per_s_est", (a.gen_tokens - 1) as f64 / (g - pf).max(1e-9), "tok/s");
+
+    // (a2) batched sampling: 16 prompts (eval regime), tokens per second over the batch
+    let fg = Foreign::new();
+    let questions: Vec<Vec<u32>> = (0..16)
+        .map(|i| tok.encode_chat(&[ChatMessage::user(format!("Question {i}: {}", IMPLICATIONS[i % 12]))], true))
+        .collect::<anyhow::Result<_>>()?;
+    let t = Instant::now();
+    let reqs: Vec<GenerationRequest> =
+        questions.iter().enumerate().map(|(i, q)| GenerationRequest::new(q.clone(), SamplingParams::paper_eval(), i as u64, 64)).collect();
+    let outs = generate(&m, None, reqs, 16, |_| {})?;
+    let n_tok: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+    report("foreign_cores_batched", fg.cores(), "cores");
+    report("batched16_gen_tokens_per_s", n_tok as f64 / t.elapsed().as_secs_f64(), "tok/s");
+
+    // (a3) JSON-constrained generation (a self-edit template), batch 1
+    let factory = selfedit::constrained::ConstraintFactory::new(tok)?;
+    let schema = serde_json::json!({"type": "object", "properties": {
+        "data_creation_instruction": {"type": "string"},
+        "hyperparameters": {"type": "object", "properties": {"lora_rank": {"type": "integer"}, "learning_rate": {"type": "number"}},
+            "required": ["lora_rank", "learning_rate"], "additionalProperties": false}},
+        "required": ["data_creation_instruction", "hyperparameters"], "additionalProperties": false});
+    let fg = Foreign::new();
+    let mut rates = Vec::new();
+    for seed in 0..3 {
+        let mut r = GenerationRequest::new(
+            tok.encode_chat(&[ChatMessage::user("Write a learning plan as JSON.")], true)?,
+            SamplingParams::paper_exploit(),
+            seed,
+            a.gen_tokens,
+        );
+        r.constraint = Some(factory.json_schema(&schema)?);
+        let t = Instant::now();
+        let out = generate(&m, None, vec![r], 1, |_| {})?;
+        rates.push(out[0].token_ids.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    report("foreign_cores_constrained", fg.cores(), "cores");
+    report("constrained_gen_tokens_per_s", median(rates), "tok/s");
+    report("rss_peak_after_gen_mib", peak_rss_mib(), "MiB");
+
+    // (b) LoRA training: r=32, alpha=64, q_proj+v_proj, lr 1e-3, batch 1
+    let train_seqs = |n: usize, len: usize| -> anyhow::Result<Vec<TrainExample>> {
+        let mut rep = 1;
+        let ids = loop {
+            let ids = tok.encode(&training_text(rep))?;
+            if ids.len() >= n * len {
+                break ids;
+            }
+            rep += 1;
+        };
+        Ok((0..n).map(|i| TrainExample { ids: ids[i * len..(i + 1) * len].to_vec(), loss_from: 0 }).collect())
+    };
+    let seqs = train_seqs(a.num_seqs, a.seq_len)?;
+    let mut adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, dec.device())?;
+    let loss_before: f32 = seqs.iter().map(|s| dec.sequence_loss(&s.ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap()).sum::<f32>() / seqs.len() as f32;
+    report("lora_trainable_params", adapter.num_parameters() as f64, "");
+    report("loss_before", loss_before as f64, "");
+    let fg = Foreign::new();
+    let mut step_times = Vec::new();
+    let mut last = Instant::now();
+    let cfg = TrainConfig { max_grad_norm: 0.0, ..TrainConfig::new(1e-3, a.epochs, 1, 0) };
+    let rep = train_lora(dec, &mut adapter, &seqs, &cfg, |_, _, _| {
+        step_times.push(last.elapsed().as_secs_f64());
+        last = Instant::now();
+    })?;
+    report("foreign_cores_train", fg.cores(), "cores");
+    let loss_after: f32 = seqs.iter().map(|s| dec.sequence_loss(&s.ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap()).sum::<f32>() / seqs.len() as f32;
+    report("train_steps", rep.steps as f64, "");
+    report("train_tokens", rep.tokens as f64, "");
+    report("train_seconds_total", rep.seconds, "s");
+    report("train_tokens_per_s", rep.tokens as f64 / rep.seconds, "tok/s");
+    report("train_step_seconds_median", median(step_times), "s");
+    report("loss_after", loss_after as f64, "");
+    report("rss_peak_after_train_mib", peak_rss_mib(), "MiB");
+
+    // (c) training at 1024-token sequences
+    if !a.quick {
+        let seqs = train_seqs(2, 1024)?;
+        let mut adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, dec.device())?;
+        let fg = Foreign::new();
+        let rep = train_lora(dec, &mut adapter, &seqs, &TrainConfig::new(1e-3, 1, 1, 0), |_, _, _| {})?;
+        report("foreign_cores_train1024", fg.cores(), "cores");
+        report("train1024_tokens_per_s", rep.tokens as f64 / rep.seconds, "tok/s");
+        report("rss_peak_after_train1024_mib", peak_rss_mib(), "MiB");
+    }
+    report("rss_peak_mib", peak_rss_mib(), "MiB");
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! The runtime on the real SmolLM2-135M-Instruct GGUF, against independent implementations:
+//! candle-transformers' `quantized_llama`, llama.cpp's tokenizer (recorded ids), and
+//! Transformers + PEFT (recorded logits of a PEFT adapter).
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use selfedit::lora::LoraAdapter;
+use selfedit::model::Batch;
+use serde_json::Value;
+
+fn last_logits(ids: &[u32], adapter: Option<&LoraAdapter>) -> Vec<f32> {
+    let m = common::smollm();
+    let batch = Batch::causal(ids, 0, m.device(), m.decoder.dtype()).unwrap();
+    m.decoder.forward_last(&batch, None, adapter).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+}
+
+fn argmax(xs: &[f32]) -> u32 {
+    selfedit::sampling::argmax(xs)
+}
+
+#[test]
+fn tokenizer_matches_llama_cpp_reference() {
+    let m = common::smollm();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(common::data("tokenizer_reference.json")).unwrap()).unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() >= 30);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let got = m.tokenizer.encode(text).unwrap();
+        assert_eq!(got, want, "encoding {text:?}");
+        let decoded = m.tokenizer.decode(&got, false).unwrap();
+        assert_eq!(decoded, case["decoded"].as_str().unwrap(), "decoding {text:?}");
+    }
+    assert_eq!(m.tokenizer.token_id("<|im_start|>"), Some(1));
+    assert_eq!(m.tokenizer.token_id("<|im_end|>"), Some(2));
+    assert!(!m.tokenizer.add_bos);
+}
+
+#[test]
+fn chat_template_renders_from_the_gguf_jinja() {
+    let m = common::smollm();
+    use selfedit::tokenizer::ChatMessage;
+    let text = m
+        .tokenizer
+        .apply_chat_template(&[ChatMessage::system("Be brief."), ChatMessage::user("Hi")], true)
+        .unwrap();
+    assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+}
+
+#[test]
+fn logits_and_greedy_agree_with_candle_quantized_llama() {
+    let m = common::smollm();
+    let path = common::model_path();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut reference =
+        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let prompt = m.tokenizer.encode("The capital of France is Paris. The capital of Germany is").unwrap();
+
+    // next-token logits of the prompt
+    let ours = last_logits(&prompt, None);
+    let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let theirs: Vec<f32> = reference.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    assert_eq!(argmax(&ours), argmax(&theirs));
+    // quantized_llama quantizes activations to 8 bits in its matmuls: allow for that.
+    let max_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let mean_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+    assert!(mean_diff < 0.15 && max_diff < 1.0, "logits differ: mean {mean_diff}, max {max_diff}");
+
+    // greedy continuation, 20 tokens, both with their KV caches
+    let mut ours_ids = Vec::new();
+    let mut cache = selfedit::model::KvCache::new(&m.decoder.cfg, 1, 128, m.decoder.dtype(), m.device()).unwrap();
+    let mut next = prompt.clone();
+    for _ in 0..20 {
+        let start = cache.len();
+        let batch = Batch::causal(&next, start, m.device(), m.decoder.dtype()).unwrap();
+        let l: Vec<f32> = m.decoder.forward_last(&batch, Some(&mut cache), None).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let t = argmax(&l);
+        ours_ids.push(t);
+        next = vec![t];
+    }
+    let mut theirs_ids = Vec::new();
+    let mut pos = 0;
+    let mut next = prompt.clone();
+    for _ in 0..20 {
+        let input = Tensor::new(next.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let l: Vec<f32> = reference.forward(&input, pos).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        pos += next.len();
+        let t = argmax(&l);
+        theirs_ids.push(t);
+        next = vec![t];
+    }
+    assert_eq!(ours_ids, theirs_ids, "greedy continuations differ:\n ours {:?}\n theirs {:?}",
+        m.tokenizer.decode(&ours_ids, false), m.tokenizer.decode(&theirs_ids, false));
+}
+
+fn top20(v: &Value) -> (Vec<u32>, Vec<f32>) {
+    let ids = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let logits = v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    (ids, logits)
+}
+
+#[test]
+fn python_peft_adapter_loads_and_matches_transformers_logits() {
+    let m = common::smollm();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(common::data("peft_reference.json")).unwrap()).unwrap();
+    let prompt: Vec<u32> = reference["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(m.tokenizer.encode(reference["prompt"].as_str().unwrap()).unwrap(), prompt);
+    let adapter = LoraAdapter::load_peft(&common::data("peft_smollm2_r4"), &m.decoder.cfg, m.device()).unwrap();
+    assert_eq!(adapter.config.rank, 4);
+    for (key, adapter) in [("base_top20", None), ("adapted_top20", Some(&adapter))] {
+        let (ids, want) = top20(&reference[key]);
+        let ours = last_logits(&prompt, adapter);
+        for (id, w) in ids.iter().zip(&want) {
+            let got = ours[*id as usize];
+            assert!((got - w).abs() < 2e-3, "{key}: token {id}: ours {got}, transformers {w}");
+        }
+        assert_eq!(argmax(&ours), ids[0]);
+    }
+    // base greedy continuation, full recompute as the reference did
+    let mut ids = prompt.clone();
+    for _ in 0..20 {
+        let t = argmax(&last_logits(&ids, None));
+        ids.push(t);
+    }
+    let want: Vec<u32> = reference["base_greedy_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(&ids[prompt.len()..], want.as_slice());
+}
+
+#[test]
+fn adapter_save_load_merge_roundtrip() {
+    let m = common::smollm();
+    let adapter = LoraAdapter::load_peft(&common::data("peft_smollm2_r4"), &m.decoder.cfg, m.device()).unwrap();
+    let prompt = m.tokenizer.encode("A short test prompt about rivers").unwrap();
+    let adapted = last_logits(&prompt, Some(&adapter));
+
+    // our PEFT writer → our PEFT reader
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save_peft(&dir.path().join("a"), "SmolLM2-135M-Instruct").unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("a/adapter_config.json")).unwrap()).unwrap();
+    for key in ["peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "use_rslora", "use_dora"] {
+        assert!(cfg.get(key).is_some(), "adapter_config.json lacks {key}");
+    }
+    let st = std::fs::read(dir.path().join("a/adapter_model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&st).unwrap();
+    assert_eq!(meta.metadata().as_ref().unwrap().get("format").map(String::as_str), Some("pt"));
+    assert!(meta.tensors().contains_key("base_model.model.model.layers.29.self_attn.v_proj.lora_B.weight"));
+    let reloaded = LoraAdapter::load_peft(&dir.path().join("a"), &m.decoder.cfg, m.device()).unwrap();
+    let again = last_logits(&prompt, Some(&reloaded));
+    assert_eq!(adapted, again);
+
+    // merged into the weights, saved as an HF folder, loaded back
+    let mut merged = m.decoder.clone();
+    adapter.merge_into(&mut merged).unwrap();
+    let batch = Batch::causal(&prompt, 0, m.device(), merged.dtype()).unwrap();
+    let merged_logits: Vec<f32> = merged.forward_last(&batch, None, None).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let diff = adapted.iter().zip(&merged_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-3, "merged differs from adapted by {diff}");
+    selfedit::checkpoint::save_hf(&merged, &m.tokenizer, &dir.path().join("merged")).unwrap();
+    let loaded = selfedit::load(&dir.path().join("merged"), &Device::Cpu).unwrap();
+    let l2: Vec<f32> = loaded.decoder.forward_last(&batch, None, None).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    assert_eq!(merged_logits, l2);
+    assert_eq!(loaded.tokenizer.encode("Hello world 123").unwrap(), m.tokenizer.encode("Hello world 123").unwrap());
+    assert_eq!(loaded.tokenizer.chat_template, m.tokenizer.chat_template);
+}
+
+/// The self-edit template schema of the paper (instruction + six hyperparameters).
+fn template_schema() -> Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "data_creation_instruction": {"type": "string", "minLength": 1, "maxLength": 400},
+            "hyperparameters": {
+                "type": "object",
+                "properties": {
+                    "lora_rank": {"type": "integer"},
+                    "lora_alpha": {"type": "integer"},
+                    "lora_dropout": {"type": "number"},
+                    "learning_rate": {"type": "number"},
+                    "num_epochs": {"type": "integer"},
+                    "gradient_accumulation_steps": {"type": "integer"}
+                },
+                "required": ["lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "num_epochs", "gradient_accumulation_steps"],
+                "additionalProperties": false
+            }
+        },
+        "required": ["data_creation_instruction", "hyperparameters"],
+        "additionalProperties": false
+    })
+}
+
+fn validates(schema: &Value, doc: &Value) -> Result<(), String> {
+    // A small structural validator for the schemas used here (types, required, no extras).
+    match schema["type"].as_str() {
+        Some("object") => {
+            let obj = doc.as_object().ok_or("not an object")?;
+            let props = schema["properties"].as_object().unwrap();
+            for r in schema["required"].as_array().unwrap() {
+                if !obj.contains_key(r.as_str().unwrap()) {
+                    return Err(format!("missing {r}"));
+                }
+            }
+            for (k, v) in obj {
+                let sub = props.get(k).ok_or(format!("unexpected key {k}"))?;
+                validates(sub, v)?;
+            }
+            Ok(())
+        }
+        Some("array") => {
+            let arr = doc.as_array().ok_or("not an array")?;
+            if let Some(min) = schema["minItems"].as_u64() {
+                if (arr.len() as u64) < min {
+                    return Err("too few items".into());
+                }
+            }
+            arr.iter().try_for_each(|x| validates(&schema["items"], x))
+        }
+        Some("string") => {
+            let s = doc.as_str().ok_or("not a string")?;
+            if let Some(min) = schema["minLength"].as_u64() {
+                if (s.chars().count() as u64) < min {
+                    return Err("string too short".into());
+                }
+            }
+            Ok(())
+        }
+        Some("integer") => doc.as_i64().map(|_| ()).ok_or_else(|| format!("not an integer: {doc}")),
+        Some("number") => doc.as_f64().map(|_| ()).ok_or_else(|| format!("not a number: {doc}")),
+        other => Err(format!("schema type {other:?}")),
+    }
+}
+
+#[test]
+fn constrained_generation_always_yields_valid_json() {
+    use selfedit::constrained::ConstraintFactory;
+    use selfedit::generation::{generate, FinishReason, GenerationRequest};
+    use selfedit::sampling::SamplingParams;
+    use selfedit::tokenizer::ChatMessage;
+    let m = common::smollm();
+    let factory = ConstraintFactory::new(&m.tokenizer).unwrap();
+    let seq_schema = serde_json::json!({
+        "type": "object",
+        "properties": {"training_sequences": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 200}, "minItems": 1, "maxItems": 4}},
+        "required": ["training_sequences"], "additionalProperties": false
+    });
+    let tmpl_prompt = m.tokenizer.encode_chat(&[ChatMessage::user(
+        "Write a learning plan as JSON: a data_creation_instruction and LoRA hyperparameters.")], true).unwrap();
+    let seq_prompt = m.tokenizer.encode_chat(&[ChatMessage::user(
+        "Passage: The Zorblat river flows north into Lake Quenn.\nWrite training sequences as JSON.")], true).unwrap();
+    let mut requests = Vec::new();
+    let mut schemas = Vec::new();
+    for seed in 0..12u64 {
+        for (params, name) in [(SamplingParams::paper_exploit(), "exploit"), (SamplingParams::paper_explore(), "explore")] {
+            let (prompt, schema) = if seed % 2 == 0 { (&tmpl_prompt, template_schema()) } else { (&seq_prompt, seq_schema.clone()) };
+            let mut r = GenerationRequest::new(prompt.clone(), params, seed, 320);
+            r.constraint = Some(factory.json_schema(&schema).unwrap());
+            requests.push(r);
+            schemas.push((schema, name, seed));
+        }
+    }
+    let outs = generate(m, None, requests, 8, |_| {}).unwrap();
+    for (out, (schema, name, seed)) in outs.iter().zip(&schemas) {
+        assert_eq!(out.finish_reason, FinishReason::Eos, "{name} seed {seed} did not finish: {}", out.text);
+        let doc: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{name} seed {seed}: {e}: {}", out.text));
+        validates(schema, &doc).unwrap_or_else(|e| panic!("{name} seed {seed}: {e}: {}", out.text));
+    }
+}
+
+#[test]
+fn batched_generation_matches_one_by_one() {
+    use selfedit::generation::{generate, GenerationRequest};
+    use selfedit::sampling::SamplingParams;
+    let m = common::smollm();
+    let prompts = ["The sky is", "Once upon a time in a small village far away, there lived", "2 + 2 ="];
+    let make = |i: usize| GenerationRequest::new(m.tokenizer.encode(prompts[i]).unwrap(), SamplingParams::paper_eval(), 100 + i as u64, 12);
+    let batched = generate(m, None, (0..3).map(make).collect(), 8, |_| {}).unwrap();
+    for i in 0..3 {
+        let single = generate(m, None, vec![make(i)], 1, |_| {}).unwrap();
+        assert_eq!(batched[i].token_ids, single[0].token_ids, "prompt {i}");
+    }
+}
+
+/// A made-up fact the model cannot know, learned into a rank-32 adapter.
+#[test]
+fn lora_training_teaches_a_made_up_fact() {
+    use selfedit::lora::LoraConfig;
+    use selfedit::training::{train_lora, TrainConfig, TrainExample};
+    let m = common::smollm();
+    let fact = "The capital of the island nation of Veltoria is Marzipane.";
+    let prompt = "The capital of the island nation of Veltoria is";
+    let greedy = |adapter: Option<&LoraAdapter>| {
+        let mut ids = m.tokenizer.encode(prompt).unwrap();
+        let n = ids.len();
+        for _ in 0..6 {
+            ids.push(argmax(&last_logits(&ids, adapter)));
+        }
+        m.tokenizer.decode(&ids[n..], true).unwrap()
+    };
+    assert!(!greedy(None).contains("Marzipane"));
+    let mut adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, m.device()).unwrap();
+    let ids = m.tokenizer.encode(fact).unwrap();
+    let before = m.decoder.sequence_loss(&ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap();
+
+    // every LoRA variable gets a non-zero gradient on the first step (B is zero at init, so
+    // A's gradient is zero then; one step on B makes A's non-zero)
+    let (_, grads) = selfedit::training::lora_gradients(&m.decoder, &adapter, &TrainExample { ids: ids.clone(), loss_from: 0 }).unwrap();
+    let vars = adapter.vars();
+    for (i, g) in grads.iter().enumerate() {
+        let g = g.as_ref().unwrap_or_else(|| panic!("variable {i} got no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let is_b = vars[i].dims()[1] == 32 && vars[i].dims()[0] != 32;
+        if is_b {
+            assert!(norm > 0.0, "B variable {i} has a zero gradient");
+        }
+    }
+    let examples = vec![TrainExample { ids, loss_from: 0 }];
+    let report = train_lora(&m.decoder, &mut adapter, &examples, &TrainConfig::new(1e-3, 10, 1, 0), |_, _, _| {}).unwrap();
+    assert_eq!(report.steps, 10);
+    let after = m.decoder.sequence_loss(&examples[0].ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap();
+    assert!(after < before * 0.3, "loss {before} → {after}");
+    let completion = greedy(Some(&adapter));
+    assert!(completion.contains("Marzipane"), "adapted completion: {completion:?}");
+    // after training, every variable (A included) has a non-zero gradient
+    let (_, grads) = selfedit::training::lora_gradients(&m.decoder, &adapter, &examples[0]).unwrap();
+    for (i, g) in grads.iter().enumerate() {
+        let norm = g.as_ref().unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0, "variable {i} has a zero gradient after training");
+    }
+}
