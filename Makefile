@@ -58,8 +58,77 @@ bench: $(SMOLLM)  ## measure speed and memory (prints RESULT lines like ../share
 
 SELFEDIT := $(CARGO) run $(CARGO_FLAGS) --quiet --bin selfedit -- --model $(SMOLLM)
 
-run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default demo
+demo: $(SMOLLM) build  ## teach the model one made-up fact with a LoRA adapter and ask before/after
 	$(SELFEDIT) generate --raw --max-new-tokens 8 "The capital of the island nation of Veltoria is"
 	$(SELFEDIT) train-adapter data/veltoria_fact.txt --out outputs/demo/adapter --epochs 10
 	$(SELFEDIT) generate --raw --max-new-tokens 8 --adapter outputs/demo/adapter "The capital of the island nation of Veltoria is"
-	@echo "run: adapter in outputs/demo/adapter (PEFT format)"
+
+# ---------------------------------------------------------------------------------------
+# The experiment: CONFIG names it (outputs/<name>/), ITER is the iteration.
+CONFIG ?= configs/tiny.toml
+ITER ?= 0
+SHARDS ?= 1
+EXP := $(basename $(notdir $(CONFIG)))
+OUTPUTS ?= outputs
+OUT := $(OUTPUTS)/$(EXP)
+I := $(OUT)/iter$(ITER)
+STAMPS := $(OUT)/stamps
+BIN ?= $(or $(CARGO_TARGET_DIR),target)/release
+# Set BUILD= to skip the cargo build step (the tests drive make with their own binaries).
+BUILD ?= build
+STAGE_ARGS := --config $(CONFIG) --iter $(ITER) --outputs $(OUTPUTS)
+PREV := $(OUT)/iter$(shell echo $$(($(ITER)-1)))
+ARCHIVE_IN := $(if $(filter 0,$(ITER)),,$(PREV)/archive.parquet)
+
+.PHONY: pipeline stamps FORCE
+
+pipeline: $(I)/archive.parquet  ## run one iteration of CONFIG (default configs/tiny.toml), ITER=k
+	@echo "results: $(I)/ (template_stats.parquet, archive.parquet, answers.parquet, ...)"
+
+# The stamp files change only when their stage's settings change (content hashes).
+stamps: $(BUILD)
+	@mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS)
+
+$(STAMPS)/%.hash: stamps ;
+
+$(OUT)/articles.parquet: $(STAMPS)/prepare.hash
+	$(BIN)/prepare-data $(STAGE_ARGS)
+
+$(I)/templates.parquet: $(STAMPS)/templates.hash $(ARCHIVE_IN)
+	$(BIN)/generate-templates $(STAGE_ARGS) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
+
+$(I)/self_edits.parquet: $(I)/templates.parquet $(OUT)/articles.parquet $(STAMPS)/synthesize.hash
+	$(BIN)/synthesize $(STAGE_ARGS)
+
+ifeq ($(SHARDS),1)
+$(I)/adapters.parquet: $(I)/self_edits.parquet $(STAMPS)/train.hash
+	$(BIN)/train-adapters $(STAGE_ARGS)
+
+$(I)/answers.parquet: $(I)/adapters.parquet $(STAMPS)/evaluate.hash
+	$(BIN)/evaluate $(STAGE_ARGS)
+else
+SHARD_IDS := $(shell seq 0 $$(($(SHARDS)-1)))
+$(I)/adapters.shard-%-of-$(SHARDS).parquet: $(I)/self_edits.parquet $(STAMPS)/train.hash
+	$(BIN)/train-adapters $(STAGE_ARGS) --shard $*/$(SHARDS)
+
+$(I)/adapters.parquet: $(foreach s,$(SHARD_IDS),$(I)/adapters.shard-$(s)-of-$(SHARDS).parquet)
+	$(BIN)/train-adapters $(STAGE_ARGS) --merge $(SHARDS)
+
+$(I)/answers.shard-%-of-$(SHARDS).parquet: $(I)/adapters.parquet $(STAMPS)/evaluate.hash
+	$(BIN)/evaluate $(STAGE_ARGS) --shard $*/$(SHARDS)
+
+$(I)/answers.parquet: $(foreach s,$(SHARD_IDS),$(I)/answers.shard-$(s)-of-$(SHARDS).parquet)
+	$(BIN)/evaluate $(STAGE_ARGS) --merge $(SHARDS)
+endif
+
+$(I)/template_stats.parquet: $(I)/answers.parquet
+	$(BIN)/score $(STAGE_ARGS)
+
+$(I)/archive.parquet: $(I)/template_stats.parquet $(STAMPS)/archive.hash
+	$(BIN)/update-archive $(STAGE_ARGS)
+
+run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default experiment (configs/tiny.toml)
+	@$(MAKE) --no-print-directory pipeline CONFIG=$(CONFIG)
+
+clean-outputs:  ## delete outputs/$(EXP)
+	rm -rf $(OUT)

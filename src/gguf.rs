@@ -31,7 +31,13 @@ fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> anyhow::Result<&'a Value>
 }
 
 fn meta_usize(c: &Content, key: &str, path: &Path) -> anyhow::Result<usize> {
-    Ok(meta(c, key, path)?.to_u64().or_else(|_| meta(c, key, path)?.to_u32().map(|v| v as u64))? as usize)
+    let v = meta(c, key, path)?;
+    let n = v
+        .to_u64()
+        .or_else(|_| v.to_u32().map(|x| x as u64))
+        .or_else(|_| v.to_i32().map(|x| x as u64))
+        .map_err(|e| anyhow::anyhow!("{}: GGUF metadata {key:?} is not an integer: {e}", path.display()))?;
+    Ok(n as usize)
 }
 
 fn meta_f64(c: &Content, key: &str) -> Option<f64> {

@@ -11,16 +11,30 @@
 //! - [`sampling`], [`generation`], [`constrained`]: vLLM-style sampling, batched
 //!   generation, JSON-schema-constrained decoding with llguidance;
 //! - [`lora`], [`training`]: LoRA adapters (PEFT format) and their trainer.
+//!
+//! The experiment:
+//! - [`config`]: one TOML config per experiment; [`prompts`]: the prompt files;
+//! - [`data`]: SQuAD in its three shapes, passage selection; [`tables`]: the Parquet tables;
+//! - [`pipeline`]: the stages of an iteration; [`grading`], [`stats`]: answers and statistics;
+//! - [`stage`]: what the stage binaries share; [`io`]: crash-safe writes.
 
 pub mod checkpoint;
+pub mod config;
 pub mod constrained;
+pub mod data;
 pub mod generation;
 pub mod gguf;
+pub mod grading;
 pub mod io;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod pipeline;
+pub mod prompts;
 pub mod sampling;
+pub mod stage;
+pub mod stats;
+pub mod tables;
 pub mod tokenizer;
 pub mod training;
 

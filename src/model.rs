@@ -319,7 +319,10 @@ impl Decoder {
             None => None,
         };
         match delta {
-            Some(delta) => y + delta.to_dtype(y.dtype())?,
+            Some(delta) => {
+                let delta = delta.to_dtype(y.dtype())?;
+                y + delta
+            }
             None => Ok(y),
         }
     }

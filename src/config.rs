@@ -1,0 +1,252 @@
+//! The experiment config: one TOML file in `configs/` holds everything a run depends on.
+//!
+//! Unknown keys are errors that name the key. No stage invents its own defaults: every
+//! setting a stage reads is here. The content hash of a stage's part of the config (plus the
+//! prompt files it uses) stamps its outputs, so editing a comment reruns nothing.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::sampling::SamplingParams;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    BaselineImplications,
+    BaselineRewrite,
+    NoArchive,
+    Archive,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::BaselineImplications => "baseline-implications",
+            Variant::BaselineRewrite => "baseline-rewrite",
+            Variant::NoArchive => "no-archive",
+            Variant::Archive => "archive",
+        }
+    }
+    pub fn is_baseline(self) -> bool {
+        matches!(self, Variant::BaselineImplications | Variant::BaselineRewrite)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A GGUF file or a Hugging Face checkpoint folder (relative to the working directory).
+    pub path: PathBuf,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// Detect from the file: official SQuAD v1.1 JSON, Hugging Face Parquet, or the
+    /// passage-grouped JSON array (SEAL's layout, and the demo passages').
+    Auto,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training-split passages (a file in any of the three SQuAD shapes).
+    pub train_path: PathBuf,
+    /// Validation-split passages (used by validation runs).
+    pub validation_path: Option<PathBuf>,
+    pub train_passages: usize,
+    pub validation_passages: usize,
+    /// Seed of the shuffle that selects the passages.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSection {
+    pub templates_per_iteration: usize,
+    pub completions_per_template: usize,
+    /// Share of templates (and completions) sampled in exploit mode.
+    pub exploit_fraction: f64,
+    pub template_max_new_tokens: usize,
+    pub completion_max_new_tokens: usize,
+    /// Cap on the instruction's length in the template schema (characters).
+    pub instruction_max_chars: usize,
+    /// Cap on training sequences per completion in the schema.
+    pub max_sequences: usize,
+    /// Cap on one training sequence's length in the schema (characters).
+    pub sequence_max_chars: usize,
+    /// Rows per generation batch.
+    pub batch_size: usize,
+    pub exploit: SamplingParams,
+    pub explore: SamplingParams,
+}
+
+/// Inclusive bounds of one hyperparameter; values outside are clamped (and the row says so).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Bounds {
+    pub min: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HyperparameterBounds {
+    pub lora_rank: Bounds,
+    pub lora_alpha: Bounds,
+    pub lora_dropout: Bounds,
+    pub learning_rate: Bounds,
+    pub num_epochs: Bounds,
+    pub gradient_accumulation_steps: Bounds,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Append the passage itself as one more training sequence (SEAL: yes; the paper's code: no).
+    pub append_passage: bool,
+    pub max_len: usize,
+    pub target_modules: Vec<String>,
+    /// Gradient-norm clipping (Hugging Face Trainer default 1.0; 0 = off).
+    pub max_grad_norm: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GraderKind {
+    /// Normalized gold answer contained in the normalized prediction.
+    Heuristic,
+    /// A local model judges yes/no (constrained), the heuristic as fallback.
+    Judge,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    pub runs: usize,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub grader: GraderKind,
+    /// The judge model (GGUF or HF folder); defaults to the experiment's model when absent.
+    pub judge_model: Option<PathBuf>,
+    /// Rows per generation batch (all questions × runs of an adapter share batches).
+    pub batch_size: usize,
+}
+
+/// The fixed hyperparameters of SEAL's baselines and seed archive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineSection {
+    pub lora_rank: i64,
+    pub lora_alpha: i64,
+    pub lora_dropout: f64,
+    pub learning_rate: f64,
+    pub num_epochs: i64,
+    pub gradient_accumulation_steps: i64,
+    /// Sampling of the baselines' plain-text completions.
+    pub sampling: SamplingParams,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub variant: Variant,
+    pub seed: u64,
+    /// Folder of the prompt text files.
+    pub prompts_dir: PathBuf,
+    /// The seed archive (paper/archive_seed.json layout).
+    pub archive_seed: PathBuf,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub search: SearchSection,
+    pub hyperparameter_bounds: HyperparameterBounds,
+    pub training: TrainingSection,
+    pub eval: EvalSection,
+    pub baseline: BaselineSection,
+}
+
+/// A loaded config with where it came from.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    /// The config file's name without `.toml`: the folder under `outputs/`.
+    pub name: String,
+    pub path: PathBuf,
+    pub config: ExperimentConfig,
+}
+
+impl Experiment {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let config: ExperimentConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config.validate().with_context(|| format!("{}", path.display()))?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .with_context(|| format!("{}: no file name", path.display()))?;
+        Ok(Self { name, path: path.to_path_buf(), config })
+    }
+
+    /// `outputs/<experiment>/iter<k>/`.
+    pub fn iter_dir(&self, outputs: &Path, iteration: usize) -> PathBuf {
+        outputs.join(&self.name).join(format!("iter{iteration}"))
+    }
+}
+
+impl ExperimentConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let s = &self.search;
+        ensure!(s.templates_per_iteration >= 1, "search.templates_per_iteration must be >= 1");
+        ensure!(s.completions_per_template >= 1, "search.completions_per_template must be >= 1");
+        ensure!((0.0..=1.0).contains(&s.exploit_fraction), "search.exploit_fraction must be in [0, 1]");
+        ensure!(s.batch_size >= 1 && self.eval.batch_size >= 1, "batch sizes must be >= 1");
+        s.exploit.validate().context("search.exploit")?;
+        s.explore.validate().context("search.explore")?;
+        self.eval.sampling.validate().context("eval.sampling")?;
+        ensure!(self.eval.runs >= 1, "eval.runs must be >= 1");
+        ensure!(self.data.train_passages >= 1, "data.train_passages must be >= 1");
+        let b = &self.hyperparameter_bounds;
+        for (name, bd) in [
+            ("lora_rank", b.lora_rank),
+            ("lora_alpha", b.lora_alpha),
+            ("lora_dropout", b.lora_dropout),
+            ("learning_rate", b.learning_rate),
+            ("num_epochs", b.num_epochs),
+            ("gradient_accumulation_steps", b.gradient_accumulation_steps),
+        ] {
+            ensure!(bd.min <= bd.max, "hyperparameter_bounds.{name}: min {} > max {}", bd.min, bd.max);
+        }
+        ensure!(b.lora_rank.min >= 1.0 && b.num_epochs.min >= 1.0 && b.gradient_accumulation_steps.min >= 1.0,
+            "hyperparameter_bounds: lora_rank, num_epochs and gradient_accumulation_steps need min >= 1");
+        ensure!(b.learning_rate.min > 0.0, "hyperparameter_bounds.learning_rate.min must be > 0");
+        ensure!(b.lora_dropout.max < 1.0 && b.lora_dropout.min >= 0.0, "hyperparameter_bounds.lora_dropout must lie in [0, 1)");
+        for m in &self.training.target_modules {
+            crate::lora::Module::parse(m).context("training.target_modules")?;
+        }
+        if self.eval.grader == GraderKind::Judge && self.eval.judge_model.is_none() {
+            // The experiment's own model judges; allowed, recorded in the answers table.
+        }
+        if self.variant.is_baseline() && s.templates_per_iteration != 1 {
+            bail!("a baseline variant has exactly one fixed template: set search.templates_per_iteration = 1");
+        }
+        Ok(())
+    }
+}
+
+/// A stable hash (FNV-1a 64) of a value's canonical JSON, as 16 hex digits.
+pub fn content_hash<T: Serialize>(value: &T) -> String {
+    let json = serde_json::to_string(value).expect("serializable");
+    hash_bytes(json.as_bytes())
+}
+
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}

@@ -1,0 +1,493 @@
+//! The pipeline's Parquet tables: one definition of each schema, used by the writer and the
+//! reader.
+//!
+//! Each table is a plain Rust struct declared with [`table!`]: the macro derives the Arrow
+//! schema from the field types, and the row ⇄ column conversion both ways. Files are written
+//! atomically (temporary file, then rename) with key-value metadata saying what produced
+//! them; reading checks every column's presence and type and names the file and column
+//! otherwise. Any Parquet tool reads them (polars, DuckDB, pandas).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float32Builder, Float64Array, Float64Builder, Int64Array,
+    Int64Builder, ListBuilder, StringArray, StringBuilder, StructArray,
+};
+use arrow::datatypes::{DataType, Field, Fields, Float32Type, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+
+use crate::data::Question;
+
+/// A Rust type stored as one Arrow column.
+pub trait Column: Sized {
+    fn data_type() -> DataType;
+    fn nullable() -> bool {
+        false
+    }
+    fn build(values: &[&Self]) -> ArrayRef;
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self>;
+}
+
+fn downcast_err(expected: &str, got: &DataType) -> anyhow::Error {
+    anyhow::anyhow!("expected {expected}, found {got}")
+}
+
+impl Column for String {
+    fn data_type() -> DataType {
+        DataType::Utf8
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(values.iter().map(|s| s.as_str())))
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let a = array.as_string_opt::<i32>().ok_or_else(|| downcast_err("utf8", array.data_type()))?;
+        Ok(a.value(row).to_string())
+    }
+}
+
+impl Column for Option<String> {
+    fn data_type() -> DataType {
+        DataType::Utf8
+    }
+    fn nullable() -> bool {
+        true
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        Arc::new(StringArray::from_iter(values.iter().map(|s| s.as_deref())))
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let a = array.as_string_opt::<i32>().ok_or_else(|| downcast_err("utf8", array.data_type()))?;
+        Ok(if a.is_null(row) { None } else { Some(a.value(row).to_string()) })
+    }
+}
+
+impl Column for i64 {
+    fn data_type() -> DataType {
+        DataType::Int64
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(values.iter().map(|v| **v)))
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let a = array.as_any().downcast_ref::<Int64Array>().ok_or_else(|| downcast_err("int64", array.data_type()))?;
+        Ok(a.value(row))
+    }
+}
+
+impl Column for Option<i64> {
+    fn data_type() -> DataType {
+        DataType::Int64
+    }
+    fn nullable() -> bool {
+        true
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        Arc::new(Int64Array::from_iter(values.iter().map(|v| **v)))
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let a = array.as_any().downcast_ref::<Int64Array>().ok_or_else(|| downcast_err("int64", array.data_type()))?;
+        Ok(if a.is_null(row) { None } else { Some(a.value(row)) })
+    }
+}
+
+impl Column for f64 {
+    fn data_type() -> DataType {
+        DataType::Float64
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(values.iter().map(|v| **v)))
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let a = array.as_any().downcast_ref::<Float64Array>().ok_or_else(|| downcast_err("float64", array.data_type()))?;
+        Ok(a.value(row))
+    }
+}
+
+impl Column for Option<f64> {
+    fn data_type() -> DataType {
+        DataType::Float64
+    }
+    fn nullable() -> bool {
+        true
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        Arc::new(Float64Array::from_iter(values.iter().map(|v| **v)))
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let a = array.as_any().downcast_ref::<Float64Array>().ok_or_else(|| downcast_err("float64", array.data_type()))?;
+        Ok(if a.is_null(row) { None } else { Some(a.value(row)) })
+    }
+}
+
+impl Column for bool {
+    fn data_type() -> DataType {
+        DataType::Boolean
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        Arc::new(BooleanArray::from(values.iter().map(|v| **v).collect::<Vec<bool>>()))
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let a = array.as_boolean_opt().ok_or_else(|| downcast_err("boolean", array.data_type()))?;
+        Ok(a.value(row))
+    }
+}
+
+impl Column for Vec<String> {
+    fn data_type() -> DataType {
+        DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        let mut b = ListBuilder::new(StringBuilder::new());
+        for v in values {
+            for s in v.iter() {
+                b.values().append_value(s);
+            }
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let l = array.as_list_opt::<i32>().ok_or_else(|| downcast_err("list<utf8>", array.data_type()))?;
+        let v = l.value(row);
+        let s = v.as_string_opt::<i32>().ok_or_else(|| downcast_err("list<utf8>", array.data_type()))?;
+        Ok((0..s.len()).map(|i| s.value(i).to_string()).collect())
+    }
+}
+
+impl Column for Vec<f32> {
+    fn data_type() -> DataType {
+        DataType::List(Arc::new(Field::new("item", DataType::Float32, true)))
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        let mut b = ListBuilder::new(Float32Builder::new());
+        for v in values {
+            b.values().append_slice(v);
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let l = array.as_list_opt::<i32>().ok_or_else(|| downcast_err("list<float32>", array.data_type()))?;
+        let v = l.value(row);
+        let f = v.as_primitive_opt::<Float32Type>().ok_or_else(|| downcast_err("list<float32>", array.data_type()))?;
+        Ok(f.values().to_vec())
+    }
+}
+
+fn question_fields() -> Fields {
+    Fields::from(vec![Field::new("question", DataType::Utf8, false), Field::new("answers", <Vec<String>>::data_type(), false)])
+}
+
+/// Questions as `list<struct<question: utf8, answers: list<utf8>>>`.
+impl Column for Vec<Question> {
+    fn data_type() -> DataType {
+        DataType::List(Arc::new(Field::new("item", DataType::Struct(question_fields()), true)))
+    }
+    fn build(values: &[&Self]) -> ArrayRef {
+        let mut offsets = vec![0i32];
+        let mut qs: Vec<&String> = Vec::new();
+        let mut ans: Vec<&Vec<String>> = Vec::new();
+        for v in values {
+            for q in v.iter() {
+                qs.push(&q.question);
+                ans.push(&q.answers);
+            }
+            offsets.push(qs.len() as i32);
+        }
+        let structs = StructArray::new(question_fields(), vec![String::build(&qs), <Vec<String>>::build(&ans)], None);
+        let field = Arc::new(Field::new("item", DataType::Struct(question_fields()), true));
+        Arc::new(arrow::array::ListArray::new(
+            field,
+            arrow::buffer::OffsetBuffer::new(offsets.into()),
+            Arc::new(structs),
+            None,
+        ))
+    }
+    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+        let l = array.as_list_opt::<i32>().ok_or_else(|| downcast_err("list<struct>", array.data_type()))?;
+        let v = l.value(row);
+        let s = v.as_struct_opt().ok_or_else(|| downcast_err("list<struct>", array.data_type()))?;
+        let q = s.column_by_name("question").context("questions: no field question")?;
+        let a = s.column_by_name("answers").context("questions: no field answers")?;
+        (0..s.len()).map(|i| Ok(Question { question: String::read(q.as_ref(), i)?, answers: <Vec<String>>::read(a.as_ref(), i)? })).collect()
+    }
+}
+
+/// A Parquet table: a row struct with its schema.
+pub trait Table: Sized {
+    const NAME: &'static str;
+    fn schema() -> SchemaRef;
+    fn to_batch(rows: &[Self]) -> anyhow::Result<RecordBatch>;
+    fn from_batch(batch: &RecordBatch, file: &Path) -> anyhow::Result<Vec<Self>>;
+}
+
+/// Declares a row struct and its [`Table`] implementation.
+macro_rules! table {
+    ($(#[$meta:meta])* $name:ident = $file:literal { $($(#[$fmeta:meta])* $field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name { $($(#[$fmeta])* pub $field: $ty),* }
+
+        impl Table for $name {
+            const NAME: &'static str = $file;
+            fn schema() -> SchemaRef {
+                Arc::new(Schema::new(vec![$(Field::new(stringify!($field), <$ty as Column>::data_type(), <$ty as Column>::nullable())),*]))
+            }
+            fn to_batch(rows: &[Self]) -> anyhow::Result<RecordBatch> {
+                let columns: Vec<ArrayRef> = vec![$({
+                    let vals: Vec<&$ty> = rows.iter().map(|r| &r.$field).collect();
+                    <$ty as Column>::build(&vals)
+                }),*];
+                Ok(RecordBatch::try_new(Self::schema(), columns)?)
+            }
+            fn from_batch(batch: &RecordBatch, file: &Path) -> anyhow::Result<Vec<Self>> {
+                $(
+                    let $field = batch.column_by_name(stringify!($field)).with_context(|| format!(
+                        "{}: column {:?} is missing (is this a {} table from this version of selfedit?)",
+                        file.display(), stringify!($field), $file))?;
+                    if $field.data_type() != &<$ty as Column>::data_type() {
+                        bail!("{}: column {:?} has type {}, expected {}", file.display(), stringify!($field),
+                            $field.data_type(), <$ty as Column>::data_type());
+                    }
+                )*
+                (0..batch.num_rows()).map(|row| Ok($name { $($field: <$ty as Column>::read($field.as_ref(), row)
+                    .with_context(|| format!("{}: row {row}, column {:?}", file.display(), stringify!($field)))?),* })).collect()
+            }
+        }
+    };
+}
+
+table! {
+    /// `articles.parquet`: the selected passages with every gold answer.
+    ArticleRow = "articles" {
+        article_id: String,
+        split: String,
+        title: String,
+        context: String,
+        questions: Vec<Question>,
+    }
+}
+
+table! {
+    /// `templates.parquet`: one self-edit template per row.
+    TemplateRow = "templates" {
+        iteration: i64,
+        template_id: String,
+        /// exploit, explore or baseline
+        category: String,
+        instruction: String,
+        lora_rank: i64,
+        lora_alpha: i64,
+        lora_dropout: f64,
+        learning_rate: f64,
+        num_epochs: i64,
+        gradient_accumulation_steps: i64,
+        /// The template can be applied (parsed; hyperparameters in bounds after clamping).
+        valid: bool,
+        /// Why it is invalid, or which values were clamped.
+        error: Option<String>,
+        raw_response: String,
+        seed: i64,
+    }
+}
+
+table! {
+    /// `self_edits.parquet`: one completion of a template for an article.
+    SelfEditRow = "self_edits" {
+        self_edit_id: String,
+        template_id: String,
+        article_id: String,
+        completion: i64,
+        /// exploit or explore (or baseline)
+        category: String,
+        sequences: Vec<String>,
+        /// The completion parsed into at least one non-empty sequence.
+        valid: bool,
+        error: Option<String>,
+        raw_response: String,
+        seed: i64,
+    }
+}
+
+table! {
+    /// `adapters.parquet`: the training of one adapter per self-edit.
+    AdapterRow = "adapters" {
+        self_edit_id: String,
+        /// trained, empty (no usable sequence: the paper's dummy adapter) or failed
+        status: String,
+        adapter_path: Option<String>,
+        sequences: i64,
+        tokens: i64,
+        steps: i64,
+        loss_curve: Vec<f32>,
+        seconds: f64,
+        error: Option<String>,
+    }
+}
+
+table! {
+    /// `answers.parquet`: one closed-book answer per (model, question, eval run).
+    AnswerRow = "answers" {
+        /// `base` or a self-edit id
+        model_id: String,
+        article_id: String,
+        question_index: i64,
+        run: i64,
+        question: String,
+        prediction: String,
+        gold_answers: Vec<String>,
+        correct: bool,
+        exact_match: bool,
+        f1: f64,
+        grader: String,
+    }
+}
+
+table! {
+    /// `scores.parquet`: per self-edit, its adapted accuracy against the base model's.
+    ScoreRow = "scores" {
+        self_edit_id: String,
+        template_id: String,
+        article_id: String,
+        completion: i64,
+        base_accuracy: f64,
+        adapted_accuracy: f64,
+        gain: f64,
+        status: String,
+    }
+}
+
+table! {
+    /// `template_stats.parquet`: every statistic of the paper, per template.
+    TemplateStatsRow = "template_stats" {
+        iteration: i64,
+        template_id: String,
+        category: String,
+        instruction: String,
+        mean_accuracy: f64,
+        robustness: f64,
+        evaluation_noise: f64,
+        instantiation_noise: f64,
+        mean_gain: f64,
+        win_rate: f64,
+        normalized_gain: f64,
+        base_accuracy: f64,
+        n_articles: i64,
+        n_self_edits: i64,
+    }
+}
+
+table! {
+    /// `archive.parquet`: seed templates plus every evaluated one, best accuracy first.
+    ArchiveRow = "archive" {
+        rank: i64,
+        /// seed, or the iteration that produced it
+        source: String,
+        template_id: String,
+        instruction: String,
+        lora_rank: i64,
+        lora_alpha: i64,
+        lora_dropout: f64,
+        learning_rate: f64,
+        num_epochs: i64,
+        gradient_accumulation_steps: i64,
+        accuracy: f64,
+        normalized_gain: f64,
+    }
+}
+
+/// What produced a table, stored in the Parquet key-value metadata.
+#[derive(Debug, Clone, Default)]
+pub struct Provenance {
+    pub stage: String,
+    pub config_hash: String,
+    pub model: String,
+    pub extra: Vec<(String, String)>,
+}
+
+pub const STAGE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Writes `rows` to `path` atomically, with the provenance in the file's metadata.
+pub fn write<T: Table>(path: &Path, rows: &[T], prov: &Provenance) -> anyhow::Result<()> {
+    let batch = T::to_batch(rows)?;
+    let mut kv = vec![
+        KeyValue::new("selfedit.table".to_string(), T::NAME.to_string()),
+        KeyValue::new("selfedit.stage".to_string(), prov.stage.clone()),
+        KeyValue::new("selfedit.version".to_string(), STAGE_VERSION.to_string()),
+        KeyValue::new("selfedit.config_hash".to_string(), prov.config_hash.clone()),
+        KeyValue::new("selfedit.model".to_string(), prov.model.clone()),
+    ];
+    for (k, v) in &prov.extra {
+        kv.push(KeyValue::new(format!("selfedit.{k}"), v.clone()));
+    }
+    let props = WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
+    crate::io::write_file_atomically(path, |tmp| {
+        let file = std::fs::File::create(tmp)?;
+        let mut w = ArrowWriter::try_new(file, T::schema(), Some(props))?;
+        w.write(&batch)?;
+        w.close()?;
+        Ok(())
+    })
+}
+
+/// Reads every row of a table written by [`write`] (or any file with the same columns).
+pub fn read<T: Table>(path: &Path) -> anyhow::Result<Vec<T>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {} (has its stage run? try `make`)", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{} is not a readable Parquet file (delete it and rerun `make`)", path.display()))?
+        .build()?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        rows.extend(T::from_batch(&batch.with_context(|| format!("reading {}", path.display()))?, path)?);
+    }
+    Ok(rows)
+}
+
+/// The key-value metadata of a table file.
+pub fn metadata(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    Ok(builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| kv.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
+        .unwrap_or_default())
+}
+
+// Keep the builders' names in scope for the macro's users.
+#[allow(unused_imports)]
+use {BooleanBuilder as _, Float64Builder as _, Int64Builder as _};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_roundtrip_through_parquet() {
+        let d = tempfile::tempdir().unwrap();
+        let rows = vec![
+            ArticleRow {
+                article_id: "a000".into(),
+                split: "train".into(),
+                title: "T".into(),
+                context: "C".into(),
+                questions: vec![Question { question: "Q?".into(), answers: vec!["x".into(), "y".into()] }],
+            },
+            ArticleRow { article_id: "a001".into(), split: "train".into(), title: "".into(), context: "D".into(), questions: vec![] },
+        ];
+        let p = d.path().join("articles.parquet");
+        write(&p, &rows, &Provenance { stage: "test".into(), ..Default::default() }).unwrap();
+        assert_eq!(read::<ArticleRow>(&p).unwrap(), rows);
+        assert!(metadata(&p).unwrap().iter().any(|(k, v)| k == "selfedit.table" && v == "articles"));
+        // the wrong table type names the file and the column
+        let e = format!("{:#}", read::<TemplateRow>(&p).unwrap_err());
+        assert!(e.contains("articles.parquet") && e.contains("iteration"), "{e}");
+    }
+}

@@ -1,0 +1,164 @@
+//! The pipeline end to end through the Makefile, on configs/tiny.toml with the real model:
+//! every table exists and a second reader (polars, lazily) reads it; a run killed during
+//! adapter training resumes without redoing finished work and ends with the same tables.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use polars::prelude::*;
+use selfedit::tables::{self, AdapterRow, AnswerRow, ArchiveRow, ArticleRow, ScoreRow, SelfEditRow, TemplateRow, TemplateStatsRow};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_stamp")).parent().unwrap().to_path_buf()
+}
+
+fn make(outputs: &Path) -> Command {
+    let mut c = Command::new("make");
+    c.current_dir(root())
+        .arg("--no-print-directory")
+        .arg("pipeline")
+        .arg("CONFIG=configs/tiny.toml")
+        .arg(format!("OUTPUTS={}", outputs.display()))
+        .arg(format!("BIN={}", bin_dir().display()))
+        .arg("BUILD=");
+    c
+}
+
+fn run_make(outputs: &Path) -> String {
+    let out = make(outputs).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "make failed:\n{text}");
+    text
+}
+
+fn mtime(p: &Path) -> SystemTime {
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).modified().unwrap()
+}
+
+/// Reads a table with polars (lazily) and checks its columns against our schema.
+fn polars_check<T: tables::Table>(path: &Path, rows: usize) {
+    let df = LazyFrame::scan_parquet(path.to_str().unwrap().into(), ScanArgsParquet::default())
+        .unwrap()
+        .collect()
+        .unwrap();
+    assert_eq!(df.height(), rows, "{}", path.display());
+    let names: Vec<String> = df.get_column_names().iter().map(|n| n.to_string()).collect();
+    let want: Vec<String> = T::schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, want, "{}", path.display());
+}
+
+#[test]
+fn tiny_pipeline_runs_resumes_and_is_reproducible() {
+    assert!(common::model_path().exists(), "run `make model` first");
+    let tmp = tempfile::tempdir().unwrap();
+
+    // 1. uninterrupted run
+    let a = tmp.path().join("a");
+    let log = run_make(&a);
+    let it = a.join("tiny/iter0");
+    let articles: Vec<ArticleRow> = tables::read(&a.join("tiny/articles.parquet")).unwrap();
+    let templates: Vec<TemplateRow> = tables::read(&it.join("templates.parquet")).unwrap();
+    let edits: Vec<SelfEditRow> = tables::read(&it.join("self_edits.parquet")).unwrap();
+    let adapters: Vec<AdapterRow> = tables::read(&it.join("adapters.parquet")).unwrap();
+    let answers: Vec<AnswerRow> = tables::read(&it.join("answers.parquet")).unwrap();
+    let scores: Vec<ScoreRow> = tables::read(&it.join("scores.parquet")).unwrap();
+    let stats: Vec<TemplateStatsRow> = tables::read(&it.join("template_stats.parquet")).unwrap();
+    let archive: Vec<ArchiveRow> = tables::read(&it.join("archive.parquet")).unwrap();
+    assert_eq!(articles.len(), 2);
+    assert_eq!(templates.len(), 2);
+    assert_eq!(edits.len(), 2 * 2); // templates × articles × 1 completion
+    assert_eq!(adapters.len(), edits.len());
+    let questions: usize = articles.iter().map(|a| a.questions.len()).sum();
+    // base model on every article + one model per evaluated self-edit, 1 run each
+    let evaluated = adapters.iter().filter(|a| a.status != "failed").count();
+    let per_article = |id: &str| articles.iter().find(|a| a.article_id == id).unwrap().questions.len();
+    let want_answers = questions + adapters.iter().filter(|a| a.status != "failed").map(|a| {
+        let e = edits.iter().find(|e| e.self_edit_id == a.self_edit_id).unwrap();
+        per_article(&e.article_id)
+    }).sum::<usize>();
+    assert_eq!(answers.len(), want_answers, "{evaluated} evaluated self-edits");
+    assert_eq!(scores.len(), edits.len());
+    assert_eq!(archive.len(), 4 + stats.len());
+    assert!(archive.windows(2).all(|w| w[0].accuracy >= w[1].accuracy));
+    polars_check::<ArticleRow>(&a.join("tiny/articles.parquet"), articles.len());
+    polars_check::<TemplateRow>(&it.join("templates.parquet"), templates.len());
+    polars_check::<SelfEditRow>(&it.join("self_edits.parquet"), edits.len());
+    polars_check::<AdapterRow>(&it.join("adapters.parquet"), adapters.len());
+    polars_check::<AnswerRow>(&it.join("answers.parquet"), answers.len());
+    polars_check::<ScoreRow>(&it.join("scores.parquet"), scores.len());
+    polars_check::<TemplateStatsRow>(&it.join("template_stats.parquet"), stats.len());
+    polars_check::<ArchiveRow>(&it.join("archive.parquet"), archive.len());
+    // trained adapters are PEFT folders
+    let trained: Vec<&AdapterRow> = adapters.iter().filter(|r| r.status == "trained").collect();
+    assert!(!trained.is_empty(), "no adapter was trained:\n{log}");
+    for r in &trained {
+        let d = PathBuf::from(r.adapter_path.as_ref().unwrap());
+        assert!(d.join("adapter_model.safetensors").exists() && d.join("adapter_config.json").exists());
+        assert!(r.loss_curve.len() as i64 == r.steps && r.steps > 0);
+    }
+    // make again: nothing to do
+    let again = run_make(&a);
+    assert!(!again.contains("wrote"), "a second make reran stages:\n{again}");
+
+    // 2. interrupted run: copy the stages before training (with their times), kill make
+    //    once the first adapter is on disk, then run make again.
+    let b = tmp.path().join("b");
+    std::fs::create_dir_all(b.join("tiny/iter0")).unwrap();
+    let status = Command::new("cp").arg("-a").arg(a.join("tiny/stamps")).arg(a.join("tiny/articles.parquet")).arg(b.join("tiny")).status().unwrap();
+    assert!(status.success());
+    for f in ["templates.parquet", "self_edits.parquet"] {
+        assert!(Command::new("cp").arg("-a").arg(it.join(f)).arg(b.join("tiny/iter0")).status().unwrap().success());
+    }
+    let itb = b.join("tiny/iter0");
+    let templates_time = mtime(&itb.join("templates.parquet"));
+    let edits_time = mtime(&itb.join("self_edits.parquet"));
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        let mut c = make(&b);
+        c.stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
+        c.spawn().unwrap()
+    };
+    let start = Instant::now();
+    let finished_adapter = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.') && p.join("train_record.json").exists()).collect())
+            .unwrap_or_default()
+    };
+    let done_before_kill = loop {
+        let done = finished_adapter(&itb.join("adapters"));
+        if !done.is_empty() {
+            break done;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "make ended before any adapter was written");
+        assert!(start.elapsed() < Duration::from_secs(900), "no adapter after 15 minutes");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let pgid = child.id();
+    Command::new("kill").arg("-KILL").arg(format!("-{pgid}")).status().unwrap();
+    let _ = child.wait();
+    assert!(!itb.join("adapters.parquet").exists(), "training finished before the kill; nothing was interrupted");
+    let record_times: Vec<(PathBuf, SystemTime)> =
+        done_before_kill.iter().map(|d| (d.clone(), mtime(&d.join("train_record.json")))).collect();
+    run_make(&b);
+    // finished adapters were not retrained, earlier stages did not rerun
+    for (d, t) in &record_times {
+        assert_eq!(mtime(&d.join("train_record.json")), *t, "{} was trained again", d.display());
+    }
+    assert_eq!(mtime(&itb.join("templates.parquet")), templates_time);
+    assert_eq!(mtime(&itb.join("self_edits.parquet")), edits_time);
+    // and the final tables equal the uninterrupted run's (adapter paths aside)
+    let strip = |rows: Vec<AdapterRow>| -> Vec<AdapterRow> {
+        rows.into_iter().map(|mut r| { r.adapter_path = r.adapter_path.map(|p| Path::new(&p).file_name().unwrap().to_string_lossy().into_owned()); r.seconds = 0.0; r }).collect()
+    };
+    assert_eq!(strip(tables::read(&itb.join("adapters.parquet")).unwrap()), strip(adapters));
+    assert_eq!(tables::read::<AnswerRow>(&itb.join("answers.parquet")).unwrap(), answers);
+    assert_eq!(tables::read::<TemplateStatsRow>(&itb.join("template_stats.parquet")).unwrap(), stats);
+    assert_eq!(tables::read::<ArchiveRow>(&itb.join("archive.parquet")).unwrap(), archive);
+}
