@@ -47,9 +47,17 @@ impl ConstraintFactory {
         Ok(Self { factory })
     }
 
-    /// A matcher that accepts exactly the JSON documents valid under `schema`.
+    /// A matcher that accepts exactly the JSON documents valid under `schema`, written in
+    /// one line with `", "` and `": "` separators (no free whitespace: a small model spends
+    /// no tokens on indentation, and cannot loop on it).
     pub fn json_schema(&self, schema: &serde_json::Value) -> anyhow::Result<JsonConstraint> {
-        let grammar = TopLevelGrammar::from_json_schema(schema.clone());
+        let mut schema = schema.clone();
+        if let Some(obj) = schema.as_object_mut() {
+            obj.entry("x-guidance").or_insert_with(|| {
+                serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+            });
+        }
+        let grammar = TopLevelGrammar::from_json_schema(schema);
         let parser = self.factory.create_parser(grammar).context("compiling the JSON schema for llguidance")?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {

@@ -240,7 +240,10 @@ pub fn causal_mask(b: usize, l: usize, cached: usize, left_pad: &[usize], device
     for r in 0..b {
         for i in 0..l {
             for j in 0..total {
-                if j > cached + i || j < left_pad[r] {
+                // A padding query attends to itself only (an all-masked row would give NaN,
+                // which would reach real rows through the values).
+                let is_pad_query = cached + i < left_pad[r];
+                if j > cached + i || (j < left_pad[r] && !(is_pad_query && j == cached + i)) {
                     m[(r * l + i) * total + j] = f32::NEG_INFINITY;
                 }
             }

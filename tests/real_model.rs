@@ -57,7 +57,9 @@ fn logits_and_greedy_agree_with_candle_quantized_llama() {
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let mut reference =
         candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-    let prompt = m.tokenizer.encode("The capital of France is Paris. The capital of Germany is").unwrap();
+    // A prompt whose continuation is confident at every step: quantized_llama rounds its
+    // activations to 8 bits, so near-ties (margins below ~0.1) may flip between the two.
+    let prompt = m.tokenizer.encode("Count from 1 to 30: 1, 2, 3, 4,").unwrap();
 
     // next-token logits of the prompt
     let ours = last_logits(&prompt, None);
@@ -172,7 +174,7 @@ fn template_schema() -> Value {
     serde_json::json!({
         "type": "object",
         "properties": {
-            "data_creation_instruction": {"type": "string", "minLength": 1, "maxLength": 400},
+            "data_creation_instruction": {"type": "string", "minLength": 1, "maxLength": 240},
             "hyperparameters": {
                 "type": "object",
                 "properties": {
@@ -227,7 +229,8 @@ fn validates(schema: &Value, doc: &Value) -> Result<(), String> {
             }
             Ok(())
         }
-        Some("integer") => doc.as_i64().map(|_| ()).ok_or_else(|| format!("not an integer: {doc}")),
+        // JSON Schema integers are numbers without a fractional part ("-0" and "1e3" count)
+        Some("integer") => doc.as_f64().filter(|x| x.fract() == 0.0).map(|_| ()).ok_or_else(|| format!("not an integer: {doc}")),
         Some("number") => doc.as_f64().map(|_| ()).ok_or_else(|| format!("not a number: {doc}")),
         other => Err(format!("schema type {other:?}")),
     }
@@ -243,7 +246,7 @@ fn constrained_generation_always_yields_valid_json() {
     let factory = ConstraintFactory::new(&m.tokenizer).unwrap();
     let seq_schema = serde_json::json!({
         "type": "object",
-        "properties": {"training_sequences": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 200}, "minItems": 1, "maxItems": 4}},
+        "properties": {"training_sequences": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 160}, "minItems": 1, "maxItems": 3}},
         "required": ["training_sequences"], "additionalProperties": false
     });
     let tmpl_prompt = m.tokenizer.encode_chat(&[ChatMessage::user(
@@ -255,7 +258,7 @@ fn constrained_generation_always_yields_valid_json() {
     for seed in 0..12u64 {
         for (params, name) in [(SamplingParams::paper_exploit(), "exploit"), (SamplingParams::paper_explore(), "explore")] {
             let (prompt, schema) = if seed % 2 == 0 { (&tmpl_prompt, template_schema()) } else { (&seq_prompt, seq_schema.clone()) };
-            let mut r = GenerationRequest::new(prompt.clone(), params, seed, 320);
+            let mut r = GenerationRequest::new(prompt.clone(), params, seed, 400);
             r.constraint = Some(factory.json_schema(&schema).unwrap());
             requests.push(r);
             schemas.push((schema, name, seed));
@@ -301,7 +304,13 @@ fn lora_training_teaches_a_made_up_fact() {
     };
     assert!(!greedy(None).contains("Marzipane"));
     let mut adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, m.device()).unwrap();
+    let lines: Vec<Vec<u32>> = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/veltoria_fact.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| m.tokenizer.encode(l).unwrap())
+        .collect();
     let ids = m.tokenizer.encode(fact).unwrap();
+    assert_eq!(lines[0], ids);
     let before = m.decoder.sequence_loss(&ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap();
 
     // every LoRA variable gets a non-zero gradient on the first step (B is zero at init, so
@@ -316,11 +325,13 @@ fn lora_training_teaches_a_made_up_fact() {
             assert!(norm > 0.0, "B variable {i} has a zero gradient");
         }
     }
-    let examples = vec![TrainExample { ids, loss_from: 0 }];
+    // SEAL's baseline hyperparameters: rank 32, alpha 64, lr 1e-3, 10 epochs, batch 1
+    let examples: Vec<TrainExample> = lines.into_iter().map(|ids| TrainExample { ids, loss_from: 0 }).collect();
     let report = train_lora(&m.decoder, &mut adapter, &examples, &TrainConfig::new(1e-3, 10, 1, 0), |_, _, _| {}).unwrap();
-    assert_eq!(report.steps, 10);
+    assert_eq!(report.steps, 30);
+    assert!(report.step_losses.last().unwrap() < &report.step_losses[0]);
     let after = m.decoder.sequence_loss(&examples[0].ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap();
-    assert!(after < before * 0.3, "loss {before} → {after}");
+    assert!(after < before * 0.25, "loss {before} → {after}");
     let completion = greedy(Some(&adapter));
     assert!(completion.contains("Marzipane"), "adapted completion: {completion:?}");
     // after training, every variable (A included) has a non-zero gradient
