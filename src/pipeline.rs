@@ -88,6 +88,10 @@ pub struct Hyperparameters {
 }
 
 /// JSON schema of a template, as the model must write it.
+///
+/// The numbers carry wide syntactic limits (integers 0..=1e6, reals 0..=100): without them a
+/// small model can write digits forever inside the grammar. The config's tighter
+/// `hyperparameter_bounds` are applied after parsing, by clamping, and the row says so.
 pub fn template_schema(cfg: &ExperimentConfig) -> serde_json::Value {
     json!({
         "type": "object",
@@ -96,12 +100,12 @@ pub fn template_schema(cfg: &ExperimentConfig) -> serde_json::Value {
             "hyperparameters": {
                 "type": "object",
                 "properties": {
-                    "lora_rank": {"type": "integer"},
-                    "lora_alpha": {"type": "integer"},
-                    "lora_dropout": {"type": "number"},
-                    "learning_rate": {"type": "number"},
-                    "num_epochs": {"type": "integer"},
-                    "gradient_accumulation_steps": {"type": "integer"}
+                    "lora_rank": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                    "lora_alpha": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                    "lora_dropout": {"type": "number", "minimum": 0, "maximum": 100},
+                    "learning_rate": {"type": "number", "minimum": 0, "maximum": 100},
+                    "num_epochs": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                    "gradient_accumulation_steps": {"type": "integer", "minimum": 0, "maximum": 1000000}
                 },
                 "required": ["lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "num_epochs", "gradient_accumulation_steps"],
                 "additionalProperties": false

@@ -178,12 +178,12 @@ fn template_schema() -> Value {
             "hyperparameters": {
                 "type": "object",
                 "properties": {
-                    "lora_rank": {"type": "integer"},
-                    "lora_alpha": {"type": "integer"},
-                    "lora_dropout": {"type": "number"},
-                    "learning_rate": {"type": "number"},
-                    "num_epochs": {"type": "integer"},
-                    "gradient_accumulation_steps": {"type": "integer"}
+                    "lora_rank": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                    "lora_alpha": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                    "lora_dropout": {"type": "number", "minimum": 0, "maximum": 100},
+                    "learning_rate": {"type": "number", "minimum": 0, "maximum": 100},
+                    "num_epochs": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                    "gradient_accumulation_steps": {"type": "integer", "minimum": 0, "maximum": 1000000}
                 },
                 "required": ["lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "num_epochs", "gradient_accumulation_steps"],
                 "additionalProperties": false
