@@ -141,7 +141,8 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let pgid = child.id();
-    Command::new("kill").arg("-KILL").arg(format!("-{pgid}")).status().unwrap();
+    let killed = Command::new("kill").args(["-s", "KILL", "--", &format!("-{pgid}")]).status().unwrap();
+    assert!(killed.success(), "could not kill make's process group");
     let _ = child.wait();
     assert!(!itb.join("adapters.parquet").exists(), "training finished before the kill; nothing was interrupted");
     let record_times: Vec<(PathBuf, SystemTime)> =
