@@ -66,6 +66,8 @@ demo: $(SMOLLM) build  ## teach the model one made-up fact with a LoRA adapter a
 # ---------------------------------------------------------------------------------------
 # The experiment: CONFIG names it (outputs/<name>/), ITER is the iteration.
 CONFIG ?= configs/tiny.toml
+# Paths the configs may use as ${VAR}: where SQuAD and a full-size model live.
+export SQUAD_DIR MODEL DEVICE
 ITER ?= 0
 SHARDS ?= 1
 EXP := $(basename $(notdir $(CONFIG)))

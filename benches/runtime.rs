@@ -114,9 +114,10 @@ impl Foreign {
     fn own_s() -> f64 {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
         let after = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<f64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-        // utime, stime are fields 14 and 15 (1-based) → index 11, 12 after the comm field
-        (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+        // after the comm field: state is field 3, utime and stime are fields 14 and 15
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let field = |i: usize| f.get(i - 3).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        (field(14) + field(15)) / 100.0
     }
     fn new() -> Self {
         Self { wall: Instant::now(), busy: Self::busy_s(), own: Self::own_s() }
@@ -129,6 +130,7 @@ impl Foreign {
 }
 
 fn main() -> anyhow::Result<()> {
+    selfedit::blas::configure_threads();
     let a = Args::parse();
     let t0 = Instant::now();
     let m = selfedit::load(&a.model, &Device::Cpu)?;
@@ -265,6 +267,48 @@ fn main() -> anyhow::Result<()> {
         report("foreign_cores_train1024", fg.cores(), "cores");
         report("train1024_tokens_per_s", rep.tokens as f64 / rep.seconds, "tok/s");
         report("rss_peak_after_train1024_mib", peak_rss_mib(), "MiB");
+    }
+    // (d) one self-edit with the paper's settings: ~10 sequences of ~60 tokens, rank 32,
+    //     alpha 64, lr 1e-3, 10 epochs, batch 1; then 5 questions x 3 eval runs (batched)
+    let seqs: Vec<TrainExample> = IMPLICATIONS[..10]
+        .iter()
+        .map(|s| {
+            let text = format!("{s} This follows from the account of the Varnholt Observatory on Mount Elsby.");
+            TrainExample { ids: tok.encode(&text).unwrap(), loss_from: 0 }
+        })
+        .collect();
+    let mean_len = seqs.iter().map(|s| s.ids.len()).sum::<usize>() as f64 / seqs.len() as f64;
+    let fg = Foreign::new();
+    let t = Instant::now();
+    let mut adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, dec.device())?;
+    let rep = train_lora(dec, &mut adapter, &seqs, &TrainConfig::new(1e-3, 10, 1, 0), |_, _, _| {})?;
+    let train_s = t.elapsed().as_secs_f64();
+    let questions = ["When was the Varnholt Observatory built?", "Who funded the observatory?", "How large is its telescope?",
+        "What comet did the staff discover?", "When is it open to visitors?"];
+    let mut reqs = Vec::new();
+    for (qi, q) in questions.iter().enumerate() {
+        let ids = tok.encode_chat(&[ChatMessage::system("You are an assistant to answer a question directly and concisely."), ChatMessage::user(*q)], true)?;
+        for run in 0..3 {
+            reqs.push(GenerationRequest::new(ids.clone(), SamplingParams::paper_eval(), (qi * 3 + run) as u64, 32));
+        }
+    }
+    let t2 = Instant::now();
+    generate(&m, Some(&adapter), reqs, 16, |_| {})?;
+    let eval_s = t2.elapsed().as_secs_f64();
+    report("foreign_cores_self_edit", fg.cores(), "cores");
+    report("self_edit_mean_seq_tokens", mean_len, "tok");
+    report("self_edit_train_steps", rep.steps as f64, "");
+    report("self_edit_train_seconds", train_s, "s");
+    report("self_edit_eval_seconds", eval_s, "s");
+    report("self_edit_seconds", train_s + eval_s, "s");
+
+    // (e) memory of one training step at the paper's maximum length, 2048 tokens
+    if !a.quick {
+        let seqs = train_seqs(1, 2048)?;
+        let mut adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, dec.device())?;
+        let rep = train_lora(dec, &mut adapter, &seqs, &TrainConfig::new(1e-3, 1, 1, 0), |_, _, _| {})?;
+        report("train2048_step_seconds", rep.seconds, "s");
+        report("rss_peak_after_train2048_mib", peak_rss_mib(), "MiB");
     }
     report("rss_peak_mib", peak_rss_mib(), "MiB");
     Ok(())

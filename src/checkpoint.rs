@@ -48,6 +48,7 @@ impl LoadedModel {
 /// Loads `path`: a `.gguf` file or a Hugging Face folder (`config.json`, `tokenizer.json`,
 /// `*.safetensors`).
 pub fn load(path: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
+    crate::blas::configure_threads();
     let dtype = default_dtype(device);
     if !path.exists() {
         bail!(

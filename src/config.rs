@@ -181,7 +181,8 @@ pub struct Experiment {
 impl Experiment {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let config: ExperimentConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut config: ExperimentConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config.expand_paths().with_context(|| format!("{}", path.display()))?;
         config.validate().with_context(|| format!("{}", path.display()))?;
         let name = path
             .file_stem()
@@ -196,7 +197,51 @@ impl Experiment {
     }
 }
 
+/// Expands `${VAR}` and `${VAR:-default}` from the environment, so a path can be given on
+/// the make command line (`make run CONFIG=configs/paper-archive.toml SQUAD_DIR=/data/squad`).
+pub fn expand_env(s: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').with_context(|| format!("unclosed ${{ in {s:?}"))?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        match (std::env::var(name).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => bail!("{s:?} uses ${{{name}}}, which is not set"),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn expand_path(p: &mut PathBuf) -> anyhow::Result<()> {
+    *p = PathBuf::from(expand_env(&p.to_string_lossy())?);
+    Ok(())
+}
+
 impl ExperimentConfig {
+    fn expand_paths(&mut self) -> anyhow::Result<()> {
+        expand_path(&mut self.model.path)?;
+        self.model.device = expand_env(&self.model.device)?;
+        expand_path(&mut self.data.train_path)?;
+        if let Some(p) = self.data.validation_path.as_mut() {
+            expand_path(p)?;
+        }
+        if let Some(p) = self.eval.judge_model.as_mut() {
+            expand_path(p)?;
+        }
+        expand_path(&mut self.prompts_dir)?;
+        expand_path(&mut self.archive_seed)
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         let s = &self.search;
         ensure!(s.templates_per_iteration >= 1, "search.templates_per_iteration must be >= 1");
@@ -233,6 +278,31 @@ impl ExperimentConfig {
             bail!("a baseline variant has exactly one fixed template: set search.templates_per_iteration = 1");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_expansion_and_unknown_keys() {
+        std::env::set_var("SELFEDIT_TEST_DIR", "/data/squad");
+        assert_eq!(expand_env("${SELFEDIT_TEST_DIR}/dev.json").unwrap(), "/data/squad/dev.json");
+        assert_eq!(expand_env("${SELFEDIT_TEST_UNSET:-../shared/squad}/x").unwrap(), "../shared/squad/x");
+        assert!(expand_env("${SELFEDIT_TEST_UNSET}").is_err());
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.toml")).unwrap();
+        let bad = text.replace("[model]", "[model]\nbatch_sise = 3");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bad.toml");
+        std::fs::write(&p, bad).unwrap();
+        let e = format!("{:#}", Experiment::load(&p).unwrap_err());
+        assert!(e.contains("bad.toml") && e.contains("batch_sise"), "{e}");
+        // every shipped config loads
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/configs")).unwrap() {
+            let path = entry.unwrap().path();
+            Experiment::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        }
     }
 }
 

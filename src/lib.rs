@@ -18,6 +18,7 @@
 //! - [`pipeline`]: the stages of an iteration; [`grading`], [`stats`]: answers and statistics;
 //! - [`stage`]: what the stage binaries share; [`io`]: crash-safe writes.
 
+pub mod blas;
 pub mod checkpoint;
 pub mod config;
 pub mod constrained;
@@ -39,3 +40,9 @@ pub mod tokenizer;
 pub mod training;
 
 pub use checkpoint::{load, LoadedModel};
+
+// candle allocates a fresh buffer for every tensor op; glibc's malloc returns large buffers
+// to the kernel on free and faults them in again on the next allocation, which cost a third
+// of the CPU time in training. mimalloc keeps and reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

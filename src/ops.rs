@@ -152,7 +152,11 @@ fn plain_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = *dims.last().unwrap();
     let rows = x.elem_count() / in_dim;
-    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, in_dim))?;
+    let y = match crate::blas::matmul_nt(&x2, w) {
+        Some(y) => y?,
+        None => x2.matmul(&w.t()?)?,
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -167,7 +171,11 @@ fn plain_linear_t(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = g.dims().to_vec();
     let out_dim = *dims.last().unwrap();
     let rows = g.elem_count() / out_dim;
-    let dx = g.reshape((rows, out_dim))?.matmul(w)?;
+    let g2 = g.reshape((rows, out_dim))?.contiguous()?;
+    let dx = match crate::blas::matmul_nn(&g2, w) {
+        Some(dx) => dx?,
+        None => g2.matmul(w)?,
+    };
     let mut shape = dims;
     *shape.last_mut().unwrap() = w.dim(1)?;
     dx.reshape(shape)
@@ -239,13 +247,24 @@ fn group_heads(q: &Tensor, kv_heads: usize) -> Result<Tensor> {
     q.contiguous()?.reshape((b, kv_heads, (h / kv_heads) * l, d))
 }
 
+/// Batched matmul with optional transposes: OpenBLAS for contiguous f32 CPU tensors,
+/// candle otherwise.
+fn bmm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    if let Some(r) = crate::blas::batched(a, b, trans_a, trans_b) {
+        return r;
+    }
+    let a = if trans_a { a.t()? } else { a.clone() };
+    let b = if trans_b { b.t()? } else { b.contiguous()? };
+    a.matmul(&b)
+}
+
 fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let (_, kvh, lk, _) = k.dims4()?;
     let rep = h / kvh;
     let scale = 1.0 / (d as f64).sqrt();
     // 1. scores per KV head group: [b, kv, rep*lq, lk]
-    let scores = (group_heads(q, kvh)?.matmul(&k.t()?)? * scale)?;
+    let scores = (bmm(&group_heads(q, kvh)?, k, false, true)? * scale)?;
     // 2. mask: padding and causality, broadcast over the heads
     let scores = match mask {
         Some(m) => {
@@ -263,7 +282,7 @@ fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) 
     let (b, h, lq, d) = q.dims4()?;
     let probs = attention_probs(q, k, mask)?;
     // 4. weighted sum of values, back to [b, h, lq, d]
-    probs.matmul(&v.contiguous()?)?.reshape((b, h, lq, d))
+    bmm(&probs, v, false, false)?.reshape((b, h, lq, d))
 }
 
 fn attention_backward(
@@ -279,14 +298,14 @@ fn attention_backward(
     let p = attention_probs(q, k, mask)?; // [b, kv, rep*lq, lk]
     let g = group_heads(g, kvh)?; // [b, kv, rep*lq, d]
     // O = P V  →  dV = P^T dO,  dP = dO V^T
-    let dv = p.t()?.matmul(&g)?;
-    let dp = g.matmul(&v.contiguous()?.t()?)?;
+    let dv = bmm(&p, &g, true, false)?;
+    let dp = bmm(&g, v, false, true)?;
     // softmax: dS = P * (dP - rowsum(dP * P))
     let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
     let ds = (p.clone() * dp.broadcast_sub(&row)?)?;
     // S = Q K^T * scale  →  dQ = dS K * scale,  dK = dS^T Q * scale
-    let dq = (ds.matmul(&k.contiguous()?)? * scale)?.reshape((b, h, lq, d))?;
-    let dk = (ds.t()?.matmul(&group_heads(q, kvh)?)? * scale)?;
+    let dq = (bmm(&ds, k, false, false)? * scale)?.reshape((b, h, lq, d))?;
+    let dk = (bmm(&ds, &group_heads(q, kvh)?, true, false)? * scale)?;
     Ok((dq, dk, dv))
 }
 
@@ -349,7 +368,7 @@ pub fn lm_head_cross_entropy(
     let out = hidden.apply_op1(Tap::new(
         "lm-head-cross-entropy",
         value,
-        Box::new(move |g: &Tensor| g.broadcast_mul(&dlogits)?.matmul(&weight)) as Backward1,
+        Box::new(move |g: &Tensor| plain_linear_t(&g.broadcast_mul(&dlogits)?, &weight)) as Backward1,
     ))?;
     Ok(out)
 }

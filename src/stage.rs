@@ -35,6 +35,7 @@ impl StageArgs {
 }
 
 pub fn init_logging() {
+    crate::blas::configure_threads();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

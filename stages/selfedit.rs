@@ -75,6 +75,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    selfedit::blas::configure_threads();
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let cli = Cli::parse();
     let device = selfedit::checkpoint::parse_device(&cli.device)?;

@@ -2,10 +2,12 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use selfedit::model::ModelConfig;
 use selfedit::LoadedModel;
 
 /// The default model: `$SELFEDIT_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`.
@@ -27,3 +29,101 @@ pub fn smollm() -> &'static LoadedModel {
 pub fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
+
+pub fn tiny_config(model_type: &str) -> ModelConfig {
+    serde_json::from_value(serde_json::json!({
+        "model_type": model_type, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128,
+        "tie_word_embeddings": model_type == "qwen3"
+    }))
+    .unwrap()
+}
+
+/// A word-level tokenizer over "w0".."w61" plus two specials.
+pub fn tiny_tokenizer_json() -> String {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<|endoftext|>".into(), 0.into());
+    vocab.insert("<|im_end|>".into(), 1.into());
+    for i in 2..64 {
+        vocab.insert(format!("w{}", i - 2), i.into());
+    }
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [
+            {"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "<|im_end|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<|endoftext|>"}
+    })
+    .to_string()
+}
+
+pub fn write_tiny_checkpoint(dir: &Path, cfg: &ModelConfig, seed: u64) {
+    let dev = Device::Cpu;
+    let mut rng = seed;
+    let mut randn = |shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((rng >> 33) as f32 / (1u64 << 31) as f32 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let (h, d, nh, nkv, ff) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), randn(&[cfg.vocab_size, h], 0.5));
+    t.insert("model.norm.weight".into(), (randn(&[h], 0.1) + 1.0).unwrap());
+    if !cfg.tie_word_embeddings {
+        t.insert("lm_head.weight".into(), randn(&[cfg.vocab_size, h], 0.3));
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [nh * d, h]),
+            ("self_attn.k_proj", [nkv * d, h]),
+            ("self_attn.v_proj", [nkv * d, h]),
+            ("self_attn.o_proj", [h, nh * d]),
+            ("mlp.gate_proj", [ff, h]),
+            ("mlp.up_proj", [ff, h]),
+            ("mlp.down_proj", [h, ff]),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), randn(&shape, 0.3));
+        }
+        if cfg.qkv_bias() {
+            t.insert(format!("{p}.self_attn.q_proj.bias"), randn(&[nh * d], 0.1));
+            t.insert(format!("{p}.self_attn.k_proj.bias"), randn(&[nkv * d], 0.1));
+            t.insert(format!("{p}.self_attn.v_proj.bias"), randn(&[nkv * d], 0.1));
+        }
+        if cfg.qk_norm() {
+            t.insert(format!("{p}.self_attn.q_norm.weight"), (randn(&[d], 0.1) + 1.0).unwrap());
+            t.insert(format!("{p}.self_attn.k_norm.weight"), (randn(&[d], 0.1) + 1.0).unwrap());
+        }
+        t.insert(format!("{p}.input_layernorm.weight"), (randn(&[h], 0.1) + 1.0).unwrap());
+        t.insert(format!("{p}.post_attention_layernorm.weight"), (randn(&[h], 0.1) + 1.0).unwrap());
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    // two shards with an index, as large checkpoints are stored
+    let mut names: Vec<String> = t.keys().cloned().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let shard: HashMap<String, Tensor> = part.iter().map(|n| (n.clone(), t[n].clone())).collect();
+        candle_core::safetensors::save(&shard, dir.join(file)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), file.into());
+        }
+    }
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string()).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string(cfg).unwrap()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tiny_tokenizer_json()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "<|im_end|>", "chat_template": "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"}).to_string(),
+    )
+    .unwrap();
+}
+
