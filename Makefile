@@ -97,6 +97,7 @@ ARCHIVE_IN := $(if $(filter 0,$(ITER)),,$(PREV)/archive.parquet)
 .PHONY: pipeline stamps FORCE
 
 pipeline: $(I)/archive.parquet  ## run one iteration of CONFIG (default configs/tiny.toml), ITER=k
+	@$(BIN)/summary $(OUT)
 	@echo "results: $(I)/ (template_stats.parquet, archive.parquet, answers.parquet, ...)"
 
 # The stamp files change only when their stage's settings change (content hashes).

@@ -36,6 +36,13 @@ struct Args {
     /// Skip the 1024-token training figure (the slowest).
     #[arg(long)]
     quick: bool,
+    /// Measure a random-weight model of SmolLM2's shape on this device instead of the GGUF
+    /// (for machines without the model file, e.g. a GPU box): decode, batched decode, training.
+    #[arg(long)]
+    synthetic: bool,
+    /// `cpu` or `cuda:N` (with --synthetic).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     // `cargo bench` passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -132,6 +139,9 @@ impl Foreign {
 fn main() -> anyhow::Result<()> {
     selfedit::blas::configure_threads();
     let a = Args::parse();
+    if a.synthetic {
+        return synthetic(&a);
+    }
     let t0 = Instant::now();
     let m = selfedit::load(&a.model, &Device::Cpu)?;
     report("load_s", t0.elapsed().as_secs_f64(), "s");
@@ -309,6 +319,67 @@ fn main() -> anyhow::Result<()> {
         let rep = train_lora(dec, &mut adapter, &seqs, &TrainConfig::new(1e-3, 1, 1, 0), |_, _, _| {})?;
         report("train2048_step_seconds", rep.seconds, "s");
         report("rss_peak_after_train2048_mib", peak_rss_mib(), "MiB");
+    }
+    report("rss_peak_mib", peak_rss_mib(), "MiB");
+    Ok(())
+}
+
+/// The same figures for random weights of SmolLM2-135M's shape on any device.
+fn synthetic(a: &Args) -> anyhow::Result<()> {
+    use selfedit::checkpoint::{decoder_from_tensors, default_dtype, parse_device, random_weights};
+    let device = parse_device(&a.device)?;
+    let dtype = default_dtype(&device);
+    let cfg: selfedit::model::ModelConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": true}))?;
+    let t0 = Instant::now();
+    let dec = decoder_from_tensors(&cfg, random_weights(&cfg, 0, &device, dtype)?, &device)?;
+    report("synthetic_build_s", t0.elapsed().as_secs_f64(), "s");
+    let sync = |t: &candle_core::Tensor| -> anyhow::Result<()> { t.to_device(&Device::Cpu)?; Ok(()) };
+    let prompt: Vec<u32> = (0..a.prompt_tokens as u32).map(|i| (i * 7919) % 49152).collect();
+    // prefill
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let b = Batch::causal(&prompt, 0, &device, dtype)?;
+        sync(&dec.forward_last(&b, None, None)?)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    report("prefill_tokens_per_s", prompt.len() as f64 / median(times), "tok/s");
+    // greedy decode, batch 1 and batch 16
+    for batch in [1usize, 16] {
+        let t = Instant::now();
+        let mut cache = KvCache::new(&cfg, batch, prompt.len() + a.gen_tokens, dtype, &device)?;
+        let ids: Vec<u32> = (0..batch).flat_map(|_| prompt.iter().copied()).collect();
+        let pos: Vec<u32> = (0..batch).flat_map(|_| 0..prompt.len() as u32).collect();
+        let mut b = Batch {
+            ids: candle_core::Tensor::from_vec(ids, (batch, prompt.len()), &device)?,
+            positions: candle_core::Tensor::from_vec(pos, (batch, prompt.len()), &device)?,
+            mask: Some(selfedit::model::causal_mask(batch, prompt.len(), 0, &vec![0; batch], &device, dtype)?),
+        };
+        for step in 0..a.gen_tokens {
+            let logits = dec.forward_last(&b, Some(&mut cache), None)?;
+            let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            let p = (prompt.len() + step) as u32;
+            b = Batch {
+                ids: candle_core::Tensor::from_vec(next, (batch, 1), &device)?,
+                positions: candle_core::Tensor::from_vec(vec![p; batch], (batch, 1), &device)?,
+                mask: None,
+            };
+        }
+        let name = if batch == 1 { "gen_tokens_per_s".to_string() } else { format!("batched{batch}_gen_tokens_per_s") };
+        report(&name, (batch * a.gen_tokens) as f64 / t.elapsed().as_secs_f64(), "tok/s");
+    }
+    // LoRA training: 8 x 128 tokens, 2 epochs; then one 2048-token sequence
+    for (n, len, epochs, name) in [(a.num_seqs, a.seq_len, a.epochs, "train_tokens_per_s"), (2, 2048, 1, "train2048_tokens_per_s")] {
+        let seqs: Vec<TrainExample> = (0..n)
+            .map(|i| TrainExample { ids: (0..len as u32).map(|j| (j * 31 + i as u32 * 101) % 49152).collect(), loss_from: 0 })
+            .collect();
+        let mut adapter = LoraAdapter::new(&cfg, LoraConfig::paper(32, 64.0, 0.0), 0, &device)?;
+        let rep = train_lora(&dec, &mut adapter, &seqs, &TrainConfig::new(1e-3, epochs, 1, 0), |_, _, _| {})?;
+        report(name, rep.tokens as f64 / rep.seconds, "tok/s");
+        report(&format!("{name}_final_loss"), *rep.step_losses.last().unwrap() as f64, "");
     }
     report("rss_peak_mib", peak_rss_mib(), "MiB");
     Ok(())

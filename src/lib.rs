@@ -35,6 +35,7 @@ pub mod prompts;
 pub mod sampling;
 pub mod stage;
 pub mod stats;
+pub mod summary;
 pub mod tables;
 pub mod tokenizer;
 pub mod training;

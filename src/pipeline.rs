@@ -730,12 +730,16 @@ pub fn evaluate(
             }
         }
         let outs = generate(model, adapter.as_ref(), requests, cfg.eval.batch_size, |_| {})?;
-        let mut graded = Vec::new();
-        for ((qi, run), out) in keys.into_iter().zip(outs) {
+        // Grading is independent per answer: rayon spreads it over the cores.
+        use rayon::prelude::*;
+        let mut graded: Vec<AnswerRow> = keys
+            .into_par_iter()
+            .zip(outs.into_par_iter())
+            .map(|((qi, run), out)| {
             let q = &article.questions[qi];
             let prediction = out.text.trim().to_string();
             let (em, f1) = crate::grading::squad_scores(&prediction, &q.answers);
-            graded.push(AnswerRow {
+            AnswerRow {
                 model_id: target.model_id.clone(),
                 article_id: article.article_id.clone(),
                 question_index: qi as i64,
@@ -747,8 +751,9 @@ pub fn evaluate(
                 exact_match: em,
                 f1,
                 grader: "heuristic".into(),
-            });
-        }
+            }
+            })
+            .collect();
         if let (GraderKind::Judge, Some(j)) = (cfg.eval.grader, judge) {
             judge_answers(exp, prompts, j, &mut graded)?;
         }

@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{tiny_config, write_tiny_checkpoint};
 use selfedit::lora::{LoraAdapter, LoraConfig, Module};
-use selfedit::model::{Batch, KvCache, ModelConfig};
+use selfedit::model::{Batch, KvCache};
 use selfedit::training::TrainExample;
 
 fn all_logits(dec: &selfedit::model::Decoder, ids: &[u32]) -> Tensor {
@@ -111,4 +111,68 @@ fn lora_gradients_match_finite_differences() {
         }
         assert_eq!(checked, adapter.vars().len() * 3);
     }
+}
+
+/// On a GPU only (a build with `--features cuda`):
+/// `SELFEDIT_TEST_DEVICE=cuda:0 cargo test --release --features cuda --test tiny_models -- --ignored`.
+/// The bf16 GPU model agrees with the f32 CPU model, its LoRA gradients agree, it trains, and
+/// it generates with the KV cache.
+#[test]
+#[ignore]
+fn gpu_agrees_with_cpu_and_trains() {
+    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    let dev = selfedit::checkpoint::parse_device(&spec).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("qwen3");
+    write_tiny_checkpoint(dir.path(), &cfg, 11);
+    let cpu = selfedit::load(dir.path(), &Device::Cpu).unwrap();
+    let gpu = selfedit::load(dir.path(), &dev).unwrap();
+    assert_eq!(gpu.decoder.dtype(), DType::BF16);
+    let ids: Vec<u32> = vec![3, 17, 9, 22, 40, 5, 61, 12, 8, 33, 2, 19];
+    let lc = all_logits(&cpu.decoder, &ids);
+    let lg = all_logits(&gpu.decoder, &ids).to_device(&Device::Cpu).unwrap();
+    let scale = lc.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (&lc - &lg).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 0.05 * scale + 0.05, "GPU logits differ by {diff} (scale {scale})");
+
+    // LoRA gradients: the same adapter on both devices
+    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Module::ALL.to_vec() };
+    let ac = LoraAdapter::new(&cfg, lcfg.clone(), 3, &Device::Cpu).unwrap();
+    let ag = LoraAdapter::new(&cfg, lcfg, 3, &dev).unwrap();
+    for (i, (vc, vg)) in ac.vars().iter().zip(ag.vars()).enumerate() {
+        if i % 2 == 1 {
+            let b = Tensor::randn(0f32, 0.2, vc.shape(), &Device::Cpu).unwrap();
+            vc.set(&b).unwrap();
+            vg.set(&b.to_device(&dev).unwrap()).unwrap();
+        }
+    }
+    let ex = TrainExample { ids: ids.clone(), loss_from: 0 };
+    let (loss_c, gc) = selfedit::training::lora_gradients(&cpu.decoder, &ac, &ex).unwrap();
+    let (loss_g, gg) = selfedit::training::lora_gradients(&gpu.decoder, &ag, &ex).unwrap();
+    assert!((loss_c - loss_g).abs() < 0.05 * loss_c.abs() + 0.05, "loss {loss_c} vs {loss_g}");
+    let flat = |gs: &[Option<Tensor>]| -> Vec<f32> {
+        gs.iter().flat_map(|g| g.as_ref().unwrap().to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    };
+    let (fc, fg) = (flat(&gc), flat(&gg));
+    let dot: f32 = fc.iter().zip(&fg).map(|(a, b)| a * b).sum();
+    let cos = dot / (fc.iter().map(|a| a * a).sum::<f32>().sqrt() * fg.iter().map(|a| a * a).sum::<f32>().sqrt());
+    assert!(cos > 0.98, "GPU and CPU LoRA gradients point apart: cosine {cos}");
+
+    // training lowers the loss
+    let mut adapter = LoraAdapter::new(&cfg, LoraConfig::paper(8, 16.0, 0.0), 0, &dev).unwrap();
+    let before = gpu.decoder.sequence_loss(&ids, 0, Some(&adapter)).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+    let cfg_t = selfedit::training::TrainConfig::new(5e-3, 30, 1, 0);
+    selfedit::training::train_lora(&gpu.decoder, &mut adapter, &[ex], &cfg_t, |_, _, _| {}).unwrap();
+    let after = gpu.decoder.sequence_loss(&ids, 0, Some(&adapter)).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+    assert!(after < before * 0.5, "GPU training: loss {before} -> {after}");
+
+    // batched generation with the KV cache
+    use selfedit::generation::{generate, GenerationRequest};
+    use selfedit::sampling::SamplingParams;
+    let reqs = vec![
+        GenerationRequest::new(vec![3, 4, 5], SamplingParams::greedy(), 0, 6),
+        GenerationRequest::new(vec![7, 8, 9, 10, 11], SamplingParams::paper_eval(), 1, 6),
+    ];
+    let outs = generate(&gpu, Some(&adapter), reqs, 2, |_| {}).unwrap();
+    assert_eq!(outs.len(), 2);
 }
