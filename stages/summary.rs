@@ -12,6 +12,19 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let df = selfedit::summary::per_iteration(&cli.dir)?;
-    println!("{df}");
+    let names: Vec<String> = df.get_column_names().iter().map(|n| n.to_string()).collect();
+    println!("{}", names.join("\t"));
+    for row in 0..df.height() {
+        let cells: Vec<String> = df
+            .columns()
+            .iter()
+            .map(|c| match c.get(row) {
+                Ok(polars::prelude::AnyValue::Float64(x)) => format!("{x:.4}"),
+                Ok(v) => v.to_string(),
+                Err(_) => "?".into(),
+            })
+            .collect();
+        println!("{}", cells.join("\t"));
+    }
     Ok(())
 }
