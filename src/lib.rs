@@ -20,6 +20,7 @@
 
 pub mod blas;
 pub mod checkpoint;
+pub mod collapse;
 pub mod config;
 pub mod constrained;
 pub mod data;

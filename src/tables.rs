@@ -402,6 +402,26 @@ table! {
     }
 }
 
+table! {
+    /// `collapse.parquet`: how alike one iteration's templates are, and how far it moved.
+    CollapseRow = "collapse" {
+        /// experiment or source file the templates came from
+        source: String,
+        iteration: i64,
+        n_templates: i64,
+        /// mean pairwise (1 + cos) / 2 of the instructions' sentence embeddings
+        text_similarity: Option<f64>,
+        /// mean pairwise hyperparameter similarity (the paper's per-key domains)
+        hp_similarity: Option<f64>,
+        /// mean pairwise token Jaccard of the instructions
+        lexical_similarity: Option<f64>,
+        /// 1 - mean similarity across this and the previous iteration's templates
+        text_drift: Option<f64>,
+        hp_drift: Option<f64>,
+        lexical_drift: Option<f64>,
+    }
+}
+
 /// What produced a table, stored in the Parquet key-value metadata.
 #[derive(Debug, Clone, Default)]
 pub struct Provenance {

@@ -135,3 +135,74 @@ fn table_files_that_are_truncated_or_of_the_wrong_kind_name_the_file() {
     let e = format!("{:#}", selfedit::tables::read::<TemplateRow>(&dir.path().join("missing.parquet")).unwrap_err());
     assert!(e.contains("missing.parquet"), "{e}");
 }
+
+/// The Hugging Face `squad` Parquet layout (one row per question, answers.text a list) reads
+/// as the same passages as the grouped JSON.
+#[test]
+fn hugging_face_parquet_layout_reads_like_the_json_layouts() {
+    use arrow::array::{ArrayRef, Int32Builder, ListBuilder, StringArray, StringBuilder, StructArray};
+    use arrow::datatypes::{DataType, Field};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let mut texts = ListBuilder::new(StringBuilder::new());
+    let mut starts = ListBuilder::new(Int32Builder::new());
+    for answers in [vec!["Marzipane", "Marzipane"], vec!["41"], vec!["Quessly"]] {
+        for a in answers {
+            texts.values().append_value(a);
+            starts.values().append_value(0);
+        }
+        texts.append(true);
+        starts.append(true);
+    }
+    let texts: ArrayRef = Arc::new(texts.finish());
+    let starts: ArrayRef = Arc::new(starts.finish());
+    let answers = StructArray::from(vec![
+        (Arc::new(Field::new("text", texts.data_type().clone(), true)), texts),
+        (Arc::new(Field::new("answer_start", starts.data_type().clone(), true)), starts),
+    ]);
+    let col = |v: Vec<&str>| -> ArrayRef { Arc::new(StringArray::from(v)) };
+    let batch = arrow::record_batch::RecordBatch::try_from_iter(vec![
+        ("id", col(vec!["1", "2", "3"])),
+        ("title", col(vec!["Veltoria", "Veltoria", "Orrin"])),
+        ("context", col(vec!["C1", "C1", "C2"])),
+        ("question", col(vec!["Capital?", "Members?", "Town?"])),
+        ("answers", Arc::new(answers) as ArrayRef),
+    ])
+    .unwrap();
+    assert!(matches!(batch.schema().field(4).data_type(), DataType::Struct(_)));
+    let path = dir.path().join("validation-00000-of-00001.parquet");
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let from_parquet = selfedit::data::load_passages(&path).unwrap();
+    let json = dir.path().join("grouped.json");
+    std::fs::write(&json, r#"[{"title": "Veltoria", "context": "C1", "questions": [{"question": "Capital?", "answer": "Marzipane"}, {"question": "Members?", "answer": "41"}]},
+        {"title": "Orrin", "context": "C2", "questions": [{"question": "Town?", "answer": "Quessly"}]}]"#).unwrap();
+    assert_eq!(from_parquet, selfedit::data::load_passages(&json).unwrap());
+    // a Parquet file of another layout names the missing column
+    let other = dir.path().join("other.parquet");
+    let b2 = arrow::record_batch::RecordBatch::try_from_iter(vec![("foo", col(vec!["x"]))]).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&other).unwrap(), b2.schema(), None).unwrap();
+    w.write(&b2).unwrap();
+    w.close().unwrap();
+    let e = format!("{:#}", selfedit::data::load_passages(&other).unwrap_err());
+    assert!(e.contains("other.parquet") && e.contains("title"), "{e}");
+}
+
+/// The baseline variants need no model to write their template: SEAL's fixed instruction and
+/// hyperparameters.
+#[test]
+fn baseline_variants_use_seals_fixed_templates() {
+    let mut exp = tiny_experiment(Path::new("unused"));
+    exp.config.variant = selfedit::config::Variant::BaselineRewrite;
+    exp.config.search.templates_per_iteration = 1;
+    let prompts = selfedit::prompts::Prompts::load(&exp.config.prompts_dir).unwrap();
+    let t = pipeline::baseline_template(&exp.config, &prompts, 0).unwrap();
+    assert_eq!(t.category, "baseline");
+    assert!(t.instruction.starts_with("Let's read the following passage and rewrite it"));
+    assert_eq!((t.lora_rank, t.lora_alpha, t.num_epochs, t.gradient_accumulation_steps), (32, 64, 10, 1));
+    assert_eq!(t.learning_rate, 1e-3);
+    exp.config.variant = selfedit::config::Variant::BaselineImplications;
+    let t = pipeline::baseline_template(&exp.config, &prompts, 0).unwrap();
+    assert!(t.instruction.contains("implications"));
+}

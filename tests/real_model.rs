@@ -341,3 +341,33 @@ fn lora_training_teaches_a_made_up_fact() {
         assert!(norm > 0.0, "variable {i} has a zero gradient after training");
     }
 }
+
+/// The LLM-judge grader: the model answers yes/no under a JSON constraint for each answer the
+/// containment heuristic did not accept; every row records the judge as its grader.
+#[test]
+fn judge_grader_decides_unmatched_answers() {
+    use selfedit::pipeline::{self, EvalTarget, Judge, Shard};
+    let m = common::smollm();
+    let mut exp = selfedit::config::Experiment::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
+    exp.config.eval.grader = selfedit::config::GraderKind::Judge;
+    exp.config.prompts_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("prompts");
+    let prompts = selfedit::prompts::Prompts::load(&exp.config.prompts_dir).unwrap();
+    let passages = selfedit::data::load_passages(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/demo_passages.json")).unwrap();
+    let article = selfedit::tables::ArticleRow {
+        article_id: "a000".into(),
+        split: "train".into(),
+        title: passages[0].title.clone(),
+        context: passages[0].context.clone(),
+        questions: passages[0].questions.clone(),
+    };
+    let judge = Judge::new(m).unwrap();
+    let targets = vec![EvalTarget { model_id: "base".into(), article_id: "a000".into(), adapter: None }];
+    let rows = pipeline::evaluate(&exp, &prompts, m, &[article], &targets, Some(&judge), Shard::ALL, |_| {}).unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        assert_eq!(r.grader, "judge");
+        if selfedit::grading::heuristic_correct(&r.prediction, &r.gold_answers) {
+            assert!(r.correct, "the heuristic's acceptance is kept: {r:?}");
+        }
+    }
+}
