@@ -107,7 +107,13 @@ impl Embedder {
             &std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {} (run `make embedder`)", cfg_path.display()))?,
         )
         .with_context(|| format!("{} is not a BERT config", cfg_path.display()))?;
-        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+        let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
+        // The shipped tokenizer pads every text to 128 tokens; mean pooling must see only the
+        // text's own tokens, so each text is embedded alone and unpadded.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
         let weights = dir.join("model.safetensors");
         // SAFETY: read-only memory map of a file we do not modify.
