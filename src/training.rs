@@ -193,6 +193,6 @@ pub fn train_lora(
 pub fn lora_gradients(decoder: &Decoder, adapter: &LoraAdapter, ex: &TrainExample) -> anyhow::Result<(f32, Vec<Option<Tensor>>)> {
     let loss = decoder.sequence_loss(&ex.ids, ex.loss_from, Some(adapter))?;
     let g = loss.backward()?;
-    let value = loss.to_scalar::<f32>()?;
+    let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     Ok((value, adapter.vars().iter().map(|v| g.get(v.as_tensor()).cloned()).collect()))
 }
