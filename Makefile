@@ -94,7 +94,10 @@ STAGE_ARGS := --config $(CONFIG) --iter $(ITER) --outputs $(OUTPUTS)
 PREV := $(OUT)/iter$(shell echo $$(($(ITER)-1)))
 ARCHIVE_IN := $(if $(filter 0,$(ITER)),,$(PREV)/archive.parquet)
 
-.PHONY: pipeline stamps FORCE
+.PHONY: pipeline stamps collapse FORCE
+# Stamps and shard tables are made by pattern rules: keep them (make would delete them as
+# intermediate files, and the next run would redo everything after them).
+.SECONDARY:
 
 pipeline: $(I)/archive.parquet  ## run one iteration of CONFIG (default configs/tiny.toml), ITER=k
 	@$(BIN)/summary $(OUT)
@@ -141,6 +144,11 @@ $(I)/template_stats.parquet: $(I)/answers.parquet
 
 $(I)/archive.parquet: $(I)/template_stats.parquet $(STAMPS)/archive.hash
 	$(BIN)/update-archive $(STAGE_ARGS)
+
+collapse: $(OUT)/collapse.parquet  ## how alike each iteration's templates are (text, hyperparameters, words)
+
+$(OUT)/collapse.parquet: $(wildcard $(OUT)/iter*/templates.parquet) $(EMBEDDER)
+	$(BIN)/collapse --experiment $(OUT) --out $@
 
 run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default experiment (configs/tiny.toml)
 	@$(MAKE) --no-print-directory pipeline CONFIG=$(CONFIG)

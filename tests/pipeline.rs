@@ -20,11 +20,15 @@ fn bin_dir() -> PathBuf {
 }
 
 fn make(outputs: &Path) -> Command {
+    make_with(outputs, &root().join("configs/tiny.toml"))
+}
+
+fn make_with(outputs: &Path, config: &Path) -> Command {
     let mut c = Command::new("make");
     c.current_dir(root())
         .arg("--no-print-directory")
         .arg("pipeline")
-        .arg("CONFIG=configs/tiny.toml")
+        .arg(format!("CONFIG={}", config.display()))
         .arg(format!("OUTPUTS={}", outputs.display()))
         .arg(format!("BIN={}", bin_dir().display()))
         .arg("BUILD=");
@@ -106,6 +110,33 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     // make again: nothing to do
     let again = run_make(&a);
     assert!(!again.contains("wrote"), "a second make reran stages:\n{again}");
+
+    // editing a comment of the config reruns nothing; changing the eval settings reruns
+    // evaluation and what follows it, nothing before
+    let cfg_dir = tmp.path().join("cfg");
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    let cfg = cfg_dir.join("tiny.toml");
+    let text = std::fs::read_to_string(root().join("configs/tiny.toml")).unwrap();
+    std::fs::write(&cfg, format!("# a new comment\n{text}")).unwrap();
+    let run_cfg = |c: &Path| {
+        let out = make_with(&a, c).output().unwrap();
+        let t = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{t}");
+        t
+    };
+    let log = run_cfg(&cfg);
+    assert!(!log.contains("wrote"), "a comment reran stages:\n{log}");
+    std::fs::write(&cfg, text.replace("max_new_tokens = 24", "max_new_tokens = 16")).unwrap();
+    let log = run_cfg(&cfg);
+    for stage in ["evaluate: wrote", "score: wrote", "archive: wrote"] {
+        assert!(log.contains(stage), "{stage} missing:\n{log}");
+    }
+    for stage in ["prepare:", "templates:", "synthesize:", "train:"] {
+        assert!(!log.contains(stage), "{stage} reran:\n{log}");
+    }
+    // back to the original settings for what follows
+    std::fs::write(&cfg, &text).unwrap();
+    run_cfg(&cfg);
 
     // 2. interrupted run: copy the stages before training (with their times), kill make
     //    once the first adapter is on disk, then run make again.
