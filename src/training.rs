@@ -6,6 +6,8 @@
 //!
 //! The whole step, top to bottom, is in [`train_lora`].
 
+use std::ops::ControlFlow;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::ensure;
@@ -55,6 +57,64 @@ pub struct TrainReport {
     /// Mean loss of each optimizer step's window.
     pub step_losses: Vec<f32>,
     pub seconds: f64,
+    /// The run was stopped by its callback before the last step (a checkpoint holds it).
+    #[serde(default)]
+    pub stopped_early: bool,
+}
+
+/// Where and how often a long run (the generator's SFT) saves its state: the adapter, the
+/// optimizer's moments and the step. A run started again with the same folder resumes from
+/// the last checkpoint and ends where an uninterrupted run would.
+pub struct Checkpointing<'a> {
+    pub dir: &'a Path,
+    /// Save after every `every` optimizer steps (and when stopped).
+    pub every: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    adam_t: usize,
+    report: TrainReport,
+}
+
+fn save_checkpoint(dir: &Path, step: usize, adapter: &LoraAdapter, opt: &AdamW, report: &TrainReport) -> anyhow::Result<()> {
+    let (t, m, v) = opt.state();
+    let mut named = Vec::new();
+    for (i, var) in adapter.vars().iter().enumerate() {
+        named.push((format!("var.{i:05}"), var.as_tensor().clone()));
+        named.push((format!("m.{i:05}"), m[i].clone()));
+        named.push((format!("v.{i:05}"), v[i].clone()));
+    }
+    let state = CheckpointState { step, adam_t: t, report: report.clone() };
+    crate::io::write_dir_atomically(dir, |tmp| {
+        crate::lora::save_safetensors(&named, &tmp.join("tensors.safetensors"))?;
+        std::fs::write(tmp.join("state.json"), serde_json::to_string(&state)?)?;
+        Ok(())
+    })
+}
+
+/// Restores a checkpoint into `adapter` and `opt`; returns the step and report it holds.
+fn load_checkpoint(dir: &Path, adapter: &LoraAdapter, opt: &mut AdamW) -> anyhow::Result<Option<(usize, TrainReport)>> {
+    let state_path = dir.join("state.json");
+    let Ok(text) = std::fs::read_to_string(&state_path) else { return Ok(None) };
+    let state: CheckpointState = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is damaged ({e}): delete {} to start over", state_path.display(), dir.display()))?;
+    let device = adapter.vars().first().map(|v| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    let tensors = candle_core::safetensors::load(dir.join("tensors.safetensors"), &device)
+        .map_err(|e| anyhow::anyhow!("{}: {e}: delete {} to start over", dir.join("tensors.safetensors").display(), dir.display()))?;
+    let vars = adapter.vars();
+    let get = |name: String| tensors.get(&name).cloned().ok_or_else(|| anyhow::anyhow!("{}: no tensor {name}: the checkpoint belongs to another adapter", dir.display()));
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for (i, var) in vars.iter().enumerate() {
+        let value = get(format!("var.{i:05}"))?;
+        ensure!(value.dims() == var.dims(), "{}: variable {i} has shape {:?}, the adapter {:?}", dir.display(), value.dims(), var.dims());
+        var.set(&value)?;
+        m.push(get(format!("m.{i:05}"))?);
+        v.push(get(format!("v.{i:05}"))?);
+    }
+    opt.set_state(state.adam_t, m, v);
+    Ok(Some((state.step, state.report)))
 }
 
 /// AdamW with PyTorch's update rule.
@@ -120,6 +180,22 @@ pub fn train_lora(
     cfg: &TrainConfig,
     mut on_step: impl FnMut(usize, usize, f32),
 ) -> anyhow::Result<TrainReport> {
+    train_lora_with(decoder, adapter, examples, cfg, None, |s, t, l| {
+        on_step(s, t, l);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`train_lora`] with checkpoints, and a callback that may stop the run
+/// (`ControlFlow::Break`), e.g. to end a job at a time limit.
+pub fn train_lora_with(
+    decoder: &Decoder,
+    adapter: &mut LoraAdapter,
+    examples: &[TrainExample],
+    cfg: &TrainConfig,
+    checkpointing: Option<&Checkpointing>,
+    mut on_step: impl FnMut(usize, usize, f32) -> ControlFlow<()>,
+) -> anyhow::Result<TrainReport> {
     ensure!(cfg.grad_accum >= 1, "gradient_accumulation_steps must be >= 1");
     ensure!(cfg.epochs >= 1, "num_epochs must be >= 1");
     // Truncate, and drop sequences with nothing to predict.
@@ -133,17 +209,31 @@ pub fn train_lora(
 
     let start = Instant::now();
     let total = cfg.total_steps(examples.len());
-    adapter.set_training(Some(cfg.seed ^ 0x5eed));
     let vars = adapter.vars();
     let mut opt = AdamW::new(vars.clone())?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut report = TrainReport::default();
     let mut step = 0;
+    let mut resumed_at = 0;
+    if let Some(c) = checkpointing {
+        if let Some((s, r)) = load_checkpoint(c.dir, adapter, &mut opt)? {
+            (step, resumed_at, report) = (s, s, r);
+        }
+    }
+    let seconds_before = report.seconds;
+    let mut window_index = 0;
     for _epoch in 0..cfg.epochs {
-        // 1. a fresh seeded order each epoch
+        // 1. a fresh seeded order each epoch (drawn even for skipped epochs, so a resumed
+        //    run sees the same order)
         let mut order: Vec<usize> = (0..examples.len()).collect();
         order.shuffle(&mut rng);
         for window in order.chunks(cfg.grad_accum) {
+            window_index += 1;
+            if window_index <= resumed_at {
+                continue;
+            }
+            // dropout masks depend on the step only, so a resumed run draws the same ones
+            adapter.set_training(Some(cfg.seed ^ 0x5eed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             // 2. forward + backward over the window, each sequence weighted by its share
             //    of the window's counted tokens
             let window_tokens: usize = window.iter().map(|&i| counted(&examples[i])).sum();
@@ -180,12 +270,24 @@ pub fn train_lora(
             opt.step(&grads, linear_lr(cfg.learning_rate, step, total))?;
             step += 1;
             report.step_losses.push(window_loss as f32);
-            on_step(step, total, window_loss as f32);
+            report.steps = step;
+            report.seconds = seconds_before + start.elapsed().as_secs_f64();
+            let flow = on_step(step, total, window_loss as f32);
+            if let Some(c) = checkpointing {
+                if (c.every > 0 && step % c.every == 0) || flow.is_break() {
+                    save_checkpoint(c.dir, step, adapter, &opt, &report)?;
+                }
+            }
+            if flow.is_break() && step < total {
+                adapter.set_training(None);
+                report.stopped_early = true;
+                return Ok(report);
+            }
         }
     }
     adapter.set_training(None);
     report.steps = step;
-    report.seconds = start.elapsed().as_secs_f64();
+    report.seconds = seconds_before + start.elapsed().as_secs_f64();
     Ok(report)
 }
 

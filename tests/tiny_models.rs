@@ -184,3 +184,46 @@ fn gpu_agrees_with_cpu_and_trains() {
     let outs = generate(&gpu, Some(&adapter), reqs, 2, |_| {}).unwrap();
     assert_eq!(outs.len(), 2);
 }
+
+/// A long run stopped midway resumes from its checkpoint and ends exactly where an
+/// uninterrupted run ends (adapter, optimizer moments, loss curve).
+#[test]
+fn training_resumes_from_a_checkpoint_exactly() {
+    use selfedit::training::{train_lora, train_lora_with, Checkpointing, TrainConfig};
+    use std::ops::ControlFlow;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("qwen2");
+    write_tiny_checkpoint(dir.path(), &cfg, 21);
+    let m = selfedit::load(dir.path(), &Device::Cpu).unwrap();
+    let examples: Vec<TrainExample> = (0..5u32)
+        .map(|i| TrainExample { ids: (0..9).map(|j| 2 + (i * 7 + j * 3) % 60).collect(), loss_from: 3 })
+        .collect();
+    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Module::ALL.to_vec() };
+    let tc = TrainConfig::new(1e-2, 3, 2, 5); // 3 windows per epoch, 9 steps
+    let values = |a: &LoraAdapter| -> Vec<Vec<f32>> { a.vars().iter().map(|v| v.flatten_all().unwrap().to_vec1().unwrap()).collect() };
+
+    let mut straight = LoraAdapter::new(&cfg, lcfg.clone(), 9, &Device::Cpu).unwrap();
+    let full = train_lora(&m.decoder, &mut straight, &examples, &tc, |_, _, _| {}).unwrap();
+    assert_eq!(full.steps, 9);
+
+    let ckpt = dir.path().join("ckpt");
+    let c = Checkpointing { dir: &ckpt, every: 2 };
+    let mut first = LoraAdapter::new(&cfg, lcfg.clone(), 9, &Device::Cpu).unwrap();
+    let part = train_lora_with(&m.decoder, &mut first, &examples, &tc, Some(&c), |step, _, _| {
+        if step == 5 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    })
+    .unwrap();
+    assert!(part.stopped_early && part.steps == 5);
+    // a new process: a fresh adapter, the same folder
+    let mut resumed = LoraAdapter::new(&cfg, lcfg, 9, &Device::Cpu).unwrap();
+    let rest = train_lora_with(&m.decoder, &mut resumed, &examples, &tc, Some(&c), |_, _, _| ControlFlow::Continue(())).unwrap();
+    assert!(!rest.stopped_early);
+    assert_eq!(rest.steps, 9);
+    assert_eq!(rest.step_losses, full.step_losses);
+    assert_eq!(values(&resumed), values(&straight));
+    // a damaged checkpoint says what to delete
+    std::fs::write(ckpt.join("state.json"), "{").unwrap();
+    let mut again = LoraAdapter::new(&cfg, LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Module::ALL.to_vec() }, 9, &Device::Cpu).unwrap();
+    let e = train_lora_with(&m.decoder, &mut again, &examples, &tc, Some(&c), |_, _, _| ControlFlow::Continue(())).unwrap_err();
+    assert!(format!("{e:#}").contains("delete"), "{e:#}");
+}
