@@ -93,8 +93,13 @@ BUILD ?= build
 STAGE_ARGS := --config $(CONFIG) --iter $(ITER) --outputs $(OUTPUTS)
 PREV := $(OUT)/iter$(shell echo $$(($(ITER)-1)))
 ARCHIVE_IN := $(if $(filter 0,$(ITER)),,$(PREV)/archive.parquet)
+# From the second iteration on, every stage uses the generator improved after the previous one.
+GEN := $(if $(filter 0,$(ITER)),,$(PREV)/generator)
+GEN_DEP := $(if $(GEN),$(GEN)/config.json,)
+MODEL_ARG := $(if $(GEN),--model $(GEN),)
+ITERS ?= 1
 
-.PHONY: pipeline stamps collapse FORCE
+.PHONY: pipeline stamps collapse generator iterations FORCE
 # Stamps and shard tables are made by pattern rules: keep them (make would delete them as
 # intermediate files, and the next run would redo everything after them).
 .SECONDARY:
@@ -112,28 +117,28 @@ $(STAMPS)/%.hash: stamps ;
 $(OUT)/articles.parquet: $(STAMPS)/prepare.hash
 	$(BIN)/prepare-data $(STAGE_ARGS)
 
-$(I)/templates.parquet: $(STAMPS)/templates.hash $(ARCHIVE_IN)
-	$(BIN)/generate-templates $(STAGE_ARGS) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
+$(I)/templates.parquet: $(STAMPS)/templates.hash $(ARCHIVE_IN) $(GEN_DEP)
+	$(BIN)/generate-templates $(STAGE_ARGS) $(MODEL_ARG) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
 
 $(I)/self_edits.parquet: $(I)/templates.parquet $(OUT)/articles.parquet $(STAMPS)/synthesize.hash
-	$(BIN)/synthesize $(STAGE_ARGS)
+	$(BIN)/synthesize $(STAGE_ARGS) $(MODEL_ARG)
 
 ifeq ($(SHARDS),1)
 $(I)/adapters.parquet: $(I)/self_edits.parquet $(STAMPS)/train.hash
-	$(BIN)/train-adapters $(STAGE_ARGS)
+	$(BIN)/train-adapters $(STAGE_ARGS) $(MODEL_ARG)
 
 $(I)/answers.parquet: $(I)/adapters.parquet $(STAMPS)/evaluate.hash
-	$(BIN)/evaluate $(STAGE_ARGS)
+	$(BIN)/evaluate $(STAGE_ARGS) $(MODEL_ARG)
 else
 SHARD_IDS := $(shell seq 0 $$(($(SHARDS)-1)))
 $(I)/adapters.shard-%-of-$(SHARDS).parquet: $(I)/self_edits.parquet $(STAMPS)/train.hash
-	$(BIN)/train-adapters $(STAGE_ARGS) --shard $*/$(SHARDS)
+	$(BIN)/train-adapters $(STAGE_ARGS) $(MODEL_ARG) --shard $*/$(SHARDS)
 
 $(I)/adapters.parquet: $(foreach s,$(SHARD_IDS),$(I)/adapters.shard-$(s)-of-$(SHARDS).parquet)
 	$(BIN)/train-adapters $(STAGE_ARGS) --merge $(SHARDS)
 
 $(I)/answers.shard-%-of-$(SHARDS).parquet: $(I)/adapters.parquet $(STAMPS)/evaluate.hash
-	$(BIN)/evaluate $(STAGE_ARGS) --shard $*/$(SHARDS)
+	$(BIN)/evaluate $(STAGE_ARGS) $(MODEL_ARG) --shard $*/$(SHARDS)
 
 $(I)/answers.parquet: $(foreach s,$(SHARD_IDS),$(I)/answers.shard-$(s)-of-$(SHARDS).parquet)
 	$(BIN)/evaluate $(STAGE_ARGS) --merge $(SHARDS)
@@ -145,13 +150,28 @@ $(I)/template_stats.parquet: $(I)/answers.parquet
 $(I)/archive.parquet: $(I)/template_stats.parquet $(STAMPS)/archive.hash
 	$(BIN)/update-archive $(STAGE_ARGS)
 
+# Improving the generator after iteration ITER (ReST-EM): examples, then LoRA + merge.
+$(I)/sft.parquet: $(I)/template_stats.parquet $(STAMPS)/sft.hash
+	$(BIN)/build-sft $(STAGE_ARGS) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
+
+$(I)/generator/config.json: $(I)/sft.parquet
+	$(BIN)/train-generator $(STAGE_ARGS) $(MODEL_ARG)
+
+generator: $(I)/generator/config.json  ## improve the generator after iteration ITER (for iteration ITER+1)
+
+iterations: $(BUILD)  ## run ITERS iterations of CONFIG, the generator improved between them
+	@for k in $$(seq 0 $$(($(ITERS)-1))); do \
+	  $(MAKE) --no-print-directory pipeline ITER=$$k BUILD= || exit 1; \
+	  if [ $$k -lt $$(($(ITERS)-1)) ]; then $(MAKE) --no-print-directory generator ITER=$$k BUILD= || exit 1; fi; \
+	done
+
 collapse: $(OUT)/collapse.parquet  ## how alike each iteration's templates are (text, hyperparameters, words)
 
 $(OUT)/collapse.parquet: $(wildcard $(OUT)/iter*/templates.parquet) $(EMBEDDER)
 	$(BIN)/collapse --experiment $(OUT) --out $@
 
-run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default experiment (configs/tiny.toml)
-	@$(MAKE) --no-print-directory pipeline CONFIG=$(CONFIG)
+run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default experiment (configs/tiny.toml; ITERS=n)
+	@$(MAKE) --no-print-directory iterations CONFIG=$(CONFIG) BUILD=
 
 clean-outputs:  ## delete outputs/$(EXP)
 	rm -rf $(OUT)

@@ -151,6 +151,25 @@ pub struct BaselineSection {
     pub sampling: SamplingParams,
 }
 
+/// Improving the generator between iterations (ReST-EM): which self-edits become supervised
+/// examples and how the generator's LoRA is trained before it is merged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SftSection {
+    /// Templates kept per article (by mean accuracy on it), each with its best completion.
+    pub top_k: usize,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub target_modules: Vec<String>,
+    pub learning_rate: f64,
+    pub num_epochs: usize,
+    pub gradient_accumulation_steps: usize,
+    pub max_len: usize,
+    /// Save a checkpoint every this many optimizer steps (a killed run resumes from it).
+    pub checkpoint_every: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExperimentConfig {
@@ -167,6 +186,7 @@ pub struct ExperimentConfig {
     pub training: TrainingSection,
     pub eval: EvalSection,
     pub baseline: BaselineSection,
+    pub sft: SftSection,
 }
 
 /// A loaded config with where it came from.
@@ -268,7 +288,7 @@ impl ExperimentConfig {
             "hyperparameter_bounds: lora_rank, num_epochs and gradient_accumulation_steps need min >= 1");
         ensure!(b.learning_rate.min > 0.0, "hyperparameter_bounds.learning_rate.min must be > 0");
         ensure!(b.lora_dropout.max < 1.0 && b.lora_dropout.min >= 0.0, "hyperparameter_bounds.lora_dropout must lie in [0, 1)");
-        for m in &self.training.target_modules {
+        for m in self.training.target_modules.iter().chain(&self.sft.target_modules) {
             crate::lora::Module::parse(m).context("training.target_modules")?;
         }
         if self.eval.grader == GraderKind::Judge && self.eval.judge_model.is_none() {

@@ -6,7 +6,7 @@
 //! path is built from model text. Seeds derive from the config's seed and those ids, so the
 //! same config gives the same tables.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -21,7 +21,7 @@ use crate::generation::{generate, FinishReason, GenerationRequest};
 use crate::lora::{LoraAdapter, LoraConfig, Module};
 use crate::prompts::{self, Prompts};
 use crate::sampling::SamplingParams;
-use crate::tables::{AdapterRow, AnswerRow, ArchiveRow, ArticleRow, ScoreRow, SelfEditRow, TemplateRow, TemplateStatsRow};
+use crate::tables::{AdapterRow, AnswerRow, ArchiveRow, ArticleRow, ScoreRow, SelfEditRow, SftRow, TemplateRow, TemplateStatsRow};
 use crate::tokenizer::ChatMessage;
 use crate::training::{train_lora, TrainConfig, TrainExample};
 
@@ -936,4 +936,140 @@ pub fn update_archive(previous: Vec<ArchiveRow>, iteration: usize, templates: &[
         r.rank = i as i64;
     }
     rows
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. improve the generator (ReST-EM)
+
+/// The supervised examples of one iteration: per article the `top_k` templates by their mean
+/// accuracy on it, each with its best completion (archive variant: only completions that beat
+/// the article's base accuracy). Each kept pair gives two examples: the template-generation
+/// prompt → the template JSON the model wrote, and the completion prompt → the completion
+/// (baselines: only the latter, their prompt being fixed).
+#[allow(clippy::too_many_arguments)]
+pub fn build_sft(
+    cfg: &ExperimentConfig,
+    prompts: &Prompts,
+    archive: Option<&[ArchiveRow]>,
+    templates: &[TemplateRow],
+    edits: &[SelfEditRow],
+    scores: &[ScoreRow],
+    articles: &[ArticleRow],
+) -> anyhow::Result<Vec<SftRow>> {
+    let templates: HashMap<&str, &TemplateRow> = templates.iter().map(|t| (t.template_id.as_str(), t)).collect();
+    let edits: HashMap<&str, &SelfEditRow> = edits.iter().map(|e| (e.self_edit_id.as_str(), e)).collect();
+    let articles: HashMap<&str, &ArticleRow> = articles.iter().map(|a| (a.article_id.as_str(), a)).collect();
+    // (article, template) → its scored self-edits
+    let mut groups: BTreeMap<(&str, &str), Vec<&ScoreRow>> = BTreeMap::new();
+    for s in scores.iter().filter(|s| s.adapted_accuracy.is_finite() && s.status != "failed") {
+        groups.entry((s.article_id.as_str(), s.template_id.as_str())).or_default().push(s);
+    }
+    let meta = if cfg.variant.is_baseline() { None } else { Some(meta_prompt(cfg, prompts, archive)?) };
+    let mut rows = Vec::new();
+    let article_ids: BTreeSet<&str> = groups.keys().map(|(a, _)| *a).collect();
+    for a in article_ids {
+        // rank this article's templates by mean accuracy (ties: template id)
+        let mut ranked: Vec<(&str, f64, &ScoreRow)> = groups
+            .range((a, "")..)
+            .take_while(|((aa, _), _)| *aa == a)
+            .map(|((_, t), ss)| {
+                let mean = ss.iter().map(|s| s.adapted_accuracy).sum::<f64>() / ss.len() as f64;
+                let best = ss.iter().copied().max_by(|x, y| x.adapted_accuracy.total_cmp(&y.adapted_accuracy).then(y.self_edit_id.cmp(&x.self_edit_id))).unwrap();
+                (*t, mean, best)
+            })
+            .collect();
+        ranked.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(y.0)));
+        for (t, _, best) in ranked.into_iter().take(cfg.sft.top_k) {
+            if cfg.variant == Variant::Archive && !(best.gain > 0.0) {
+                continue;
+            }
+            let (Some(tr), Some(edit), Some(article)) = (templates.get(t), edits.get(best.self_edit_id.as_str()), articles.get(a)) else { continue };
+            if !edit.valid {
+                continue;
+            }
+            if let Some(meta) = &meta {
+                rows.push(SftRow {
+                    example_id: format!("{}-template", best.self_edit_id),
+                    kind: "template".into(),
+                    article_id: a.to_string(),
+                    template_id: t.to_string(),
+                    self_edit_id: best.self_edit_id.clone(),
+                    prompt: meta.clone(),
+                    completion: tr.raw_response.clone(),
+                    accuracy: best.adapted_accuracy,
+                    gain: best.gain,
+                });
+            }
+            let prompt = if tr.category == "baseline" {
+                let name = if cfg.variant == Variant::BaselineRewrite { prompts::BASELINE_REWRITE } else { prompts::BASELINE_IMPLICATIONS };
+                prompts.render(name, json!({"title": article.title, "context": article.context}))?
+            } else {
+                prompts.render(prompts::COMPLETION, json!({"title": article.title, "context": article.context, "instruction": tr.instruction}))?
+            };
+            rows.push(SftRow {
+                example_id: format!("{}-completion", best.self_edit_id),
+                kind: "completion".into(),
+                article_id: a.to_string(),
+                template_id: t.to_string(),
+                self_edit_id: best.self_edit_id.clone(),
+                prompt,
+                completion: edit.raw_response.clone(),
+                accuracy: best.adapted_accuracy,
+                gain: best.gain,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Fine-tunes the generator on the SFT examples (loss on the assistant turn only), merges
+/// the adapter and saves the merged model as a Hugging Face folder at `out`. Checkpoints
+/// under `checkpoint_dir` let a killed run resume. Returns the training report, or `None`
+/// when there was nothing to learn from (the model is then saved unchanged).
+pub fn train_generator(
+    cfg: &ExperimentConfig,
+    model: &LoadedModel,
+    examples: &[SftRow],
+    checkpoint_dir: &Path,
+    out: &Path,
+    on_step: impl FnMut(usize, usize, f32),
+) -> anyhow::Result<Option<crate::training::TrainReport>> {
+    let tok = &model.tokenizer;
+    let end = tok.stop_ids.first().copied();
+    let mut train = Vec::new();
+    for ex in examples {
+        let prompt = tok.encode_chat(&[ChatMessage::user(ex.prompt.clone())], true)?;
+        let mut ids = prompt.clone();
+        ids.extend(tok.encode(&ex.completion)?);
+        ids.extend(end);
+        train.push(TrainExample { loss_from: prompt.len(), ids });
+    }
+    let mut decoder = model.decoder.clone();
+    let report = if train.is_empty() {
+        None
+    } else {
+        let s = &cfg.sft;
+        let targets = s.target_modules.iter().map(|m| Module::parse(m)).collect::<anyhow::Result<Vec<_>>>()?;
+        let lora = LoraConfig { rank: s.lora_rank, alpha: s.lora_alpha, dropout: s.lora_dropout, targets };
+        let seed = derive_seed(cfg.seed, &format!("sft/{}", out.display()));
+        let mut adapter = LoraAdapter::new(&decoder.cfg, lora, seed, model.device())?;
+        let tc = TrainConfig {
+            learning_rate: s.learning_rate,
+            epochs: s.num_epochs,
+            grad_accum: s.gradient_accumulation_steps,
+            max_len: s.max_len,
+            seed,
+            max_grad_norm: cfg.training.max_grad_norm,
+        };
+        let ckpt = crate::training::Checkpointing { dir: checkpoint_dir, every: s.checkpoint_every };
+        let mut on_step = on_step;
+        let report = crate::training::train_lora_with(&model.decoder, &mut adapter, &train, &tc, Some(&ckpt), |a, b, c| {
+            on_step(a, b, c);
+            std::ops::ControlFlow::Continue(())
+        })?;
+        adapter.merge_into(&mut decoder)?;
+        Some(report)
+    };
+    crate::checkpoint::save_hf(&decoder, tok, out)?;
+    Ok(report)
 }

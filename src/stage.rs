@@ -55,7 +55,7 @@ pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
 }
 
 /// The stages and which parts of the config (and which prompt files) each depends on.
-pub const STAGES: [&str; 6] = ["prepare", "templates", "synthesize", "train", "evaluate", "archive"];
+pub const STAGES: [&str; 7] = ["prepare", "templates", "synthesize", "train", "evaluate", "archive", "sft"];
 
 /// The content hash of what `stage` depends on: its config sections and prompt files.
 pub fn stage_hash(exp: &Experiment, stage: &str) -> anyhow::Result<String> {
@@ -70,6 +70,8 @@ pub fn stage_hash(exp: &Experiment, stage: &str) -> anyhow::Result<String> {
         "train" => serde_json::json!([c.seed, c.model, c.training]),
         "evaluate" => serde_json::json!([c.seed, c.model, c.eval,
             prompts.sources(&[prompts::QA_SYSTEM, prompts::QA_BASE, prompts::JUDGE])]),
+        "sft" => serde_json::json!([c.variant, c.seed, c.model, c.sft,
+            prompts.sources(&[prompts::META, prompts::ARCHIVE_META, prompts::COMPLETION, prompts::BASELINE_IMPLICATIONS, prompts::BASELINE_REWRITE])]),
         "archive" => {
             let seed = std::fs::read_to_string(&c.archive_seed).unwrap_or_default();
             serde_json::json!([c.variant, seed])

@@ -422,6 +422,26 @@ table! {
     }
 }
 
+table! {
+    /// `sft.parquet`: supervised examples for improving the generator (ReST-EM).
+    SftRow = "sft" {
+        example_id: String,
+        /// template (meta-prompt → template JSON) or completion (passage + instruction →
+        /// training-sequences JSON)
+        kind: String,
+        article_id: String,
+        template_id: String,
+        self_edit_id: String,
+        /// the user turn
+        prompt: String,
+        /// the assistant turn the generator learns to write
+        completion: String,
+        /// the self-edit's adapted accuracy and its gain over the base model
+        accuracy: f64,
+        gain: f64,
+    }
+}
+
 /// What produced a table, stored in the Parquet key-value metadata.
 #[derive(Debug, Clone, Default)]
 pub struct Provenance {

@@ -13,6 +13,9 @@ struct Cli {
     /// Evaluate only models i, i+n, …: writes answers.shard-i-of-n.parquet.
     #[arg(long, default_value = "0/1")]
     shard: String,
+    /// This iteration's model, when it is not the config's (iterations after the first).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
     /// Merge the N shard files into one table instead of computing.
     #[arg(long)]
     merge: Option<usize>,
@@ -40,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     let adapters: Vec<AdapterRow> = tables::read(&dir.join("adapters.parquet"))?;
     let prompts = selfedit::prompts::Prompts::load(&c.prompts_dir)?;
     let device = selfedit::checkpoint::parse_device(&c.model.device)?;
-    let model = selfedit::load(&c.model.path, &device)?;
+    let model = selfedit::load(&cli.model.clone().unwrap_or_else(|| c.model.path.clone()), &device)?;
     let judge_model = match (&c.eval.grader, &c.eval.judge_model) {
         (selfedit::config::GraderKind::Judge, Some(p)) => Some(selfedit::load(p, &device)?),
         _ => None,

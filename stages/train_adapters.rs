@@ -13,6 +13,9 @@ struct Cli {
     /// Train only self-edits i, i+n, …: writes adapters.shard-i-of-n.parquet.
     #[arg(long, default_value = "0/1")]
     shard: String,
+    /// This iteration's model, when it is not the config's (iterations after the first).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
     /// Merge the N shard files into one table instead of computing.
     #[arg(long)]
     merge: Option<usize>,
@@ -39,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let edits: Vec<SelfEditRow> = tables::read(&dir.join("self_edits.parquet"))?;
     let articles: Vec<ArticleRow> = tables::read(&cli.stage.exp_dir(&exp).join("articles.parquet"))?;
     let device = selfedit::checkpoint::parse_device(&c.model.device)?;
-    let model = selfedit::load(&c.model.path, &device)?;
+    let model = selfedit::load(&cli.model.clone().unwrap_or_else(|| c.model.path.clone()), &device)?;
     let mine = (0..edits.len()).filter(|i| shard.owns(*i)).count();
     let bar = stage::progress(mine, "adapters");
     let rows = selfedit::pipeline::train_adapters(&exp, &model, &templates, &edits, &articles, &dir.join("adapters"), shard, |k| bar.inc(k as u64))?;

@@ -1,0 +1,87 @@
+//! Building the generator's supervised examples (ReST-EM) from hand-made tables.
+
+use std::path::PathBuf;
+
+use selfedit::config::{Experiment, Variant};
+use selfedit::data::Question;
+use selfedit::pipeline;
+use selfedit::tables::{ArticleRow, ScoreRow, SelfEditRow, TemplateRow};
+
+fn exp() -> Experiment {
+    let mut e = Experiment::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
+    e.config.prompts_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("prompts");
+    e
+}
+
+fn template(id: &str) -> TemplateRow {
+    let raw = format!(r#"{{"data_creation_instruction": "plan {id}", "hyperparameters": {{"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}}}"#);
+    pipeline::parse_template(&exp().config, 0, id, "exploit", &raw, 0)
+}
+
+fn edit(article: &str, template: &str, c: usize) -> SelfEditRow {
+    SelfEditRow {
+        self_edit_id: pipeline::self_edit_id(article, template, c),
+        template_id: template.into(),
+        article_id: article.into(),
+        completion: c as i64,
+        category: "exploit".into(),
+        sequences: vec!["s".into()],
+        valid: true,
+        error: None,
+        raw_response: format!(r#"{{"training_sequences": ["{article} {template} {c}"]}}"#),
+        seed: 0,
+    }
+}
+
+fn score(e: &SelfEditRow, base: f64, acc: f64) -> ScoreRow {
+    ScoreRow {
+        self_edit_id: e.self_edit_id.clone(),
+        template_id: e.template_id.clone(),
+        article_id: e.article_id.clone(),
+        completion: e.completion,
+        base_accuracy: base,
+        adapted_accuracy: acc,
+        gain: acc - base,
+        status: "trained".into(),
+    }
+}
+
+#[test]
+fn top_templates_per_article_with_their_best_completion() {
+    let mut e = exp();
+    e.config.sft.top_k = 2;
+    let prompts = selfedit::prompts::Prompts::load(&e.config.prompts_dir).unwrap();
+    let templates: Vec<TemplateRow> = ["iter0-t00", "iter0-t01", "iter0-t02"].iter().map(|t| template(t)).collect();
+    let articles = vec![ArticleRow {
+        article_id: "a000".into(),
+        split: "train".into(),
+        title: "T".into(),
+        context: "The passage.".into(),
+        questions: vec![Question { question: "q".into(), answers: vec!["a".into()] }],
+    }];
+    let mut edits = Vec::new();
+    let mut scores = Vec::new();
+    // mean accuracy on a000: t00 (0.5 + 0.1)/2 = 0.3; t01 (0.2 + 0.2)/2 = 0.2; t02 0.25
+    for (t, accs) in [("iter0-t00", [0.5, 0.1]), ("iter0-t01", [0.2, 0.2]), ("iter0-t02", [0.25, 0.25])] {
+        for (c, acc) in accs.iter().enumerate() {
+            let ed = edit("a000", t, c);
+            scores.push(score(&ed, 0.25, *acc));
+            edits.push(ed);
+        }
+    }
+    let rows = pipeline::build_sft(&e.config, &prompts, None, &templates, &edits, &scores, &articles).unwrap();
+    // t00 and t02 kept (t01 ranks last); t00's best completion is c0; each gives two examples
+    let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
+    assert_eq!(ids, ["a000-t00-c0-template", "a000-t00-c0-completion", "a000-t02-c0-template", "a000-t02-c0-completion"]);
+    assert!(rows[0].prompt.contains("learning plan") && rows[0].completion.contains("plan iter0-t00"));
+    assert!(rows[1].prompt.contains("The passage.") && rows[1].prompt.contains("plan iter0-t00"));
+    assert_eq!(rows[1].completion, edits[0].raw_response);
+
+    // the archive variant keeps only completions that beat the base model (t02's 0.25 does not)
+    e.config.variant = Variant::Archive;
+    let archive = pipeline::update_archive(pipeline::seed_archive(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/archive_seed.json")).unwrap(), 0, &[], &[]);
+    let rows = pipeline::build_sft(&e.config, &prompts, Some(&archive), &templates, &edits, &scores, &articles).unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
+    assert_eq!(ids, ["a000-t00-c0-template", "a000-t00-c0-completion"]);
+    assert!(rows[0].prompt.contains("Best plan so far"), "the archive variant's meta-prompt shows the archive");
+}
