@@ -99,12 +99,17 @@ GEN_DEP := $(if $(GEN),$(GEN)/config.json,)
 MODEL_ARG := $(if $(GEN),--model $(GEN),)
 ITERS ?= 1
 
-.PHONY: pipeline stamps collapse generator iterations FORCE
+.PHONY: pipeline stamps collapse generator iterations validation FORCE
 # Stamps and shard tables are made by pattern rules: keep them (make would delete them as
 # intermediate files, and the next run would redo everything after them).
 .SECONDARY:
 
-pipeline: $(I)/archive.parquet  ## run one iteration of CONFIG (default configs/tiny.toml), ITER=k
+# The validation split runs when the config has validation passages.
+HAS_VALIDATION := $(shell grep -qE '^validation_passages *= *[1-9]' $(CONFIG) 2>/dev/null && echo 1)
+V := $(I)/validation
+VAL_ARGS := $(STAGE_ARGS) --split validation
+
+pipeline: $(I)/archive.parquet $(if $(HAS_VALIDATION),$(V)/template_stats.parquet,)  ## run one iteration of CONFIG (default configs/tiny.toml), ITER=k
 	@$(BIN)/summary $(OUT)
 	@echo "results: $(I)/ (template_stats.parquet, archive.parquet, answers.parquet, ...)"
 
@@ -149,6 +154,25 @@ $(I)/template_stats.parquet: $(I)/answers.parquet
 
 $(I)/archive.parquet: $(I)/template_stats.parquet $(STAMPS)/archive.hash
 	$(BIN)/update-archive $(STAGE_ARGS)
+
+# Validation: the iteration's model, 1 template, 1 completion, exploit sampling, on the
+# held-out passages; the same tables under iter<k>/validation/.
+validation: $(V)/template_stats.parquet  ## score iteration ITER's model on the validation passages
+
+$(V)/templates.parquet: $(STAMPS)/templates.hash $(ARCHIVE_IN) $(GEN_DEP)
+	$(BIN)/generate-templates $(VAL_ARGS) $(MODEL_ARG) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
+
+$(V)/self_edits.parquet: $(V)/templates.parquet $(OUT)/articles.parquet $(STAMPS)/synthesize.hash
+	$(BIN)/synthesize $(VAL_ARGS) $(MODEL_ARG)
+
+$(V)/adapters.parquet: $(V)/self_edits.parquet $(STAMPS)/train.hash
+	$(BIN)/train-adapters $(VAL_ARGS) $(MODEL_ARG)
+
+$(V)/answers.parquet: $(V)/adapters.parquet $(STAMPS)/evaluate.hash
+	$(BIN)/evaluate $(VAL_ARGS) $(MODEL_ARG)
+
+$(V)/template_stats.parquet: $(V)/answers.parquet
+	$(BIN)/score $(VAL_ARGS)
 
 # Improving the generator after iteration ITER (ReST-EM): examples, then LoRA + merge.
 $(I)/sft.parquet: $(I)/template_stats.parquet $(STAMPS)/sft.hash

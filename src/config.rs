@@ -196,6 +196,9 @@ pub struct Experiment {
     pub name: String,
     pub path: PathBuf,
     pub config: ExperimentConfig,
+    /// `train`, or `validation`: the held-out passages, where each iteration's model writes
+    /// one template and one completion, exploit sampling only (the paper's protocol).
+    pub split: String,
 }
 
 impl Experiment {
@@ -208,12 +211,34 @@ impl Experiment {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .with_context(|| format!("{}: no file name", path.display()))?;
-        Ok(Self { name, path: path.to_path_buf(), config })
+        Ok(Self { name, path: path.to_path_buf(), config, split: "train".into() })
     }
 
-    /// `outputs/<experiment>/iter<k>/`.
+    /// The same experiment run on the validation passages: 1 template, 1 completion, exploit.
+    pub fn for_split(mut self, split: &str) -> anyhow::Result<Self> {
+        match split {
+            "train" => {}
+            "validation" => {
+                anyhow::ensure!(
+                    self.config.data.validation_passages > 0 && self.config.data.validation_path.is_some(),
+                    "{}: the validation split needs data.validation_path and data.validation_passages > 0",
+                    self.path.display()
+                );
+                let s = &mut self.config.search;
+                s.templates_per_iteration = 1;
+                s.completions_per_template = 1;
+                s.exploit_fraction = 1.0;
+            }
+            other => bail!("unknown split {other:?}: expected train or validation"),
+        }
+        self.split = split.to_string();
+        Ok(self)
+    }
+
+    /// `outputs/<experiment>/iter<k>/` (and its `validation/` folder for that split).
     pub fn iter_dir(&self, outputs: &Path, iteration: usize) -> PathBuf {
-        outputs.join(&self.name).join(format!("iter{iteration}"))
+        let dir = outputs.join(&self.name).join(format!("iter{iteration}"));
+        if self.split == "validation" { dir.join("validation") } else { dir }
     }
 }
 

@@ -386,7 +386,7 @@ pub fn synthesize(
     progress: impl FnMut(usize),
 ) -> anyhow::Result<Vec<SelfEditRow>> {
     let cfg = &exp.config;
-    let train: Vec<&ArticleRow> = articles.iter().filter(|a| a.split == "train").collect();
+    let train: Vec<&ArticleRow> = articles.iter().filter(|a| a.split == exp.split).collect();
     let factory = ConstraintFactory::new(&model.tokenizer)?;
     let schema = sequences_schema(cfg);
     let n_c = cfg.search.completions_per_template;

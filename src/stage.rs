@@ -20,11 +20,14 @@ pub struct StageArgs {
     /// Iteration number.
     #[arg(long, default_value_t = 0)]
     pub iter: usize,
+    /// `train`, or `validation` (outputs under iter<k>/validation/).
+    #[arg(long, default_value = "train")]
+    pub split: String,
 }
 
 impl StageArgs {
     pub fn experiment(&self) -> anyhow::Result<Experiment> {
-        Experiment::load(&self.config)
+        Experiment::load(&self.config)?.for_split(&self.split)
     }
     pub fn exp_dir(&self, exp: &Experiment) -> PathBuf {
         self.outputs.join(&exp.name)

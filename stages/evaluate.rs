@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         selfedit::config::GraderKind::Judge => Some(selfedit::pipeline::Judge::new(judge_model.as_ref().unwrap_or(&model))?),
         _ => None,
     };
-    let targets = selfedit::pipeline::eval_targets(&articles, &adapters, &edits, "train");
+    let targets = selfedit::pipeline::eval_targets(&articles, &adapters, &edits, &exp.split);
     let mine = (0..targets.len()).filter(|i| shard.owns(*i)).count();
     let bar = stage::progress(mine, "models evaluated");
     let rows = selfedit::pipeline::evaluate(&exp, &prompts, &model, &articles, &targets, judge.as_ref(), shard, |k| bar.inc(k as u64))?;

@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     let prompts = selfedit::prompts::Prompts::load(&c.prompts_dir)?;
     let device = selfedit::checkpoint::parse_device(&c.model.device)?;
     let model = selfedit::load(&cli.model.clone().unwrap_or_else(|| c.model.path.clone()), &device)?;
-    let n = templates.iter().filter(|t| t.valid).count() * articles.iter().filter(|a| a.split == "train").count() * c.search.completions_per_template;
+    let n = templates.iter().filter(|t| t.valid).count() * articles.iter().filter(|a| a.split == exp.split).count() * c.search.completions_per_template;
     let bar = stage::progress(n, "self-edits");
     let rows = selfedit::pipeline::synthesize(&exp, &prompts, &model, &templates, &articles, |k| bar.inc(k as u64))?;
     bar.finish_and_clear();
