@@ -99,7 +99,7 @@ GEN_DEP := $(if $(GEN),$(GEN)/config.json,)
 MODEL_ARG := $(if $(GEN),--model $(GEN),)
 ITERS ?= 1
 
-.PHONY: pipeline stamps collapse generator iterations validation FORCE
+.PHONY: pipeline stamps collapse generator iterations validation report FORCE
 # Stamps and shard tables are made by pattern rules: keep them (make would delete them as
 # intermediate files, and the next run would redo everything after them).
 .SECONDARY:
@@ -193,6 +193,9 @@ collapse: $(OUT)/collapse.parquet  ## how alike each iteration's templates are (
 
 $(OUT)/collapse.parquet: $(wildcard $(OUT)/iter*/templates.parquet) $(EMBEDDER)
 	$(BIN)/collapse --experiment $(OUT) --out $@
+
+report: $(OUT)/collapse.parquet  ## plots (PNG, SVG) and index.md of CONFIG's results in outputs/<exp>/report/
+	$(BIN)/report $(OUT) --out $(OUT)/report
 
 run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default experiment (configs/tiny.toml; ITERS=n)
 	@$(MAKE) --no-print-directory iterations CONFIG=$(CONFIG) BUILD=

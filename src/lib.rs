@@ -33,6 +33,7 @@ pub mod model;
 pub mod ops;
 pub mod pipeline;
 pub mod prompts;
+pub mod report;
 pub mod sampling;
 pub mod stage;
 pub mod stats;

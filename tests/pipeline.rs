@@ -138,6 +138,28 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     std::fs::write(&cfg, &text).unwrap();
     run_cfg(&cfg);
 
+    // the collapse analysis and the report draw from these tables
+    let out = Command::new("make")
+        .current_dir(root())
+        .args(["--no-print-directory", "report", "CONFIG=configs/tiny.toml", "BUILD="])
+        .arg(format!("OUTPUTS={}", a.display()))
+        .arg(format!("BIN={}", bin_dir().display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = a.join("tiny/report");
+    for f in ["accuracy", "collapse", "gains"] {
+        let png = std::fs::read(report.join(format!("{f}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG", "{f}.png");
+        let svg = std::fs::read_to_string(report.join(format!("{f}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("iteration") || f == "gains", "{f}.svg");
+    }
+    let index = std::fs::read_to_string(report.join("index.md")).unwrap();
+    let stats_file = it.join("template_stats.parquet");
+    assert!(index.contains(&stats_file.display().to_string()), "index.md does not cite its source:\n{index}");
+    let best = stats.iter().map(|s| s.mean_accuracy).fold(f64::NAN, f64::max);
+    assert!(index.contains(&format!("{best:.4}")), "index.md lacks the best accuracy {best:.4}:\n{index}");
+
     // 2. interrupted run: copy the stages before training (with their times), kill make
     //    once the first adapter is on disk, then run make again.
     let b = tmp.path().join("b");
