@@ -194,8 +194,11 @@ collapse: $(OUT)/collapse.parquet  ## how alike each iteration's templates are (
 $(OUT)/collapse.parquet: $(wildcard $(OUT)/iter*/templates.parquet) $(EMBEDDER)
 	$(BIN)/collapse --experiment $(OUT) --out $@
 
+# REPORT_WITH="outputs/paper-no-archive outputs/paper-baseline-rewrite ..." adds other variants
+# (and the baselines) to the same figures.
+REPORT_WITH ?=
 report: $(OUT)/collapse.parquet  ## plots (PNG, SVG) and index.md of CONFIG's results in outputs/<exp>/report/
-	$(BIN)/report $(OUT) --out $(OUT)/report
+	$(BIN)/report $(OUT) $(REPORT_WITH) --out $(OUT)/report
 
 run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default experiment (configs/tiny.toml; ITERS=n)
 	@$(MAKE) --no-print-directory iterations CONFIG=$(CONFIG) BUILD=

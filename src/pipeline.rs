@@ -187,6 +187,7 @@ pub fn parse_template(cfg: &ExperimentConfig, iteration: usize, template_id: &st
         error: None,
         raw_response: raw.to_string(),
         seed: seed as i64,
+        prompt: String::new(),
     };
     let parsed: RawTemplate = match serde_json::from_str(raw) {
         Ok(p) => p,
@@ -253,6 +254,7 @@ pub fn baseline_template(cfg: &ExperimentConfig, prompts: &Prompts, iteration: u
         error: None,
         raw_response: String::new(),
         seed: 0,
+        prompt: text,
     })
 }
 
@@ -309,7 +311,7 @@ pub fn generate_templates(
         return Ok(vec![baseline_template(cfg, prompts, iteration)?]);
     }
     let prompt = meta_prompt(cfg, prompts, archive)?;
-    let ids = model.tokenizer.encode_chat(&[ChatMessage::user(prompt)], true)?;
+    let ids = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())], true)?;
     let factory = ConstraintFactory::new(&model.tokenizer)?;
     let schema = template_schema(cfg);
     let n = cfg.search.templates_per_iteration;
@@ -332,6 +334,7 @@ pub fn generate_templates(
         .zip(meta)
         .map(|(o, (id, cat, seed))| {
             let mut row = parse_template(cfg, iteration, &id, cat, &o.text, seed);
+            row.prompt = prompt.clone();
             if o.finish_reason == FinishReason::Length && !row.valid {
                 row.error = Some(format!("hit template_max_new_tokens ({}) before the JSON closed", cfg.search.template_max_new_tokens));
             }

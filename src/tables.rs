@@ -294,6 +294,8 @@ table! {
         error: Option<String>,
         raw_response: String,
         seed: i64,
+        /// the template-generation prompt the model saw (with the archive, for that variant)
+        prompt: String,
     }
 }
 

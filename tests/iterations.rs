@@ -1,0 +1,71 @@
+//! Two iterations of the archive variant on the tiny settings, through the Makefile: the
+//! generator is improved between them and used by iteration 1, iteration 1's template prompt
+//! shows iteration 0's archive, validation runs at each iteration, and the report draws from
+//! the real tables. (The SFT checkpoint resume is tested in tiny_models.rs.)
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use candle_core::Device;
+use selfedit::tables::{self, ArchiveRow, TemplateRow, TemplateStatsRow};
+
+#[test]
+fn two_archive_iterations_improve_the_generator_and_report() {
+    assert!(common::model_path().exists(), "run `make model` first");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_stamp")).parent().unwrap().to_path_buf();
+    let tmp = tempfile::tempdir().unwrap();
+    let make = |target: &str, extra: &[&str]| {
+        let out = Command::new("make")
+            .current_dir(&root)
+            .args(["--no-print-directory", target, "CONFIG=configs/tiny-archive.toml", "BUILD="])
+            .arg(format!("OUTPUTS={}", tmp.path().display()))
+            .arg(format!("BIN={}", bin.display()))
+            .args(extra)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "make {target} failed:\n{log}");
+        log
+    };
+    make("iterations", &["ITERS=2"]);
+    let exp = tmp.path().join("tiny-archive");
+    // iteration 1 was conditioned on iteration 0's archive
+    let archive0: Vec<ArchiveRow> = tables::read(&exp.join("iter0/archive.parquet")).unwrap();
+    let templates1: Vec<TemplateRow> = tables::read(&exp.join("iter1/templates.parquet")).unwrap();
+    let best = &archive0[0];
+    let worst = archive0.last().unwrap();
+    for t in &templates1 {
+        assert!(t.prompt.contains(&best.instruction) && t.prompt.contains(&worst.instruction), "{}", t.prompt);
+    }
+    let templates0: Vec<TemplateRow> = tables::read(&exp.join("iter0/templates.parquet")).unwrap();
+    assert_ne!(templates0[0].prompt, templates1[0].prompt);
+    // the generator of iteration 1 differs from the base model
+    let base = selfedit::load(&common::model_path(), &Device::Cpu).unwrap();
+    let generator = selfedit::load(&exp.join("iter0/generator"), &Device::Cpu).unwrap();
+    let w0 = &base.decoder.layers[0].self_attn.q_proj.weight;
+    let w1 = &generator.decoder.layers[0].self_attn.q_proj.weight;
+    let diff = (w0 - w1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff > 0.0, "the merged generator equals the base model");
+    assert_eq!(generator.tokenizer.encode("Hello 123").unwrap(), base.tokenizer.encode("Hello 123").unwrap());
+    // validation at both iterations
+    for k in 0..2 {
+        let v: Vec<TemplateStatsRow> = tables::read(&exp.join(format!("iter{k}/validation/template_stats.parquet"))).unwrap();
+        assert_eq!(v.len(), 1);
+        assert!(v[0].instruction.len() > 0);
+    }
+    // the report draws from these tables
+    make("report", &[]);
+    let index = std::fs::read_to_string(exp.join("report/index.md")).unwrap();
+    for k in 0..2 {
+        assert!(index.contains(&exp.join(format!("iter{k}/validation/template_stats.parquet")).display().to_string()), "{index}");
+    }
+    for f in ["accuracy.png", "accuracy.svg", "collapse.png", "collapse.svg", "gains.png", "gains.svg"] {
+        assert!(std::fs::metadata(exp.join("report").join(f)).unwrap().len() > 1000, "{f}");
+    }
+    // nothing left to do
+    let again = make("iterations", &["ITERS=2"]);
+    assert!(!again.contains("wrote"), "{again}");
+}
