@@ -43,14 +43,6 @@ pub struct ModelSection {
     pub device: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DataFormat {
-    /// Detect from the file: official SQuAD v1.1 JSON, Hugging Face Parquet, or the
-    /// passage-grouped JSON array (SEAL's layout, and the demo passages').
-    Auto,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
@@ -315,9 +307,6 @@ impl ExperimentConfig {
         ensure!(b.lora_dropout.max < 1.0 && b.lora_dropout.min >= 0.0, "hyperparameter_bounds.lora_dropout must lie in [0, 1)");
         for m in self.training.target_modules.iter().chain(&self.sft.target_modules) {
             crate::lora::Module::parse(m).context("training.target_modules")?;
-        }
-        if self.eval.grader == GraderKind::Judge && self.eval.judge_model.is_none() {
-            // The experiment's own model judges; allowed, recorded in the answers table.
         }
         if self.variant.is_baseline() && s.templates_per_iteration != 1 {
             bail!("a baseline variant has exactly one fixed template: set search.templates_per_iteration = 1");

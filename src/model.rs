@@ -7,7 +7,7 @@
 //! switches (`qkv_bias`, `qk_norm`, tied embeddings) instead of one file per model; and every
 //! op is differentiable (see [`crate::ops`]), so the same forward trains adapters.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -422,11 +422,6 @@ impl Decoder {
         ops::lm_head_cross_entropy(&h, &self.lm_head, &targets)
     }
 
-    /// Rows of the output matrix: can exceed the tokenizer's vocabulary (padding rows).
-    pub fn vocab_rows(&self) -> usize {
-        self.lm_head.dim(0).unwrap_or(0)
-    }
-
     /// The projection `module` of layer `layer`, for merging adapters into it.
     pub fn linear_mut(&mut self, layer: usize, module: Module) -> &mut Linear {
         let l = &mut self.layers[layer];
@@ -481,9 +476,4 @@ impl Decoder {
         }
         out
     }
-}
-
-/// Softmax of the last dimension in f32 (a helper for tests and sampling).
-pub fn probs(logits: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)
 }

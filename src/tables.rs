@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float32Builder, Float64Array, Float64Builder, Int64Array,
-    Int64Builder, ListBuilder, StringArray, StringBuilder, StructArray,
+    Array, ArrayRef, AsArray, BooleanArray, Float32Builder, Float64Array, Int64Array, ListBuilder, StringArray, StringBuilder, StructArray,
 };
 use arrow::datatypes::{DataType, Field, Fields, Float32Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -503,9 +502,6 @@ pub fn metadata(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
         .unwrap_or_default())
 }
 
-// Keep the builders' names in scope for the macro's users.
-#[allow(unused_imports)]
-use {BooleanBuilder as _, Float64Builder as _, Int64Builder as _};
 
 #[cfg(test)]
 mod tests {
