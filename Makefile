@@ -63,7 +63,7 @@ $(EMBEDDER):
 	  mv $$d/model.safetensors $@.part && mv $@.part $@ && echo "embedder: wrote $(EMBEDDER_DIR)"
 
 test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build as `make run`)
-	SELFEDIT_MODEL=$(abspath $(SMOLLM)) $(CARGO) test $(CARGO_FLAGS) -- --test-threads=1
+	SELFEDIT_MODEL=$(abspath $(SMOLLM)) RAYON_NUM_THREADS=$(if $(filter 0,$(BLAS)),,1) $(CARGO) test $(CARGO_FLAGS) -- --test-threads=1
 
 bench: blas $(SMOLLM)  ## measure speed and memory (prints RESULT lines like ../shared/bench/peer_bench.py)
 	$(CARGO) bench $(if $(filter 0,$(BLAS)),--no-default-features,) $(if $(FEATURES),--features $(FEATURES),) --bench runtime -- --model $(SMOLLM) $(BENCH_ARGS)
@@ -99,7 +99,7 @@ GEN_DEP := $(if $(GEN),$(GEN)/config.json,)
 MODEL_ARG := $(if $(GEN),--model $(GEN),)
 ITERS ?= 1
 
-.PHONY: pipeline stamps collapse generator iterations validation report FORCE
+.PHONY: pipeline paths stamps collapse generator iterations validation report FORCE
 # Stamps and shard tables are made by pattern rules: keep them (make would delete them as
 # intermediate files, and the next run would redo everything after them).
 .SECONDARY:
@@ -112,6 +112,19 @@ VAL_ARGS := $(STAGE_ARGS) --split validation
 pipeline: $(I)/archive.parquet $(if $(HAS_VALIDATION),$(V)/template_stats.parquet,)  ## run one iteration of CONFIG (default configs/tiny.toml), ITER=k
 	@$(BIN)/summary $(OUT)
 	@echo "results: $(I)/ (template_stats.parquet, archive.parquet, answers.parquet, ...)"
+
+# Every path above, as the library's Layout builds them too (tests/layout.rs compares).
+paths:  ## print the output paths for CONFIG, ITER and SHARDS
+	@echo "articles=$(OUT)/articles.parquet"
+	@echo "stamps=$(STAMPS)"
+	@echo "iter=$(I)"
+	@echo "validation=$(V)"
+	@echo "previous_archive=$(ARCHIVE_IN)"
+	@echo "generator=$(GEN)"
+	@echo "adapters_shard=$(I)/adapters.shard-0-of-$(SHARDS).parquet"
+	@echo "answers_shard=$(I)/answers.shard-0-of-$(SHARDS).parquet"
+	@echo "collapse=$(OUT)/collapse.parquet"
+	@echo "report=$(OUT)/report"
 
 # The stamp files change only when their stage's settings change (content hashes).
 stamps: $(BUILD)

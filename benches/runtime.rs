@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use candle_core::Device;
 use clap::Parser;
-use selfedit::generation::{generate, GenerationRequest};
-use selfedit::lora::{LoraAdapter, LoraConfig};
-use selfedit::model::{Batch, KvCache};
-use selfedit::sampling::{argmax, SamplingParams};
-use selfedit::tokenizer::ChatMessage;
-use selfedit::training::{train_lora, TrainConfig, TrainExample};
+use selfedit::runtime::generate::sampling::{argmax, SamplingParams};
+use selfedit::runtime::generate::{generate, GenerationRequest};
+use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
+use selfedit::runtime::model::{Batch, KvCache};
+use selfedit::runtime::tokenizer::ChatMessage;
+use selfedit::runtime::training::{train_lora, TrainConfig, TrainExample};
 
 #[derive(Parser)]
 struct Args {
@@ -137,13 +137,17 @@ impl Foreign {
 }
 
 fn main() -> anyhow::Result<()> {
-    selfedit::blas::configure_threads();
+    // As the stage binaries do: candle's rayon pool keeps to one thread beside OpenBLAS.
+    if let (Some(n), None) = (selfedit::runtime::blas::rayon_threads_beside_blas(), std::env::var_os("RAYON_NUM_THREADS")) {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
     let a = Args::parse();
     if a.synthetic {
         return synthetic(&a);
     }
     let t0 = Instant::now();
-    let m = selfedit::load(&a.model, &Device::Cpu)?;
+    let m = selfedit::runtime::formats::load(&a.model, &Device::Cpu)?;
     report("load_s", t0.elapsed().as_secs_f64(), "s");
     report("rss_peak_after_load_mib", peak_rss_mib(), "MiB");
     let dec = &m.decoder;
@@ -209,7 +213,7 @@ fn main() -> anyhow::Result<()> {
     report("batched16_gen_tokens_per_s", n_tok as f64 / t.elapsed().as_secs_f64(), "tok/s");
 
     // (a3) JSON-constrained generation (a self-edit template), batch 1
-    let factory = selfedit::constrained::ConstraintFactory::new(tok)?;
+    let factory = selfedit::runtime::generate::constraint::ConstraintFactory::new(tok)?;
     let schema = serde_json::json!({"type": "object", "properties": {
         "data_creation_instruction": {"type": "string"},
         "hyperparameters": {"type": "object", "properties": {"lora_rank": {"type": "integer"}, "learning_rate": {"type": "number"}},
@@ -247,7 +251,9 @@ fn main() -> anyhow::Result<()> {
     };
     let seqs = train_seqs(a.num_seqs, a.seq_len)?;
     let mut adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, dec.device())?;
-    let loss_before: f32 = seqs.iter().map(|s| dec.sequence_loss(&s.ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap()).sum::<f32>() / seqs.len() as f32;
+    let loss_before: f32 =
+        seqs.iter().map(|s| dec.sequence_loss(&s.ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap()).sum::<f32>()
+            / seqs.len() as f32;
     report("lora_trainable_params", adapter.num_parameters() as f64, "");
     report("loss_before", loss_before as f64, "");
     let fg = Foreign::new();
@@ -259,7 +265,9 @@ fn main() -> anyhow::Result<()> {
         last = Instant::now();
     })?;
     report("foreign_cores_train", fg.cores(), "cores");
-    let loss_after: f32 = seqs.iter().map(|s| dec.sequence_loss(&s.ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap()).sum::<f32>() / seqs.len() as f32;
+    let loss_after: f32 =
+        seqs.iter().map(|s| dec.sequence_loss(&s.ids, 0, Some(&adapter)).unwrap().to_scalar::<f32>().unwrap()).sum::<f32>()
+            / seqs.len() as f32;
     report("train_steps", rep.steps as f64, "");
     report("train_tokens", rep.tokens as f64, "");
     report("train_seconds_total", rep.seconds, "s");
@@ -293,11 +301,19 @@ fn main() -> anyhow::Result<()> {
     let mut adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, dec.device())?;
     let rep = train_lora(dec, &mut adapter, &seqs, &TrainConfig::new(1e-3, 10, 1, 0), |_, _, _| {})?;
     let train_s = t.elapsed().as_secs_f64();
-    let questions = ["When was the Varnholt Observatory built?", "Who funded the observatory?", "How large is its telescope?",
-        "What comet did the staff discover?", "When is it open to visitors?"];
+    let questions = [
+        "When was the Varnholt Observatory built?",
+        "Who funded the observatory?",
+        "How large is its telescope?",
+        "What comet did the staff discover?",
+        "When is it open to visitors?",
+    ];
     let mut reqs = Vec::new();
     for (qi, q) in questions.iter().enumerate() {
-        let ids = tok.encode_chat(&[ChatMessage::system("You are an assistant to answer a question directly and concisely."), ChatMessage::user(*q)], true)?;
+        let ids = tok.encode_chat(
+            &[ChatMessage::system("You are an assistant to answer a question directly and concisely."), ChatMessage::user(*q)],
+            true,
+        )?;
         for run in 0..3 {
             reqs.push(GenerationRequest::new(ids.clone(), SamplingParams::paper_eval(), (qi * 3 + run) as u64, 32));
         }
@@ -326,17 +342,22 @@ fn main() -> anyhow::Result<()> {
 
 /// The same figures for random weights of SmolLM2-135M's shape on any device.
 fn synthetic(a: &Args) -> anyhow::Result<()> {
-    use selfedit::checkpoint::{decoder_from_tensors, default_dtype, parse_device, random_weights};
+    use selfedit::runtime::device::{default_dtype, parse_device};
+    use selfedit::runtime::formats::decoder_from_tensors;
+    use selfedit::runtime::model::random_weights;
     let device = parse_device(&a.device)?;
     let dtype = default_dtype(&device);
-    let cfg: selfedit::model::ModelConfig = serde_json::from_value(serde_json::json!({
+    let cfg: selfedit::runtime::model::ModelConfig = serde_json::from_value(serde_json::json!({
         "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
         "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": true}))?;
     let t0 = Instant::now();
     let dec = decoder_from_tensors(&cfg, random_weights(&cfg, 0, &device, dtype)?, &device)?;
     report("synthetic_build_s", t0.elapsed().as_secs_f64(), "s");
-    let sync = |t: &candle_core::Tensor| -> anyhow::Result<()> { t.to_device(&Device::Cpu)?; Ok(()) };
+    let sync = |t: &candle_core::Tensor| -> anyhow::Result<()> {
+        t.to_device(&Device::Cpu)?;
+        Ok(())
+    };
     let prompt: Vec<u32> = (0..a.prompt_tokens as u32).map(|i| (i * 7919) % 49152).collect();
     // prefill
     let mut times = Vec::new();
@@ -356,7 +377,7 @@ fn synthetic(a: &Args) -> anyhow::Result<()> {
         let mut b = Batch {
             ids: candle_core::Tensor::from_vec(ids, (batch, prompt.len()), &device)?,
             positions: candle_core::Tensor::from_vec(pos, (batch, prompt.len()), &device)?,
-            mask: Some(selfedit::model::causal_mask(batch, prompt.len(), 0, &vec![0; batch], &device, dtype)?),
+            mask: Some(selfedit::runtime::model::causal_mask(batch, prompt.len(), 0, &vec![0; batch], &device, dtype)?),
         };
         for step in 0..a.gen_tokens {
             let logits = dec.forward_last(&b, Some(&mut cache), None)?;

@@ -1,8 +1,10 @@
-//! Stage 7: this iteration's best self-edits → supervised examples for the generator
+//! Stage 8: this iteration's best self-edits → supervised examples for the generator
 //! (`sft.parquet`).
+mod common;
+
 use clap::Parser;
-use selfedit::stage::{self, StageArgs};
-use selfedit::tables::{self, ArchiveRow, ArticleRow, ScoreRow, SelfEditRow, SftRow, TemplateRow};
+use selfedit::experiment::cli::{StageArgs, StageContext};
+use selfedit::experiment::stages;
 
 #[derive(Parser)]
 #[command(about = "Build the generator's supervised examples from the best self-edits")]
@@ -15,25 +17,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    stage::init_logging();
+    common::init();
     let cli = Cli::parse();
-    let exp = cli.stage.experiment()?;
-    let c = &exp.config;
-    let dir = cli.stage.iter_dir(&exp);
-    let archive: Option<Vec<ArchiveRow>> = match (&cli.archive, c.variant) {
-        (Some(p), _) => Some(tables::read(p)?),
-        (None, selfedit::config::Variant::Archive) => Some(selfedit::pipeline::update_archive(
-            selfedit::pipeline::seed_archive(&c.archive_seed)?, cli.stage.iter, &[], &[])),
-        _ => None,
-    };
-    let prompts = selfedit::prompts::Prompts::load(&c.prompts_dir)?;
-    let templates: Vec<TemplateRow> = tables::read(&dir.join("templates.parquet"))?;
-    let edits: Vec<SelfEditRow> = tables::read(&dir.join("self_edits.parquet"))?;
-    let scores: Vec<ScoreRow> = tables::read(&dir.join("scores.parquet"))?;
-    let articles: Vec<ArticleRow> = tables::read(&cli.stage.exp_dir(&exp).join("articles.parquet"))?;
-    let rows = selfedit::pipeline::build_sft(c, &prompts, archive.as_deref(), &templates, &edits, &scores, &articles)?;
-    let path = dir.join("sft.parquet");
-    tables::write::<SftRow>(&path, &rows, &stage::provenance(&exp, "sft", cli.stage.iter)?)?;
-    stage::done("sft", &path, rows.len(), "supervised examples");
-    Ok(())
+    stages::sft::run(&StageContext::open(&cli.stage)?, cli.archive.as_deref())
 }

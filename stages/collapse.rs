@@ -6,10 +6,15 @@
 //! --out …` reads `iter*/templates.parquet` of a selfedit run.
 use std::path::PathBuf;
 
+mod common;
+
 use anyhow::Context;
 use clap::Parser;
-use selfedit::collapse::{self, Embedder};
-use selfedit::tables::{self, CollapseRow, Provenance, TemplateRow};
+use selfedit::analysis::collapse;
+use selfedit::experiment::layout::Layout;
+use selfedit::experiment::states::Split;
+use selfedit::experiment::tables::{self, CollapseRow, Provenance, TemplateRow};
+use selfedit::runtime::embedder::Embedder;
 
 #[derive(Parser)]
 #[command(about = "Measure how alike each iteration's templates are (text, hyperparameters, words)")]
@@ -31,18 +36,15 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    selfedit::stage::init_logging();
+    common::init();
     let cli = Cli::parse();
     let (source, iterations) = match (&cli.templates_json, &cli.experiment) {
         (Some(p), _) => (p.display().to_string(), collapse::read_templates_json(p)?),
         (None, Some(dir)) => {
+            let layout = Layout::at(dir);
             let mut iters = Vec::new();
-            for k in 0.. {
-                let p = dir.join(format!("iter{k}")).join("templates.parquet");
-                if !p.exists() {
-                    break;
-                }
-                iters.push(collapse::from_template_rows(&tables::read::<TemplateRow>(&p)?));
+            for k in layout.iterations_with::<TemplateRow>(Split::Train) {
+                iters.push(collapse::from_template_rows(&tables::read::<TemplateRow>(&layout.table::<TemplateRow>(k, Split::Train))?));
             }
             anyhow::ensure!(!iters.is_empty(), "{}: no iter0/templates.parquet", dir.display());
             (dir.display().to_string(), iters)
@@ -72,8 +74,14 @@ fn main() -> anyhow::Result<()> {
     tables::write(&cli.out, &rows, &prov)?;
     for r in &rows {
         let f = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
-        println!("iter {}: {} templates, text {}, hyperparameters {}, lexical {}", r.iteration, r.n_templates,
-            f(r.text_similarity), f(r.hp_similarity), f(r.lexical_similarity));
+        println!(
+            "iter {}: {} templates, text {}, hyperparameters {}, lexical {}",
+            r.iteration,
+            r.n_templates,
+            f(r.text_similarity),
+            f(r.hp_similarity),
+            f(r.lexical_similarity)
+        );
     }
     println!("collapse: wrote {} ({} rows)", cli.out.display(), rows.len());
     Ok(())

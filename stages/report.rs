@@ -1,4 +1,6 @@
 //! `make report`: plots (PNG, SVG) and index.md for one or more experiment folders.
+mod common;
+
 use clap::Parser;
 
 #[derive(Parser)]
@@ -12,8 +14,9 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    common::init();
     let cli = Cli::parse();
-    let written = selfedit::report::write_report(&cli.experiments, &cli.out)?;
+    let written = selfedit::analysis::report::write_report(&cli.experiments, &cli.out)?;
     println!("report: wrote {} files under {} (open index.md)", written.len(), cli.out.display());
     Ok(())
 }

@@ -2,13 +2,16 @@
 
 use std::path::PathBuf;
 
+mod common;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use selfedit::generation::{generate, GenerationRequest};
-use selfedit::lora::{LoraAdapter, LoraConfig, Module};
-use selfedit::sampling::SamplingParams;
-use selfedit::tokenizer::ChatMessage;
-use selfedit::training::{train_lora, TrainConfig, TrainExample};
+use selfedit::runtime::device::parse_device;
+use selfedit::runtime::generate::{generate, ConstraintFactory, GenerationRequest, SamplingParams};
+use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
+use selfedit::runtime::model::{Adapter, Proj};
+use selfedit::runtime::tokenizer::ChatMessage;
+use selfedit::runtime::training::{train_lora, TrainConfig, TrainExample};
 
 #[derive(Parser)]
 #[command(version, about = "selfedit: search over self-edit strategies for LLM adaptation")]
@@ -75,23 +78,27 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    selfedit::blas::configure_threads();
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    common::init();
     let cli = Cli::parse();
-    let device = selfedit::checkpoint::parse_device(&cli.device)?;
-    let model = selfedit::load(&cli.model, &device)?;
+    let device = parse_device(&cli.device)?;
+    let model = selfedit::runtime::formats::load(&cli.model, &device)?;
     match cli.command {
         Command::Generate { prompt, raw, max_new_tokens, temperature, seed, json_schema, adapter } => {
-            let ids = if raw { model.tokenizer.encode_prompt(&prompt)? } else { model.tokenizer.encode_chat(&[ChatMessage::user(prompt)], true)? };
+            let ids = if raw {
+                model.tokenizer.encode_prompt(&prompt)?
+            } else {
+                model.tokenizer.encode_chat(&[ChatMessage::user(prompt)], true)?
+            };
             let params = SamplingParams { temperature, ..SamplingParams::greedy() };
             let mut req = GenerationRequest::new(ids, params, seed, max_new_tokens);
             if let Some(path) = json_schema {
-                let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)
-                    .with_context(|| format!("{} is not valid JSON", path.display()))?;
-                req.constraint = Some(selfedit::constrained::ConstraintFactory::new(&model.tokenizer)?.json_schema(&schema)?);
+                let schema: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)
+                        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+                req.constraint = Some(ConstraintFactory::new(&model.tokenizer)?.json_schema(&schema)?);
             }
             let adapter = adapter.map(|d| LoraAdapter::load_peft(&d, &model.decoder.cfg, &device)).transpose()?;
-            let out = generate(&model, adapter.as_ref(), vec![req], 1, |_| {})?;
+            let out = generate(&model, adapter.as_ref().map(|a| a as &dyn Adapter), vec![req], 1, |_| {})?;
             println!("{}", out[0].text);
         }
         Command::TrainAdapter { text, out, rank, alpha, dropout, learning_rate, epochs, grad_accum, targets, seed } => {
@@ -101,7 +108,7 @@ fn main() -> anyhow::Result<()> {
                 .filter(|l| !l.trim().is_empty())
                 .map(|l| Ok(TrainExample { ids: model.tokenizer.encode(l)?, loss_from: 0 }))
                 .collect::<anyhow::Result<_>>()?;
-            let targets = targets.split(',').map(|t| Module::parse(t.trim())).collect::<anyhow::Result<Vec<_>>>()?;
+            let targets = targets.split(',').map(|t| Proj::parse(t.trim())).collect::<anyhow::Result<Vec<_>>>()?;
             let mut adapter = LoraAdapter::new(&model.decoder.cfg, LoraConfig { rank, alpha, dropout, targets }, seed, &device)?;
             let cfg = TrainConfig::new(learning_rate, epochs, grad_accum, seed);
             let bar = indicatif::ProgressBar::new(cfg.total_steps(examples.len()) as u64)
@@ -112,13 +119,19 @@ fn main() -> anyhow::Result<()> {
             })?;
             bar.finish_and_clear();
             adapter.save_peft(&out, &cli.model.display().to_string())?;
-            println!("wrote {} ({} steps, final loss {:.3}, {:.1} s)", out.display(), report.steps, report.step_losses.last().unwrap_or(&f32::NAN), report.seconds);
+            println!(
+                "wrote {} ({} steps, final loss {:.3}, {:.1} s)",
+                out.display(),
+                report.steps,
+                report.step_losses.last().unwrap_or(&f32::NAN),
+                report.seconds
+            );
         }
         Command::Merge { adapter, out } => {
             let adapter = LoraAdapter::load_peft(&adapter, &model.decoder.cfg, &device)?;
             let mut decoder = model.decoder.clone();
             adapter.merge_into(&mut decoder)?;
-            selfedit::checkpoint::save_hf(&decoder, &model.tokenizer, &out)?;
+            selfedit::runtime::formats::hf::save_hf(&decoder, &model.tokenizer, &out)?;
             println!("wrote merged model {}", out.display());
         }
     }

@@ -1,7 +1,9 @@
 //! Writes one content hash per stage under OUTPUTS/NAME/stamps/, touching only those that
 //! changed, so `make` reruns exactly the stages whose settings changed.
+mod common;
+
 use clap::Parser;
-use selfedit::stage::{self, StageArgs};
+use selfedit::experiment::cli::{write_stamps, StageArgs, StageContext};
 
 #[derive(Parser)]
 #[command(about = "Stamp the config: one hash file per stage")]
@@ -11,13 +13,12 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    stage::init_logging();
+    common::init();
     let cli = Cli::parse();
-    let exp = cli.stage.experiment()?;
-    let dir = cli.stage.exp_dir(&exp).join("stamps");
-    let changed = stage::write_stamps(&exp, &dir)?;
+    let ctx = StageContext::open(&cli.stage)?;
+    let changed = write_stamps(&ctx.exp, &ctx.layout)?;
     if !changed.is_empty() {
-        println!("stamp: settings changed for {}", changed.join(", "));
+        println!("stamp: settings changed for {}", changed.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "));
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! Prints an experiment's results across iterations, one line per iteration: a lazy polars
 //! query over every `iter*/template_stats.parquet` (and the base model's accuracy).
+mod common;
+
 use clap::Parser;
 
 #[derive(Parser)]
@@ -10,8 +12,9 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    common::init();
     let cli = Cli::parse();
-    let df = selfedit::summary::per_iteration(&cli.dir)?;
+    let df = selfedit::analysis::summary::per_iteration(&cli.dir)?;
     let names: Vec<String> = df.get_column_names().iter().map(|n| n.to_string()).collect();
     println!("{}", names.join("\t"));
     for row in 0..df.height() {

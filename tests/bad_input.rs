@@ -7,9 +7,11 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use selfedit::config::Experiment;
-use selfedit::pipeline::{self, Shard};
-use selfedit::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow};
+use selfedit::experiment::cli::{Shard, StageContext};
+use selfedit::experiment::config::Experiment;
+use selfedit::experiment::stages::{evaluate, synthesize, templates, train};
+use selfedit::experiment::states::{AdapterStatus, Category, Split};
+use selfedit::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow};
 
 fn tiny_experiment(model: &Path) -> Experiment {
     let mut exp = Experiment::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
@@ -22,20 +24,21 @@ fn tiny_experiment(model: &Path) -> Experiment {
 fn template_responses_that_are_not_json_or_out_of_range_are_recorded() {
     let exp = tiny_experiment(Path::new("unused"));
     let cfg = &exp.config;
-    let row = pipeline::parse_template(cfg, 0, "iter0-t00", "exploit", "Sure! Here is my plan: train hard.", 1);
+    let row = templates::parse_template(cfg, 0, "iter0-t00", Category::Exploit, "Sure! Here is my plan: train hard.", 1);
     assert!(!row.valid);
     assert!(row.error.as_deref().unwrap().contains("not a template JSON object"), "{:?}", row.error);
     assert_eq!(row.raw_response, "Sure! Here is my plan: train hard.");
 
     let raw = r#"{"data_creation_instruction": "List facts.", "hyperparameters": {"lora_rank": 100000, "lora_alpha": 64,
         "lora_dropout": 0.1, "learning_rate": -0.5, "num_epochs": 1000000, "gradient_accumulation_steps": 2}}"#;
-    let row = pipeline::parse_template(cfg, 0, "iter0-t01", "explore", raw, 2);
+    let row = templates::parse_template(cfg, 0, "iter0-t01", Category::Explore, raw, 2);
     assert!(row.valid);
     let b = &cfg.hyperparameter_bounds;
-    assert_eq!(row.lora_rank, b.lora_rank.max as i64);
-    assert_eq!(row.learning_rate, b.learning_rate.min);
-    assert_eq!(row.num_epochs, b.num_epochs.max as i64);
-    assert_eq!((row.lora_alpha, row.gradient_accumulation_steps), (64, 2));
+    let h = &row.hyperparameters;
+    assert_eq!(h.lora_rank, b.lora_rank.max as i64);
+    assert_eq!(h.learning_rate, b.learning_rate.min);
+    assert_eq!(h.num_epochs, b.num_epochs.max as i64);
+    assert_eq!((h.lora_alpha, h.gradient_accumulation_steps), (64, 2));
     let note = row.error.unwrap();
     for k in ["lora_rank 100000 clamped", "learning_rate -0.5 clamped", "num_epochs 1000000 clamped"] {
         assert!(note.contains(k), "{note}");
@@ -43,14 +46,14 @@ fn template_responses_that_are_not_json_or_out_of_range_are_recorded() {
 
     let raw = r#"{"data_creation_instruction": "   ", "hyperparameters": {"lora_rank": 8, "lora_alpha": 16,
         "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}"#;
-    let row = pipeline::parse_template(cfg, 0, "iter0-t02", "explore", raw, 3);
+    let row = templates::parse_template(cfg, 0, "iter0-t02", Category::Explore, raw, 3);
     assert!(!row.valid && row.error.unwrap().contains("empty"));
 
     // completions
-    assert!(pipeline::parse_sequences("not json").unwrap_err().contains("not JSON"));
-    assert!(pipeline::parse_sequences(r#"{"training_sequences": ["", "  "]}"#).unwrap_err().contains("no non-empty"));
-    assert_eq!(pipeline::parse_sequences(r#"{"training_sequences": [" a ", ""]}"#).unwrap(), vec!["a"]);
-    assert_eq!(pipeline::split_lines("Here are implications:\n1. A\n\n2. B\n"), vec!["1. A", "2. B"]);
+    assert!(synthesize::parse_sequences("not json").unwrap_err().contains("not JSON"));
+    assert!(synthesize::parse_sequences(r#"{"training_sequences": ["", "  "]}"#).unwrap_err().contains("no non-empty"));
+    assert_eq!(synthesize::parse_sequences(r#"{"training_sequences": [" a ", ""]}"#).unwrap(), vec!["a"]);
+    assert_eq!(synthesize::split_lines("Here are implications:\n1. A\n\n2. B\n"), vec!["1. A", "2. B"]);
 }
 
 #[test]
@@ -59,23 +62,30 @@ fn empty_self_edits_truncated_adapters_and_missing_models() {
     let model_dir = dir.path().join("tiny-qwen3");
     common::write_tiny_checkpoint(&model_dir, &common::tiny_config("qwen3"), 5);
     let exp = tiny_experiment(&model_dir);
-    let model = selfedit::load(&model_dir, &Device::Cpu).unwrap();
+    let model = selfedit::runtime::formats::load(&model_dir, &Device::Cpu).unwrap();
 
     let article = ArticleRow {
         article_id: "a000".into(),
-        split: "train".into(),
+        split: Split::Train,
         title: "w1".into(),
         context: "w2 w3 w4 w5".into(),
-        questions: vec![selfedit::data::Question { question: "w6 w7".into(), answers: vec!["w3".into()] }],
+        questions: vec![selfedit::experiment::data::Question { question: "w6 w7".into(), answers: vec!["w3".into()] }],
+        source_index: 0,
     };
-    let template = pipeline::parse_template(&exp.config, 0, "iter0-t00", "exploit",
-        r#"{"data_creation_instruction": "x", "hyperparameters": {"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}"#, 0);
+    let template = templates::parse_template(
+        &exp.config,
+        0,
+        "iter0-t00",
+        Category::Exploit,
+        r#"{"data_creation_instruction": "x", "hyperparameters": {"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}"#,
+        0,
+    );
     let edit = |c: i64, seqs: Vec<&str>, valid: bool| SelfEditRow {
-        self_edit_id: pipeline::self_edit_id("a000", "iter0-t00", c as usize),
+        self_edit_id: synthesize::self_edit_id("a000", "iter0-t00", c as usize),
         template_id: "iter0-t00".into(),
         article_id: "a000".into(),
         completion: c,
-        category: "exploit".into(),
+        category: Category::Exploit,
         sequences: seqs.into_iter().map(String::from).collect(),
         valid,
         error: if valid { None } else { Some("response is not JSON".into()) },
@@ -83,34 +93,35 @@ fn empty_self_edits_truncated_adapters_and_missing_models() {
         seed: 0,
     };
     let edits = vec![edit(0, vec!["w1 w2 w3", "w4 w5 w6 w7"], true), edit(1, vec![], false)];
-    let adapters_dir = dir.path().join("adapters");
-    let rows: Vec<AdapterRow> = pipeline::train_adapters(&exp, &model, &[template.clone()], &edits, &[article.clone()], &adapters_dir, Shard::ALL, |_| {}).unwrap();
-    assert_eq!(rows[0].status, "trained");
-    assert_eq!(rows[1].status, "empty");
+    let ctx = StageContext::new(exp, dir.path(), 0).unwrap();
+    let adapters_dir = ctx.layout.adapters_dir(0, Split::Train);
+    let rows: Vec<AdapterRow> =
+        train::train_adapters(&ctx, &model, &[template.clone()], &edits, &[article.clone()], Shard::ALL, |_| {}).unwrap();
+    assert_eq!(rows[0].status, AdapterStatus::Trained);
+    assert_eq!(rows[1].status, AdapterStatus::Empty);
     assert!(rows[1].error.as_deref().unwrap().contains("not JSON"));
     let trained = adapters_dir.join("a000-t00-c0");
     let weights = trained.join("adapter_model.safetensors");
     let good = std::fs::read(&weights).unwrap();
 
     // the empty self-edit is evaluated as the base model (the paper's dummy adapter)
-    let targets = pipeline::eval_targets(&[article.clone()], &rows, &edits, "train");
+    let targets = evaluate::eval_targets(&[article.clone()], &rows, &edits, Split::Train);
     assert_eq!(targets.len(), 3);
     assert!(targets[2].adapter.is_none() && targets[2].model_id == "a000-t00-c1");
 
     // a truncated adapter: evaluation says which folder to delete; training again repairs it
     std::fs::write(&weights, &good[..good.len() / 2]).unwrap();
-    let prompts = selfedit::prompts::Prompts::load(&exp.config.prompts_dir).unwrap();
-    let err = pipeline::evaluate(&exp, &prompts, &model, &[article.clone()], &targets, None, Shard::ALL, |_| {}).unwrap_err();
+    let err = evaluate::evaluate(&ctx, &model, &[article.clone()], &targets, None, Shard::ALL, |_| {}).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("a000-t00-c0") && msg.contains("delete"), "{msg}");
-    let again = pipeline::train_adapters(&exp, &model, &[template], &edits, &[article.clone()], &adapters_dir, Shard::ALL, |_| {}).unwrap();
-    assert_eq!(again[0].status, "trained");
+    let again = train::train_adapters(&ctx, &model, &[template], &edits, &[article.clone()], Shard::ALL, |_| {}).unwrap();
+    assert_eq!(again[0].status, AdapterStatus::Trained);
     assert_eq!(std::fs::read(&weights).unwrap(), good, "retraining with the same seed gives the same adapter");
-    let answers = pipeline::evaluate(&exp, &prompts, &model, &[article], &targets, None, Shard::ALL, |_| {}).unwrap();
-    assert_eq!(answers.len(), 3 * exp.config.eval.runs);
+    let answers = evaluate::evaluate(&ctx, &model, &[article], &targets, None, Shard::ALL, |_| {}).unwrap();
+    assert_eq!(answers.len(), 3 * ctx.exp.config.eval.runs);
 
     // a missing model file says how to get it
-    let err = match selfedit::load(Path::new("models/no-such-model.gguf"), &Device::Cpu) {
+    let err = match selfedit::runtime::formats::load(Path::new("models/no-such-model.gguf"), &Device::Cpu) {
         Err(e) => format!("{e:#}"),
         Ok(_) => panic!("loaded a model that does not exist"),
     };
@@ -118,7 +129,7 @@ fn empty_self_edits_truncated_adapters_and_missing_models() {
     // a file that is not a GGUF
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, b"not a gguf at all").unwrap();
-    let err = match selfedit::load(&junk, &Device::Cpu) {
+    let err = match selfedit::runtime::formats::load(&junk, &Device::Cpu) {
         Err(e) => format!("{e:#}"),
         Ok(_) => panic!("loaded junk"),
     };
@@ -130,9 +141,9 @@ fn table_files_that_are_truncated_or_of_the_wrong_kind_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("templates.parquet");
     std::fs::write(&p, b"PAR1 broken").unwrap();
-    let e = format!("{:#}", selfedit::tables::read::<TemplateRow>(&p).unwrap_err());
+    let e = format!("{:#}", selfedit::experiment::tables::read::<TemplateRow>(&p).unwrap_err());
     assert!(e.contains("templates.parquet") && e.contains("rerun"), "{e}");
-    let e = format!("{:#}", selfedit::tables::read::<TemplateRow>(&dir.path().join("missing.parquet")).unwrap_err());
+    let e = format!("{:#}", selfedit::experiment::tables::read::<TemplateRow>(&dir.path().join("missing.parquet")).unwrap_err());
     assert!(e.contains("missing.parquet"), "{e}");
 }
 
@@ -174,18 +185,18 @@ fn hugging_face_parquet_layout_reads_like_the_json_layouts() {
     let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
-    let from_parquet = selfedit::data::load_passages(&path).unwrap();
+    let from_parquet = selfedit::experiment::data::load_passages(&path).unwrap();
     let json = dir.path().join("grouped.json");
     std::fs::write(&json, r#"[{"title": "Veltoria", "context": "C1", "questions": [{"question": "Capital?", "answer": "Marzipane"}, {"question": "Members?", "answer": "41"}]},
         {"title": "Orrin", "context": "C2", "questions": [{"question": "Town?", "answer": "Quessly"}]}]"#).unwrap();
-    assert_eq!(from_parquet, selfedit::data::load_passages(&json).unwrap());
+    assert_eq!(from_parquet, selfedit::experiment::data::load_passages(&json).unwrap());
     // a Parquet file of another layout names the missing column
     let other = dir.path().join("other.parquet");
     let b2 = arrow::record_batch::RecordBatch::try_from_iter(vec![("foo", col(vec!["x"]))]).unwrap();
     let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&other).unwrap(), b2.schema(), None).unwrap();
     w.write(&b2).unwrap();
     w.close().unwrap();
-    let e = format!("{:#}", selfedit::data::load_passages(&other).unwrap_err());
+    let e = format!("{:#}", selfedit::experiment::data::load_passages(&other).unwrap_err());
     assert!(e.contains("other.parquet") && e.contains("title"), "{e}");
 }
 
@@ -194,15 +205,16 @@ fn hugging_face_parquet_layout_reads_like_the_json_layouts() {
 #[test]
 fn baseline_variants_use_seals_fixed_templates() {
     let mut exp = tiny_experiment(Path::new("unused"));
-    exp.config.variant = selfedit::config::Variant::BaselineRewrite;
+    exp.config.variant = selfedit::experiment::config::Variant::BaselineRewrite;
     exp.config.search.templates_per_iteration = 1;
-    let prompts = selfedit::prompts::Prompts::load(&exp.config.prompts_dir).unwrap();
-    let t = pipeline::baseline_template(&exp.config, &prompts, 0).unwrap();
-    assert_eq!(t.category, "baseline");
+    let prompts = selfedit::experiment::prompts::Prompts::load(&exp.config.prompts_dir).unwrap();
+    let t = templates::baseline_template(&exp.config, &prompts, 0).unwrap();
+    assert_eq!(t.category, Category::Baseline);
     assert!(t.instruction.starts_with("Let's read the following passage and rewrite it"));
-    assert_eq!((t.lora_rank, t.lora_alpha, t.num_epochs, t.gradient_accumulation_steps), (32, 64, 10, 1));
-    assert_eq!(t.learning_rate, 1e-3);
-    exp.config.variant = selfedit::config::Variant::BaselineImplications;
-    let t = pipeline::baseline_template(&exp.config, &prompts, 0).unwrap();
+    let h = &t.hyperparameters;
+    assert_eq!((h.lora_rank, h.lora_alpha, h.num_epochs, h.gradient_accumulation_steps), (32, 64, 10, 1));
+    assert_eq!(h.learning_rate, 1e-3);
+    exp.config.variant = selfedit::experiment::config::Variant::BaselineImplications;
+    let t = templates::baseline_template(&exp.config, &prompts, 0).unwrap();
     assert!(t.instruction.contains("implications"));
 }

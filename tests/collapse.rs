@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use selfedit::collapse::{cosine01, Embedder};
-use selfedit::tables::{self, CollapseRow};
+use selfedit::analysis::collapse::cosine01;
+use selfedit::experiment::tables::{self, CollapseRow};
+use selfedit::runtime::embedder::Embedder;
 use serde_json::Value;
 
 fn root() -> PathBuf {

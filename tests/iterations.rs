@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use candle_core::Device;
-use selfedit::tables::{self, ArchiveRow, TemplateRow, TemplateStatsRow};
+use selfedit::experiment::tables::{self, ArchiveRow, TemplateRow, TemplateStatsRow};
 
 #[test]
 fn two_archive_iterations_improve_the_generator_and_report() {
@@ -43,8 +43,8 @@ fn two_archive_iterations_improve_the_generator_and_report() {
     let templates0: Vec<TemplateRow> = tables::read(&exp.join("iter0/templates.parquet")).unwrap();
     assert_ne!(templates0[0].prompt, templates1[0].prompt);
     // the generator of iteration 1 differs from the base model
-    let base = selfedit::load(&common::model_path(), &Device::Cpu).unwrap();
-    let generator = selfedit::load(&exp.join("iter0/generator"), &Device::Cpu).unwrap();
+    let base = selfedit::runtime::formats::load(&common::model_path(), &Device::Cpu).unwrap();
+    let generator = selfedit::runtime::formats::load(&exp.join("iter0/generator"), &Device::Cpu).unwrap();
     let w0 = &base.decoder.layers[0].self_attn.q_proj.weight;
     let w1 = &generator.decoder.layers[0].self_attn.q_proj.weight;
     let diff = (w0 - w1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

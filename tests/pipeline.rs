@@ -9,7 +9,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use polars::prelude::*;
-use selfedit::tables::{self, AdapterRow, AnswerRow, ArchiveRow, ArticleRow, ScoreRow, SelfEditRow, TemplateRow, TemplateStatsRow};
+use selfedit::experiment::states::AdapterStatus;
+use selfedit::experiment::tables::{
+    self, AdapterRow, AnswerRow, ArchiveRow, ArticleRow, ScoreRow, SelfEditRow, TemplateRow, TemplateStatsRow,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -48,10 +51,7 @@ fn mtime(p: &Path) -> SystemTime {
 
 /// Reads a table with polars (lazily) and checks its columns against our schema.
 fn polars_check<T: tables::Table>(path: &Path, rows: usize) {
-    let df = LazyFrame::scan_parquet(path.to_str().unwrap().into(), ScanArgsParquet::default())
-        .unwrap()
-        .collect()
-        .unwrap();
+    let df = LazyFrame::scan_parquet(path.to_str().unwrap().into(), ScanArgsParquet::default()).unwrap().collect().unwrap();
     assert_eq!(df.height(), rows, "{}", path.display());
     let names: Vec<String> = df.get_column_names().iter().map(|n| n.to_string()).collect();
     let want: Vec<String> = T::schema().fields().iter().map(|f| f.name().clone()).collect();
@@ -81,12 +81,17 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     assert_eq!(adapters.len(), edits.len());
     let questions: usize = articles.iter().map(|a| a.questions.len()).sum();
     // base model on every article + one model per evaluated self-edit, 1 run each
-    let evaluated = adapters.iter().filter(|a| a.status != "failed").count();
+    let evaluated = adapters.iter().filter(|a| a.status != AdapterStatus::Failed).count();
     let per_article = |id: &str| articles.iter().find(|a| a.article_id == id).unwrap().questions.len();
-    let want_answers = questions + adapters.iter().filter(|a| a.status != "failed").map(|a| {
-        let e = edits.iter().find(|e| e.self_edit_id == a.self_edit_id).unwrap();
-        per_article(&e.article_id)
-    }).sum::<usize>();
+    let want_answers = questions
+        + adapters
+            .iter()
+            .filter(|a| a.status != AdapterStatus::Failed)
+            .map(|a| {
+                let e = edits.iter().find(|e| e.self_edit_id == a.self_edit_id).unwrap();
+                per_article(&e.article_id)
+            })
+            .sum::<usize>();
     assert_eq!(answers.len(), want_answers, "{evaluated} evaluated self-edits");
     assert_eq!(scores.len(), edits.len());
     assert_eq!(archive.len(), 4 + stats.len());
@@ -100,7 +105,7 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     polars_check::<TemplateStatsRow>(&it.join("template_stats.parquet"), stats.len());
     polars_check::<ArchiveRow>(&it.join("archive.parquet"), archive.len());
     // trained adapters are PEFT folders
-    let trained: Vec<&AdapterRow> = adapters.iter().filter(|r| r.status == "trained").collect();
+    let trained: Vec<&AdapterRow> = adapters.iter().filter(|r| r.status == AdapterStatus::Trained).collect();
     assert!(!trained.is_empty(), "no adapter was trained:\n{log}");
     for r in &trained {
         let d = PathBuf::from(r.adapter_path.as_ref().unwrap());
@@ -152,7 +157,7 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
         let png = std::fs::read(report.join(format!("{f}.png"))).unwrap();
         assert_eq!(&png[1..4], b"PNG", "{f}.png");
         let svg = std::fs::read_to_string(report.join(format!("{f}.svg"))).unwrap();
-        assert!(svg.contains("<svg") && svg.contains("iteration") || f == "gains", "{f}.svg");
+        assert!(svg.contains("<svg") && (svg.contains("iteration") || f == "gains"), "{f}.svg");
     }
     let index = std::fs::read_to_string(report.join("index.md")).unwrap();
     let stats_file = it.join("template_stats.parquet");
@@ -164,7 +169,8 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     //    once the first adapter is on disk, then run make again.
     let b = tmp.path().join("b");
     std::fs::create_dir_all(b.join("tiny/iter0")).unwrap();
-    let status = Command::new("cp").arg("-a").arg(a.join("tiny/stamps")).arg(a.join("tiny/articles.parquet")).arg(b.join("tiny")).status().unwrap();
+    let status =
+        Command::new("cp").arg("-a").arg(a.join("tiny/stamps")).arg(a.join("tiny/articles.parquet")).arg(b.join("tiny")).status().unwrap();
     assert!(status.success());
     for f in ["templates.parquet", "self_edits.parquet"] {
         assert!(Command::new("cp").arg("-a").arg(it.join(f)).arg(b.join("tiny/iter0")).status().unwrap().success());
@@ -181,7 +187,11 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     let start = Instant::now();
     let finished_adapter = |dir: &Path| -> Vec<PathBuf> {
         std::fs::read_dir(dir)
-            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.') && p.join("train_record.json").exists()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.') && p.join("train_record.json").exists())
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let done_before_kill = loop {
@@ -209,7 +219,13 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     assert_eq!(mtime(&itb.join("self_edits.parquet")), edits_time);
     // and the final tables equal the uninterrupted run's (adapter paths aside)
     let strip = |rows: Vec<AdapterRow>| -> Vec<AdapterRow> {
-        rows.into_iter().map(|mut r| { r.adapter_path = r.adapter_path.map(|p| Path::new(&p).file_name().unwrap().to_string_lossy().into_owned()); r.seconds = 0.0; r }).collect()
+        rows.into_iter()
+            .map(|mut r| {
+                r.adapter_path = r.adapter_path.map(|p| Path::new(&p).file_name().unwrap().to_string_lossy().into_owned());
+                r.seconds = 0.0;
+                r
+            })
+            .collect()
     };
     assert_eq!(strip(tables::read(&itb.join("adapters.parquet")).unwrap()), strip(adapters));
     assert_eq!(tables::read::<AnswerRow>(&itb.join("answers.parquet")).unwrap(), answers);

@@ -5,18 +5,24 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use selfedit::lora::LoraAdapter;
-use selfedit::model::Batch;
+use selfedit::runtime::lora::LoraAdapter;
+use selfedit::runtime::model::Batch;
 use serde_json::Value;
 
 fn last_logits(ids: &[u32], adapter: Option<&LoraAdapter>) -> Vec<f32> {
     let m = common::smollm();
     let batch = Batch::causal(ids, 0, m.device(), m.decoder.dtype()).unwrap();
-    m.decoder.forward_last(&batch, None, adapter).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+    m.decoder
+        .forward_last(&batch, None, adapter.map(|a| a as &dyn selfedit::runtime::model::Adapter))
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn argmax(xs: &[f32]) -> u32 {
-    selfedit::sampling::argmax(xs)
+    selfedit::runtime::generate::sampling::argmax(xs)
 }
 
 #[test]
@@ -41,11 +47,8 @@ fn tokenizer_matches_llama_cpp_reference() {
 #[test]
 fn chat_template_renders_from_the_gguf_jinja() {
     let m = common::smollm();
-    use selfedit::tokenizer::ChatMessage;
-    let text = m
-        .tokenizer
-        .apply_chat_template(&[ChatMessage::system("Be brief."), ChatMessage::user("Hi")], true)
-        .unwrap();
+    use selfedit::runtime::tokenizer::ChatMessage;
+    let text = m.tokenizer.apply_chat_template(&[ChatMessage::system("Be brief."), ChatMessage::user("Hi")], true).unwrap();
     assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
 }
 
@@ -55,8 +58,7 @@ fn logits_and_greedy_agree_with_candle_quantized_llama() {
     let path = common::model_path();
     let mut file = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-    let mut reference =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
     // A prompt whose continuation is confident at every step: quantized_llama rounds its
     // activations to 8 bits, so near-ties (margins below ~0.1) may flip between the two.
     let prompt = m.tokenizer.encode("Count from 1 to 30: 1, 2, 3, 4,").unwrap();
@@ -74,7 +76,7 @@ fn logits_and_greedy_agree_with_candle_quantized_llama() {
 
     // greedy continuation, 20 tokens, both with their KV caches
     let mut ours_ids = Vec::new();
-    let mut cache = selfedit::model::KvCache::new(&m.decoder.cfg, 1, 128, m.decoder.dtype(), m.device()).unwrap();
+    let mut cache = selfedit::runtime::model::KvCache::new(&m.decoder.cfg, 1, 128, m.decoder.dtype(), m.device()).unwrap();
     let mut next = prompt.clone();
     for _ in 0..20 {
         let start = cache.len();
@@ -95,8 +97,13 @@ fn logits_and_greedy_agree_with_candle_quantized_llama() {
         theirs_ids.push(t);
         next = vec![t];
     }
-    assert_eq!(ours_ids, theirs_ids, "greedy continuations differ:\n ours {:?}\n theirs {:?}",
-        m.tokenizer.decode(&ours_ids, false), m.tokenizer.decode(&theirs_ids, false));
+    assert_eq!(
+        ours_ids,
+        theirs_ids,
+        "greedy continuations differ:\n ours {:?}\n theirs {:?}",
+        m.tokenizer.decode(&ours_ids, false),
+        m.tokenizer.decode(&theirs_ids, false)
+    );
 }
 
 fn top20(v: &Value) -> (Vec<u32>, Vec<f32>) {
@@ -143,7 +150,19 @@ fn adapter_save_load_merge_roundtrip() {
     let dir = tempfile::tempdir().unwrap();
     adapter.save_peft(&dir.path().join("a"), "SmolLM2-135M-Instruct").unwrap();
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("a/adapter_config.json")).unwrap()).unwrap();
-    for key in ["peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "use_rslora", "use_dora"] {
+    for key in [
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "bias",
+        "fan_in_fan_out",
+        "use_rslora",
+        "use_dora",
+    ] {
         assert!(cfg.get(key).is_some(), "adapter_config.json lacks {key}");
     }
     let st = std::fs::read(dir.path().join("a/adapter_model.safetensors")).unwrap();
@@ -161,8 +180,8 @@ fn adapter_save_load_merge_roundtrip() {
     let merged_logits: Vec<f32> = merged.forward_last(&batch, None, None).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     let diff = adapted.iter().zip(&merged_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff < 1e-3, "merged differs from adapted by {diff}");
-    selfedit::checkpoint::save_hf(&merged, &m.tokenizer, &dir.path().join("merged")).unwrap();
-    let loaded = selfedit::load(&dir.path().join("merged"), &Device::Cpu).unwrap();
+    selfedit::runtime::formats::hf::save_hf(&merged, &m.tokenizer, &dir.path().join("merged")).unwrap();
+    let loaded = selfedit::runtime::formats::load(&dir.path().join("merged"), &Device::Cpu).unwrap();
     let l2: Vec<f32> = loaded.decoder.forward_last(&batch, None, None).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     assert_eq!(merged_logits, l2);
     assert_eq!(loaded.tokenizer.encode("Hello world 123").unwrap(), m.tokenizer.encode("Hello world 123").unwrap());
@@ -238,10 +257,10 @@ fn validates(schema: &Value, doc: &Value) -> Result<(), String> {
 
 #[test]
 fn constrained_generation_always_yields_valid_json() {
-    use selfedit::constrained::ConstraintFactory;
-    use selfedit::generation::{generate, FinishReason, GenerationRequest};
-    use selfedit::sampling::SamplingParams;
-    use selfedit::tokenizer::ChatMessage;
+    use selfedit::runtime::generate::constraint::ConstraintFactory;
+    use selfedit::runtime::generate::sampling::SamplingParams;
+    use selfedit::runtime::generate::{generate, FinishReason, GenerationRequest};
+    use selfedit::runtime::tokenizer::ChatMessage;
     let m = common::smollm();
     let factory = ConstraintFactory::new(&m.tokenizer).unwrap();
     let seq_schema = serde_json::json!({
@@ -249,10 +268,17 @@ fn constrained_generation_always_yields_valid_json() {
         "properties": {"training_sequences": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 160}, "minItems": 1, "maxItems": 3}},
         "required": ["training_sequences"], "additionalProperties": false
     });
-    let tmpl_prompt = m.tokenizer.encode_chat(&[ChatMessage::user(
-        "Write a learning plan as JSON: a data_creation_instruction and LoRA hyperparameters.")], true).unwrap();
-    let seq_prompt = m.tokenizer.encode_chat(&[ChatMessage::user(
-        "Passage: The Zorblat river flows north into Lake Quenn.\nWrite training sequences as JSON.")], true).unwrap();
+    let tmpl_prompt = m
+        .tokenizer
+        .encode_chat(&[ChatMessage::user("Write a learning plan as JSON: a data_creation_instruction and LoRA hyperparameters.")], true)
+        .unwrap();
+    let seq_prompt = m
+        .tokenizer
+        .encode_chat(
+            &[ChatMessage::user("Passage: The Zorblat river flows north into Lake Quenn.\nWrite training sequences as JSON.")],
+            true,
+        )
+        .unwrap();
     let mut requests = Vec::new();
     let mut schemas = Vec::new();
     for seed in 0..12u64 {
@@ -274,8 +300,8 @@ fn constrained_generation_always_yields_valid_json() {
 
 #[test]
 fn batched_generation_matches_one_by_one() {
-    use selfedit::generation::{generate, GenerationRequest};
-    use selfedit::sampling::SamplingParams;
+    use selfedit::runtime::generate::sampling::SamplingParams;
+    use selfedit::runtime::generate::{generate, GenerationRequest};
     let m = common::smollm();
     let prompts = ["The sky is", "Once upon a time in a small village far away, there lived", "2 + 2 ="];
     let make = |i: usize| GenerationRequest::new(m.tokenizer.encode(prompts[i]).unwrap(), SamplingParams::paper_eval(), 100 + i as u64, 12);
@@ -289,8 +315,8 @@ fn batched_generation_matches_one_by_one() {
 /// A made-up fact the model cannot know, learned into a rank-32 adapter.
 #[test]
 fn lora_training_teaches_a_made_up_fact() {
-    use selfedit::lora::LoraConfig;
-    use selfedit::training::{train_lora, TrainConfig, TrainExample};
+    use selfedit::runtime::lora::LoraConfig;
+    use selfedit::runtime::training::{train_lora, TrainConfig, TrainExample};
     let m = common::smollm();
     let fact = "The capital of the island nation of Veltoria is Marzipane.";
     let prompt = "The capital of the island nation of Veltoria is";
@@ -315,7 +341,8 @@ fn lora_training_teaches_a_made_up_fact() {
 
     // every LoRA variable gets a non-zero gradient on the first step (B is zero at init, so
     // A's gradient is zero then; one step on B makes A's non-zero)
-    let (_, grads) = selfedit::training::lora_gradients(&m.decoder, &adapter, &TrainExample { ids: ids.clone(), loss_from: 0 }).unwrap();
+    let (_, grads) =
+        selfedit::runtime::training::lora_gradients(&m.decoder, &adapter, &TrainExample { ids: ids.clone(), loss_from: 0 }).unwrap();
     let vars = adapter.vars();
     for (i, g) in grads.iter().enumerate() {
         let g = g.as_ref().unwrap_or_else(|| panic!("variable {i} got no gradient"));
@@ -335,7 +362,7 @@ fn lora_training_teaches_a_made_up_fact() {
     let completion = greedy(Some(&adapter));
     assert!(completion.contains("Marzipane"), "adapted completion: {completion:?}");
     // after training, every variable (A included) has a non-zero gradient
-    let (_, grads) = selfedit::training::lora_gradients(&m.decoder, &adapter, &examples[0]).unwrap();
+    let (_, grads) = selfedit::runtime::training::lora_gradients(&m.decoder, &adapter, &examples[0]).unwrap();
     for (i, g) in grads.iter().enumerate() {
         let norm = g.as_ref().unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm > 0.0, "variable {i} has a zero gradient after training");
@@ -346,27 +373,35 @@ fn lora_training_teaches_a_made_up_fact() {
 /// containment heuristic did not accept; every row records the judge as its grader.
 #[test]
 fn judge_grader_decides_unmatched_answers() {
-    use selfedit::pipeline::{self, EvalTarget, Judge, Shard};
+    use selfedit::experiment::cli::{Shard, StageContext};
+    use selfedit::experiment::stages::evaluate::{evaluate, EvalTarget, Judge};
+    use selfedit::experiment::states::{GraderKind, Split};
     let m = common::smollm();
-    let mut exp = selfedit::config::Experiment::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
-    exp.config.eval.grader = selfedit::config::GraderKind::Judge;
+    let mut exp =
+        selfedit::experiment::config::Experiment::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml"))
+            .unwrap();
+    exp.config.eval.grader = GraderKind::Judge;
     exp.config.prompts_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("prompts");
-    let prompts = selfedit::prompts::Prompts::load(&exp.config.prompts_dir).unwrap();
-    let passages = selfedit::data::load_passages(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/demo_passages.json")).unwrap();
-    let article = selfedit::tables::ArticleRow {
+    let passages =
+        selfedit::experiment::data::load_passages(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/demo_passages.json"))
+            .unwrap();
+    let article = selfedit::experiment::tables::ArticleRow {
         article_id: "a000".into(),
-        split: "train".into(),
+        split: Split::Train,
         title: passages[0].title.clone(),
         context: passages[0].context.clone(),
         questions: passages[0].questions.clone(),
+        source_index: 0,
     };
     let judge = Judge::new(m).unwrap();
     let targets = vec![EvalTarget { model_id: "base".into(), article_id: "a000".into(), adapter: None }];
-    let rows = pipeline::evaluate(&exp, &prompts, m, &[article], &targets, Some(&judge), Shard::ALL, |_| {}).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let ctx = StageContext::new(exp, out.path(), 0).unwrap();
+    let rows = evaluate(&ctx, m, &[article], &targets, Some(&judge), Shard::ALL, |_| {}).unwrap();
     assert_eq!(rows.len(), 4);
     for r in &rows {
-        assert_eq!(r.grader, "judge");
-        if selfedit::grading::heuristic_correct(&r.prediction, &r.gold_answers) {
+        assert_eq!(r.grader, GraderKind::Judge);
+        if selfedit::experiment::grading::heuristic_verdict(ctx.exp.config.eval.heuristic, &r.prediction, &r.gold_answers) {
             assert!(r.correct, "the heuristic's acceptance is kept: {r:?}");
         }
     }

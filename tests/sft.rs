@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-use selfedit::config::{Experiment, Variant};
-use selfedit::data::Question;
-use selfedit::pipeline;
-use selfedit::tables::{ArticleRow, ScoreRow, SelfEditRow, TemplateRow};
+use selfedit::experiment::config::{Experiment, Variant};
+use selfedit::experiment::data::Question;
+use selfedit::experiment::stages::{archive, sft, synthesize, templates};
+use selfedit::experiment::states::{AdapterStatus, Category, Split};
+use selfedit::experiment::tables::{ArticleRow, ScoreRow, SelfEditRow, TemplateRow};
 
 fn exp() -> Experiment {
     let mut e = Experiment::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
@@ -14,17 +15,19 @@ fn exp() -> Experiment {
 }
 
 fn template(id: &str) -> TemplateRow {
-    let raw = format!(r#"{{"data_creation_instruction": "plan {id}", "hyperparameters": {{"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}}}"#);
-    pipeline::parse_template(&exp().config, 0, id, "exploit", &raw, 0)
+    let raw = format!(
+        r#"{{"data_creation_instruction": "plan {id}", "hyperparameters": {{"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}}}"#
+    );
+    templates::parse_template(&exp().config, 0, id, Category::Exploit, &raw, 0)
 }
 
 fn edit(article: &str, template: &str, c: usize) -> SelfEditRow {
     SelfEditRow {
-        self_edit_id: pipeline::self_edit_id(article, template, c),
+        self_edit_id: synthesize::self_edit_id(article, template, c),
         template_id: template.into(),
         article_id: article.into(),
         completion: c as i64,
-        category: "exploit".into(),
+        category: Category::Exploit,
         sequences: vec!["s".into()],
         valid: true,
         error: None,
@@ -42,7 +45,7 @@ fn score(e: &SelfEditRow, base: f64, acc: f64) -> ScoreRow {
         base_accuracy: base,
         adapted_accuracy: acc,
         gain: acc - base,
-        status: "trained".into(),
+        status: AdapterStatus::Trained,
     }
 }
 
@@ -50,14 +53,15 @@ fn score(e: &SelfEditRow, base: f64, acc: f64) -> ScoreRow {
 fn top_templates_per_article_with_their_best_completion() {
     let mut e = exp();
     e.config.sft.top_k = 2;
-    let prompts = selfedit::prompts::Prompts::load(&e.config.prompts_dir).unwrap();
+    let prompts = selfedit::experiment::prompts::Prompts::load(&e.config.prompts_dir).unwrap();
     let templates: Vec<TemplateRow> = ["iter0-t00", "iter0-t01", "iter0-t02"].iter().map(|t| template(t)).collect();
     let articles = vec![ArticleRow {
         article_id: "a000".into(),
-        split: "train".into(),
+        split: Split::Train,
         title: "T".into(),
         context: "The passage.".into(),
         questions: vec![Question { question: "q".into(), answers: vec!["a".into()] }],
+        source_index: 0,
     }];
     let mut edits = Vec::new();
     let mut scores = Vec::new();
@@ -69,7 +73,7 @@ fn top_templates_per_article_with_their_best_completion() {
             edits.push(ed);
         }
     }
-    let rows = pipeline::build_sft(&e.config, &prompts, None, &templates, &edits, &scores, &articles).unwrap();
+    let rows = sft::build_sft(&e.config, &prompts, None, &templates, &edits, &scores, &articles).unwrap();
     // t00 and t02 kept (t01 ranks last); t00's best completion is c0; each gives two examples
     let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
     assert_eq!(ids, ["a000-t00-c0-template", "a000-t00-c0-completion", "a000-t02-c0-template", "a000-t02-c0-completion"]);
@@ -79,8 +83,13 @@ fn top_templates_per_article_with_their_best_completion() {
 
     // the archive variant keeps only completions that beat the base model (t02's 0.25 does not)
     e.config.variant = Variant::Archive;
-    let archive = pipeline::update_archive(pipeline::seed_archive(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/archive_seed.json")).unwrap(), 0, &[], &[]);
-    let rows = pipeline::build_sft(&e.config, &prompts, Some(&archive), &templates, &edits, &scores, &articles).unwrap();
+    let archive = archive::update_archive(
+        archive::seed_archive(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/archive_seed.json")).unwrap(),
+        0,
+        &[],
+        &[],
+    );
+    let rows = sft::build_sft(&e.config, &prompts, Some(&archive), &templates, &edits, &scores, &articles).unwrap();
     let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
     assert_eq!(ids, ["a000-t00-c0-template", "a000-t00-c0-completion"]);
     assert!(rows[0].prompt.contains("Best plan so far"), "the archive variant's meta-prompt shows the archive");

@@ -5,11 +5,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{tiny_config, write_tiny_checkpoint};
-use selfedit::lora::{LoraAdapter, LoraConfig, Module};
-use selfedit::model::{Batch, KvCache};
-use selfedit::training::TrainExample;
+use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
+use selfedit::runtime::model::Proj;
+use selfedit::runtime::model::{Batch, KvCache};
+use selfedit::runtime::training::TrainExample;
 
-fn all_logits(dec: &selfedit::model::Decoder, ids: &[u32]) -> Tensor {
+fn all_logits(dec: &selfedit::runtime::model::Decoder, ids: &[u32]) -> Tensor {
     let b = Batch::causal(ids, 0, dec.device(), dec.dtype()).unwrap();
     dec.forward_all(&b, None, None).unwrap().squeeze(0).unwrap()
 }
@@ -20,7 +21,7 @@ fn qwen3_and_qwen2_checkpoints_load_and_run() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny_config(model_type);
         write_tiny_checkpoint(dir.path(), &cfg, 1);
-        let m = selfedit::load(dir.path(), &Device::Cpu).unwrap();
+        let m = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(m.decoder.cfg, cfg);
         assert_eq!(m.decoder.layers[0].self_attn.q_norm.is_some(), model_type == "qwen3");
         assert_eq!(m.decoder.layers[0].self_attn.q_proj.bias.is_some(), model_type == "qwen2");
@@ -34,7 +35,7 @@ fn qwen3_and_qwen2_checkpoints_load_and_run() {
         let prefix = all_logits(&m.decoder, &ids[..3]);
         let diff = (logits.narrow(0, 0, 3).unwrap() - prefix).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{model_type}: causal mask leaks ({diff})");
-        let text = m.tokenizer.apply_chat_template(&[selfedit::tokenizer::ChatMessage::user("w1")], false).unwrap();
+        let text = m.tokenizer.apply_chat_template(&[selfedit::runtime::tokenizer::ChatMessage::user("w1")], false).unwrap();
         assert_eq!(text, "user: w1\n");
     }
 }
@@ -44,7 +45,7 @@ fn kv_cache_decoding_matches_full_forward() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("qwen3");
     write_tiny_checkpoint(dir.path(), &cfg, 2);
-    let m = selfedit::load(dir.path(), &Device::Cpu).unwrap();
+    let m = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
     let ids: Vec<u32> = vec![5, 9, 13, 2, 40, 33, 7];
     let full = all_logits(&m.decoder, &ids);
     let mut cache = KvCache::new(&cfg, 1, 16, DType::F32, &Device::Cpu).unwrap();
@@ -69,8 +70,8 @@ fn lora_gradients_match_finite_differences() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny_config(model_type);
         write_tiny_checkpoint(dir.path(), &cfg, 3);
-        let m = selfedit::load(dir.path(), &Device::Cpu).unwrap();
-        let targets = Module::ALL.to_vec();
+        let m = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
+        let targets = Proj::ALL.to_vec();
         let adapter = LoraAdapter::new(&cfg, LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets }, 7, &Device::Cpu).unwrap();
         // B starts at zero; give it values so that A's gradient is not zero too.
         for (i, v) in adapter.vars().iter().enumerate() {
@@ -79,7 +80,7 @@ fn lora_gradients_match_finite_differences() {
             }
         }
         let ex = TrainExample { ids: vec![3, 17, 9, 22, 40, 5, 61, 12, 8], loss_from: 3 };
-        let (_, grads) = selfedit::training::lora_gradients(&m.decoder, &adapter, &ex).unwrap();
+        let (_, grads) = selfedit::runtime::training::lora_gradients(&m.decoder, &adapter, &ex).unwrap();
         let loss_at = |adapter: &LoraAdapter| -> f64 {
             m.decoder.sequence_loss(&ex.ids, ex.loss_from, Some(adapter)).unwrap().to_scalar::<f32>().unwrap() as f64
         };
@@ -121,12 +122,12 @@ fn lora_gradients_match_finite_differences() {
 #[ignore]
 fn gpu_agrees_with_cpu_and_trains() {
     let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
-    let dev = selfedit::checkpoint::parse_device(&spec).unwrap();
+    let dev = selfedit::runtime::device::parse_device(&spec).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("qwen3");
     write_tiny_checkpoint(dir.path(), &cfg, 11);
-    let cpu = selfedit::load(dir.path(), &Device::Cpu).unwrap();
-    let gpu = selfedit::load(dir.path(), &dev).unwrap();
+    let cpu = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
+    let gpu = selfedit::runtime::formats::load(dir.path(), &dev).unwrap();
     assert_eq!(gpu.decoder.dtype(), if dev.is_cuda() { DType::BF16 } else { DType::F32 });
     let ids: Vec<u32> = vec![3, 17, 9, 22, 40, 5, 61, 12, 8, 33, 2, 19];
     let lc = all_logits(&cpu.decoder, &ids);
@@ -136,7 +137,7 @@ fn gpu_agrees_with_cpu_and_trains() {
     assert!(diff < 0.05 * scale + 0.05, "GPU logits differ by {diff} (scale {scale})");
 
     // LoRA gradients: the same adapter on both devices
-    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Module::ALL.to_vec() };
+    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Proj::ALL.to_vec() };
     let ac = LoraAdapter::new(&cfg, lcfg.clone(), 3, &Device::Cpu).unwrap();
     let ag = LoraAdapter::new(&cfg, lcfg, 3, &dev).unwrap();
     for (i, (vc, vg)) in ac.vars().iter().zip(ag.vars()).enumerate() {
@@ -147,11 +148,13 @@ fn gpu_agrees_with_cpu_and_trains() {
         }
     }
     let ex = TrainExample { ids: ids.clone(), loss_from: 0 };
-    let (loss_c, gc) = selfedit::training::lora_gradients(&cpu.decoder, &ac, &ex).unwrap();
-    let (loss_g, gg) = selfedit::training::lora_gradients(&gpu.decoder, &ag, &ex).unwrap();
+    let (loss_c, gc) = selfedit::runtime::training::lora_gradients(&cpu.decoder, &ac, &ex).unwrap();
+    let (loss_g, gg) = selfedit::runtime::training::lora_gradients(&gpu.decoder, &ag, &ex).unwrap();
     assert!((loss_c - loss_g).abs() < 0.05 * loss_c.abs() + 0.05, "loss {loss_c} vs {loss_g}");
     let flat = |gs: &[Option<Tensor>]| -> Vec<f32> {
-        gs.iter().flat_map(|g| g.as_ref().unwrap().to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+        gs.iter()
+            .flat_map(|g| g.as_ref().unwrap().to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
     };
     let (fc, fg) = (flat(&gc), flat(&gg));
     let dot: f32 = fc.iter().zip(&fg).map(|(a, b)| a * b).sum();
@@ -159,13 +162,14 @@ fn gpu_agrees_with_cpu_and_trains() {
     assert!(cos > 0.98, "GPU and CPU LoRA gradients point apart: cosine {cos}");
 
     // training lowers the loss, on the device as on the CPU
-    let train = |m: &selfedit::LoadedModel, d: &Device| -> (f32, f32, LoraAdapter) {
-        let all = LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Module::ALL.to_vec() };
+    let train = |m: &selfedit::runtime::formats::LoadedModel, d: &Device| -> (f32, f32, LoraAdapter) {
+        let all = LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Proj::ALL.to_vec() };
         let mut adapter = LoraAdapter::new(&cfg, all, 0, d).unwrap();
-        let loss = |a: &LoraAdapter| m.decoder.sequence_loss(&ids, 0, Some(a)).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+        let loss =
+            |a: &LoraAdapter| m.decoder.sequence_loss(&ids, 0, Some(a)).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
         let before = loss(&adapter);
-        let cfg_t = selfedit::training::TrainConfig::new(2e-2, 40, 1, 0);
-        selfedit::training::train_lora(&m.decoder, &mut adapter, &[ex.clone()], &cfg_t, |_, _, _| {}).unwrap();
+        let cfg_t = selfedit::runtime::training::TrainConfig::new(2e-2, 40, 1, 0);
+        selfedit::runtime::training::train_lora(&m.decoder, &mut adapter, &[ex.clone()], &cfg_t, |_, _, _| {}).unwrap();
         (before, loss(&adapter), adapter)
     };
     let (cpu_before, cpu_after, _) = train(&cpu, &Device::Cpu);
@@ -175,8 +179,8 @@ fn gpu_agrees_with_cpu_and_trains() {
     assert!((after - cpu_after).abs() < 0.1 * cpu_after, "{spec} ends at {after}, the CPU at {cpu_after}");
 
     // batched generation with the KV cache
-    use selfedit::generation::{generate, GenerationRequest};
-    use selfedit::sampling::SamplingParams;
+    use selfedit::runtime::generate::sampling::SamplingParams;
+    use selfedit::runtime::generate::{generate, GenerationRequest};
     let reqs = vec![
         GenerationRequest::new(vec![3, 4, 5], SamplingParams::greedy(), 0, 6),
         GenerationRequest::new(vec![7, 8, 9, 10, 11], SamplingParams::paper_eval(), 1, 6),
@@ -189,16 +193,15 @@ fn gpu_agrees_with_cpu_and_trains() {
 /// uninterrupted run ends (adapter, optimizer moments, loss curve).
 #[test]
 fn training_resumes_from_a_checkpoint_exactly() {
-    use selfedit::training::{train_lora, train_lora_with, Checkpointing, TrainConfig};
+    use selfedit::runtime::training::{train_lora, train_lora_with, Checkpointing, TrainConfig};
     use std::ops::ControlFlow;
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("qwen2");
     write_tiny_checkpoint(dir.path(), &cfg, 21);
-    let m = selfedit::load(dir.path(), &Device::Cpu).unwrap();
-    let examples: Vec<TrainExample> = (0..5u32)
-        .map(|i| TrainExample { ids: (0..9).map(|j| 2 + (i * 7 + j * 3) % 60).collect(), loss_from: 3 })
-        .collect();
-    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Module::ALL.to_vec() };
+    let m = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
+    let examples: Vec<TrainExample> =
+        (0..5u32).map(|i| TrainExample { ids: (0..9).map(|j| 2 + (i * 7 + j * 3) % 60).collect(), loss_from: 3 }).collect();
+    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Proj::ALL.to_vec() };
     let tc = TrainConfig::new(1e-2, 3, 2, 5); // 3 windows per epoch, 9 steps
     let values = |a: &LoraAdapter| -> Vec<Vec<f32>> { a.vars().iter().map(|v| v.flatten_all().unwrap().to_vec1().unwrap()).collect() };
 
@@ -210,7 +213,11 @@ fn training_resumes_from_a_checkpoint_exactly() {
     let c = Checkpointing { dir: &ckpt, every: 2 };
     let mut first = LoraAdapter::new(&cfg, lcfg.clone(), 9, &Device::Cpu).unwrap();
     let part = train_lora_with(&m.decoder, &mut first, &examples, &tc, Some(&c), |step, _, _| {
-        if step == 5 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if step == 5 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     })
     .unwrap();
     assert!(part.stopped_early && part.steps == 5);
@@ -223,7 +230,8 @@ fn training_resumes_from_a_checkpoint_exactly() {
     assert_eq!(values(&resumed), values(&straight));
     // a damaged checkpoint says what to delete
     std::fs::write(ckpt.join("state.json"), "{").unwrap();
-    let mut again = LoraAdapter::new(&cfg, LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Module::ALL.to_vec() }, 9, &Device::Cpu).unwrap();
+    let mut again =
+        LoraAdapter::new(&cfg, LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Proj::ALL.to_vec() }, 9, &Device::Cpu).unwrap();
     let e = train_lora_with(&m.decoder, &mut again, &examples, &tc, Some(&c), |_, _, _| ControlFlow::Continue(())).unwrap_err();
     assert!(format!("{e:#}").contains("delete"), "{e:#}");
 }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use selfedit::model::ModelConfig;
-use selfedit::LoadedModel;
+use selfedit::runtime::formats::LoadedModel;
+use selfedit::runtime::model::{global_tensors, layer_tensors, ModelConfig, TensorKind};
 
 /// The default model: `$SELFEDIT_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`.
 pub fn model_path() -> PathBuf {
@@ -22,7 +22,7 @@ pub fn smollm() -> &'static LoadedModel {
     MODEL.get_or_init(|| {
         let path = model_path();
         assert!(path.exists(), "{} is missing: run `make model` (make test does it for you)", path.display());
-        selfedit::load(&path, &Device::Cpu).expect("loading SmolLM2")
+        selfedit::runtime::formats::load(&path, &Device::Cpu).expect("loading SmolLM2")
     })
 }
 
@@ -72,37 +72,20 @@ pub fn write_tiny_checkpoint(dir: &Path, cfg: &ModelConfig, seed: u64) {
             .collect();
         Tensor::from_vec(v, shape, &dev).unwrap()
     };
-    let (h, d, nh, nkv, ff) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("model.embed_tokens.weight".into(), randn(&[cfg.vocab_size, h], 0.5));
-    t.insert("model.norm.weight".into(), (randn(&[h], 0.1) + 1.0).unwrap());
-    if !cfg.tie_word_embeddings {
-        t.insert("lm_head.weight".into(), randn(&[cfg.vocab_size, h], 0.3));
-    }
+    // Names and shapes from the library's one table; the values from this file's own generator.
+    let mut names = global_tensors(cfg);
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [nh * d, h]),
-            ("self_attn.k_proj", [nkv * d, h]),
-            ("self_attn.v_proj", [nkv * d, h]),
-            ("self_attn.o_proj", [h, nh * d]),
-            ("mlp.gate_proj", [ff, h]),
-            ("mlp.up_proj", [ff, h]),
-            ("mlp.down_proj", [h, ff]),
-        ] {
-            t.insert(format!("{p}.{name}.weight"), randn(&shape, 0.3));
-        }
-        if cfg.qkv_bias() {
-            t.insert(format!("{p}.self_attn.q_proj.bias"), randn(&[nh * d], 0.1));
-            t.insert(format!("{p}.self_attn.k_proj.bias"), randn(&[nkv * d], 0.1));
-            t.insert(format!("{p}.self_attn.v_proj.bias"), randn(&[nkv * d], 0.1));
-        }
-        if cfg.qk_norm() {
-            t.insert(format!("{p}.self_attn.q_norm.weight"), (randn(&[d], 0.1) + 1.0).unwrap());
-            t.insert(format!("{p}.self_attn.k_norm.weight"), (randn(&[d], 0.1) + 1.0).unwrap());
-        }
-        t.insert(format!("{p}.input_layernorm.weight"), (randn(&[h], 0.1) + 1.0).unwrap());
-        t.insert(format!("{p}.post_attention_layernorm.weight"), (randn(&[h], 0.1) + 1.0).unwrap());
+        names.extend(layer_tensors(cfg, i));
+    }
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for (name, shape, kind) in names {
+        let v = match kind {
+            TensorKind::Norm => (randn(&shape, 0.1) + 1.0).unwrap(),
+            TensorKind::Bias => randn(&shape, 0.1),
+            TensorKind::Matrix if name == "model.embed_tokens.weight" => randn(&shape, 0.5),
+            TensorKind::Matrix => randn(&shape, 0.3),
+        };
+        t.insert(name, v);
     }
     std::fs::create_dir_all(dir).unwrap();
     // two shards with an index, as large checkpoints are stored
@@ -117,7 +100,8 @@ pub fn write_tiny_checkpoint(dir: &Path, cfg: &ModelConfig, seed: u64) {
             weight_map.insert(n.clone(), file.into());
         }
     }
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string()).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string())
+        .unwrap();
     std::fs::write(dir.join("config.json"), serde_json::to_string(cfg).unwrap()).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tiny_tokenizer_json()).unwrap();
     std::fs::write(
@@ -127,3 +111,41 @@ pub fn write_tiny_checkpoint(dir: &Path, cfg: &ModelConfig, seed: u64) {
     .unwrap();
 }
 
+/// A digest of a Parquet table's data, metadata aside: every cell as text (reals rounded to
+/// 4 decimals, so a last-bit difference in summation order does not count), columns in
+/// `skip` left out (times, absolute paths). Two runs that wrote the same tables give the
+/// same digest.
+pub fn table_digest(path: &Path, skip: &[&str]) -> String {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{DataType, Float32Type, Float64Type};
+    fn cell(a: &dyn Array, i: usize) -> String {
+        if a.is_null(i) {
+            return "null".into();
+        }
+        match a.data_type() {
+            DataType::Float64 => format!("{:.4}", a.as_primitive::<Float64Type>().value(i)),
+            DataType::Float32 => format!("{:.4}", a.as_primitive::<Float32Type>().value(i)),
+            DataType::List(_) => {
+                let v = a.as_list::<i32>().value(i);
+                format!("[{}]", (0..v.len()).map(|j| cell(v.as_ref(), j)).collect::<Vec<_>>().join(","))
+            }
+            _ => arrow::util::display::ArrayFormatter::try_new(a, &Default::default()).unwrap().value(i).to_string(),
+        }
+    }
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let mut text = String::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let schema = batch.schema();
+        for row in 0..batch.num_rows() {
+            for (f, col) in schema.fields().iter().zip(batch.columns()) {
+                if !skip.contains(&f.name().as_str()) {
+                    text.push_str(&format!("{}={}\u{1f}", f.name(), cell(col.as_ref(), row)));
+                }
+            }
+            text.push('\n');
+        }
+    }
+    selfedit::util::hash::hash_bytes(text.as_bytes())
+}

@@ -1,0 +1,251 @@
+//! What every stage binary shares, so each binary is argument parsing and one call: the
+//! common arguments, the [`StageContext`] they open (config, prompts, layout, iteration),
+//! model loading, sharding and shard merging, stamps, provenance, progress bars, and the one
+//! line a finished stage prints.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::experiment::config::{Experiment, Variant};
+use crate::experiment::layout::{Layout, Stage};
+use crate::experiment::prompts::{self, Prompts};
+use crate::experiment::states::Split;
+use crate::experiment::tables::{self, ArchiveRow, Provenance, Table};
+use crate::runtime::device::parse_device;
+use crate::runtime::formats::LoadedModel;
+use crate::util::hash::content_hash;
+
+/// The arguments of every stage binary.
+#[derive(Debug, Clone, Args)]
+pub struct StageArgs {
+    /// The experiment config (configs/NAME.toml); outputs go to OUTPUTS/NAME/.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Root of the outputs.
+    #[arg(long, default_value = "outputs")]
+    pub outputs: PathBuf,
+    /// Iteration number.
+    #[arg(long, default_value_t = 0)]
+    pub iter: usize,
+    /// `train`, or `validation` (outputs under iter<k>/validation/).
+    #[arg(long, default_value = "train", value_parser = |s: &str| Split::parse(s))]
+    pub split: Split,
+}
+
+/// The arguments of the stages that load the model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// This iteration's model, when it is not the config's (iterations after the first use
+    /// the previous iteration's improved generator).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// The arguments of a sharded stage: `--shard i/n` computes a part, `--merge n` joins them.
+#[derive(Debug, Clone, Args)]
+pub struct ShardArgs {
+    /// Compute only items i, i+n, ...: writes <table>.shard-i-of-n.parquet.
+    #[arg(long, default_value = "0/1", value_parser = |s: &str| Shard::parse(s))]
+    pub shard: Shard,
+    /// Merge the N shard files into one table instead of computing.
+    #[arg(long)]
+    pub merge: Option<usize>,
+}
+
+/// `--shard i/n`: this process does items whose index is `i` modulo `n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (i, n) = s.split_once('/').with_context(|| format!("shard {s:?}: expected i/n, e.g. 0/4"))?;
+        let (index, count): (usize, usize) = (i.parse().context("shard index")?, n.parse().context("shard count")?);
+        anyhow::ensure!(count >= 1 && index < count, "shard {s:?}: need 0 <= i < n");
+        Ok(Self { index, count })
+    }
+    pub fn owns(&self, item: usize) -> bool {
+        item % self.count == self.index
+    }
+    /// How many of `n` items this shard owns.
+    pub fn len_of(&self, n: usize) -> usize {
+        (0..n).filter(|i| self.owns(*i)).count()
+    }
+}
+
+/// What a stage works in: the experiment (its config for the split), its prompts, its
+/// output layout and the iteration.
+pub struct StageContext {
+    pub exp: Experiment,
+    pub prompts: Prompts,
+    pub layout: Layout,
+    pub iteration: usize,
+}
+
+impl StageContext {
+    /// Loads the config (for the split) and the prompt files.
+    pub fn open(args: &StageArgs) -> anyhow::Result<Self> {
+        let exp = Experiment::load(&args.config)?.for_split(args.split)?;
+        let prompts = Prompts::load(&exp.config.prompts_dir)?;
+        let layout = Layout::new(&args.outputs, &exp.name);
+        Ok(Self { exp, prompts, layout, iteration: args.iter })
+    }
+    /// A context for `exp` (already loaded, perhaps edited) writing under `outputs`.
+    pub fn new(exp: Experiment, outputs: &Path, iteration: usize) -> anyhow::Result<Self> {
+        let prompts = Prompts::load(&exp.config.prompts_dir)?;
+        let layout = Layout::new(outputs, &exp.name);
+        Ok(Self { exp, prompts, layout, iteration })
+    }
+    pub fn split(&self) -> Split {
+        self.exp.split
+    }
+    /// This iteration's (and split's) folder.
+    pub fn dir(&self) -> PathBuf {
+        self.layout.iter_dir(self.iteration, self.split())
+    }
+    /// This iteration's (and split's) file of table `T`.
+    pub fn table<T: Table>(&self) -> PathBuf {
+        self.layout.table::<T>(self.iteration, self.split())
+    }
+    /// Reads this iteration's table `T`.
+    pub fn read<T: Table>(&self) -> anyhow::Result<Vec<T>> {
+        tables::read(&self.table::<T>())
+    }
+    /// Writes `rows` as `path` with `stage`'s provenance and prints the stage's line.
+    pub fn write<T: Table>(&self, stage: Stage, path: &Path, rows: &[T], detail: &str) -> anyhow::Result<()> {
+        tables::write(path, rows, &self.provenance(stage)?)?;
+        done(stage.name(), path, rows.len(), detail);
+        Ok(())
+    }
+    /// Loads the model: `--model`, else the config's, on the config's device.
+    pub fn load_model(&self, args: &ModelArgs) -> anyhow::Result<LoadedModel> {
+        let device = parse_device(&self.exp.config.model.device)?;
+        crate::runtime::formats::load(args.model.as_deref().unwrap_or(&self.exp.config.model.path), &device)
+    }
+    /// The archive the iteration's templates are conditioned on: `--archive`, else (archive
+    /// variant) the seed archive, else none.
+    pub fn archive(&self, given: Option<&Path>) -> anyhow::Result<Option<Vec<ArchiveRow>>> {
+        Ok(match (given, self.exp.config.variant) {
+            (Some(p), _) => Some(tables::read(p)?),
+            (None, Variant::Archive) => {
+                let seeds = crate::experiment::stages::archive::seed_archive(&self.exp.config.archive_seed)?;
+                Some(crate::experiment::stages::archive::update_archive(seeds, self.iteration, &[], &[]))
+            }
+            _ => None,
+        })
+    }
+    pub fn provenance(&self, stage: Stage) -> anyhow::Result<Provenance> {
+        Ok(Provenance {
+            stage: stage.name().to_string(),
+            config_hash: stage_hash(&self.exp, stage.settings())?,
+            model: self.exp.config.model.path.display().to_string(),
+            extra: vec![
+                ("experiment".into(), self.exp.name.clone()),
+                ("variant".into(), self.exp.config.variant.as_str().into()),
+                ("iteration".into(), self.iteration.to_string()),
+            ],
+        })
+    }
+    /// `--merge n`: joins the `n` shard files of table `T` into the table and prints the line.
+    pub fn merge_shards<T: Table>(&self, stage: Stage, n: usize) -> anyhow::Result<()> {
+        let mut rows: Vec<T> = Vec::new();
+        for index in 0..n {
+            rows.extend(tables::read::<T>(&self.layout.shard_table::<T>(self.iteration, self.split(), Shard { index, count: n }))?);
+        }
+        self.write(stage, &self.table::<T>(), &rows, &format!("{n} shards merged"))
+    }
+    /// The file a shard of table `T` goes to.
+    pub fn shard_table<T: Table>(&self, shard: Shard) -> PathBuf {
+        self.layout.shard_table::<T>(self.iteration, self.split(), shard)
+    }
+}
+
+/// A progress bar with an ETA on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>18} {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template"),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// The content hash of what `stage` depends on: its config sections and prompt files.
+pub fn stage_hash(exp: &Experiment, stage: Stage) -> anyhow::Result<String> {
+    let c = &exp.config;
+    let prompts = Prompts::load(&c.prompts_dir)?;
+    let v = match stage.settings() {
+        Stage::Prepare => serde_json::json!([c.data]),
+        Stage::Templates => serde_json::json!([
+            c.variant,
+            c.seed,
+            c.model,
+            c.search,
+            c.hyperparameter_bounds,
+            c.baseline,
+            prompts.sources(&[prompts::META, prompts::ARCHIVE_META, prompts::BASELINE_IMPLICATIONS, prompts::BASELINE_REWRITE])
+        ]),
+        Stage::Synthesize => serde_json::json!([
+            c.variant,
+            c.seed,
+            c.model,
+            c.search,
+            c.baseline,
+            prompts.sources(&[prompts::COMPLETION, prompts::BASELINE_IMPLICATIONS, prompts::BASELINE_REWRITE])
+        ]),
+        Stage::Train => serde_json::json!([c.seed, c.model, c.training]),
+        Stage::Evaluate => {
+            serde_json::json!([c.seed, c.model, c.eval, prompts.sources(&[prompts::QA_SYSTEM, prompts::QA_BASE, prompts::JUDGE])])
+        }
+        Stage::Sft => serde_json::json!([
+            c.variant,
+            c.seed,
+            c.model,
+            c.sft,
+            prompts.sources(&[
+                prompts::META,
+                prompts::ARCHIVE_META,
+                prompts::COMPLETION,
+                prompts::BASELINE_IMPLICATIONS,
+                prompts::BASELINE_REWRITE
+            ])
+        ]),
+        Stage::Archive => {
+            let seed = std::fs::read_to_string(&c.archive_seed).unwrap_or_default();
+            serde_json::json!([c.variant, seed])
+        }
+        s => unreachable!("{s} has no settings of its own"),
+    };
+    Ok(content_hash(&v))
+}
+
+/// Writes `stamps/<stage>.hash` for every stamped stage, touching only the files whose hash
+/// changed, so make reruns exactly the stages whose settings changed. Returns those stages.
+pub fn write_stamps(exp: &Experiment, layout: &Layout) -> anyhow::Result<Vec<Stage>> {
+    std::fs::create_dir_all(layout.stamps_dir())?;
+    let mut changed = Vec::new();
+    for stage in Stage::stamped() {
+        let hash = stage_hash(exp, stage)?;
+        let path = layout.stamp(stage);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(hash.as_str()) {
+            crate::util::atomic::write_string_atomically(&path, &hash)?;
+            changed.push(stage);
+        }
+    }
+    Ok(changed)
+}
+
+/// The one line a finished stage prints.
+pub fn done(stage: &str, path: &Path, rows: usize, detail: &str) {
+    if detail.is_empty() {
+        println!("{stage}: wrote {} ({rows} rows)", path.display());
+    } else {
+        println!("{stage}: wrote {} ({rows} rows; {detail})", path.display());
+    }
+}

@@ -1,0 +1,304 @@
+//! The experiment config: one TOML file in `configs/` holds everything a run depends on.
+//!
+//! Unknown keys are errors that name the key. No stage invents its own defaults: every
+//! setting a stage reads is here. The content hash of a stage's part of the config (plus the
+//! prompt files it uses) stamps its outputs, so editing a comment reruns nothing.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::experiment::states::{HeuristicRule, Split};
+use crate::experiment::template::{HyperparameterBounds, Hyperparameters};
+use crate::runtime::generate::SamplingParams;
+use crate::runtime::model::Proj;
+
+pub use crate::experiment::states::GraderKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    BaselineImplications,
+    BaselineRewrite,
+    NoArchive,
+    Archive,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::BaselineImplications => "baseline-implications",
+            Variant::BaselineRewrite => "baseline-rewrite",
+            Variant::NoArchive => "no-archive",
+            Variant::Archive => "archive",
+        }
+    }
+    pub fn is_baseline(self) -> bool {
+        matches!(self, Variant::BaselineImplications | Variant::BaselineRewrite)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A GGUF file or a Hugging Face checkpoint folder (relative to the working directory).
+    pub path: PathBuf,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training-split passages (a file in any of the three SQuAD shapes).
+    pub train_path: PathBuf,
+    /// Validation-split passages (used by validation runs).
+    pub validation_path: Option<PathBuf>,
+    pub train_passages: usize,
+    pub validation_passages: usize,
+    /// Seed of the shuffle that selects the passages (the paper: 42, Python's `random`).
+    pub seed: u64,
+    /// First passage taken from the shuffled list (the paper's `start`).
+    #[serde(default)]
+    pub start: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSection {
+    pub templates_per_iteration: usize,
+    pub completions_per_template: usize,
+    /// Share of templates (and completions) sampled in exploit mode.
+    pub exploit_fraction: f64,
+    pub template_max_new_tokens: usize,
+    pub completion_max_new_tokens: usize,
+    /// Cap on the instruction's length in the template schema (characters).
+    pub instruction_max_chars: usize,
+    /// Cap on training sequences per completion in the schema.
+    pub max_sequences: usize,
+    /// Cap on one training sequence's length in the schema (characters).
+    pub sequence_max_chars: usize,
+    /// Rows per generation batch.
+    pub batch_size: usize,
+    pub exploit: SamplingParams,
+    pub explore: SamplingParams,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Append the passage itself as one more training sequence (SEAL: yes; the paper's code: no).
+    pub append_passage: bool,
+    pub max_len: usize,
+    /// The projections the self-edit adapters train (the paper: `q_proj`, `v_proj`).
+    pub target_modules: Vec<Proj>,
+    /// Gradient-norm clipping (Hugging Face Trainer default 1.0; 0 = off).
+    pub max_grad_norm: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    pub runs: usize,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub grader: GraderKind,
+    /// The heuristic verdict: `substring` (the paper's, the default) or `word-boundary`.
+    #[serde(default)]
+    pub heuristic: HeuristicRule,
+    /// The judge model (GGUF or HF folder); defaults to the experiment's model when absent.
+    pub judge_model: Option<PathBuf>,
+    /// Rows per generation batch (all questions × runs of an adapter share batches).
+    pub batch_size: usize,
+}
+
+/// The fixed hyperparameters of SEAL's baselines and seed archive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineSection {
+    /// SEAL's fixed hyperparameters (the paper: r32, alpha 64, lr 1e-3, 10 epochs).
+    pub hyperparameters: Hyperparameters,
+    /// Sampling of the baselines' plain-text completions.
+    pub sampling: SamplingParams,
+}
+
+/// Improving the generator between iterations (ReST-EM): which self-edits become supervised
+/// examples and how the generator's LoRA is trained before it is merged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SftSection {
+    /// Templates kept per article (by mean accuracy on it), each with its best completion.
+    pub top_k: usize,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub target_modules: Vec<Proj>,
+    pub learning_rate: f64,
+    pub num_epochs: usize,
+    pub gradient_accumulation_steps: usize,
+    pub max_len: usize,
+    /// Save a checkpoint every this many optimizer steps (a killed run resumes from it).
+    pub checkpoint_every: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub variant: Variant,
+    pub seed: u64,
+    /// Folder of the prompt text files.
+    pub prompts_dir: PathBuf,
+    /// The seed archive (paper/archive_seed.json layout).
+    pub archive_seed: PathBuf,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub search: SearchSection,
+    pub hyperparameter_bounds: HyperparameterBounds,
+    pub training: TrainingSection,
+    pub eval: EvalSection,
+    pub baseline: BaselineSection,
+    pub sft: SftSection,
+}
+
+/// A loaded config with where it came from.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    /// The config file's name without `.toml`: the folder under `outputs/`.
+    pub name: String,
+    pub path: PathBuf,
+    pub config: ExperimentConfig,
+    /// `train`, or `validation`: the held-out passages, where each iteration's model writes
+    /// one template and one completion, exploit sampling only (the paper's protocol).
+    pub split: Split,
+}
+
+impl Experiment {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let mut config: ExperimentConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config.expand_paths().with_context(|| format!("{}", path.display()))?;
+        config.validate().with_context(|| format!("{}", path.display()))?;
+        let name =
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).with_context(|| format!("{}: no file name", path.display()))?;
+        Ok(Self { name, path: path.to_path_buf(), config, split: Split::Train })
+    }
+
+    /// The same experiment run on the validation passages: 1 template, 1 completion, exploit.
+    pub fn for_split(mut self, split: Split) -> anyhow::Result<Self> {
+        match split {
+            Split::Train => {}
+            Split::Validation => {
+                anyhow::ensure!(
+                    self.config.data.validation_passages > 0 && self.config.data.validation_path.is_some(),
+                    "{}: the validation split needs data.validation_path and data.validation_passages > 0",
+                    self.path.display()
+                );
+                let s = &mut self.config.search;
+                s.templates_per_iteration = 1;
+                s.completions_per_template = 1;
+                s.exploit_fraction = 1.0;
+            }
+        }
+        self.split = split;
+        Ok(self)
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` from the environment, so a path can be given on
+/// the make command line (`make run CONFIG=configs/paper-archive.toml SQUAD_DIR=/data/squad`).
+pub fn expand_env(s: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').with_context(|| format!("unclosed ${{ in {s:?}"))?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        match (std::env::var(name).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => bail!("{s:?} uses ${{{name}}}, which is not set"),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn expand_path(p: &mut PathBuf) -> anyhow::Result<()> {
+    *p = PathBuf::from(expand_env(&p.to_string_lossy())?);
+    Ok(())
+}
+
+impl ExperimentConfig {
+    fn expand_paths(&mut self) -> anyhow::Result<()> {
+        expand_path(&mut self.model.path)?;
+        self.model.device = expand_env(&self.model.device)?;
+        expand_path(&mut self.data.train_path)?;
+        if let Some(p) = self.data.validation_path.as_mut() {
+            expand_path(p)?;
+        }
+        if let Some(p) = self.eval.judge_model.as_mut() {
+            expand_path(p)?;
+        }
+        expand_path(&mut self.prompts_dir)?;
+        expand_path(&mut self.archive_seed)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let s = &self.search;
+        ensure!(s.templates_per_iteration >= 1, "search.templates_per_iteration must be >= 1");
+        ensure!(s.completions_per_template >= 1, "search.completions_per_template must be >= 1");
+        ensure!((0.0..=1.0).contains(&s.exploit_fraction), "search.exploit_fraction must be in [0, 1]");
+        ensure!(s.batch_size >= 1 && self.eval.batch_size >= 1, "batch sizes must be >= 1");
+        s.exploit.validate().context("search.exploit")?;
+        s.explore.validate().context("search.explore")?;
+        self.eval.sampling.validate().context("eval.sampling")?;
+        ensure!(self.eval.runs >= 1, "eval.runs must be >= 1");
+        ensure!(self.data.train_passages >= 1, "data.train_passages must be >= 1");
+        let b = &self.hyperparameter_bounds;
+        for (name, bd) in Hyperparameters::NAMES.iter().zip(b.values()) {
+            ensure!(bd.min <= bd.max, "hyperparameter_bounds.{name}: min {} > max {}", bd.min, bd.max);
+        }
+        ensure!(
+            b.lora_rank.min >= 1.0 && b.num_epochs.min >= 1.0 && b.gradient_accumulation_steps.min >= 1.0,
+            "hyperparameter_bounds: lora_rank, num_epochs and gradient_accumulation_steps need min >= 1"
+        );
+        ensure!(b.learning_rate.min > 0.0, "hyperparameter_bounds.learning_rate.min must be > 0");
+        ensure!(b.lora_dropout.max < 1.0 && b.lora_dropout.min >= 0.0, "hyperparameter_bounds.lora_dropout must lie in [0, 1)");
+        if self.variant.is_baseline() && s.templates_per_iteration != 1 {
+            bail!("a baseline variant has exactly one fixed template: set search.templates_per_iteration = 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_expansion_and_unknown_keys() {
+        std::env::set_var("SELFEDIT_TEST_DIR", "/data/squad");
+        assert_eq!(expand_env("${SELFEDIT_TEST_DIR}/dev.json").unwrap(), "/data/squad/dev.json");
+        assert_eq!(expand_env("${SELFEDIT_TEST_UNSET:-../shared/squad}/x").unwrap(), "../shared/squad/x");
+        assert!(expand_env("${SELFEDIT_TEST_UNSET}").is_err());
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.toml")).unwrap();
+        let bad = text.replace("[model]", "[model]\nbatch_sise = 3");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bad.toml");
+        std::fs::write(&p, bad).unwrap();
+        let e = format!("{:#}", Experiment::load(&p).unwrap_err());
+        assert!(e.contains("bad.toml") && e.contains("batch_sise"), "{e}");
+        // every shipped config loads
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/configs")).unwrap() {
+            let path = entry.unwrap().path();
+            Experiment::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Stage 7, archive: the archive (seed templates, or the previous iteration's archive) plus
+//! this iteration's evaluated templates, sorted by accuracy → `archive.parquet`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::experiment::cli::StageContext;
+use crate::experiment::layout::Stage;
+use crate::experiment::states::Split;
+use crate::experiment::tables::{self, ArchiveRow, TemplateRow, TemplateStatsRow};
+use crate::experiment::template::Hyperparameters;
+
+#[derive(Deserialize)]
+struct SeedTemplate {
+    data_creation_instruction: String,
+    hyperparameters: Hyperparameters,
+    accuracy: f64,
+    normalized_gain: f64,
+}
+
+/// The four seed templates (paper/archive_seed.json layout).
+pub fn seed_archive(path: &Path) -> anyhow::Result<Vec<ArchiveRow>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading seed archive {}", path.display()))?;
+    let seeds: Vec<SeedTemplate> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a list of templates with accuracy and normalized_gain", path.display()))?;
+    Ok(seeds
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| ArchiveRow {
+            rank: 0,
+            source: "seed".into(),
+            template_id: format!("seed-{i}"),
+            instruction: s.data_creation_instruction,
+            hyperparameters: s.hyperparameters,
+            accuracy: s.accuracy,
+            normalized_gain: s.normalized_gain,
+        })
+        .collect())
+}
+
+/// The previous archive plus this iteration's evaluated templates, sorted by accuracy (best
+/// first, ties by id), never pruned.
+pub fn update_archive(
+    previous: Vec<ArchiveRow>,
+    iteration: usize,
+    templates: &[TemplateRow],
+    stats: &[TemplateStatsRow],
+) -> Vec<ArchiveRow> {
+    let by_id: HashMap<&str, &TemplateRow> = templates.iter().map(|t| (t.template_id.as_str(), t)).collect();
+    let mut rows: Vec<ArchiveRow> = previous.into_iter().filter(|r| r.source != format!("iter{iteration}")).collect();
+    for s in stats {
+        let Some(t) = by_id.get(s.template_id.as_str()) else { continue };
+        rows.push(ArchiveRow {
+            rank: 0,
+            source: format!("iter{iteration}"),
+            template_id: t.template_id.clone(),
+            instruction: t.instruction.clone(),
+            hyperparameters: t.hyperparameters.clone(),
+            accuracy: s.mean_accuracy,
+            normalized_gain: s.normalized_gain,
+        });
+    }
+    rows.sort_by(|a, b| b.accuracy.total_cmp(&a.accuracy).then(a.template_id.cmp(&b.template_id)));
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.rank = i as i64;
+    }
+    rows
+}
+
+/// `update-archive`: writes `archive.parquet` (iteration 0 starts from the seed archive).
+pub fn run(ctx: &StageContext) -> anyhow::Result<()> {
+    let previous: Vec<ArchiveRow> = if ctx.iteration == 0 {
+        seed_archive(&ctx.exp.config.archive_seed)?
+    } else {
+        tables::read(&ctx.layout.table::<ArchiveRow>(ctx.iteration - 1, Split::Train))?
+    };
+    let templates: Vec<TemplateRow> = ctx.read()?;
+    let stats: Vec<TemplateStatsRow> = ctx.read()?;
+    let rows = update_archive(previous, ctx.iteration, &templates, &stats);
+    let detail = format!("best {:.3} ({})", rows[0].accuracy, rows[0].template_id);
+    ctx.write(Stage::Archive, &ctx.table::<ArchiveRow>(), &rows, &detail)
+}

@@ -1,0 +1,200 @@
+//! Stage 5, evaluate: the base model and every adapter answer their article's questions
+//! closed-book, `eval.runs` times each → `answers.parquet`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::experiment::cli::{progress, ModelArgs, ShardArgs, StageContext};
+use crate::experiment::grading;
+use crate::experiment::layout::Stage;
+use crate::experiment::prompts::{self, Prompts};
+use crate::experiment::states::{AdapterStatus, GraderKind, Split, BASE_MODEL_ID};
+use crate::experiment::tables::{AdapterRow, AnswerRow, ArticleRow, SelfEditRow};
+use crate::runtime::device::parse_device;
+use crate::runtime::formats::LoadedModel;
+use crate::runtime::generate::{generate, ConstraintFactory, GenerationRequest, SamplingParams};
+use crate::runtime::lora::LoraAdapter;
+use crate::runtime::model::Adapter;
+use crate::runtime::tokenizer::ChatMessage;
+use crate::util::hash::derive_seed;
+
+/// The closed-book QA prompt: chat models get the system message and the question; models
+/// without a chat template get SEAL's base-model prompt.
+fn qa_prompt(prompts: &Prompts, model: &LoadedModel, question: &str) -> anyhow::Result<Vec<u32>> {
+    if model.tokenizer.chat_template.is_some() {
+        let system = prompts.render(prompts::QA_SYSTEM, json!({}))?;
+        model.tokenizer.encode_chat(&[ChatMessage::system(system), ChatMessage::user(question)], true)
+    } else {
+        model.tokenizer.encode_prompt(&format!("{}\n", prompts.render(prompts::QA_BASE, json!({"question": question}))?))
+    }
+}
+
+/// A model to evaluate: `base`, or a self-edit's adapter (`empty` self-edits are the
+/// paper's dummy adapter: the base model itself, answering with their own seeds).
+pub struct EvalTarget {
+    pub model_id: String,
+    pub article_id: String,
+    pub adapter: Option<PathBuf>,
+}
+
+/// The base model for every article of the split, then every trained or empty self-edit
+/// (failed ones have nothing to evaluate; their score row says so).
+pub fn eval_targets(articles: &[ArticleRow], adapters: &[AdapterRow], edits: &[SelfEditRow], split: Split) -> Vec<EvalTarget> {
+    let edit_article: HashMap<&str, &str> = edits.iter().map(|e| (e.self_edit_id.as_str(), e.article_id.as_str())).collect();
+    let mut out: Vec<EvalTarget> = articles
+        .iter()
+        .filter(|a| a.split == split)
+        .map(|a| EvalTarget { model_id: BASE_MODEL_ID.into(), article_id: a.article_id.clone(), adapter: None })
+        .collect();
+    for a in adapters {
+        let Some(article) = edit_article.get(a.self_edit_id.as_str()) else { continue };
+        let adapter = match a.status {
+            AdapterStatus::Trained => a.adapter_path.as_ref().map(PathBuf::from),
+            AdapterStatus::Empty => None,
+            AdapterStatus::Failed | AdapterStatus::Missing => continue,
+        };
+        out.push(EvalTarget { model_id: a.self_edit_id.clone(), article_id: article.to_string(), adapter });
+    }
+    out
+}
+
+/// A yes/no judge for answers.
+pub struct Judge<'a> {
+    pub model: &'a LoadedModel,
+    pub factory: ConstraintFactory,
+}
+
+impl<'a> Judge<'a> {
+    pub fn new(model: &'a LoadedModel) -> anyhow::Result<Self> {
+        Ok(Self { model, factory: ConstraintFactory::new(&model.tokenizer)? })
+    }
+}
+
+/// Answers every question of each target's article `eval.runs` times (the targets of
+/// `shard`), grades them, and asks the judge where configured.
+pub fn evaluate(
+    ctx: &StageContext,
+    model: &LoadedModel,
+    articles: &[ArticleRow],
+    targets: &[EvalTarget],
+    judge: Option<&Judge>,
+    shard: crate::experiment::cli::Shard,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<Vec<AnswerRow>> {
+    let cfg = &ctx.exp.config;
+    let articles: HashMap<&str, &ArticleRow> = articles.iter().map(|a| (a.article_id.as_str(), a)).collect();
+    let mut rows = Vec::new();
+    for (i, target) in targets.iter().enumerate() {
+        if !shard.owns(i) {
+            continue;
+        }
+        let article = articles.get(target.article_id.as_str()).with_context(|| format!("unknown article {}", target.article_id))?;
+        let adapter = match &target.adapter {
+            Some(dir) => Some(
+                LoraAdapter::load_peft(dir, &model.decoder.cfg, model.device())
+                    .with_context(|| format!("adapter of {} is unreadable: delete {} and rerun `make`", target.model_id, dir.display()))?,
+            ),
+            None => None,
+        };
+        // every question × every run in one batch list
+        let mut requests = Vec::new();
+        let mut keys = Vec::new();
+        for (qi, q) in article.questions.iter().enumerate() {
+            let ids = qa_prompt(&ctx.prompts, model, &q.question)?;
+            for run in 0..cfg.eval.runs {
+                let seed = derive_seed(cfg.seed, &format!("eval/{}/{}/{qi}/{run}", target.model_id, article.article_id));
+                requests.push(GenerationRequest::new(ids.clone(), cfg.eval.sampling.clone(), seed, cfg.eval.max_new_tokens));
+                keys.push((qi, run));
+            }
+        }
+        let outs = generate(model, adapter.as_ref().map(|a| a as &dyn Adapter), requests, cfg.eval.batch_size, |_| {})?;
+        // Grading is independent per answer: rayon spreads it over the cores.
+        use rayon::prelude::*;
+        let mut graded: Vec<AnswerRow> = keys
+            .into_par_iter()
+            .zip(outs.into_par_iter())
+            .map(|((qi, run), out)| {
+                let q = &article.questions[qi];
+                let prediction = out.text.trim().to_string();
+                let (em, f1) = grading::squad_scores(&prediction, &q.answers);
+                AnswerRow {
+                    model_id: target.model_id.clone(),
+                    article_id: article.article_id.clone(),
+                    question_index: qi as i64,
+                    run: run as i64,
+                    question: q.question.clone(),
+                    correct: grading::heuristic_verdict(cfg.eval.heuristic, &prediction, &q.answers),
+                    prediction,
+                    gold_answers: q.answers.clone(),
+                    exact_match: em,
+                    f1,
+                    grader: GraderKind::Heuristic,
+                }
+            })
+            .collect();
+        if let (GraderKind::Judge, Some(j)) = (cfg.eval.grader, judge) {
+            judge_answers(ctx, j, &mut graded)?;
+        }
+        rows.extend(graded);
+        progress(1);
+    }
+    Ok(rows)
+}
+
+/// Asks the judge model about every answer the heuristic did not accept (the heuristic
+/// accepting is the paper's fallback, so those stay correct).
+fn judge_answers(ctx: &StageContext, judge: &Judge, rows: &mut [AnswerRow]) -> anyhow::Result<()> {
+    let schema = json!({"type": "object", "properties": {"correct": {"enum": ["yes", "no"]}}, "required": ["correct"], "additionalProperties": false});
+    let mut requests = Vec::new();
+    let mut idx = Vec::new();
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.grader = GraderKind::Judge;
+        if r.correct {
+            continue;
+        }
+        let prompt = ctx
+            .prompts
+            .render(prompts::JUDGE, json!({"question": r.question, "gold": r.gold_answers.join(" / "), "prediction": r.prediction}))?;
+        let ids = judge.model.tokenizer.encode_chat(&[ChatMessage::user(prompt)], true)?;
+        let mut req = GenerationRequest::new(ids, SamplingParams::greedy(), 0, 16);
+        req.constraint = Some(judge.factory.json_schema(&schema)?);
+        requests.push(req);
+        idx.push(i);
+    }
+    let outs = generate(judge.model, None, requests, ctx.exp.config.eval.batch_size, |_| {})?;
+    for (i, out) in idx.into_iter().zip(outs) {
+        let verdict: serde_json::Value = serde_json::from_str(&out.text).unwrap_or_default();
+        rows[i].correct = verdict["correct"] == "yes";
+    }
+    Ok(())
+}
+
+/// `evaluate`: answers for this shard's targets, or merges shards.
+pub fn run(ctx: &StageContext, model_args: &ModelArgs, shard: &ShardArgs) -> anyhow::Result<()> {
+    if let Some(n) = shard.merge {
+        return ctx.merge_shards::<AnswerRow>(Stage::Evaluate, n);
+    }
+    let shard = shard.shard;
+    let cfg = &ctx.exp.config;
+    let articles: Vec<ArticleRow> = crate::experiment::tables::read(&ctx.layout.articles())?;
+    let edits: Vec<SelfEditRow> = ctx.read()?;
+    let adapters: Vec<AdapterRow> = ctx.read()?;
+    let model = ctx.load_model(model_args)?;
+    let judge_model = match (cfg.eval.grader, &cfg.eval.judge_model) {
+        (GraderKind::Judge, Some(p)) => Some(crate::runtime::formats::load(p, &parse_device(&cfg.model.device)?)?),
+        _ => None,
+    };
+    let judge = match cfg.eval.grader {
+        GraderKind::Judge => Some(Judge::new(judge_model.as_ref().unwrap_or(&model))?),
+        GraderKind::Heuristic => None,
+    };
+    let targets = eval_targets(&articles, &adapters, &edits, ctx.split());
+    let bar = progress(shard.len_of(targets.len()), "models evaluated");
+    let rows = evaluate(ctx, &model, &articles, &targets, judge.as_ref(), shard, |k| bar.inc(k as u64))?;
+    bar.finish_and_clear();
+    let correct = rows.iter().filter(|r| r.correct).count();
+    ctx.write(Stage::Evaluate, &ctx.shard_table::<AnswerRow>(shard), &rows, &format!("{correct} correct, grader {}", cfg.eval.grader))
+}

@@ -1,0 +1,223 @@
+//! Stage 4, train: one LoRA adapter per self-edit (PEFT format under `adapters/`) →
+//! `adapters.parquet`. An adapter on disk whose recorded inputs match is reused, so a killed
+//! run resumes where it stopped and retrains only what changed.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::experiment::cli::{progress, ModelArgs, ShardArgs, StageContext};
+use crate::experiment::config::ExperimentConfig;
+use crate::experiment::layout::Stage;
+use crate::experiment::states::AdapterStatus;
+use crate::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow};
+use crate::runtime::formats::LoadedModel;
+use crate::runtime::lora::{LoraAdapter, LoraConfig};
+use crate::runtime::model::Proj;
+use crate::runtime::training::{train_lora, TrainConfig, TrainExample};
+use crate::util::hash::{content_hash, derive_seed};
+
+/// What training one adapter recorded, kept beside the adapter so a rerun can rebuild the
+/// table row without training again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterRecord {
+    /// Hash of everything the adapter depends on: settings, hyperparameters, sequences.
+    pub input_hash: String,
+    pub sequences: usize,
+    pub tokens: usize,
+    pub steps: usize,
+    pub loss_curve: Vec<f32>,
+    pub seconds: f64,
+}
+
+/// The record's file name inside an adapter folder.
+pub const TRAIN_RECORD: &str = "train_record.json";
+
+/// The training sequences of a self-edit (plus the passage when configured).
+pub fn training_texts(cfg: &ExperimentConfig, edit: &SelfEditRow, article: &ArticleRow) -> Vec<String> {
+    let mut texts: Vec<String> = edit.sequences.iter().filter(|s| !s.trim().is_empty()).cloned().collect();
+    if cfg.training.append_passage && !texts.is_empty() {
+        texts.push(format!("{}\n{}", article.title, article.context).trim().to_string());
+    }
+    texts
+}
+
+/// The hash of everything an adapter depends on: seed, model, training settings, the
+/// template's hyperparameters and the sequences. A change of any retrains the adapter.
+pub fn adapter_input_hash(cfg: &ExperimentConfig, template: &TemplateRow, texts: &[String]) -> String {
+    content_hash(&json!([cfg.seed, cfg.model, cfg.training, template.hyperparameters, texts]))
+}
+
+fn empty_row(id: &str) -> AdapterRow {
+    AdapterRow {
+        self_edit_id: id.to_string(),
+        status: AdapterStatus::Empty,
+        adapter_path: None,
+        sequences: 0,
+        tokens: 0,
+        steps: 0,
+        loss_curve: vec![],
+        seconds: 0.0,
+        error: None,
+    }
+}
+
+/// Trains (or finds already trained) the adapter of every self-edit in `shard`. An adapter
+/// folder that exists is complete (folders are renamed into place), so it is not trained
+/// again: killing this stage loses at most the adapter in progress.
+pub fn train_adapters(
+    ctx: &StageContext,
+    model: &LoadedModel,
+    templates: &[TemplateRow],
+    edits: &[SelfEditRow],
+    articles: &[ArticleRow],
+    shard: crate::experiment::cli::Shard,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<Vec<AdapterRow>> {
+    let cfg = &ctx.exp.config;
+    let adapters_dir = ctx.layout.adapters_dir(ctx.iteration, ctx.split());
+    let templates: HashMap<&str, &TemplateRow> = templates.iter().map(|t| (t.template_id.as_str(), t)).collect();
+    let articles: HashMap<&str, &ArticleRow> = articles.iter().map(|a| (a.article_id.as_str(), a)).collect();
+    let targets = &cfg.training.target_modules;
+    // A killed run leaves its adapter in progress in a hidden temporary folder: remove it.
+    if let Ok(entries) = std::fs::read_dir(&adapters_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, edit) in edits.iter().enumerate() {
+        if !shard.owns(i) {
+            continue;
+        }
+        let dir = adapters_dir.join(&edit.self_edit_id);
+        let mut row = empty_row(&edit.self_edit_id);
+        let article =
+            articles.get(edit.article_id.as_str()).with_context(|| format!("self-edit {}: unknown article", edit.self_edit_id))?;
+        let texts = training_texts(cfg, edit, article);
+        if !edit.valid || texts.is_empty() {
+            row.error = Some(edit.error.clone().unwrap_or_else(|| "no usable training sequence".into()));
+            rows.push(row);
+            progress(1);
+            continue;
+        }
+        let t = templates.get(edit.template_id.as_str()).with_context(|| format!("self-edit {}: unknown template", edit.self_edit_id))?;
+        let input_hash = adapter_input_hash(cfg, t, &texts);
+        // An adapter on disk with the same inputs is complete (folders are renamed into
+        // place): reuse it. Anything else there is stale or damaged and is retrained.
+        let record_path = dir.join(TRAIN_RECORD);
+        if let Ok(text) = std::fs::read_to_string(&record_path) {
+            if let Ok(rec) = serde_json::from_str::<AdapterRecord>(&text) {
+                let complete = LoraAdapter::load_peft(&dir, &model.decoder.cfg, model.device()).is_ok();
+                if rec.input_hash == input_hash && complete {
+                    rows.push(adapter_row_from(&edit.self_edit_id, &dir, rec));
+                    progress(1);
+                    continue;
+                }
+            }
+            tracing::warn!("{}: stale or damaged adapter, training it again", dir.display());
+        }
+        match train_one(cfg, model, t, &edit.self_edit_id, &texts, targets, &dir, input_hash) {
+            Ok(rec) => rows.push(adapter_row_from(&edit.self_edit_id, &dir, rec)),
+            Err(e) => {
+                row.status = AdapterStatus::Failed;
+                row.error = Some(format!("{e:#}"));
+                rows.push(row);
+            }
+        }
+        progress(1);
+    }
+    Ok(rows)
+}
+
+fn adapter_row_from(id: &str, dir: &Path, rec: AdapterRecord) -> AdapterRow {
+    AdapterRow {
+        self_edit_id: id.to_string(),
+        status: AdapterStatus::Trained,
+        adapter_path: Some(dir.display().to_string()),
+        sequences: rec.sequences as i64,
+        tokens: rec.tokens as i64,
+        steps: rec.steps as i64,
+        loss_curve: rec.loss_curve,
+        seconds: rec.seconds,
+        error: None,
+    }
+}
+
+/// Trains one adapter and writes it, with its record, atomically as `dir`.
+#[allow(clippy::too_many_arguments)] // one adapter's inputs; a struct would only rename them
+fn train_one(
+    cfg: &ExperimentConfig,
+    model: &LoadedModel,
+    t: &TemplateRow,
+    id: &str,
+    texts: &[String],
+    targets: &[Proj],
+    dir: &Path,
+    input_hash: String,
+) -> anyhow::Result<AdapterRecord> {
+    let examples: Vec<TrainExample> =
+        texts.iter().map(|s| Ok(TrainExample { ids: model.tokenizer.encode(s)?, loss_from: 0 })).collect::<anyhow::Result<_>>()?;
+    let seed = derive_seed(cfg.seed, &format!("adapter/{id}"));
+    let h = &t.hyperparameters;
+    let lora = LoraConfig { rank: h.lora_rank as usize, alpha: h.lora_alpha as f64, dropout: h.lora_dropout, targets: targets.to_vec() };
+    let mut adapter = LoraAdapter::new(&model.decoder.cfg, lora, seed, model.device())?;
+    let tc = TrainConfig {
+        learning_rate: h.learning_rate,
+        epochs: h.num_epochs as usize,
+        grad_accum: h.gradient_accumulation_steps as usize,
+        max_len: cfg.training.max_len,
+        seed,
+        max_grad_norm: cfg.training.max_grad_norm,
+    };
+    let report = train_lora(&model.decoder, &mut adapter, &examples, &tc, |_, _, _| {})?;
+    let rec = AdapterRecord {
+        input_hash,
+        sequences: examples.len(),
+        tokens: report.tokens,
+        steps: report.steps,
+        loss_curve: report.step_losses,
+        seconds: report.seconds,
+    };
+    // The record is written inside the adapter's temporary folder, so both appear together.
+    let base = model.source.display().to_string();
+    crate::util::atomic::write_dir_atomically(dir, |tmp| {
+        adapter.save_peft(&tmp.join("peft"), &base)?;
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            std::fs::rename(tmp.join("peft").join(f), tmp.join(f))?;
+        }
+        std::fs::remove_dir(tmp.join("peft"))?;
+        std::fs::write(tmp.join(TRAIN_RECORD), serde_json::to_string_pretty(&rec)?)?;
+        Ok(())
+    })?;
+    Ok(rec)
+}
+
+/// `train-adapters`: trains this shard's adapters and writes its table, or merges shards.
+pub fn run(ctx: &StageContext, model: &ModelArgs, shard: &ShardArgs) -> anyhow::Result<()> {
+    if let Some(n) = shard.merge {
+        return ctx.merge_shards::<AdapterRow>(Stage::Train, n);
+    }
+    let shard = shard.shard;
+    let templates: Vec<TemplateRow> = ctx.read()?;
+    let edits: Vec<SelfEditRow> = ctx.read()?;
+    let articles: Vec<ArticleRow> = crate::experiment::tables::read(&ctx.layout.articles())?;
+    let model = ctx.load_model(model)?;
+    let bar = progress(shard.len_of(edits.len()), "adapters");
+    let rows = train_adapters(ctx, &model, &templates, &edits, &articles, shard, |k| bar.inc(k as u64))?;
+    bar.finish_and_clear();
+    let count = |s: AdapterStatus| rows.iter().filter(|r| r.status == s).count();
+    let detail = format!(
+        "{} trained, {} empty, {} failed",
+        count(AdapterStatus::Trained),
+        count(AdapterStatus::Empty),
+        count(AdapterStatus::Failed)
+    );
+    ctx.write(Stage::Train, &ctx.shard_table::<AdapterRow>(shard), &rows, &detail)
+}

@@ -1,0 +1,141 @@
+//! The paper's per-template statistics over accuracies `acc[a, c, e]` (article a,
+//! completion c, evaluation run e) and the base model's per-article mean `b[a]`.
+//!
+//! Standard deviations are population ones (numpy's default, ddof = 0). Hake's normalized
+//! gain `(x - b) / (1 - b)` is undefined where the base model already scores 1 on an
+//! article; such (a, c) pairs are left out of that one mean (it is NaN if all are).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One accuracy of one template: article, completion index, eval run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub article_id: String,
+    pub completion: usize,
+    pub run: usize,
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateStats {
+    pub mean_accuracy: f64,
+    pub robustness: f64,
+    pub evaluation_noise: f64,
+    pub instantiation_noise: f64,
+    pub mean_gain: f64,
+    pub win_rate: f64,
+    pub normalized_gain: f64,
+    pub n_articles: usize,
+    pub n_self_edits: usize,
+}
+
+pub fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        f64::NAN
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+pub fn std(xs: &[f64]) -> f64 {
+    let m = mean(xs);
+    (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64).sqrt()
+}
+
+/// Computes every statistic for one template. `base` maps article ids to the base model's
+/// mean accuracy; every observed article must have one.
+pub fn template_stats(obs: &[Observation], base: &BTreeMap<String, f64>) -> anyhow::Result<TemplateStats> {
+    anyhow::ensure!(!obs.is_empty(), "no observations");
+    // acc[a][c] = runs
+    let mut acc: BTreeMap<&str, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
+    for o in obs {
+        acc.entry(&o.article_id).or_default().entry(o.completion).or_default().push(o.accuracy);
+    }
+    let all: Vec<f64> = obs.iter().map(|o| o.accuracy).collect();
+    let mut article_means = Vec::new();
+    let mut eval_stds = Vec::new();
+    let mut inst_stds = Vec::new();
+    let mut gains = Vec::new();
+    let mut wins = Vec::new();
+    let mut norm_gains = Vec::new();
+    for (a, by_c) in &acc {
+        let b = *base.get(*a).ok_or_else(|| anyhow::anyhow!("no base-model accuracy for article {a}"))?;
+        let c_means: Vec<f64> = by_c.values().map(|runs| mean(runs)).collect();
+        let all_runs: Vec<f64> = by_c.values().flatten().copied().collect();
+        article_means.push(mean(&all_runs));
+        inst_stds.push(std(&c_means));
+        for (runs, &m) in by_c.values().zip(&c_means) {
+            eval_stds.push(std(runs));
+            gains.push(m - b);
+            wins.push(if m > b { 1.0 } else { 0.0 });
+            if b < 1.0 {
+                norm_gains.push((m - b) / (1.0 - b));
+            }
+        }
+    }
+    Ok(TemplateStats {
+        mean_accuracy: mean(&all),
+        robustness: std(&article_means),
+        evaluation_noise: mean(&eval_stds),
+        instantiation_noise: mean(&inst_stds),
+        mean_gain: mean(&gains),
+        win_rate: mean(&wins),
+        normalized_gain: mean(&norm_gains),
+        n_articles: acc.len(),
+        n_self_edits: gains.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o(a: &str, c: usize, e: usize, x: f64) -> Observation {
+        Observation { article_id: a.into(), completion: c, run: e, accuracy: x }
+    }
+
+    /// Two articles, two completions, two runs; every number worked out by hand below.
+    #[test]
+    fn statistics_by_hand() {
+        let obs = vec![
+            // article A, base 0.5
+            o("A", 0, 0, 1.0),
+            o("A", 0, 1, 0.5), // c0 mean 0.75, std 0.25
+            o("A", 1, 0, 0.5),
+            o("A", 1, 1, 0.5), // c1 mean 0.5,  std 0
+            // article B, base 0.0
+            o("B", 0, 0, 0.0),
+            o("B", 0, 1, 0.0), // c0 mean 0,    std 0
+            o("B", 1, 0, 1.0),
+            o("B", 1, 1, 0.0), // c1 mean 0.5,  std 0.5
+        ];
+        let base: BTreeMap<String, f64> = [("A".to_string(), 0.5), ("B".to_string(), 0.0)].into();
+        let s = template_stats(&obs, &base).unwrap();
+        // mean of all eight: (1 + .5 + .5 + .5 + 0 + 0 + 1 + 0) / 8 = 3.5 / 8
+        assert!((s.mean_accuracy - 0.4375).abs() < 1e-12);
+        // article means: A 0.625, B 0.25 → std = 0.1875
+        assert!((s.robustness - 0.1875).abs() < 1e-12);
+        // eval stds: 0.25, 0, 0, 0.5 → 0.1875
+        assert!((s.evaluation_noise - 0.1875).abs() < 1e-12);
+        // completion means A: .75, .5 → std .125; B: 0, .5 → std .25 → mean .1875
+        assert!((s.instantiation_noise - 0.1875).abs() < 1e-12);
+        // gains: .25, 0, 0, .5 → .1875
+        assert!((s.mean_gain - 0.1875).abs() < 1e-12);
+        // wins: A c0 (.75 > .5) yes, A c1 (.5 > .5) no, B c0 no, B c1 yes → 0.5
+        assert!((s.win_rate - 0.5).abs() < 1e-12);
+        // normalized: .25/.5 = .5, 0, 0, .5/1 = .5 → .25
+        assert!((s.normalized_gain - 0.25).abs() < 1e-12);
+        assert_eq!((s.n_articles, s.n_self_edits), (2, 4));
+    }
+
+    #[test]
+    fn normalized_gain_skips_articles_the_base_model_aces() {
+        let obs = vec![o("A", 0, 0, 1.0), o("B", 0, 0, 0.5)];
+        let base: BTreeMap<String, f64> = [("A".to_string(), 1.0), ("B".to_string(), 0.0)].into();
+        let s = template_stats(&obs, &base).unwrap();
+        assert!((s.normalized_gain - 0.5).abs() < 1e-12);
+        assert!(template_stats(&obs, &BTreeMap::new()).is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! Frozen-weight matmuls through the system's OpenBLAS (feature `openblas`, on by default).
+//!
+//! Why: on this project's 2-core CPU, candle's built-in GEMM reaches ~50-65 GFLOP/s where
+//! OpenBLAS (and PyTorch's MKL) reach ~135-150 for the shapes of a LoRA training step, and
+//! those matmuls are nearly all of the step's work. Only contiguous f32 CPU tensors take this
+//! path; anything else (GPU, bf16, strided views) uses candle's matmul.
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+
+#[cfg(feature = "openblas")]
+mod ffi {
+    use std::os::raw::c_int;
+    pub const ROW_MAJOR: c_int = 101;
+    pub const NO_TRANS: c_int = 111;
+    pub const TRANS: c_int = 112;
+    #[link(name = "openblas")]
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        pub fn cblas_sgemm(
+            layout: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor, or returns `None`.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            Some(f(&v[start..start + t.elem_count()]))
+        }
+        _ => None,
+    }
+}
+
+/// `x @ w^T` for `x` `[m, k]` and `w` `[n, k]`, or `None` when this path does not apply.
+pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    batched(x, w, false, true)
+}
+
+/// `g @ w` for `g` `[m, n]` and `w` `[n, k]`, or `None` when this path does not apply.
+pub fn matmul_nn(g: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    batched(g, w, false, false)
+}
+
+/// Below this many rows (decoding one token per sequence) candle's own kernel is faster
+/// than OpenBLAS here (200 greedy tokens: 6.0 s against 9.5 s).
+const MIN_ROWS: usize = 8;
+
+/// Whether the BLAS path is compiled in.
+pub const ENABLED: bool = cfg!(feature = "openblas");
+
+/// Batched `op(a) @ op(b)` over the leading dimensions (equal in both), where `op`
+/// transposes the last two dimensions when asked. Both tensors must be contiguous f32 on the
+/// CPU; otherwise `None` and the caller uses candle's matmul.
+pub fn batched(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Option<candle_core::Result<Tensor>> {
+    if !ENABLED || a.rank() < 2 || a.rank() != b.rank() {
+        return None;
+    }
+    let r = a.rank();
+    let (ad, bd) = (a.dims(), b.dims());
+    if ad[..r - 2] != bd[..r - 2] {
+        return None;
+    }
+    let batch: usize = ad[..r - 2].iter().product();
+    let (m, ka) = if trans_a { (ad[r - 1], ad[r - 2]) } else { (ad[r - 2], ad[r - 1]) };
+    let (kb, n) = if trans_b { (bd[r - 1], bd[r - 2]) } else { (bd[r - 2], bd[r - 1]) };
+    if ka != kb || m < MIN_ROWS || n == 0 || ka == 0 {
+        return None;
+    }
+    let k = ka;
+    let mut out = vec![0f32; batch * m * n];
+    with_f32(a, |av| {
+        with_f32(b, |bv| {
+            for i in 0..batch {
+                gemm(
+                    &av[i * m * k..(i + 1) * m * k],
+                    &bv[i * k * n..(i + 1) * k * n],
+                    &mut out[i * m * n..(i + 1) * m * n],
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                );
+            }
+        })
+    })??;
+    let mut shape = ad[..r - 2].to_vec();
+    shape.extend([m, n]);
+    Some(Tensor::from_vec(out, shape, &Device::Cpu))
+}
+
+#[cfg(feature = "openblas")]
+#[allow(clippy::too_many_arguments)]
+fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) {
+    let t = |x: bool| if x { ffi::TRANS } else { ffi::NO_TRANS };
+    // SAFETY: row-major a is m×k (k×m when transposed), b k×n (n×k), c m×n; lengths checked
+    // by the caller's shapes.
+    unsafe {
+        ffi::cblas_sgemm(
+            ffi::ROW_MAJOR,
+            t(trans_a),
+            t(trans_b),
+            m as i32,
+            n as i32,
+            k as i32,
+            1.0,
+            a.as_ptr(),
+            if trans_a { m as i32 } else { k as i32 },
+            b.as_ptr(),
+            if trans_b { k as i32 } else { n as i32 },
+            0.0,
+            c.as_mut_ptr(),
+            n as i32,
+        )
+    }
+}
+
+#[cfg(not(feature = "openblas"))]
+#[allow(clippy::too_many_arguments)]
+fn gemm(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: usize, _: usize, _: bool, _: bool) {}
+
+/// How many threads candle's rayon pool should have beside BLAS: one, since two pools
+/// spinning on two cores slowed training by 40%; `None` without BLAS (rayon's default).
+/// The binaries' `main` applies it (and sets `RAYON_NUM_THREADS`, which candle reads at
+/// every matmul to choose its own parallelism); no library function changes the process.
+pub fn rayon_threads_beside_blas() -> Option<usize> {
+    ENABLED.then_some(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blas_matches_candle() {
+        let x = Tensor::randn(0f32, 1., (9, 5), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1., (3, 5), &Device::Cpu).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(matmul_nt(&x, &w).is_some(), ENABLED);
+        if let Some(got) = matmul_nt(&x, &w) {
+            let d = (got.unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5);
+        }
+        let g = Tensor::randn(0f32, 1., (9, 3), &Device::Cpu).unwrap();
+        let want = g.matmul(&w).unwrap();
+        if let Some(got) = matmul_nn(&g, &w) {
+            let d = (got.unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5);
+        }
+        // a strided view does not take this path
+        assert!(matmul_nt(&x.t().unwrap(), &w.t().unwrap()).is_none());
+        // batched with transposes
+        let a = Tensor::randn(0f32, 1., (2, 3, 4, 9), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1., (2, 3, 4, 10), &Device::Cpu).unwrap();
+        if let Some(got) = batched(&a, &b, true, false) {
+            let want = a.t().unwrap().matmul(&b).unwrap();
+            let d = (got.unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5);
+        }
+        let c = Tensor::randn(0f32, 1., (2, 3, 6, 9), &Device::Cpu).unwrap();
+        if let Some(got) = batched(&a, &c, false, true) {
+            let want = a.matmul(&c.t().unwrap()).unwrap();
+            let d = (got.unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Next-token sampling with vLLM's semantics.
+//!
+//! Order (vLLM V1's sampler): presence penalty on tokens already *generated* (not the
+//! prompt) → temperature (0 = greedy argmax) → min_p, relative to the most likely token's
+//! probability → top_k (-1 = off) → top_p (smallest set whose mass reaches top_p) → draw.
+//! Each request has its own seeded RNG, so a request's output does not depend on which other
+//! requests share its batch.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f64,
+    #[serde(default = "one")]
+    pub top_p: f64,
+    /// -1 (or 0) disables top-k.
+    #[serde(default = "minus_one")]
+    pub top_k: i64,
+    #[serde(default)]
+    pub min_p: f64,
+    #[serde(default)]
+    pub presence_penalty: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn minus_one() -> i64 {
+    -1
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, top_k: -1, min_p: 0.0, presence_penalty: 0.0 }
+    }
+    /// The paper's evaluation regime: T 0.7, top_p 0.9, top_k 40, presence penalty 1.5.
+    pub fn paper_eval() -> Self {
+        Self { temperature: 0.7, top_p: 0.9, top_k: 40, min_p: 0.0, presence_penalty: 1.5 }
+    }
+    /// The paper's exploit regime for models without thinking.
+    pub fn paper_exploit() -> Self {
+        Self { temperature: 0.3, top_p: 0.85, top_k: 40, min_p: 0.05, presence_penalty: 0.5 }
+    }
+    /// The paper's explore regime for models without thinking.
+    pub fn paper_explore() -> Self {
+        Self { temperature: 1.3, top_p: 0.95, top_k: -1, min_p: 0.05, presence_penalty: 1.5 }
+    }
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.temperature >= 0.0, "temperature must be >= 0, got {}", self.temperature);
+        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "top_p must be in (0, 1], got {}", self.top_p);
+        anyhow::ensure!((0.0..=1.0).contains(&self.min_p), "min_p must be in [0, 1], got {}", self.min_p);
+        Ok(())
+    }
+}
+
+/// One request's sampler: its parameters, its RNG and its generated-token set.
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: StdRng,
+    seen: Vec<bool>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, seed: u64) -> Self {
+        Self { params, rng: StdRng::seed_from_u64(seed), seen: Vec::new() }
+    }
+
+    /// Records a generated token (for the presence penalty).
+    pub fn observe(&mut self, token: u32) {
+        let t = token as usize;
+        if self.seen.len() <= t {
+            self.seen.resize(t + 1, false);
+        }
+        self.seen[t] = true;
+    }
+
+    /// Picks the next token from `logits` (f32, one per vocabulary row). Tokens already at
+    /// -inf (masked by a grammar or beyond the tokenizer) are never chosen.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        let p = &self.params;
+        // 1. presence penalty on generated tokens
+        if p.presence_penalty != 0.0 {
+            for (t, &s) in self.seen.iter().enumerate() {
+                if s && t < logits.len() {
+                    logits[t] -= p.presence_penalty as f32;
+                }
+            }
+        }
+        // 2. greedy or temperature
+        if p.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / p.temperature as f32;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // candidates with unnormalised probabilities exp((l - max)/T)
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, &l)| l.is_finite()).map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
+        if cand.is_empty() {
+            return argmax(logits);
+        }
+        // 3. min_p: keep tokens with prob >= min_p * max prob (the max has weight 1)
+        if p.min_p > 0.0 {
+            let thr = p.min_p as f32;
+            cand.retain(|&(_, w)| w >= thr);
+        }
+        cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+        // 4. top_k
+        if p.top_k > 0 && (p.top_k as usize) < cand.len() {
+            cand.truncate(p.top_k as usize);
+        }
+        // 5. top_p over the renormalised remainder
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
+                cum += c.1 / total;
+                if cum >= p.top_p as f32 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep.max(1));
+        }
+        // 6. draw
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for &(t, w) in &cand {
+            if u < w {
+                return t;
+            }
+            u -= w;
+        }
+        cand.last().unwrap().0
+    }
+}
+
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn freq(params: SamplingParams, logits: &[f32], seen: &[u32], n: usize) -> Vec<f64> {
+        let mut s = Sampler::new(params, 7);
+        for &t in seen {
+            s.observe(t);
+        }
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..n {
+            let mut l = logits.to_vec();
+            counts[s.sample(&mut l) as usize] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / n as f64).collect()
+    }
+
+    #[test]
+    fn greedy_takes_argmax_after_presence_penalty() {
+        let mut s = Sampler::new(SamplingParams { presence_penalty: 2.0, ..SamplingParams::greedy() }, 0);
+        assert_eq!(s.sample(&mut [1.0, 3.0, 2.5]), 1);
+        s.observe(1);
+        // 3.0 - 2.0 = 1.0 < 2.5
+        assert_eq!(s.sample(&mut [1.0, 3.0, 2.5]), 2);
+    }
+
+    #[test]
+    fn filters_follow_vllm_order() {
+        let logits = [0.0f32, (0.5f32).ln(), (0.25f32).ln(), (0.125f32).ln(), f32::NEG_INFINITY];
+        // probs ∝ 1, .5, .25, .125
+        // min_p 0.2: drops 0.125 (0.125 < 0.2 * 1)
+        let f = freq(SamplingParams { temperature: 1.0, min_p: 0.2, ..SamplingParams::greedy() }, &logits, &[], 20000);
+        assert_eq!(f[3], 0.0);
+        assert!((f[0] - 1.0 / 1.75).abs() < 0.02, "{f:?}");
+        // top_k 2
+        let f = freq(SamplingParams { temperature: 1.0, top_k: 2, ..SamplingParams::greedy() }, &logits, &[], 20000);
+        assert_eq!(f[2] + f[3], 0.0);
+        assert!((f[0] - 2.0 / 3.0).abs() < 0.02, "{f:?}");
+        // top_p 0.6 over {1, .5, .25, .125}/1.875: 0.533 < 0.6, 0.8 >= 0.6 → two tokens
+        let f = freq(SamplingParams { temperature: 1.0, top_p: 0.6, ..SamplingParams::greedy() }, &logits, &[], 20000);
+        assert_eq!(f[2] + f[3], 0.0);
+        // masked token never drawn
+        assert_eq!(f[4], 0.0);
+        // temperature 0.5 squares the ratios: 1, .25, .0625, ...
+        let f = freq(SamplingParams { temperature: 0.5, ..SamplingParams::greedy() }, &logits, &[], 40000);
+        let z = 1.0 + 0.25 + 0.0625 + 0.015625;
+        assert!((f[1] - 0.25 / z).abs() < 0.015, "{f:?}");
+    }
+
+    #[test]
+    fn presence_penalty_applies_to_generated_tokens_only() {
+        let logits = [0.0f32, 0.0];
+        let f = freq(
+            SamplingParams { temperature: 1.0, presence_penalty: (3.0f32).ln() as f64, ..SamplingParams::greedy() },
+            &logits,
+            &[0],
+            20000,
+        );
+        // weights 1/3 and 1 → 0.25 / 0.75
+        assert!((f[0] - 0.25).abs() < 0.02, "{f:?}");
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = SamplingParams::paper_explore();
+        let run = || {
+            let mut s = Sampler::new(p.clone(), 42);
+            (0..20)
+                .map(|_| {
+                    let mut l = logits.clone();
+                    let t = s.sample(&mut l);
+                    s.observe(t);
+                    t
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+}

@@ -1,0 +1,239 @@
+//! LoRA adapters: creation (PEFT's initialisation), the low-rank update in the forward pass,
+//! PEFT-format save and load, and merging into the base weights.
+//!
+//! An adapter is a value separate from the base model: `Decoder::forward_*` takes it as an
+//! argument, so one loaded base model serves any number of adapters.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{bail, ensure, Context};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::formats::safetensors::save_safetensors;
+use crate::runtime::model::{Adapter, Decoder, ModelConfig, Proj};
+
+/// Shape of an adapter: PEFT's `r`, `lora_alpha`, `lora_dropout`, `target_modules`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<Proj>,
+}
+
+impl LoraConfig {
+    /// The paper's self-edit adapters: `q_proj` and `v_proj`.
+    pub fn paper(rank: usize, alpha: f64, dropout: f64) -> Self {
+        Self { rank, alpha, dropout, targets: vec![Proj::QProj, Proj::VProj] }
+    }
+    /// `alpha / r`, the scale of the update (no rsLoRA).
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// `A` is `[r, in]`, `B` is `[out, r]`; the update is `scale * x A^T B^T`.
+pub struct LoraPair {
+    pub a: Var,
+    pub b: Var,
+}
+
+pub struct LoraAdapter {
+    pub config: LoraConfig,
+    /// One map per decoder layer.
+    layers: Vec<HashMap<Proj, LoraPair>>,
+    /// Seeded dropout masks while training; `None` at inference.
+    dropout_rng: Option<Mutex<StdRng>>,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter: `A` Kaiming-uniform as PEFT (`a = sqrt(5)`, i.e. U(±1/sqrt(in))),
+    /// `B` zero, so the adapted model starts equal to the base model. Kept in f32.
+    pub fn new(model: &ModelConfig, config: LoraConfig, seed: u64, device: &Device) -> anyhow::Result<Self> {
+        ensure!(config.rank > 0, "LoRA rank must be positive, got {}", config.rank);
+        ensure!((0.0..1.0).contains(&config.dropout), "LoRA dropout must be in [0, 1), got {}", config.dropout);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut layers = Vec::with_capacity(model.num_hidden_layers);
+        for _ in 0..model.num_hidden_layers {
+            let mut map = HashMap::new();
+            for &m in &config.targets {
+                let (out_dim, in_dim) = m.shape(model);
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                let a: Vec<f32> = (0..config.rank * in_dim).map(|_| rng.random_range(-bound..bound) as f32).collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (config.rank, in_dim), device)?)?;
+                let b = Var::zeros((out_dim, config.rank), DType::F32, device)?;
+                map.insert(m, LoraPair { a, b });
+            }
+            layers.push(map);
+        }
+        Ok(Self { config, layers, dropout_rng: None })
+    }
+
+    /// Turns dropout on (seeded) for training, or off.
+    pub fn set_training(&mut self, seed: Option<u64>) {
+        self.dropout_rng = seed.map(|s| Mutex::new(StdRng::seed_from_u64(s)));
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn pair(&self, layer: usize, proj: Proj) -> Option<&LoraPair> {
+        self.layers.get(layer).and_then(|m| m.get(&proj))
+    }
+
+    /// Every trainable variable, in a fixed order (layer, module, A then B).
+    pub fn vars(&self) -> Vec<Var> {
+        let mut out = Vec::new();
+        for map in &self.layers {
+            let mut mods: Vec<_> = map.keys().copied().collect();
+            mods.sort();
+            for m in mods {
+                out.push(map[&m].a.clone());
+                out.push(map[&m].b.clone());
+            }
+        }
+        out
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    fn tensor_name(layer: usize, proj: Proj, ab: &str) -> String {
+        format!("base_model.model.{}.lora_{ab}.weight", proj.path(layer))
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` in PEFT's format, so
+    /// Python PEFT and vLLM load the adapter unchanged. The files are written to a temporary
+    /// folder that is renamed into place, so a crash never leaves a half-written adapter.
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> anyhow::Result<()> {
+        let mut tensors = HashMap::new();
+        for (i, map) in self.layers.iter().enumerate() {
+            for (m, pair) in map {
+                tensors.insert(Self::tensor_name(i, *m, "A"), pair.a.as_tensor().to_dtype(DType::F32)?);
+                tensors.insert(Self::tensor_name(i, *m, "B"), pair.b.as_tensor().to_dtype(DType::F32)?);
+            }
+        }
+        let mut targets: Vec<&str> = self.config.targets.iter().map(|m| m.name()).collect();
+        targets.sort();
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.config.rank,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": self.config.dropout,
+            "target_modules": targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": false,
+            "use_dora": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "revision": null,
+        });
+        crate::util::atomic::write_dir_atomically(dir, |tmp| {
+            let mut named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            save_safetensors(&named, &tmp.join("adapter_model.safetensors"))?;
+            std::fs::write(tmp.join("adapter_config.json"), serde_json::to_string_pretty(&config)?)?;
+            Ok(())
+        })
+    }
+
+    /// Loads a PEFT LoRA adapter (ours or Python PEFT's) for `model`.
+    pub fn load_peft(dir: &Path, model: &ModelConfig, device: &Device) -> anyhow::Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let raw: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?)
+                .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let field = |k: &str| raw.get(k).with_context(|| format!("{}: missing field {k:?}", cfg_path.display()));
+        ensure!(field("peft_type")?.as_str() == Some("LORA"), "{}: peft_type must be \"LORA\"", cfg_path.display());
+        if raw.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+            bail!("{}: DoRA adapters are not supported", cfg_path.display());
+        }
+        let rank = field("r")?.as_u64().with_context(|| format!("{}: r must be an integer", cfg_path.display()))? as usize;
+        let alpha = field("lora_alpha")?.as_f64().with_context(|| format!("{}: lora_alpha must be a number", cfg_path.display()))?;
+        let dropout = raw.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let targets = match field("target_modules")? {
+            serde_json::Value::Array(a) => {
+                a.iter().map(|v| Proj::parse(v.as_str().unwrap_or_default())).collect::<anyhow::Result<Vec<_>>>()?
+            }
+            serde_json::Value::String(s) => vec![Proj::parse(s)?],
+            v => bail!("{}: target_modules must be a list, got {v}", cfg_path.display()),
+        };
+        let weights_path = dir.join("adapter_model.safetensors");
+        let tensors = candle_core::safetensors::load(&weights_path, device)
+            .with_context(|| format!("reading {} (is the adapter complete?)", weights_path.display()))?;
+        let mut layers: Vec<HashMap<Proj, LoraPair>> = (0..model.num_hidden_layers).map(|_| HashMap::new()).collect();
+        for (i, map) in layers.iter_mut().enumerate() {
+            for &m in &targets {
+                let get = |ab: &str| {
+                    let name = Self::tensor_name(i, m, ab);
+                    tensors
+                        .get(&name)
+                        .or_else(|| tensors.get(&name.replace(".weight", ".default.weight")))
+                        .with_context(|| format!("{}: missing tensor {name}", weights_path.display()))
+                        .and_then(|t| Ok(t.to_dtype(DType::F32)?))
+                };
+                let (a, b) = (get("A")?, get("B")?);
+                let (out_dim, in_dim) = m.shape(model);
+                ensure!(
+                    a.dims() == [rank, in_dim] && b.dims() == [out_dim, rank],
+                    "{}: layer {i} {}: lora_A {:?} / lora_B {:?} do not fit r={rank} and the model's [{out_dim}, {in_dim}]",
+                    weights_path.display(),
+                    m.name(),
+                    a.dims(),
+                    b.dims()
+                );
+                map.insert(m, LoraPair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
+            }
+        }
+        Ok(Self { config: LoraConfig { rank, alpha, dropout, targets }, layers, dropout_rng: None })
+    }
+
+    /// Adds `scale * B A` to every targeted weight of `decoder`.
+    pub fn merge_into(&self, decoder: &mut Decoder) -> anyhow::Result<()> {
+        ensure!(self.layers.len() == decoder.layers.len(), "adapter has {} layers, model {}", self.layers.len(), decoder.layers.len());
+        for (i, map) in self.layers.iter().enumerate() {
+            for (&m, pair) in map {
+                let lin = decoder.linear_mut(i, m);
+                let delta = (pair.b.as_tensor().matmul(pair.a.as_tensor())? * self.config.scale())?;
+                let merged = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;
+                lin.weight = merged;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Adapter for LoraAdapter {
+    /// The low-rank update for `x` (`[.., in]`), or `None` when the module is not targeted.
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(pair) = self.pair(layer, proj) else { return Ok(None) };
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap();
+        let rows = x.elem_count() / in_dim;
+        let mut h = x.reshape((rows, in_dim))?.to_dtype(DType::F32)?;
+        if let (Some(rng), true) = (&self.dropout_rng, self.config.dropout > 0.0) {
+            let p = self.config.dropout;
+            let keep = 1.0 / (1.0 - p);
+            let mut rng = rng.lock().map_err(|_| candle_core::Error::Msg("dropout rng poisoned".into()))?;
+            let mask: Vec<f32> = (0..rows * in_dim).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
+            h = (h * Tensor::from_vec(mask, (rows, in_dim), x.device())?)?;
+        }
+        let y = h.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
+        let y = (y * self.config.scale())?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = pair.b.dim(0)?;
+        Ok(Some(y.reshape(out)?))
+    }
+}

@@ -1,0 +1,338 @@
+//! The decoder's forward pass: Llama / SmolLM2, Qwen2 and Qwen3 in one implementation.
+//!
+//! Follows candle-transformers' model files (a config deserialized from `config.json`,
+//! weights looked up by their checkpoint path, numbered steps in attention) with three
+//! differences: the KV cache and the adapter are passed to `forward` explicitly, so one
+//! loaded base model serves many batches and adapters; the architecture differences are
+//! switches (`qkv_bias`, `qk_norm`, tied embeddings) instead of one file per model; and every
+//! op is differentiable (see [`crate::runtime::ops`]), so the same forward trains adapters.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::cache::{Batch, KvCache};
+use super::config::ModelConfig;
+use super::weights::{global_tensors, Proj};
+use crate::runtime::ops;
+
+/// A low-rank (or any additive) update of the projections, applied on top of the frozen
+/// weights. LoRA implements it; the decoder needs nothing else of an adapter.
+pub trait Adapter: Sync {
+    /// The update to add to projection `proj` of layer `layer` for input `x` `[.., in]`:
+    /// `[.., out]` in any float dtype, or `None` when the adapter leaves `proj` alone.
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// A projection with a frozen weight `[out, in]` and an optional bias.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+}
+
+/// Grouped-query self-attention of one layer (`nh` query heads, `nkv` key/value heads of
+/// `d` dimensions; `h` = hidden size).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// `[nh * d, h]` (+ bias `[nh * d]` for Qwen2)
+    pub q_proj: Linear,
+    /// `[nkv * d, h]` (+ bias for Qwen2)
+    pub k_proj: Linear,
+    /// `[nkv * d, h]` (+ bias for Qwen2)
+    pub v_proj: Linear,
+    /// `[h, nh * d]`
+    pub o_proj: Linear,
+    /// Qwen3's per-head RMSNorm weights, `[d]` each.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`, `ff` = intermediate size.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// `[ff, h]`
+    pub gate_proj: Linear,
+    /// `[ff, h]`
+    pub up_proj: Linear,
+    /// `[h, ff]`
+    pub down_proj: Linear,
+}
+
+/// One pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    /// RMSNorm weight before attention, `[h]`.
+    pub input_layernorm: Tensor,
+    /// RMSNorm weight before the MLP, `[h]`.
+    pub post_attention_layernorm: Tensor,
+}
+
+/// Rotary tables `cos`, `sin`: `[max_positions, head_dim / 2]`.
+#[derive(Debug, Clone)]
+struct RopeTable {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTable {
+    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim();
+        let inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32)).collect();
+        let n = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
+        let max = cfg.max_position_embeddings;
+        let t = Tensor::arange(0u32, max as u32, device)?.to_dtype(DType::F32)?.reshape((max, 1))?;
+        let freqs = t.matmul(&inv_freq)?;
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// `cos`, `sin` for each position: `[batch, seq, head_dim / 2]`.
+    fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, l) = positions.dims2()?;
+        let flat = positions.flatten_all()?;
+        let cos = self.cos.index_select(&flat, 0)?.reshape((b, l, ()))?;
+        let sin = self.sin.index_select(&flat, 0)?.reshape((b, l, ()))?;
+        Ok((cos, sin))
+    }
+}
+/// The decoder-only transformer.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
+    pub lm_head: Tensor,
+    rope: RopeTable,
+}
+
+impl Decoder {
+    /// Builds the decoder from weights named as in a Hugging Face checkpoint.
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+        let vm = vb.pp("model");
+        let embed_tokens = vm.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let vl = vm.pp("layers").pp(i);
+            let va = vl.pp("self_attn");
+            let bias = cfg.qkv_bias();
+            let self_attn = Attention {
+                q_proj: Linear::load(&va.pp("q_proj"), nh * d, h, bias)?,
+                k_proj: Linear::load(&va.pp("k_proj"), nkv * d, h, bias)?,
+                v_proj: Linear::load(&va.pp("v_proj"), nkv * d, h, bias)?,
+                o_proj: Linear::load(&va.pp("o_proj"), h, nh * d, cfg.attention_bias)?,
+                q_norm: if cfg.qk_norm() { Some(va.pp("q_norm").get(d, "weight")?) } else { None },
+                k_norm: if cfg.qk_norm() { Some(va.pp("k_norm").get(d, "weight")?) } else { None },
+            };
+            let vmlp = vl.pp("mlp");
+            let mlp = Mlp {
+                gate_proj: Linear::load(&vmlp.pp("gate_proj"), cfg.intermediate_size, h, false)?,
+                up_proj: Linear::load(&vmlp.pp("up_proj"), cfg.intermediate_size, h, false)?,
+                down_proj: Linear::load(&vmlp.pp("down_proj"), h, cfg.intermediate_size, false)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: vl.pp("input_layernorm").get(h, "weight")?,
+                post_attention_layernorm: vl.pp("post_attention_layernorm").get(h, "weight")?,
+            });
+        }
+        let norm = vm.pp("norm").get(h, "weight")?;
+        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { vb.pp("lm_head").get((cfg.vocab_size, h), "weight")? };
+        let rope = RopeTable::new(cfg, embed_tokens.dtype(), embed_tokens.device())?;
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// A projection of layer `layer`, plus the adapter's low-rank update when it has one.
+    fn project(&self, x: &Tensor, lin: &Linear, layer: usize, module: Proj, lora: Option<&dyn Adapter>) -> Result<Tensor> {
+        let y = ops::linear(x, &lin.weight, lin.bias.as_ref())?;
+        let delta = match lora {
+            Some(adapter) => adapter.delta(layer, module, x)?,
+            None => None,
+        };
+        match delta {
+            Some(delta) => {
+                let delta = delta.to_dtype(y.dtype())?;
+                y + delta
+            }
+            None => Ok(y),
+        }
+    }
+
+    fn attention(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        lora: Option<&dyn Adapter>,
+    ) -> Result<Tensor> {
+        let a = &self.layers[i].self_attn;
+        let (b, l, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        // 1. projections, split into heads: [b, heads, l, d]
+        let q = self.project(x, &a.q_proj, i, Proj::QProj, lora)?;
+        let k = self.project(x, &a.k_proj, i, Proj::KProj, lora)?;
+        let v = self.project(x, &a.v_proj, i, Proj::VProj, lora)?;
+        let q = q.reshape((b, l, nh, d))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, l, nkv, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, l, nkv, d))?.transpose(1, 2)?.contiguous()?;
+        // 2. Qwen3: per-head RMSNorm of queries and keys
+        let eps = self.cfg.rms_norm_eps;
+        let q = match &a.q_norm {
+            Some(w) => ops::rms_norm(&q, w, eps)?,
+            None => q,
+        };
+        let k = match &a.k_norm {
+            Some(w) => ops::rms_norm(&k, w, eps)?,
+            None => k,
+        };
+        // 3. rotary position embedding at each row's own positions
+        let q = ops::rope(&q, &cos_sin.0, &cos_sin.1)?;
+        let k = ops::rope(&k, &cos_sin.0, &cos_sin.1)?;
+        // 4. keys and values so far (cache) + this step's
+        let (k, v) = match cache {
+            Some(c) => c.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        // 5. attention, heads merged back: [b, l, heads * d]
+        let y = ops::attention(&q, &k, &v, mask)?;
+        let y = y.transpose(1, 2)?.reshape((b, l, nh * d))?;
+        // 6. output projection
+        self.project(&y, &a.o_proj, i, Proj::OProj, lora)
+    }
+
+    fn mlp(&self, i: usize, x: &Tensor, lora: Option<&dyn Adapter>) -> Result<Tensor> {
+        let m = &self.layers[i].mlp;
+        let gate = self.project(x, &m.gate_proj, i, Proj::GateProj, lora)?;
+        let up = self.project(x, &m.up_proj, i, Proj::UpProj, lora)?;
+        self.project(&(gate.silu()? * up)?, &m.down_proj, i, Proj::DownProj, lora)
+    }
+
+    /// Final hidden states `[b, l, hidden]` (after the last norm). With a cache, the batch's
+    /// positions continue after what the cache holds and the cache advances by `l`.
+    pub fn forward_hidden(&self, batch: &Batch, mut cache: Option<&mut KvCache>, lora: Option<&dyn Adapter>) -> Result<Tensor> {
+        let (b, l) = batch.ids.dims2()?;
+        let mut x = self.embed_tokens.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, l, ()))?;
+        let cos_sin = self.rope.at(&batch.positions)?;
+        let eps = self.cfg.rms_norm_eps;
+        for i in 0..self.layers.len() {
+            let layer = &self.layers[i];
+            let h = ops::rms_norm(&x, &layer.input_layernorm, eps)?;
+            let h = self.attention(i, &h, &cos_sin, batch.mask.as_ref(), cache.as_deref_mut(), lora)?;
+            x = (x + h)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+            x = (&x + self.mlp(i, &h, lora)?)?;
+        }
+        if let Some(c) = cache {
+            c.advance(l);
+        }
+        ops::rms_norm(&x, &self.norm, eps)
+    }
+
+    /// Logits of the last position of each row, `[b, vocab]`, in f32.
+    pub fn forward_last(&self, batch: &Batch, cache: Option<&mut KvCache>, lora: Option<&dyn Adapter>) -> Result<Tensor> {
+        let h = self.forward_hidden(batch, cache, lora)?;
+        let l = h.dim(1)?;
+        let last = h.narrow(1, l - 1, 1)?.squeeze(1)?;
+        ops::linear(&last, &self.lm_head, None)?.to_dtype(DType::F32)
+    }
+
+    /// Logits of every position, `[b, l, vocab]`, in f32.
+    pub fn forward_all(&self, batch: &Batch, cache: Option<&mut KvCache>, lora: Option<&dyn Adapter>) -> Result<Tensor> {
+        let h = self.forward_hidden(batch, cache, lora)?;
+        ops::linear(&h, &self.lm_head, None)?.to_dtype(DType::F32)
+    }
+
+    /// Mean next-token cross-entropy of one sequence; `loss_from` masks the first positions'
+    /// targets (0 = loss on every token). Differentiable with respect to the adapter.
+    pub fn sequence_loss(&self, ids: &[u32], loss_from: usize, lora: Option<&dyn Adapter>) -> Result<Tensor> {
+        let batch = Batch::causal(ids, 0, self.device(), self.dtype())?;
+        let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
+        let n = ids.len();
+        let targets: Vec<Option<u32>> =
+            (0..n).map(|i| if i + 1 < n && i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect();
+        ops::lm_head_cross_entropy(&h, &self.lm_head, &targets)
+    }
+
+    /// The projection `module` of layer `layer`, for merging adapters into it.
+    pub fn linear_mut(&mut self, layer: usize, module: Proj) -> &mut Linear {
+        let l = &mut self.layers[layer];
+        match module {
+            Proj::QProj => &mut l.self_attn.q_proj,
+            Proj::KProj => &mut l.self_attn.k_proj,
+            Proj::VProj => &mut l.self_attn.v_proj,
+            Proj::OProj => &mut l.self_attn.o_proj,
+            Proj::GateProj => &mut l.mlp.gate_proj,
+            Proj::UpProj => &mut l.mlp.up_proj,
+            Proj::DownProj => &mut l.mlp.down_proj,
+        }
+    }
+
+    pub fn linear(&self, layer: usize, module: Proj) -> &Linear {
+        let l = &self.layers[layer];
+        match module {
+            Proj::QProj => &l.self_attn.q_proj,
+            Proj::KProj => &l.self_attn.k_proj,
+            Proj::VProj => &l.self_attn.v_proj,
+            Proj::OProj => &l.self_attn.o_proj,
+            Proj::GateProj => &l.mlp.gate_proj,
+            Proj::UpProj => &l.mlp.up_proj,
+            Proj::DownProj => &l.mlp.down_proj,
+        }
+    }
+
+    /// Every weight under its Hugging Face checkpoint name (for saving a merged model), in
+    /// the order of [`super::weights`]' table.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (name, _, _) in global_tensors(&self.cfg) {
+            let t = match name.as_str() {
+                "model.embed_tokens.weight" => &self.embed_tokens,
+                "model.norm.weight" => &self.norm,
+                _ => &self.lm_head,
+            };
+            out.push((name, t.clone()));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            for m in Proj::ALL {
+                let lin = self.linear(i, m);
+                out.push((format!("{}.weight", m.path(i)), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{}.bias", m.path(i)), b.clone()));
+                }
+            }
+            if let Some(w) = &l.self_attn.q_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), w.clone()));
+            }
+            if let Some(w) = &l.self_attn.k_norm {
+                out.push((format!("{p}.self_attn.k_norm.weight"), w.clone()));
+            }
+            out.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
+        }
+        out
+    }
+}

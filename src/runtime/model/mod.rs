@@ -1,0 +1,15 @@
+//! The Llama-family decoder (Llama / SmolLM2, Qwen2, Qwen3): its config, the names and
+//! shapes of its weights, the batch and KV cache a forward pass takes, and the forward pass.
+//!
+//! The model knows adapters only through the [`Adapter`] trait it defines: LoRA
+//! ([`crate::runtime::lora`]) implements it, the decoder never names LoRA.
+
+mod cache;
+mod config;
+mod decoder;
+mod weights;
+
+pub use cache::{causal_mask, Batch, KvCache};
+pub use config::ModelConfig;
+pub use decoder::{Adapter, Attention, Decoder, DecoderLayer, Linear, Mlp};
+pub use weights::{global_tensors, layer_tensors, random_weights, Proj, TensorKind};

@@ -1,0 +1,206 @@
+//! Each semantic the paper and the peers define, pinned to an independent value: the
+//! sampler's filter order and penalty placement (vLLM), the learning-rate schedule and the
+//! AdamW update (PyTorch / the HF Trainer), the answer-only loss, and the adapter cache.
+
+mod common;
+
+use candle_core::{Device, Tensor, Var};
+use selfedit::runtime::generate::{Sampler, SamplingParams};
+use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
+use selfedit::runtime::model::Batch;
+use selfedit::runtime::training::{linear_lr, train_lora, AdamW, TrainConfig, TrainExample};
+
+/// Share of `n` draws (seeds 0..n) that pick each token.
+fn draw_shares(params: &SamplingParams, logits: &[f32], seen: &[u32], n: u64) -> Vec<f64> {
+    let mut counts = vec![0usize; logits.len()];
+    for seed in 0..n {
+        let mut s = Sampler::new(params.clone(), seed);
+        for &t in seen {
+            s.observe(t);
+        }
+        counts[s.sample(&mut logits.to_vec()) as usize] += 1;
+    }
+    counts.iter().map(|c| *c as f64 / n as f64).collect()
+}
+
+/// vLLM applies top_k, then top_p over the renormalised remainder. On probabilities
+/// proportional to 1, 1/2, 1/4, 1/8 with top_k = 2 and top_p = 0.6: top_k leaves 2/3 and
+/// 1/3, and 2/3 >= 0.6 already, so the first token is always drawn. top_p first would keep
+/// two tokens (8/15 < 0.6) and draw the second a third of the time.
+#[test]
+fn top_k_applies_before_top_p() {
+    let logits: Vec<f32> = [1.0f32, 0.5, 0.25, 0.125].iter().map(|p| p.ln()).collect();
+    let params = SamplingParams { temperature: 1.0, top_p: 0.6, top_k: 2, min_p: 0.0, presence_penalty: 0.0 };
+    let shares = draw_shares(&params, &logits, &[], 2000);
+    assert_eq!(shares[0], 1.0, "{shares:?}");
+}
+
+/// The presence penalty is subtracted from the logits of generated tokens before the
+/// temperature divides them. Logits (0, 1), token 1 generated, penalty 1, temperature 0.5:
+/// penalised logits (0, 0), so 50/50. After the temperature it would be (0, 2 - 1): token 1
+/// with probability e / (1 + e) = 0.73.
+#[test]
+fn presence_penalty_applies_before_temperature() {
+    let params = SamplingParams { temperature: 0.5, top_p: 1.0, top_k: -1, min_p: 0.0, presence_penalty: 1.0 };
+    let shares = draw_shares(&params, &[0.0, 1.0], &[1], 4000);
+    assert!((shares[1] - 0.5).abs() < 0.04, "token 1 drawn {:.3} of the time, want 0.5", shares[1]);
+    // a token that was not generated (a prompt token, say) is not penalised:
+    // (0, 1) / 0.5 gives token 1 with probability e^2 / (1 + e^2) = 0.881
+    let shares = draw_shares(&params, &[0.0, 1.0], &[], 4000);
+    assert!((shares[1] - 0.881).abs() < 0.03, "token 1 drawn {:.3} of the time, want 0.881", shares[1]);
+}
+
+/// PyTorch's AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), two steps by hand.
+#[test]
+fn adamw_matches_pytorchs_update_rule() {
+    let x = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap()).unwrap();
+    let mut opt = AdamW::new(vec![x.clone()]).unwrap();
+    let grads = [[0.5f64, -1.0, 0.0], [0.5, 0.25, -2.0]];
+    let lrs = [0.1, 0.05];
+    // reference: the textbook loop, in f64
+    let (mut theta, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0.0f64; 3], [0.0f64; 3]);
+    for (t, (g, lr)) in grads.iter().zip(lrs).enumerate() {
+        let t = (t + 1) as i32;
+        for i in 0..3 {
+            m[i] = 0.9 * m[i] + 0.1 * g[i];
+            v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+            let m_hat = m[i] / (1.0 - 0.9f64.powi(t));
+            let v_hat = v[i] / (1.0 - 0.999f64.powi(t));
+            theta[i] -= lr * m_hat / (v_hat.sqrt() + 1e-8);
+        }
+        let g = Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &Device::Cpu).unwrap();
+        opt.step(&[g], lr).unwrap();
+    }
+    let got = x.as_tensor().to_vec1::<f32>().unwrap();
+    for i in 0..3 {
+        assert!((got[i] as f64 - theta[i]).abs() < 1e-5, "parameter {i}: {} against {}", got[i], theta[i]);
+    }
+}
+
+fn tiny_model() -> (tempfile::TempDir, selfedit::runtime::formats::LoadedModel) {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_checkpoint(dir.path(), &common::tiny_config("qwen2"), 11);
+    let m = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
+    (dir, m)
+}
+
+/// Linear decay to zero without warm-up, as the HF Trainer's default scheduler: step s of
+/// S uses lr * (S - s) / S. Two examples, accumulation 1, two epochs: four steps.
+#[test]
+fn learning_rate_decays_linearly_at_every_step() {
+    let (_d, m) = tiny_model();
+    let mut adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(4, 8.0, 0.0), 1, &Device::Cpu).unwrap();
+    let ex = [TrainExample { ids: vec![3, 4, 5, 6], loss_from: 0 }, TrainExample { ids: vec![7, 8, 9], loss_from: 0 }];
+    let report = train_lora(&m.decoder, &mut adapter, &ex, &TrainConfig::new(0.01, 2, 1, 0), |_, _, _| {}).unwrap();
+    assert_eq!(report.learning_rates, vec![0.01, 0.0075, 0.005, 0.0025]);
+    assert_eq!(linear_lr(0.01, 4, 4), 0.0);
+}
+
+/// The answer-only loss is the mean cross-entropy over the positions whose target lies at
+/// or after `loss_from`, computed here from the full logits.
+#[test]
+fn answer_only_loss_is_the_mean_over_answer_positions() {
+    let (_d, m) = tiny_model();
+    let ids: Vec<u32> = vec![2, 9, 14, 3, 27, 41, 5, 8];
+    let batch = Batch::causal(&ids, 0, &Device::Cpu, m.decoder.dtype()).unwrap();
+    let logits = m.decoder.forward_all(&batch, None, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let nll = |pos: usize| -> f64 {
+        let row = &logits[pos];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        lse - row[ids[pos + 1] as usize] as f64
+    };
+    for loss_from in [0usize, 1, 3, 6] {
+        // targets ids[i + 1] with i + 1 >= max(loss_from, 1)
+        let positions: Vec<usize> = (0..ids.len() - 1).filter(|i| i + 1 >= loss_from.max(1)).collect();
+        let want = positions.iter().map(|&i| nll(i)).sum::<f64>() / positions.len() as f64;
+        let got = m.decoder.sequence_loss(&ids, loss_from, None).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-4, "loss_from {loss_from}: {got} against {want}");
+    }
+    let all = m.decoder.sequence_loss(&ids, 0, None).unwrap().to_scalar::<f32>().unwrap();
+    let answer = m.decoder.sequence_loss(&ids, 6, None).unwrap().to_scalar::<f32>().unwrap();
+    assert_ne!(all, answer, "loss_from must change the loss");
+}
+
+/// The adapter cache: an adapter on disk is reused only when every input is unchanged; a
+/// change of the hyperparameters, the sequences, the model or the training settings
+/// retrains it.
+#[test]
+fn adapters_are_retrained_exactly_when_an_input_changes() {
+    use selfedit::experiment::cli::{Shard, StageContext};
+    use selfedit::experiment::config::Experiment;
+    use selfedit::experiment::stages::{synthesize, templates, train};
+    use selfedit::experiment::states::{Category, Split};
+    use selfedit::experiment::tables::{ArticleRow, Question, SelfEditRow};
+    let (d, model) = tiny_model();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+    exp.config.model.path = d.path().to_path_buf();
+    exp.config.prompts_dir = root.join("prompts");
+    let article = ArticleRow {
+        article_id: "a000".into(),
+        split: Split::Train,
+        title: "w1".into(),
+        context: "w2 w3".into(),
+        questions: vec![Question { question: "w4".into(), answers: vec!["w3".into()] }],
+        source_index: 0,
+    };
+    let hp = |lr: &str| {
+        format!(
+            r#"{{"data_creation_instruction": "x", "hyperparameters": {{"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0, "learning_rate": {lr}, "num_epochs": 1, "gradient_accumulation_steps": 1}}}}"#
+        )
+    };
+    let template = |lr: &str| templates::parse_template(&exp.config, 0, "iter0-t00", Category::Exploit, &hp(lr), 0);
+    let edit = |seq: &str| SelfEditRow {
+        self_edit_id: synthesize::self_edit_id("a000", "iter0-t00", 0),
+        template_id: "iter0-t00".into(),
+        article_id: "a000".into(),
+        completion: 0,
+        category: Category::Exploit,
+        sequences: vec![seq.into()],
+        valid: true,
+        error: None,
+        raw_response: String::new(),
+        seed: 0,
+    };
+    let out = tempfile::tempdir().unwrap();
+    let record = |ctx: &StageContext| {
+        let p = ctx.layout.adapters_dir(0, Split::Train).join("a000-t00-c0").join(train::TRAIN_RECORD);
+        std::fs::read_to_string(p).unwrap()
+    };
+    let run = |exp: &Experiment, lr: &str, seq: &str| -> String {
+        let ctx = StageContext::new(exp.clone(), out.path(), 0).unwrap();
+        let rows = train::train_adapters(&ctx, &model, &[template(lr)], &[edit(seq)], &[article.clone()], Shard::ALL, |_| {}).unwrap();
+        assert_eq!(rows[0].status, selfedit::experiment::states::AdapterStatus::Trained, "{:?}", rows[0].error);
+        record(&ctx)
+    };
+    let first = run(&exp, "0.001", "w5 w6 w7");
+    let mtime = |ctx_exp: &Experiment| {
+        let ctx = StageContext::new(ctx_exp.clone(), out.path(), 0).unwrap();
+        std::fs::metadata(ctx.layout.adapters_dir(0, Split::Train).join("a000-t00-c0").join(train::TRAIN_RECORD))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let t0 = mtime(&exp);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // nothing changed: reused (same record, file untouched)
+    assert_eq!(run(&exp, "0.001", "w5 w6 w7"), first);
+    assert_eq!(mtime(&exp), t0, "an unchanged adapter was retrained");
+    // each input changed in turn: retrained (the record's input hash moves)
+    let hash = |rec: &str| serde_json::from_str::<serde_json::Value>(rec).unwrap()["input_hash"].as_str().unwrap().to_string();
+    let mut seen = vec![hash(&first)];
+    let mut check = |rec: String, what: &str| {
+        let h = hash(&rec);
+        assert!(!seen.contains(&h), "changing the {what} did not retrain the adapter");
+        seen.push(h);
+    };
+    check(run(&exp, "0.002", "w5 w6 w7"), "learning rate");
+    check(run(&exp, "0.002", "w5 w6 w8"), "sequences");
+    let mut other = exp.clone();
+    other.config.training.max_grad_norm = 0.5;
+    check(run(&other, "0.002", "w5 w6 w8"), "training settings");
+    let mut other_model = other.clone();
+    other_model.config.model.path = d.path().join("elsewhere");
+    check(run(&other_model, "0.002", "w5 w6 w8"), "model");
+}
