@@ -2,22 +2,7 @@
 //! (`sft.parquet`).
 mod common;
 
-use clap::Parser;
-use selfedit::experiment::cli::{StageArgs, StageContext};
+use selfedit::experiment::cli::*;
 use selfedit::experiment::stages;
 
-#[derive(Parser)]
-#[command(about = "Build the generator's supervised examples from the best self-edits")]
-struct Cli {
-    #[command(flatten)]
-    stage: StageArgs,
-    /// The archive the iteration's templates were conditioned on (archive variant).
-    #[arg(long)]
-    archive: Option<std::path::PathBuf>,
-}
-
-fn main() -> anyhow::Result<()> {
-    common::init();
-    let cli = Cli::parse();
-    stages::sft::run(&StageContext::open(&cli.stage)?, cli.archive.as_deref())
-}
+common::stage_main!("Build the generator's supervised examples from the best self-edits", [archive: ArchiveArgs], |ctx, cli| stages::sft::run(&ctx, &cli.archive));

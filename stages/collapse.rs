@@ -25,6 +25,7 @@ struct Cli {
     /// A selfedit experiment's outputs folder (reads iter*/templates.parquet).
     #[arg(long)]
     experiment: Option<PathBuf>,
+    /// Where to write the table (collapse.parquet).
     #[arg(long)]
     out: PathBuf,
     /// The sentence embedder folder (all-MiniLM-L6-v2, from `make embedder`).
@@ -36,8 +37,8 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    common::init();
     let cli = Cli::parse();
+    common::init();
     let (source, iterations) = match (&cli.templates_json, &cli.experiment) {
         (Some(p), _) => (p.display().to_string(), collapse::read_templates_json(p)?),
         (None, Some(dir)) => {

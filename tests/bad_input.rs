@@ -96,7 +96,8 @@ fn empty_self_edits_truncated_adapters_and_missing_models() {
     let ctx = StageContext::new(exp, dir.path(), 0).unwrap();
     let adapters_dir = ctx.layout.adapters_dir(0, Split::Train);
     let rows: Vec<AdapterRow> =
-        train::train_adapters(&ctx, &model, &[template.clone()], &edits, &[article.clone()], Shard::ALL, |_| {}).unwrap();
+        train::train_adapters(&ctx, &model, std::slice::from_ref(&template), &edits, std::slice::from_ref(&article), Shard::ALL, |_| {})
+            .unwrap();
     assert_eq!(rows[0].status, AdapterStatus::Trained);
     assert_eq!(rows[1].status, AdapterStatus::Empty);
     assert!(rows[1].error.as_deref().unwrap().contains("not JSON"));
@@ -105,16 +106,16 @@ fn empty_self_edits_truncated_adapters_and_missing_models() {
     let good = std::fs::read(&weights).unwrap();
 
     // the empty self-edit is evaluated as the base model (the paper's dummy adapter)
-    let targets = evaluate::eval_targets(&[article.clone()], &rows, &edits, Split::Train);
+    let targets = evaluate::eval_targets(std::slice::from_ref(&article), &rows, &edits, Split::Train);
     assert_eq!(targets.len(), 3);
     assert!(targets[2].adapter.is_none() && targets[2].model_id == "a000-t00-c1");
 
     // a truncated adapter: evaluation says which folder to delete; training again repairs it
     std::fs::write(&weights, &good[..good.len() / 2]).unwrap();
-    let err = evaluate::evaluate(&ctx, &model, &[article.clone()], &targets, None, Shard::ALL, |_| {}).unwrap_err();
+    let err = evaluate::evaluate(&ctx, &model, std::slice::from_ref(&article), &targets, None, Shard::ALL, |_| {}).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("a000-t00-c0") && msg.contains("delete"), "{msg}");
-    let again = train::train_adapters(&ctx, &model, &[template], &edits, &[article.clone()], Shard::ALL, |_| {}).unwrap();
+    let again = train::train_adapters(&ctx, &model, &[template], &edits, std::slice::from_ref(&article), Shard::ALL, |_| {}).unwrap();
     assert_eq!(again[0].status, AdapterStatus::Trained);
     assert_eq!(std::fs::read(&weights).unwrap(), good, "retraining with the same seed gives the same adapter");
     let answers = evaluate::evaluate(&ctx, &model, &[article], &targets, None, Shard::ALL, |_| {}).unwrap();

@@ -54,7 +54,7 @@ fn two_archive_iterations_improve_the_generator_and_report() {
     for k in 0..2 {
         let v: Vec<TemplateStatsRow> = tables::read(&exp.join(format!("iter{k}/validation/template_stats.parquet"))).unwrap();
         assert_eq!(v.len(), 1);
-        assert!(v[0].instruction.len() > 0);
+        assert!(!v[0].instruction.is_empty());
     }
     // the report draws from these tables
     make("report", &[]);

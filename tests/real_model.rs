@@ -306,9 +306,9 @@ fn batched_generation_matches_one_by_one() {
     let prompts = ["The sky is", "Once upon a time in a small village far away, there lived", "2 + 2 ="];
     let make = |i: usize| GenerationRequest::new(m.tokenizer.encode(prompts[i]).unwrap(), SamplingParams::paper_eval(), 100 + i as u64, 12);
     let batched = generate(m, None, (0..3).map(make).collect(), 8, |_| {}).unwrap();
-    for i in 0..3 {
+    for (i, b) in batched.iter().enumerate() {
         let single = generate(m, None, vec![make(i)], 1, |_| {}).unwrap();
-        assert_eq!(batched[i].token_ids, single[0].token_ids, "prompt {i}");
+        assert_eq!(b.token_ids, single[0].token_ids, "prompt {i}");
     }
 }
 

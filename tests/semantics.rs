@@ -170,7 +170,8 @@ fn adapters_are_retrained_exactly_when_an_input_changes() {
     };
     let run = |exp: &Experiment, lr: &str, seq: &str| -> String {
         let ctx = StageContext::new(exp.clone(), out.path(), 0).unwrap();
-        let rows = train::train_adapters(&ctx, &model, &[template(lr)], &[edit(seq)], &[article.clone()], Shard::ALL, |_| {}).unwrap();
+        let rows =
+            train::train_adapters(&ctx, &model, &[template(lr)], &[edit(seq)], std::slice::from_ref(&article), Shard::ALL, |_| {}).unwrap();
         assert_eq!(rows[0].status, selfedit::experiment::states::AdapterStatus::Trained, "{:?}", rows[0].error);
         record(&ctx)
     };

@@ -169,7 +169,7 @@ fn gpu_agrees_with_cpu_and_trains() {
             |a: &LoraAdapter| m.decoder.sequence_loss(&ids, 0, Some(a)).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
         let before = loss(&adapter);
         let cfg_t = selfedit::runtime::training::TrainConfig::new(2e-2, 40, 1, 0);
-        selfedit::runtime::training::train_lora(&m.decoder, &mut adapter, &[ex.clone()], &cfg_t, |_, _, _| {}).unwrap();
+        selfedit::runtime::training::train_lora(&m.decoder, &mut adapter, std::slice::from_ref(&ex), &cfg_t, |_, _, _| {}).unwrap();
         (before, loss(&adapter), adapter)
     };
     let (cpu_before, cpu_after, _) = train(&cpu, &Device::Cpu);

@@ -43,6 +43,15 @@ pub struct ModelArgs {
     pub model: Option<PathBuf>,
 }
 
+/// The archive argument of the stages that condition on one (archive variant).
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveArgs {
+    /// The archive to condition on: the previous iteration's archive.parquet (default: the
+    /// seed archive for the archive variant, none otherwise).
+    #[arg(long)]
+    pub archive: Option<PathBuf>,
+}
+
 /// The arguments of a sharded stage: `--shard i/n` computes a part, `--merge n` joins them.
 #[derive(Debug, Clone, Args)]
 pub struct ShardArgs {

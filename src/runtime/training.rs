@@ -44,7 +44,7 @@ impl TrainConfig {
     }
     /// Optimizer steps for `n` examples, as the HF Trainer counts them.
     pub fn total_steps(&self, n: usize) -> usize {
-        let per_epoch = (n / self.grad_accum + usize::from(n % self.grad_accum > 0)).max(1);
+        let per_epoch = (n / self.grad_accum + usize::from(!n.is_multiple_of(self.grad_accum))).max(1);
         per_epoch * self.epochs
     }
 }
@@ -150,8 +150,7 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
-        for i in 0..self.vars.len() {
-            let g = &grads[i];
+        for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
             self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let theta = self.vars[i].as_tensor();

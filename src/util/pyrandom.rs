@@ -98,7 +98,7 @@ impl PyRandom {
     /// `random._randbelow(n)` for `1 <= n < 2^32`: rejection sampling on `n.bit_length()`
     /// bits.
     pub fn randbelow(&mut self, n: u64) -> u64 {
-        assert!(n >= 1 && n < (1u64 << 32), "randbelow({n}) out of range");
+        assert!((1..(1u64 << 32)).contains(&n), "randbelow({n}) out of range");
         let k = 64 - n.leading_zeros();
         loop {
             let r = self.getrandbits(k) as u64;

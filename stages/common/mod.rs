@@ -1,12 +1,13 @@
 //! What every binary's `main` does first: the process-wide setup (thread pools, logging),
-//! kept out of the library so that loading a model never changes the process.
+//! kept out of the library so that loading a model never changes the process; and
+//! [`stage_main!`], which writes a stage binary's argument struct and `main`.
 
 /// Sizes candle's rayon pool beside OpenBLAS (one thread; see
 /// `selfedit::runtime::blas::rayon_threads_beside_blas`) unless `RAYON_NUM_THREADS` is set,
 /// and logs warnings to stderr (`RUST_LOG` overrides the level).
 pub fn init() {
     if let (Some(n), None) = (selfedit::runtime::blas::rayon_threads_beside_blas(), std::env::var_os("RAYON_NUM_THREADS")) {
-        // SAFETY (of intent): set before any thread is started by this process.
+        // Set before this process starts any thread: candle reads it at every matmul.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
@@ -15,3 +16,31 @@ pub fn init() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// A stage binary: `stage_main!("about", [extra argument groups], |ctx, cli| call)` declares
+/// the arguments (`StageArgs` plus each group, flattened) and a `main` that sets up the
+/// process, opens the [`selfedit::experiment::cli::StageContext`] and makes the one call.
+#[allow(unused_macros)] // report, summary, collapse and selfedit are not stages
+macro_rules! stage_main {
+    ($about:literal, [$($field:ident : $ty:ty),* $(,)?], |$ctx:ident, $cli:ident| $body:expr) => {
+        #[derive(clap::Parser)]
+        #[command(about = $about)]
+        struct Cli {
+            #[command(flatten)]
+            stage: selfedit::experiment::cli::StageArgs,
+            $(
+                #[command(flatten)]
+                $field: $ty,
+            )*
+        }
+
+        fn main() -> anyhow::Result<()> {
+            common::init();
+            let $cli = <Cli as clap::Parser>::parse();
+            let $ctx = selfedit::experiment::cli::StageContext::open(&$cli.stage)?;
+            $body
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use stage_main;

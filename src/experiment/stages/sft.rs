@@ -2,12 +2,11 @@
 //! (`sft.parquet`), the "E" step of ReST-EM.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 
 use serde_json::json;
 
 use super::templates::{baseline_prompt, meta_prompt};
-use crate::experiment::cli::StageContext;
+use crate::experiment::cli::{ArchiveArgs, StageContext};
 use crate::experiment::config::{ExperimentConfig, Variant};
 use crate::experiment::layout::Stage;
 use crate::experiment::prompts::{self, Prompts};
@@ -56,7 +55,7 @@ pub fn build_sft(
             .collect();
         ranked.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(y.0)));
         for (t, _, best) in ranked.into_iter().take(cfg.sft.top_k) {
-            if cfg.variant == Variant::Archive && !(best.gain > 0.0) {
+            if cfg.variant == Variant::Archive && (best.gain.is_nan() || best.gain <= 0.0) {
                 continue;
             }
             let (Some(tr), Some(edit), Some(article)) = (templates.get(t), edits.get(best.self_edit_id.as_str()), articles.get(a)) else {
@@ -104,8 +103,8 @@ pub fn build_sft(
 
 /// `build-sft`: writes `sft.parquet`; `archive` is the archive the iteration's templates
 /// were conditioned on (archive variant).
-pub fn run(ctx: &StageContext, archive: Option<&Path>) -> anyhow::Result<()> {
-    let archive = ctx.archive(archive)?;
+pub fn run(ctx: &StageContext, archive: &ArchiveArgs) -> anyhow::Result<()> {
+    let archive = ctx.archive(archive.archive.as_deref())?;
     let templates: Vec<TemplateRow> = ctx.read()?;
     let edits: Vec<SelfEditRow> = ctx.read()?;
     let scores: Vec<ScoreRow> = ctx.read()?;

@@ -2,14 +2,12 @@
 //! to the template JSON schema) → `templates.parquet`. Baseline variants write SEAL's fixed
 //! template instead.
 
-use std::path::Path;
-
 use anyhow::bail;
 use serde::Serialize;
 use serde_json::json;
 
 use super::exploit_count;
-use crate::experiment::cli::{progress, ModelArgs, StageContext};
+use crate::experiment::cli::{progress, ArchiveArgs, ModelArgs, StageContext};
 use crate::experiment::config::{ExperimentConfig, Variant};
 use crate::experiment::layout::Stage;
 use crate::experiment::prompts::{self, Prompts};
@@ -171,12 +169,12 @@ pub fn generate_templates(
 
 /// `generate-templates`: writes `templates.parquet`, conditioned on `archive` (a file) for
 /// the archive variant.
-pub fn run(ctx: &StageContext, model: &ModelArgs, archive: Option<&Path>) -> anyhow::Result<()> {
+pub fn run(ctx: &StageContext, model: &ModelArgs, archive: &ArchiveArgs) -> anyhow::Result<()> {
     let cfg = &ctx.exp.config;
     let rows = if cfg.variant.is_baseline() {
         vec![baseline_template(cfg, &ctx.prompts, ctx.iteration)?]
     } else {
-        let archive = ctx.archive(archive)?;
+        let archive = ctx.archive(archive.archive.as_deref())?;
         let model = ctx.load_model(model)?;
         let bar = progress(cfg.search.templates_per_iteration, "templates");
         let rows = generate_templates(ctx, &model, archive.as_deref(), |n| bar.inc(n as u64))?;

@@ -58,63 +58,40 @@ impl Column for Option<String> {
     }
 }
 
-impl Column for i64 {
-    fn data_type() -> DataType {
-        DataType::Int64
-    }
-    fn build(values: &[&Self]) -> ArrayRef {
-        Arc::new(Int64Array::from_iter_values(values.iter().map(|v| **v)))
-    }
-    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
-        let a = array.as_any().downcast_ref::<Int64Array>().ok_or_else(|| downcast_err("int64", array.data_type()))?;
-        Ok(a.value(row))
-    }
-}
+/// The numeric columns, plain and nullable.
+macro_rules! primitive_columns {
+    ($($t:ty => $array:ty, $dt:expr, $name:literal);* $(;)?) => {$(
+        impl Column for $t {
+            fn data_type() -> DataType {
+                $dt
+            }
+            fn build(values: &[&Self]) -> ArrayRef {
+                Arc::new(<$array>::from_iter_values(values.iter().map(|v| **v)))
+            }
+            fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+                let a = array.as_any().downcast_ref::<$array>().ok_or_else(|| downcast_err($name, array.data_type()))?;
+                Ok(a.value(row))
+            }
+        }
 
-impl Column for Option<i64> {
-    fn data_type() -> DataType {
-        DataType::Int64
-    }
-    fn nullable() -> bool {
-        true
-    }
-    fn build(values: &[&Self]) -> ArrayRef {
-        Arc::new(Int64Array::from_iter(values.iter().map(|v| **v)))
-    }
-    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
-        let a = array.as_any().downcast_ref::<Int64Array>().ok_or_else(|| downcast_err("int64", array.data_type()))?;
-        Ok(if a.is_null(row) { None } else { Some(a.value(row)) })
-    }
+        impl Column for Option<$t> {
+            fn data_type() -> DataType {
+                $dt
+            }
+            fn nullable() -> bool {
+                true
+            }
+            fn build(values: &[&Self]) -> ArrayRef {
+                Arc::new(<$array>::from_iter(values.iter().map(|v| **v)))
+            }
+            fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
+                let a = array.as_any().downcast_ref::<$array>().ok_or_else(|| downcast_err($name, array.data_type()))?;
+                Ok(if a.is_null(row) { None } else { Some(a.value(row)) })
+            }
+        }
+    )*};
 }
-
-impl Column for f64 {
-    fn data_type() -> DataType {
-        DataType::Float64
-    }
-    fn build(values: &[&Self]) -> ArrayRef {
-        Arc::new(Float64Array::from_iter_values(values.iter().map(|v| **v)))
-    }
-    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
-        let a = array.as_any().downcast_ref::<Float64Array>().ok_or_else(|| downcast_err("float64", array.data_type()))?;
-        Ok(a.value(row))
-    }
-}
-
-impl Column for Option<f64> {
-    fn data_type() -> DataType {
-        DataType::Float64
-    }
-    fn nullable() -> bool {
-        true
-    }
-    fn build(values: &[&Self]) -> ArrayRef {
-        Arc::new(Float64Array::from_iter(values.iter().map(|v| **v)))
-    }
-    fn read(array: &dyn Array, row: usize) -> anyhow::Result<Self> {
-        let a = array.as_any().downcast_ref::<Float64Array>().ok_or_else(|| downcast_err("float64", array.data_type()))?;
-        Ok(if a.is_null(row) { None } else { Some(a.value(row)) })
-    }
-}
+primitive_columns!(i64 => Int64Array, DataType::Int64, "int64"; f64 => Float64Array, DataType::Float64, "float64");
 
 impl Column for bool {
     fn data_type() -> DataType {

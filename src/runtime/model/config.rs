@@ -77,7 +77,7 @@ impl ModelConfig {
             }
         }
         anyhow::ensure!(
-            self.num_attention_heads % self.kv_heads() == 0,
+            self.num_attention_heads.is_multiple_of(self.kv_heads()),
             "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
             self.num_attention_heads,
             self.kv_heads()
