@@ -7,8 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use selfedit::experiment::cli::{Shard, StageContext};
+use selfedit::experiment::cli::StageContext;
 use selfedit::experiment::config::Experiment;
+use selfedit::experiment::layout::Shard;
 use selfedit::experiment::stages::{evaluate, synthesize, templates, train};
 use selfedit::experiment::states::{AdapterStatus, Category, Split};
 use selfedit::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow};

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use selfedit::experiment::cli::Shard;
+use selfedit::experiment::layout::Shard;
 use selfedit::experiment::layout::{Layout, Stage};
 use selfedit::experiment::states::Split;
 use selfedit::experiment::tables::{AdapterRow, AnswerRow, ArchiveRow, ArticleRow};

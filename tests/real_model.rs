@@ -373,7 +373,8 @@ fn lora_training_teaches_a_made_up_fact() {
 /// containment heuristic did not accept; every row records the judge as its grader.
 #[test]
 fn judge_grader_decides_unmatched_answers() {
-    use selfedit::experiment::cli::{Shard, StageContext};
+    use selfedit::experiment::cli::StageContext;
+    use selfedit::experiment::layout::Shard;
     use selfedit::experiment::stages::evaluate::{evaluate, EvalTarget, Judge};
     use selfedit::experiment::states::{GraderKind, Split};
     let m = common::smollm();

@@ -127,8 +127,9 @@ fn answer_only_loss_is_the_mean_over_answer_positions() {
 /// retrains it.
 #[test]
 fn adapters_are_retrained_exactly_when_an_input_changes() {
-    use selfedit::experiment::cli::{Shard, StageContext};
+    use selfedit::experiment::cli::StageContext;
     use selfedit::experiment::config::Experiment;
+    use selfedit::experiment::layout::Shard;
     use selfedit::experiment::stages::{synthesize, templates, train};
     use selfedit::experiment::states::{Category, Split};
     use selfedit::experiment::tables::{ArticleRow, Question, SelfEditRow};

@@ -5,14 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::Args;
 
-use crate::experiment::config::{Experiment, Variant};
-use crate::experiment::layout::{Layout, Stage};
+use crate::experiment::config::Experiment;
+use crate::experiment::layout::{Layout, Shard, Stage};
 use crate::experiment::prompts::{self, Prompts};
 use crate::experiment::states::Split;
-use crate::experiment::tables::{self, ArchiveRow, Provenance, Table};
+use crate::experiment::tables::{self, Provenance, Table};
 use crate::runtime::device::parse_device;
 use crate::runtime::formats::LoadedModel;
 use crate::util::hash::content_hash;
@@ -63,30 +62,6 @@ pub struct ShardArgs {
     pub merge: Option<usize>,
 }
 
-/// `--shard i/n`: this process does items whose index is `i` modulo `n`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl Shard {
-    pub const ALL: Shard = Shard { index: 0, count: 1 };
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        let (i, n) = s.split_once('/').with_context(|| format!("shard {s:?}: expected i/n, e.g. 0/4"))?;
-        let (index, count): (usize, usize) = (i.parse().context("shard index")?, n.parse().context("shard count")?);
-        anyhow::ensure!(count >= 1 && index < count, "shard {s:?}: need 0 <= i < n");
-        Ok(Self { index, count })
-    }
-    pub fn owns(&self, item: usize) -> bool {
-        item % self.count == self.index
-    }
-    /// How many of `n` items this shard owns.
-    pub fn len_of(&self, n: usize) -> usize {
-        (0..n).filter(|i| self.owns(*i)).count()
-    }
-}
-
 /// What a stage works in: the experiment (its config for the split), its prompts, its
 /// output layout and the iteration.
 pub struct StageContext {
@@ -135,18 +110,6 @@ impl StageContext {
     pub fn load_model(&self, args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         let device = parse_device(&self.exp.config.model.device)?;
         crate::runtime::formats::load(args.model.as_deref().unwrap_or(&self.exp.config.model.path), &device)
-    }
-    /// The archive the iteration's templates are conditioned on: `--archive`, else (archive
-    /// variant) the seed archive, else none.
-    pub fn archive(&self, given: Option<&Path>) -> anyhow::Result<Option<Vec<ArchiveRow>>> {
-        Ok(match (given, self.exp.config.variant) {
-            (Some(p), _) => Some(tables::read(p)?),
-            (None, Variant::Archive) => {
-                let seeds = crate::experiment::stages::archive::seed_archive(&self.exp.config.archive_seed)?;
-                Some(crate::experiment::stages::archive::update_archive(seeds, self.iteration, &[], &[]))
-            }
-            _ => None,
-        })
     }
     pub fn provenance(&self, stage: Stage) -> anyhow::Result<Provenance> {
         Ok(Provenance {

@@ -19,9 +19,35 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::experiment::cli::Shard;
+use anyhow::Context;
+
 use crate::experiment::states::Split;
 use crate::experiment::tables::Table;
+
+/// `--shard i/n`: this process does items whose index is `i` modulo `n`, and writes its
+/// rows to `<table>.shard-i-of-n.parquet` ([`Layout::shard_table`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (i, n) = s.split_once('/').with_context(|| format!("shard {s:?}: expected i/n, e.g. 0/4"))?;
+        let (index, count): (usize, usize) = (i.parse().context("shard index")?, n.parse().context("shard count")?);
+        anyhow::ensure!(count >= 1 && index < count, "shard {s:?}: need 0 <= i < n");
+        Ok(Self { index, count })
+    }
+    pub fn owns(&self, item: usize) -> bool {
+        item % self.count == self.index
+    }
+    /// How many of `n` items this shard owns.
+    pub fn len_of(&self, n: usize) -> usize {
+        (0..n).filter(|i| self.owns(*i)).count()
+    }
+}
 
 /// The stages of an iteration, in pipeline order, plus the generator's improvement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

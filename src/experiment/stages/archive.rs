@@ -8,6 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::experiment::cli::StageContext;
+use crate::experiment::config::Variant;
 use crate::experiment::layout::Stage;
 use crate::experiment::states::Split;
 use crate::experiment::tables::{self, ArchiveRow, TemplateRow, TemplateStatsRow};
@@ -68,6 +69,16 @@ pub fn update_archive(
         r.rank = i as i64;
     }
     rows
+}
+
+/// The archive an iteration's templates are conditioned on: `given` (the previous
+/// iteration's `archive.parquet`), else for the archive variant the seed archive, else none.
+pub fn conditioning_archive(ctx: &StageContext, given: Option<&Path>) -> anyhow::Result<Option<Vec<ArchiveRow>>> {
+    Ok(match (given, ctx.exp.config.variant) {
+        (Some(p), _) => Some(tables::read(p)?),
+        (None, Variant::Archive) => Some(update_archive(seed_archive(&ctx.exp.config.archive_seed)?, ctx.iteration, &[], &[])),
+        _ => None,
+    })
 }
 
 /// `update-archive`: writes `archive.parquet` (iteration 0 starts from the seed archive).

@@ -81,7 +81,7 @@ pub fn evaluate(
     articles: &[ArticleRow],
     targets: &[EvalTarget],
     judge: Option<&Judge>,
-    shard: crate::experiment::cli::Shard,
+    shard: crate::experiment::layout::Shard,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<Vec<AnswerRow>> {
     let cfg = &ctx.exp.config;

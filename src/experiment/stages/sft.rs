@@ -104,7 +104,7 @@ pub fn build_sft(
 /// `build-sft`: writes `sft.parquet`; `archive` is the archive the iteration's templates
 /// were conditioned on (archive variant).
 pub fn run(ctx: &StageContext, archive: &ArchiveArgs) -> anyhow::Result<()> {
-    let archive = ctx.archive(archive.archive.as_deref())?;
+    let archive = super::archive::conditioning_archive(ctx, archive.archive.as_deref())?;
     let templates: Vec<TemplateRow> = ctx.read()?;
     let edits: Vec<SelfEditRow> = ctx.read()?;
     let scores: Vec<ScoreRow> = ctx.read()?;

@@ -174,7 +174,7 @@ pub fn run(ctx: &StageContext, model: &ModelArgs, archive: &ArchiveArgs) -> anyh
     let rows = if cfg.variant.is_baseline() {
         vec![baseline_template(cfg, &ctx.prompts, ctx.iteration)?]
     } else {
-        let archive = ctx.archive(archive.archive.as_deref())?;
+        let archive = super::archive::conditioning_archive(ctx, archive.archive.as_deref())?;
         let model = ctx.load_model(model)?;
         let bar = progress(cfg.search.templates_per_iteration, "templates");
         let rows = generate_templates(ctx, &model, archive.as_deref(), |n| bar.inc(n as u64))?;

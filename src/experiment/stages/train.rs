@@ -74,7 +74,7 @@ pub fn train_adapters(
     templates: &[TemplateRow],
     edits: &[SelfEditRow],
     articles: &[ArticleRow],
-    shard: crate::experiment::cli::Shard,
+    shard: crate::experiment::layout::Shard,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<Vec<AdapterRow>> {
     let cfg = &ctx.exp.config;
