@@ -10,10 +10,7 @@ mod common;
 
 use anyhow::Context;
 use clap::Parser;
-use selfedit::analysis::collapse;
-use selfedit::experiment::layout::Layout;
-use selfedit::experiment::states::Split;
-use selfedit::experiment::tables::{self, CollapseRow, Provenance, TemplateRow};
+use selfedit::analysis::collapse::{self, TemplateSource};
 use selfedit::runtime::embedder::Embedder;
 
 #[derive(Parser)]
@@ -39,50 +36,22 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     common::init();
-    let (source, iterations) = match (&cli.templates_json, &cli.experiment) {
-        (Some(p), _) => (p.display().to_string(), collapse::read_templates_json(p)?),
-        (None, Some(dir)) => {
-            let layout = Layout::at(dir);
-            let mut iters = Vec::new();
-            for k in layout.iterations_with::<TemplateRow>(Split::Train) {
-                iters.push(collapse::from_template_rows(&tables::read::<TemplateRow>(&layout.table::<TemplateRow>(k, Split::Train))?));
-            }
-            anyhow::ensure!(!iters.is_empty(), "{}: no iter0/templates.parquet", dir.display());
-            (dir.display().to_string(), iters)
-        }
+    let source = match (&cli.templates_json, &cli.experiment) {
+        (Some(p), _) => TemplateSource::PaperJson(p),
+        (None, Some(dir)) => TemplateSource::Experiment(dir),
         (None, None) => anyhow::bail!("give --templates-json FILE or --experiment outputs/NAME"),
     };
-    let embedder = if cli.no_embedder {
-        None
-    } else {
-        Some(Embedder::load(&cli.embedder, &candle_core::Device::Cpu).context("loading the sentence embedder (or pass --no-embedder)")?)
+    let embedder = match cli.no_embedder {
+        true => None,
+        false => Some(
+            Embedder::load(&cli.embedder, &candle_core::Device::Cpu).context("loading the sentence embedder (or pass --no-embedder)")?,
+        ),
     };
-    let rows: Vec<CollapseRow> = collapse::analyse(&iterations, embedder.as_ref())?
-        .into_iter()
-        .map(|r| CollapseRow {
-            source: source.clone(),
-            iteration: r.iteration as i64,
-            n_templates: r.n_templates as i64,
-            text_similarity: r.text_similarity,
-            hp_similarity: r.hp_similarity,
-            lexical_similarity: r.lexical_similarity,
-            text_drift: r.text_drift,
-            hp_drift: r.hp_drift,
-            lexical_drift: r.lexical_drift,
-        })
-        .collect();
-    let prov = Provenance { stage: "collapse".into(), model: cli.embedder.display().to_string(), ..Default::default() };
-    tables::write(&cli.out, &rows, &prov)?;
+    let rows = collapse::run(source, embedder.as_ref().map(|e| (e, cli.embedder.as_path())), &cli.out)?;
     for r in &rows {
         let f = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
-        println!(
-            "iter {}: {} templates, text {}, hyperparameters {}, lexical {}",
-            r.iteration,
-            r.n_templates,
-            f(r.text_similarity),
-            f(r.hp_similarity),
-            f(r.lexical_similarity)
-        );
+        let (t, h, l) = (f(r.text_similarity), f(r.hp_similarity), f(r.lexical_similarity));
+        println!("iter {}: {} templates, text {t}, hyperparameters {h}, lexical {l}", r.iteration, r.n_templates);
     }
     println!("collapse: wrote {} ({} rows)", cli.out.display(), rows.len());
     Ok(())

@@ -16,7 +16,9 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::experiment::tables::TemplateRow;
+use crate::experiment::layout::Layout;
+use crate::experiment::states::Split;
+use crate::experiment::tables::{self, CollapseRow, Provenance, TemplateRow};
 use crate::experiment::template::Hyperparameters;
 use crate::runtime::embedder::Embedder;
 
@@ -206,6 +208,48 @@ pub fn from_template_rows(rows: &[TemplateRow]) -> Vec<AnalysedTemplate> {
             hyperparameters: r.hyperparameters.values().into_iter().map(Some).collect(),
         })
         .collect()
+}
+
+/// Where the templates of a collapse analysis come from.
+pub enum TemplateSource<'a> {
+    /// The paper's published layout: a JSON list of iterations, each a list of templates.
+    PaperJson(&'a Path),
+    /// A selfedit experiment folder: its `iter*/templates.parquet`.
+    Experiment(&'a Path),
+}
+
+/// Reads the templates of every iteration from `source`, analyses them (text similarity
+/// when `embedder` is given) and writes `out` (`collapse.parquet`). Returns the rows.
+pub fn run(source: TemplateSource, embedder: Option<(&Embedder, &Path)>, out: &Path) -> anyhow::Result<Vec<CollapseRow>> {
+    let (name, iterations) = match source {
+        TemplateSource::PaperJson(p) => (p.display().to_string(), read_templates_json(p)?),
+        TemplateSource::Experiment(dir) => {
+            let layout = Layout::at(dir);
+            let mut iters = Vec::new();
+            for k in layout.iterations_with::<TemplateRow>(Split::Train) {
+                iters.push(from_template_rows(&tables::read::<TemplateRow>(&layout.table::<TemplateRow>(k, Split::Train))?));
+            }
+            anyhow::ensure!(!iters.is_empty(), "{}: no iter0/templates.parquet (run `make` first)", dir.display());
+            (dir.display().to_string(), iters)
+        }
+    };
+    let rows: Vec<CollapseRow> = analyse(&iterations, embedder.map(|e| e.0))?
+        .into_iter()
+        .map(|r| CollapseRow {
+            source: name.clone(),
+            iteration: r.iteration as i64,
+            n_templates: r.n_templates as i64,
+            text_similarity: r.text_similarity,
+            hp_similarity: r.hp_similarity,
+            lexical_similarity: r.lexical_similarity,
+            text_drift: r.text_drift,
+            hp_drift: r.hp_drift,
+            lexical_drift: r.lexical_drift,
+        })
+        .collect();
+    let model = embedder.map(|e| e.1.display().to_string()).unwrap_or_default();
+    tables::write(out, &rows, &Provenance { stage: "collapse".into(), model, ..Default::default() })?;
+    Ok(rows)
 }
 
 #[cfg(test)]
