@@ -206,3 +206,107 @@ fn adapters_are_retrained_exactly_when_an_input_changes() {
     other_model.config.model.path = d.path().join("elsewhere");
     check(run(&other_model, "0.002", "w5 w6 w8"), "model");
 }
+
+/// Gradient accumulation averages over tokens, not over sequences: the window's gradient is
+/// the gradient of the mean loss over all counted tokens of both sequences, i.e. each
+/// sequence's gradient weighted by its share of the tokens (here 7 and 2 of 9).
+#[test]
+fn accumulated_gradient_is_that_of_the_token_weighted_mean() {
+    use selfedit::runtime::training::{lora_gradients, window_gradients};
+    let (_d, m) = tiny_model();
+    let mut adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(4, 8.0, 0.0), 3, &Device::Cpu).unwrap();
+    // B starts at zero, so A gets no gradient: train one step to make both move
+    let warm = [TrainExample { ids: vec![3, 4, 5, 6, 7], loss_from: 0 }];
+    train_lora(&m.decoder, &mut adapter, &warm, &TrainConfig::new(0.05, 1, 1, 0), |_, _, _| {}).unwrap();
+    let long = TrainExample { ids: vec![2, 9, 14, 3, 27, 41, 5, 8], loss_from: 0 }; // 7 targets
+    let short = TrainExample { ids: vec![11, 12, 13], loss_from: 0 }; // 2 targets
+    let (_, g_long) = lora_gradients(&m.decoder, &adapter, &long).unwrap();
+    let (_, g_short) = lora_gradients(&m.decoder, &adapter, &short).unwrap();
+    let (_, window) = window_gradients(&m.decoder, &adapter, &[&long, &short]).unwrap();
+    let (mut compared, mut worst_err, mut largest_gap) = (0, 0f32, 0f32);
+    for ((gl, gs), w) in g_long.iter().zip(&g_short).zip(&window) {
+        let (Some(gl), Some(gs)) = (gl, gs) else { continue };
+        let want = ((gl * (7.0 / 9.0)).unwrap() + (gs * (2.0 / 9.0)).unwrap()).unwrap();
+        let err = (w - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err <= 1e-5 * scale.max(1e-3), "max error {err} at scale {scale}");
+        // what averaging per-sequence means (1/2 each) would give instead
+        let per_seq = ((gl * 0.5).unwrap() + (gs * 0.5).unwrap()).unwrap();
+        let gap = (&per_seq - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        worst_err = worst_err.max(err);
+        largest_gap = largest_gap.max(gap);
+        compared += 1;
+    }
+    assert!(compared >= 4, "only {compared} variables had gradients");
+    assert!(largest_gap > 100.0 * worst_err.max(1e-9), "the two weightings are indistinguishable here ({largest_gap} vs {worst_err})");
+}
+
+/// The judge's verdicts decide `correct`: "yes" accepts, "no" or an unparsable reply rejects.
+#[test]
+fn judge_verdicts_decide_correct() {
+    use selfedit::experiment::stages::evaluate::apply_verdicts;
+    use selfedit::experiment::states::GraderKind;
+    use selfedit::experiment::tables::AnswerRow;
+    let row = |correct: bool| AnswerRow {
+        model_id: "base".into(),
+        article_id: "a000".into(),
+        question_index: 0,
+        run: 0,
+        question: "q".into(),
+        prediction: "p".into(),
+        gold_answers: vec!["g".into()],
+        correct,
+        exact_match: false,
+        f1: 0.0,
+        grader: GraderKind::Judge,
+    };
+    let mut rows = vec![row(false), row(false), row(true), row(false), row(false)];
+    let replies = [r#"{"correct": "yes"}"#, r#"{"correct": "no"}"#, "not json", r#"{"correct":"yes"}"#].map(String::from);
+    apply_verdicts(&mut rows, &[0, 1, 3, 4], &replies);
+    assert_eq!(rows.iter().map(|r| r.correct).collect::<Vec<_>>(), [true, false, true, false, true]);
+}
+
+/// The generator's SFT (ReST-EM's M step) on hand-made examples: it trains on the
+/// assistant turns, merges, and the saved generator differs from the base model; with no
+/// example the model is carried over unchanged.
+#[test]
+fn generator_learns_from_examples_and_is_unchanged_without() {
+    use selfedit::experiment::config::Experiment;
+    use selfedit::experiment::stages::generator::train_generator;
+    use selfedit::experiment::states::SftKind;
+    use selfedit::experiment::tables::SftRow;
+    let (d, m) = tiny_model();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+    exp.config.sft.lora_rank = 4;
+    exp.config.sft.gradient_accumulation_steps = 1;
+    exp.config.sft.learning_rate = 1e-2;
+    let ex = |id: &str, prompt: &str, completion: &str| SftRow {
+        example_id: id.into(),
+        kind: SftKind::Completion,
+        article_id: "a000".into(),
+        template_id: "iter0-t00".into(),
+        self_edit_id: "a000-t00-c0".into(),
+        prompt: prompt.into(),
+        completion: completion.into(),
+        accuracy: 1.0,
+        gain: 1.0,
+    };
+    let examples = vec![ex("e0", "w1 w2", "w3 w4 w5"), ex("e1", "w6", "w7 w8")];
+    let out = tempfile::tempdir().unwrap();
+    let report = train_generator(&exp.config, &m, &examples, &out.path().join("ckpt"), &out.path().join("gen"), |_, _, _| {})
+        .unwrap()
+        .expect("examples give a training run");
+    assert_eq!(report.steps, 2 * exp.config.sft.num_epochs);
+    let gen = selfedit::runtime::formats::load(&out.path().join("gen"), &Device::Cpu).unwrap();
+    let max_diff = |a: &selfedit::runtime::formats::LoadedModel| {
+        let w0 = &m.decoder.layers[0].self_attn.q_proj.weight;
+        let w1 = &a.decoder.layers[0].self_attn.q_proj.weight;
+        (w0 - w1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert!(max_diff(&gen) > 0.0, "the merged generator equals the base model");
+    assert!(train_generator(&exp.config, &m, &[], &out.path().join("ckpt2"), &out.path().join("same"), |_, _, _| {}).unwrap().is_none());
+    let same = selfedit::runtime::formats::load(&out.path().join("same"), &Device::Cpu).unwrap();
+    assert_eq!(max_diff(&same), 0.0);
+    drop(d);
+}

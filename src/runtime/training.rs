@@ -212,7 +212,6 @@ pub fn train_lora_with(
         .filter(|e| e.ids.len() >= 2 && e.loss_from < e.ids.len())
         .collect();
     ensure!(!examples.is_empty(), "no training sequence has at least two tokens");
-    let counted = |e: &TrainExample| e.ids.len() - e.loss_from.max(1);
 
     let start = Instant::now();
     let total = cfg.total_steps(examples.len());
@@ -243,30 +242,9 @@ pub fn train_lora_with(
             adapter.set_training(Some(cfg.seed ^ 0x5eed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             // 2. forward + backward over the window, each sequence weighted by its share
             //    of the window's counted tokens
-            let window_tokens: usize = window.iter().map(|&i| counted(&examples[i])).sum();
-            let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-            let mut window_loss = 0f64;
-            for &i in window {
-                let ex = &examples[i];
-                let loss = decoder.sequence_loss(&ex.ids, ex.loss_from, Some(adapter))?;
-                let weight = counted(ex) as f64 / window_tokens as f64;
-                window_loss += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64 * weight;
-                let g = (loss * weight)?.backward()?;
-                for (acc, var) in grads.iter_mut().zip(&vars) {
-                    if let Some(gv) = g.get(var.as_tensor()) {
-                        *acc = Some(match acc.take() {
-                            Some(a) => (a + gv)?,
-                            None => gv.clone(),
-                        });
-                    }
-                }
-                report.tokens += ex.ids.len();
-            }
-            let mut grads: Vec<Tensor> = grads
-                .into_iter()
-                .zip(&vars)
-                .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
-                .collect::<candle_core::Result<_>>()?;
+            let window_examples: Vec<&TrainExample> = window.iter().map(|&i| &examples[i]).collect();
+            let (window_loss, mut grads) = window_gradients(decoder, adapter, &window_examples)?;
+            report.tokens += window_examples.iter().map(|e| e.ids.len()).sum::<usize>();
             // 3. clip the global gradient norm
             let norm = grads.iter().map(|g| g.sqr()?.sum_all()?.to_scalar::<f32>()).sum::<candle_core::Result<f32>>()?.sqrt() as f64;
             if cfg.max_grad_norm > 0.0 && norm > cfg.max_grad_norm {
@@ -298,6 +276,39 @@ pub fn train_lora_with(
     report.steps = step;
     report.seconds = seconds_before + start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Positions whose target counts in a sequence's loss (see [`TrainExample::loss_from`]).
+fn counted(e: &TrainExample) -> usize {
+    e.ids.len() - e.loss_from.max(1)
+}
+
+/// One accumulation window's loss and gradients: the token-weighted mean of the sequences'
+/// losses (each sequence's mean loss weighted by its share of the window's counted tokens,
+/// as Transformers >= 4.46 averages), and its gradient with respect to every adapter
+/// variable (zeros where a variable gets none), in [`LoraAdapter::vars`] order.
+pub fn window_gradients(decoder: &Decoder, adapter: &LoraAdapter, window: &[&TrainExample]) -> anyhow::Result<(f64, Vec<Tensor>)> {
+    let vars = adapter.vars();
+    let window_tokens: usize = window.iter().map(|e| counted(e)).sum();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut window_loss = 0f64;
+    for ex in window {
+        let loss = decoder.sequence_loss(&ex.ids, ex.loss_from, Some(adapter))?;
+        let weight = counted(ex) as f64 / window_tokens as f64;
+        window_loss += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64 * weight;
+        let g = (loss * weight)?.backward()?;
+        for (acc, var) in grads.iter_mut().zip(&vars) {
+            if let Some(gv) = g.get(var.as_tensor()) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + gv)?,
+                    None => gv.clone(),
+                });
+            }
+        }
+    }
+    let grads =
+        grads.into_iter().zip(&vars).map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
+    Ok((window_loss, grads))
 }
 
 /// The gradient of a loss with respect to each adapter variable (for tests and checks).

@@ -165,11 +165,19 @@ fn judge_answers(ctx: &StageContext, judge: &Judge, rows: &mut [AnswerRow]) -> a
         idx.push(i);
     }
     let outs = generate(judge.model, None, requests, ctx.exp.config.eval.batch_size, |_| {})?;
-    for (i, out) in idx.into_iter().zip(outs) {
-        let verdict: serde_json::Value = serde_json::from_str(&out.text).unwrap_or_default();
+    let replies: Vec<String> = outs.into_iter().map(|o| o.text).collect();
+    apply_verdicts(rows, &idx, &replies);
+    Ok(())
+}
+
+/// Applies the judge's replies to the rows it was asked about (`asked[k]` got `replies[k]`):
+/// such a row is correct exactly when the reply is `{"correct": "yes"}`; "no" or a reply
+/// that does not parse leaves it incorrect.
+pub fn apply_verdicts(rows: &mut [AnswerRow], asked: &[usize], replies: &[String]) {
+    for (&i, reply) in asked.iter().zip(replies) {
+        let verdict: serde_json::Value = serde_json::from_str(reply).unwrap_or_default();
         rows[i].correct = verdict["correct"] == "yes";
     }
-    Ok(())
 }
 
 /// `evaluate`: answers for this shard's targets, or merges shards.
