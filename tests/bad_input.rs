@@ -11,7 +11,7 @@ use selfedit::experiment::cli::StageContext;
 use selfedit::experiment::config::Experiment;
 use selfedit::experiment::layout::Shard;
 use selfedit::experiment::stages::{evaluate, synthesize, templates, train};
-use selfedit::experiment::states::{AdapterStatus, Category, Split};
+use selfedit::experiment::states::{AdapterStatus, BaseRuns, Category, Split};
 use selfedit::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow};
 
 fn tiny_experiment(model: &Path) -> Experiment {
@@ -107,7 +107,7 @@ fn empty_self_edits_truncated_adapters_and_missing_models() {
     let good = std::fs::read(&weights).unwrap();
 
     // the empty self-edit is evaluated as the base model (the paper's dummy adapter)
-    let targets = evaluate::eval_targets(std::slice::from_ref(&article), &rows, &edits, Split::Train);
+    let targets = evaluate::eval_targets(std::slice::from_ref(&article), &rows, &edits, Split::Train, BaseRuns::PerArticle);
     assert_eq!(targets.len(), 3);
     assert!(targets[2].adapter.is_none() && targets[2].model_id == "a000-t00-c1");
 

@@ -79,11 +79,14 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     assert_eq!(templates.len(), 2);
     assert_eq!(edits.len(), 2 * 2); // templates × articles × 1 completion
     assert_eq!(adapters.len(), edits.len());
-    let questions: usize = articles.iter().map(|a| a.questions.len()).sum();
-    // base model on every article + one model per evaluated self-edit, 1 run each
+    // the base model once per self-edit of each article (the paper's protocol) + one model
+    // per evaluated self-edit, 1 run each
     let evaluated = adapters.iter().filter(|a| a.status != AdapterStatus::Failed).count();
     let per_article = |id: &str| articles.iter().find(|a| a.article_id == id).unwrap().questions.len();
-    let want_answers = questions
+    let base_answers: usize =
+        articles.iter().map(|a| a.questions.len() * edits.iter().filter(|e| e.article_id == a.article_id).count()).sum();
+    assert_eq!(answers.iter().filter(|r| r.model_id == "base").count(), base_answers);
+    let want_answers = base_answers
         + adapters
             .iter()
             .filter(|a| a.status != AdapterStatus::Failed)

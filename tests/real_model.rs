@@ -395,7 +395,7 @@ fn judge_grader_decides_unmatched_answers() {
         source_index: 0,
     };
     let judge = Judge::new(m).unwrap();
-    let targets = vec![EvalTarget { model_id: "base".into(), article_id: "a000".into(), adapter: None }];
+    let targets = vec![EvalTarget { model_id: "base".into(), article_id: "a000".into(), adapter: None, repeats: 1 }];
     let out = tempfile::tempdir().unwrap();
     let ctx = StageContext::new(exp, out.path(), 0).unwrap();
     let rows = evaluate(&ctx, m, &[article], &targets, Some(&judge), Shard::ALL, |_| {}).unwrap();
@@ -406,4 +406,25 @@ fn judge_grader_decides_unmatched_answers() {
             assert!(r.correct, "the heuristic's acceptance is kept: {r:?}");
         }
     }
+}
+
+/// The paper's code appends the end-of-turn token to every training sequence of an instruct
+/// model: on SmolLM2 that is `<|im_end|>`, taken from the model's own EOS, one token more.
+#[test]
+fn training_sequences_end_with_the_end_of_turn_token() {
+    use selfedit::experiment::config::Experiment;
+    use selfedit::experiment::stages::train::training_examples;
+    let m = common::smollm();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+    let text = std::fs::read_to_string(root.join("data/veltoria_fact.txt")).unwrap();
+    let texts = vec![text.trim().to_string()];
+    let eot = m.tokenizer.inner.token_to_id("<|im_end|>").unwrap();
+    assert_eq!(m.tokenizer.end_of_turn(), Some(eot));
+    let with = training_examples(&exp.config, &m.tokenizer, &texts).unwrap();
+    exp.config.training.end_of_turn = false;
+    let bare = training_examples(&exp.config, &m.tokenizer, &texts).unwrap();
+    assert_eq!(with[0].ids.len(), bare[0].ids.len() + 1);
+    assert_eq!(*with[0].ids.last().unwrap(), eot);
+    assert_eq!(&with[0].ids[..bare[0].ids.len()], bare[0].ids.as_slice());
 }

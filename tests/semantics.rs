@@ -310,3 +310,56 @@ fn generator_learns_from_examples_and_is_unchanged_without() {
     assert_eq!(max_diff(&same), 0.0);
     drop(d);
 }
+
+/// The base model answers once per (template, completion, run) of its article, as the
+/// paper's code evaluates it, or `eval.runs` times per article when configured so.
+#[test]
+fn base_model_runs_once_per_self_edit_of_its_article() {
+    use selfedit::experiment::stages::evaluate::eval_targets;
+    use selfedit::experiment::states::{AdapterStatus, BaseRuns, Category, Split};
+    use selfedit::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow};
+    let article = |id: &str| ArticleRow {
+        article_id: id.into(),
+        split: Split::Train,
+        title: String::new(),
+        context: "c".into(),
+        questions: vec![],
+        source_index: 0,
+    };
+    let edit = |a: &str, t: usize, c: usize| SelfEditRow {
+        self_edit_id: format!("{a}-t{t:02}-c{c}"),
+        template_id: format!("iter0-t{t:02}"),
+        article_id: a.into(),
+        completion: c as i64,
+        category: Category::Exploit,
+        sequences: vec![],
+        valid: false,
+        error: None,
+        raw_response: String::new(),
+        seed: 0,
+    };
+    let edits = vec![edit("a000", 0, 0), edit("a000", 0, 1), edit("a000", 1, 0), edit("a001", 0, 0)];
+    let adapters: Vec<AdapterRow> = edits
+        .iter()
+        .map(|e| AdapterRow {
+            self_edit_id: e.self_edit_id.clone(),
+            status: AdapterStatus::Empty,
+            adapter_path: None,
+            sequences: 0,
+            tokens: 0,
+            steps: 0,
+            loss_curve: vec![],
+            seconds: 0.0,
+            error: None,
+        })
+        .collect();
+    let articles = [article("a000"), article("a001")];
+    let repeats = |mode| -> Vec<(String, usize)> {
+        eval_targets(&articles, &adapters, &edits, Split::Train, mode).into_iter().map(|t| (t.model_id, t.repeats)).collect()
+    };
+    let paper = repeats(BaseRuns::PerSelfEdit);
+    assert_eq!(&paper[..2], &[("base".to_string(), 3), ("base".to_string(), 1)]);
+    assert!(paper[2..].iter().all(|(_, r)| *r == 1), "self-edits answer once: {paper:?}");
+    assert_eq!(paper.len(), 2 + edits.len());
+    assert!(repeats(BaseRuns::PerArticle)[..2].iter().all(|(_, r)| *r == 1));
+}

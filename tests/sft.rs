@@ -79,7 +79,11 @@ fn top_templates_per_article_with_their_best_completion() {
     assert_eq!(ids, ["a000-t00-c0-template", "a000-t00-c0-completion", "a000-t02-c0-template", "a000-t02-c0-completion"]);
     assert!(rows[0].prompt.contains("learning plan") && rows[0].completion.contains("plan iter0-t00"));
     assert!(rows[1].prompt.contains("The passage.") && rows[1].prompt.contains("plan iter0-t00"));
-    assert_eq!(rows[1].completion, edits[0].raw_response);
+    assert_eq!(rows[1].completion, r#"{"training_sequences": ["s"]}"#, "the parsed sequences, as the paper's json.dumps writes them");
+    assert_eq!(
+        rows[0].completion,
+        r#"{"data_creation_instruction": "plan iter0-t00", "hyperparameters": {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}"#
+    );
 
     // the archive variant keeps only completions that beat the base model (t02's 0.25 does not)
     e.config.variant = Variant::Archive;
@@ -93,4 +97,70 @@ fn top_templates_per_article_with_their_best_completion() {
     let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
     assert_eq!(ids, ["a000-t00-c0-template", "a000-t00-c0-completion"]);
     assert!(rows[0].prompt.contains("Best plan so far"), "the archive variant's meta-prompt shows the archive");
+}
+
+/// The paper's rules beyond the plain ranking: the archive variant drops a template whose
+/// mean does not beat the base even when one completion does; the template example teaches
+/// the hyperparameters the adapters were trained with (clamped), not the raw response; a
+/// baseline variant keeps its top_k completions.
+#[test]
+fn archive_filter_trained_hyperparameters_and_baseline_top_k() {
+    let mut e = exp();
+    e.config.sft.top_k = 2;
+    let prompts = selfedit::experiment::prompts::Prompts::load(&e.config.prompts_dir).unwrap();
+    let articles = vec![ArticleRow {
+        article_id: "a000".into(),
+        split: Split::Train,
+        title: "T".into(),
+        context: "The passage.".into(),
+        questions: vec![Question { question: "q".into(), answers: vec!["a".into()] }],
+        source_index: 0,
+    }];
+    // t00 wrote rank 1000 (clamped to the bounds' 64); mean 0.45 < base 0.5 though c0 is 0.9
+    let raw = r#"{"data_creation_instruction": "lucky", "hyperparameters": {"lora_rank": 1000, "lora_alpha": 16, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}"#;
+    let t00 = templates::parse_template(&e.config, 0, "iter0-t00", Category::Exploit, raw, 0);
+    assert_eq!(t00.hyperparameters.lora_rank, 64);
+    let t01 = template("iter0-t01"); // mean 0.6 > base
+    let mut edits = Vec::new();
+    let mut scores = Vec::new();
+    for (t, accs) in [("iter0-t00", [0.9, 0.0]), ("iter0-t01", [0.4, 0.8])] {
+        for (c, acc) in accs.iter().enumerate() {
+            let ed = edit("a000", t, c);
+            scores.push(score(&ed, 0.5, *acc));
+            edits.push(ed);
+        }
+    }
+    let templates_v = vec![t00, t01];
+    // no-archive: both templates (t01 first by mean), t00's example carries rank 64
+    let rows = sft::build_sft(&e.config, &prompts, None, &templates_v, &edits, &scores, &articles).unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
+    assert_eq!(ids, ["a000-t01-c1-template", "a000-t01-c1-completion", "a000-t00-c0-template", "a000-t00-c0-completion"]);
+    assert!(rows[2].completion.contains(r#""lora_rank": 64,"#), "{}", rows[2].completion);
+    // archive: t00's mean 0.45 does not beat the base 0.5, so its lucky completion is not kept
+    e.config.variant = Variant::Archive;
+    let archive = archive::update_archive(
+        archive::seed_archive(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/archive_seed.json")).unwrap(),
+        0,
+        &[],
+        &[],
+    );
+    let rows = sft::build_sft(&e.config, &prompts, Some(&archive), &templates_v, &edits, &scores, &articles).unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
+    assert_eq!(ids, ["a000-t01-c1-template", "a000-t01-c1-completion"]);
+    // baseline: the top 2 completions of the one template, with their text
+    e.config.variant = Variant::BaselineRewrite;
+    let base_t = templates::baseline_template(&e.config, &prompts, 0).unwrap();
+    let mut bedits = Vec::new();
+    let mut bscores = Vec::new();
+    for (c, acc) in [0.1, 0.7, 0.4].iter().enumerate() {
+        let mut ed = edit("a000", "iter0-t00", c);
+        ed.category = Category::Baseline;
+        ed.raw_response = format!("rewrite {c}");
+        bscores.push(score(&ed, 0.5, *acc));
+        bedits.push(ed);
+    }
+    let rows = sft::build_sft(&e.config, &prompts, None, &[base_t], &bedits, &bscores, &articles).unwrap();
+    let got: Vec<(&str, &str)> = rows.iter().map(|r| (r.example_id.as_str(), r.completion.as_str())).collect();
+    assert_eq!(got, [("a000-t00-c1-completion", "rewrite 1"), ("a000-t00-c2-completion", "rewrite 2")]);
+    assert!(rows[0].prompt.contains("The passage."));
 }

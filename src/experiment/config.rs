@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::experiment::states::{HeuristicRule, Split};
+use crate::experiment::states::{BaseRuns, HeuristicRule, Split};
 use crate::experiment::template::{HyperparameterBounds, Hyperparameters};
 use crate::runtime::generate::SamplingParams;
 use crate::runtime::model::Proj;
@@ -93,6 +93,10 @@ pub struct TrainingSection {
     pub max_len: usize,
     /// The projections the self-edit adapters train (the paper: `q_proj`, `v_proj`).
     pub target_modules: Vec<Proj>,
+    /// Append the chat model's end-of-turn token to every training sequence, as the paper's
+    /// code does for instruct models (default true; no effect without a chat template).
+    #[serde(default = "yes")]
+    pub end_of_turn: bool,
     /// Gradient-norm clipping (Hugging Face Trainer default 1.0; 0 = off).
     pub max_grad_norm: f64,
 }
@@ -104,6 +108,10 @@ pub struct EvalSection {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub grader: GraderKind,
+    /// Base-model runs: `per-self-edit` (the paper's, the default: once per template,
+    /// completion and run of the article) or `per-article` (`runs` times per article).
+    #[serde(default)]
+    pub base_runs: BaseRuns,
     /// The heuristic verdict: `substring` (the paper's, the default) or `word-boundary`.
     #[serde(default)]
     pub heuristic: HeuristicRule,
@@ -203,6 +211,10 @@ impl Experiment {
         self.split = split;
         Ok(self)
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Expands `${VAR}` and `${VAR:-default}` from the environment, so a path can be given on

@@ -98,6 +98,24 @@ impl Default for HeuristicRule {
 }
 
 string_enum! {
+    /// How often the unadapted model answers each article's questions.
+    BaseRuns {
+        /// The paper's: once per (template, completion, run) of the article, with distinct
+        /// seeds, so the base mean has as many runs as the self-edits' means together.
+        PerSelfEdit = "per-self-edit",
+        /// `eval.runs` times per article.
+        PerArticle = "per-article",
+    }
+}
+
+impl Default for BaseRuns {
+    /// The paper's protocol.
+    fn default() -> Self {
+        BaseRuns::PerSelfEdit
+    }
+}
+
+string_enum! {
     /// What an SFT example teaches the generator.
     SftKind {
         /// meta-prompt → template JSON

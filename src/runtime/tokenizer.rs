@@ -117,6 +117,15 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The token that ends an assistant turn: for a chat model its EOS token (what
+    /// `tokenizer_config.json` or the GGUF names: `<|im_end|>` for ChatML models,
+    /// `<|eot_id|>` for Llama 3 instruct), else the first stop token; `None` for a model
+    /// without a chat template.
+    pub fn end_of_turn(&self) -> Option<u32> {
+        self.chat_template.as_ref()?;
+        self.eos_token.as_deref().and_then(|t| self.inner.token_to_id(t)).or_else(|| self.stop_ids.first().copied())
+    }
+
     /// Ids of a plain (non-chat) prompt, with BOS when the model wants one.
     pub fn encode_prompt(&self, text: &str) -> anyhow::Result<Vec<u32>> {
         let mut ids = Vec::new();

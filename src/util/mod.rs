@@ -3,4 +3,5 @@
 
 pub mod atomic;
 pub mod hash;
+pub mod pyjson;
 pub mod pyrandom;

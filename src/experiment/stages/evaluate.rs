@@ -11,7 +11,7 @@ use crate::experiment::cli::{progress, ModelArgs, ShardArgs, StageContext};
 use crate::experiment::grading;
 use crate::experiment::layout::Stage;
 use crate::experiment::prompts::{self, Prompts};
-use crate::experiment::states::{AdapterStatus, GraderKind, Split, BASE_MODEL_ID};
+use crate::experiment::states::{AdapterStatus, BaseRuns, GraderKind, Split, BASE_MODEL_ID};
 use crate::experiment::tables::{AdapterRow, AnswerRow, ArticleRow, SelfEditRow};
 use crate::runtime::device::parse_device;
 use crate::runtime::formats::LoadedModel;
@@ -38,16 +38,34 @@ pub struct EvalTarget {
     pub model_id: String,
     pub article_id: String,
     pub adapter: Option<PathBuf>,
+    /// It answers `eval.runs * repeats` times: the base model once per self-edit of its
+    /// article under [`BaseRuns::PerSelfEdit`], everything else once.
+    pub repeats: usize,
 }
 
 /// The base model for every article of the split, then every trained or empty self-edit
 /// (failed ones have nothing to evaluate; their score row says so).
-pub fn eval_targets(articles: &[ArticleRow], adapters: &[AdapterRow], edits: &[SelfEditRow], split: Split) -> Vec<EvalTarget> {
+pub fn eval_targets(
+    articles: &[ArticleRow],
+    adapters: &[AdapterRow],
+    edits: &[SelfEditRow],
+    split: Split,
+    base_runs: BaseRuns,
+) -> Vec<EvalTarget> {
     let edit_article: HashMap<&str, &str> = edits.iter().map(|e| (e.self_edit_id.as_str(), e.article_id.as_str())).collect();
+    let repeats = |article: &str| match base_runs {
+        BaseRuns::PerSelfEdit => edits.iter().filter(|e| e.article_id == article).count().max(1),
+        BaseRuns::PerArticle => 1,
+    };
     let mut out: Vec<EvalTarget> = articles
         .iter()
         .filter(|a| a.split == split)
-        .map(|a| EvalTarget { model_id: BASE_MODEL_ID.into(), article_id: a.article_id.clone(), adapter: None })
+        .map(|a| EvalTarget {
+            model_id: BASE_MODEL_ID.into(),
+            article_id: a.article_id.clone(),
+            adapter: None,
+            repeats: repeats(&a.article_id),
+        })
         .collect();
     for a in adapters {
         let Some(article) = edit_article.get(a.self_edit_id.as_str()) else { continue };
@@ -56,7 +74,7 @@ pub fn eval_targets(articles: &[ArticleRow], adapters: &[AdapterRow], edits: &[S
             AdapterStatus::Empty => None,
             AdapterStatus::Failed | AdapterStatus::Missing => continue,
         };
-        out.push(EvalTarget { model_id: a.self_edit_id.clone(), article_id: article.to_string(), adapter });
+        out.push(EvalTarget { model_id: a.self_edit_id.clone(), article_id: article.to_string(), adapter, repeats: 1 });
     }
     out
 }
@@ -104,7 +122,9 @@ pub fn evaluate(
         let mut keys = Vec::new();
         for (qi, q) in article.questions.iter().enumerate() {
             let ids = qa_prompt(&ctx.prompts, model, &q.question)?;
-            for run in 0..cfg.eval.runs {
+            // run r of repeat k is run k * runs + r: the first repeat's seeds are those of a
+            // single repeat
+            for run in 0..cfg.eval.runs * target.repeats {
                 let seed = derive_seed(cfg.seed, &format!("eval/{}/{}/{qi}/{run}", target.model_id, article.article_id));
                 requests.push(GenerationRequest::new(ids.clone(), cfg.eval.sampling.clone(), seed, cfg.eval.max_new_tokens));
                 keys.push((qi, run));
@@ -199,7 +219,7 @@ pub fn run(ctx: &StageContext, model_args: &ModelArgs, shard: &ShardArgs) -> any
         GraderKind::Judge => Some(Judge::new(judge_model.as_ref().unwrap_or(&model))?),
         GraderKind::Heuristic => None,
     };
-    let targets = eval_targets(&articles, &adapters, &edits, ctx.split());
+    let targets = eval_targets(&articles, &adapters, &edits, ctx.split(), cfg.eval.base_runs);
     let bar = progress(shard.len_of(targets.len()), "models evaluated");
     let rows = evaluate(ctx, &model, &articles, &targets, judge.as_ref(), shard, |k| bar.inc(k as u64))?;
     bar.finish_and_clear();

@@ -27,7 +27,7 @@ pub fn train_generator(
     on_step: impl FnMut(usize, usize, f32),
 ) -> anyhow::Result<Option<crate::runtime::training::TrainReport>> {
     let tok = &model.tokenizer;
-    let end = tok.stop_ids.first().copied();
+    let end = tok.end_of_turn().or_else(|| tok.stop_ids.first().copied());
     let mut train = Vec::new();
     for ex in examples {
         let prompt = tok.encode_chat(&[ChatMessage::user(ex.prompt.clone())], true)?;

@@ -10,14 +10,42 @@ use crate::experiment::cli::{ArchiveArgs, StageContext};
 use crate::experiment::config::{ExperimentConfig, Variant};
 use crate::experiment::layout::Stage;
 use crate::experiment::prompts::{self, Prompts};
-use crate::experiment::states::{AdapterStatus, Category, SftKind};
+use crate::experiment::states::{AdapterStatus, SftKind};
 use crate::experiment::tables::{self, ArchiveRow, ArticleRow, ScoreRow, SelfEditRow, SftRow, TemplateRow};
+use crate::experiment::template::Hyperparameters;
+use crate::util::pyjson;
 
-/// The supervised examples of one iteration: per article the `top_k` templates by their mean
-/// accuracy on it, each with its best completion (archive variant: only completions that beat
-/// the article's base accuracy). Each kept pair gives two examples: the template-generation
-/// prompt → the template JSON the model wrote, and the completion prompt → the completion
-/// (baselines: only the latter, their prompt being fixed).
+/// The template example's target: the template as its adapters were trained (the clamped
+/// hyperparameters, not the raw response), written as the paper's `json.dumps` writes it.
+pub fn template_target(t: &TemplateRow) -> String {
+    let hp: Vec<(&str, String)> = Hyperparameters::NAMES
+        .iter()
+        .zip(Hyperparameters::INTEGER)
+        .zip(t.hyperparameters.values())
+        .map(|((n, int), v)| (*n, if *int { format!("{}", v as i64) } else { pyjson::float(v) }))
+        .collect();
+    pyjson::object(&[("data_creation_instruction", pyjson::string(&t.instruction)), ("hyperparameters", pyjson::object(&hp))])
+}
+
+/// The completion example's target: the parsed training sequences, as `json.dumps` writes
+/// `{"training_sequences": [...]}`.
+pub fn sequences_target(e: &SelfEditRow) -> String {
+    pyjson::object(&[("training_sequences", pyjson::string_list(&e.sequences))])
+}
+
+/// The supervised examples of one iteration, as the paper's `build_SFT_dataset.py`
+/// (`K_BEST` = `sft.top_k`) builds them, per article:
+///
+/// - searched variants: the `top_k` templates by their mean accuracy on the article (ties:
+///   template order); the archive variant keeps only templates whose mean beats the article's
+///   base accuracy. From each, the best completion (archive: among those that beat the
+///   base). Each kept pair gives two examples: meta-prompt → the template (as trained), and
+///   completion prompt → the training sequences;
+/// - baseline variants: the `top_k` completions of the single template, each an example of
+///   its fixed prompt → the completion's text.
+///
+/// Completions that gave no usable sequence (the paper's dummy adapters) teach nothing and
+/// are passed over.
 pub fn build_sft(
     cfg: &ExperimentConfig,
     prompts: &Prompts,
@@ -30,72 +58,67 @@ pub fn build_sft(
     let templates: HashMap<&str, &TemplateRow> = templates.iter().map(|t| (t.template_id.as_str(), t)).collect();
     let edits: HashMap<&str, &SelfEditRow> = edits.iter().map(|e| (e.self_edit_id.as_str(), e)).collect();
     let articles: HashMap<&str, &ArticleRow> = articles.iter().map(|a| (a.article_id.as_str(), a)).collect();
-    // (article, template) → its scored self-edits
+    let usable = |s: &&ScoreRow| {
+        s.adapted_accuracy.is_finite() && s.status != AdapterStatus::Failed && edits.get(s.self_edit_id.as_str()).is_some_and(|e| e.valid)
+    };
+    // (article, template) → its scored self-edits, in completion order
     let mut groups: BTreeMap<(&str, &str), Vec<&ScoreRow>> = BTreeMap::new();
-    for s in scores.iter().filter(|s| s.adapted_accuracy.is_finite() && s.status != AdapterStatus::Failed) {
+    for s in scores.iter().filter(usable) {
         groups.entry((s.article_id.as_str(), s.template_id.as_str())).or_default().push(s);
     }
+    for g in groups.values_mut() {
+        g.sort_by_key(|s| s.completion);
+    }
     let meta = if cfg.variant.is_baseline() { None } else { Some(meta_prompt(cfg, prompts, archive)?) };
+    let keep_above_base = cfg.variant == Variant::Archive;
     let mut rows = Vec::new();
     let article_ids: BTreeSet<&str> = groups.keys().map(|(a, _)| *a).collect();
     for a in article_ids {
-        // rank this article's templates by mean accuracy (ties: template id)
-        let mut ranked: Vec<(&str, f64, &ScoreRow)> = groups
-            .range((a, "")..)
-            .take_while(|((aa, _), _)| *aa == a)
-            .map(|((_, t), ss)| {
-                let mean = ss.iter().map(|s| s.adapted_accuracy).sum::<f64>() / ss.len() as f64;
-                let best = ss
-                    .iter()
-                    .copied()
-                    .max_by(|x, y| x.adapted_accuracy.total_cmp(&y.adapted_accuracy).then(y.self_edit_id.cmp(&x.self_edit_id)))
-                    .unwrap();
-                (*t, mean, best)
-            })
-            .collect();
-        ranked.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(y.0)));
-        for (t, _, best) in ranked.into_iter().take(cfg.sft.top_k) {
-            if cfg.variant == Variant::Archive && (best.gain.is_nan() || best.gain <= 0.0) {
-                continue;
+        let Some(article) = articles.get(a) else { continue };
+        let in_article: Vec<(&str, &Vec<&ScoreRow>)> =
+            groups.range((a, "")..).take_while(|((aa, _), _)| *aa == a).map(|((_, t), ss)| (*t, ss)).collect();
+        let example = |kind: SftKind, s: &ScoreRow, prompt: String, completion: String| SftRow {
+            example_id: format!("{}-{kind}", s.self_edit_id),
+            kind,
+            article_id: a.to_string(),
+            template_id: s.template_id.clone(),
+            self_edit_id: s.self_edit_id.clone(),
+            prompt,
+            completion,
+            accuracy: s.adapted_accuracy,
+            gain: s.gain,
+        };
+        let Some(meta) = &meta else {
+            // baseline: the top_k completions of the one template (stable sort: ties keep
+            // completion order)
+            let mut all: Vec<&ScoreRow> = in_article.iter().flat_map(|(_, ss)| ss.iter().copied()).collect();
+            all.sort_by(|x, y| y.adapted_accuracy.total_cmp(&x.adapted_accuracy));
+            let prompt = prompts.render(baseline_prompt(cfg.variant)?, json!({"title": article.title, "context": article.context}))?;
+            for s in all.into_iter().take(cfg.sft.top_k) {
+                rows.push(example(SftKind::Completion, s, prompt.clone(), edits[s.self_edit_id.as_str()].raw_response.clone()));
             }
-            let (Some(tr), Some(edit), Some(article)) = (templates.get(t), edits.get(best.self_edit_id.as_str()), articles.get(a)) else {
+            continue;
+        };
+        let base = in_article.first().map(|(_, ss)| ss[0].base_accuracy).unwrap_or(f64::NAN);
+        // rank this article's templates by mean accuracy (stable: ties keep template order)
+        let mut ranked: Vec<(&str, f64, &Vec<&ScoreRow>)> =
+            in_article.iter().map(|(t, ss)| (*t, ss.iter().map(|s| s.adapted_accuracy).sum::<f64>() / ss.len() as f64, *ss)).collect();
+        ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
+        ranked.truncate(cfg.sft.top_k);
+        if keep_above_base {
+            ranked.retain(|(_, mean, _)| *mean > base);
+        }
+        for (t, _, ss) in ranked {
+            let candidates: Vec<&ScoreRow> = ss.iter().copied().filter(|s| !keep_above_base || s.adapted_accuracy > base).collect();
+            // the first best in completion order, as Python's max
+            let Some(best) = candidates.iter().copied().reduce(|b, s| if s.adapted_accuracy > b.adapted_accuracy { s } else { b }) else {
                 continue;
             };
-            if !edit.valid {
-                continue;
-            }
-            if let Some(meta) = &meta {
-                rows.push(SftRow {
-                    example_id: format!("{}-template", best.self_edit_id),
-                    kind: SftKind::Template,
-                    article_id: a.to_string(),
-                    template_id: t.to_string(),
-                    self_edit_id: best.self_edit_id.clone(),
-                    prompt: meta.clone(),
-                    completion: tr.raw_response.clone(),
-                    accuracy: best.adapted_accuracy,
-                    gain: best.gain,
-                });
-            }
-            let prompt = if tr.category == Category::Baseline {
-                prompts.render(baseline_prompt(cfg.variant)?, json!({"title": article.title, "context": article.context}))?
-            } else {
-                prompts.render(
-                    prompts::COMPLETION,
-                    json!({"title": article.title, "context": article.context, "instruction": tr.instruction}),
-                )?
-            };
-            rows.push(SftRow {
-                example_id: format!("{}-completion", best.self_edit_id),
-                kind: SftKind::Completion,
-                article_id: a.to_string(),
-                template_id: t.to_string(),
-                self_edit_id: best.self_edit_id.clone(),
-                prompt,
-                completion: edit.raw_response.clone(),
-                accuracy: best.adapted_accuracy,
-                gain: best.gain,
-            });
+            let (Some(tr), Some(edit)) = (templates.get(t), edits.get(best.self_edit_id.as_str())) else { continue };
+            rows.push(example(SftKind::Template, best, meta.clone(), template_target(tr)));
+            let prompt = prompts
+                .render(prompts::COMPLETION, json!({"title": article.title, "context": article.context, "instruction": tr.instruction}))?;
+            rows.push(example(SftKind::Completion, best, prompt, sequences_target(edit)));
         }
     }
     Ok(rows)

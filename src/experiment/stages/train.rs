@@ -17,6 +17,7 @@ use crate::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow
 use crate::runtime::formats::LoadedModel;
 use crate::runtime::lora::{LoraAdapter, LoraConfig};
 use crate::runtime::model::Proj;
+use crate::runtime::tokenizer::TextTokenizer;
 use crate::runtime::training::{train_lora, TrainConfig, TrainExample};
 use crate::util::hash::{content_hash, derive_seed};
 
@@ -43,6 +44,21 @@ pub fn training_texts(cfg: &ExperimentConfig, edit: &SelfEditRow, article: &Arti
         texts.push(format!("{}\n{}", article.title, article.context).trim().to_string());
     }
     texts
+}
+
+/// The training sequences as token ids, each ending with the model's end-of-turn token when
+/// `training.end_of_turn` is set (the paper's code appends `<|im_end|>` for instruct
+/// models), with the loss on every token.
+pub fn training_examples(cfg: &ExperimentConfig, tokenizer: &TextTokenizer, texts: &[String]) -> anyhow::Result<Vec<TrainExample>> {
+    let end = if cfg.training.end_of_turn { tokenizer.end_of_turn() } else { None };
+    texts
+        .iter()
+        .map(|s| {
+            let mut ids = tokenizer.encode(s)?;
+            ids.extend(end);
+            Ok(TrainExample { ids, loss_from: 0 })
+        })
+        .collect()
 }
 
 /// The hash of everything an adapter depends on: seed, model, training settings, the
@@ -162,8 +178,7 @@ fn train_one(
     dir: &Path,
     input_hash: String,
 ) -> anyhow::Result<AdapterRecord> {
-    let examples: Vec<TrainExample> =
-        texts.iter().map(|s| Ok(TrainExample { ids: model.tokenizer.encode(s)?, loss_from: 0 })).collect::<anyhow::Result<_>>()?;
+    let examples = training_examples(cfg, &model.tokenizer, texts)?;
     let seed = derive_seed(cfg.seed, &format!("adapter/{id}"));
     let h = &t.hyperparameters;
     let lora = LoraConfig { rank: h.lora_rank as usize, alpha: h.lora_alpha as f64, dropout: h.lora_dropout, targets: targets.to_vec() };
