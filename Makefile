@@ -126,11 +126,20 @@ paths:  ## print the output paths for CONFIG, ITER and SHARDS
 	@echo "collapse=$(OUT)/collapse.parquet"
 	@echo "report=$(OUT)/report"
 
-# The stamp files change only when their stage's settings change (content hashes).
+# The stamp files change only when their stage's settings change (content hashes). They are
+# refreshed while make reads this file, so `make -n` sees the stamps `make` would see and
+# lists exactly the stages a real run executes. Before the first build the rule below makes
+# them.
+ifneq ($(and $(wildcard $(BIN)/stamp),$(filter pipeline validation generator $(OUT)/%,$(MAKECMDGOALS))),)
+STAMPED := $(shell mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS) 2>&1)
+$(if $(STAMPED),$(info $(STAMPED)))
+endif
+
 stamps: $(BUILD)
 	@mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS)
 
-$(STAMPS)/%.hash: stamps ;
+$(STAMPS)/%.hash: | $(BUILD)
+	@mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS)
 
 $(OUT)/articles.parquet: $(STAMPS)/prepare.hash
 	$(BIN)/prepare-data $(STAGE_ARGS)

@@ -92,6 +92,7 @@ fn empty_self_edits_truncated_adapters_and_missing_models() {
         error: if valid { None } else { Some("response is not JSON".into()) },
         raw_response: String::new(),
         seed: 0,
+        reasoning: None,
     };
     let edits = vec![edit(0, vec!["w1 w2 w3", "w4 w5 w6 w7"], true), edit(1, vec![], false)];
     let ctx = StageContext::new(exp, dir.path(), 0).unwrap();

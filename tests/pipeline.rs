@@ -115,7 +115,11 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
         assert!(d.join("adapter_model.safetensors").exists() && d.join("adapter_config.json").exists());
         assert!(r.loss_curve.len() as i64 == r.steps && r.steps > 0);
     }
-    // make again: nothing to do
+    // make -n lists nothing to run, and make again runs nothing
+    let dry = make(&a).arg("-n").output().unwrap();
+    let dry = String::from_utf8_lossy(&dry.stdout).to_string();
+    let stage_bins = ["prepare-data", "generate-templates", "synthesize", "train-adapters", "evaluate ", "score ", "update-archive"];
+    assert!(!stage_bins.iter().any(|b| dry.contains(&format!("/{b}"))), "make -n lists stages after a finished run:\n{dry}");
     let again = run_make(&a);
     assert!(!again.contains("wrote"), "a second make reran stages:\n{again}");
 
@@ -135,6 +139,11 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     let log = run_cfg(&cfg);
     assert!(!log.contains("wrote"), "a comment reran stages:\n{log}");
     std::fs::write(&cfg, text.replace("max_new_tokens = 24", "max_new_tokens = 16")).unwrap();
+    // the dry run lists exactly the stages the real run then executes
+    let dry = make_with(&a, &cfg).arg("-n").output().unwrap();
+    let dry = String::from_utf8_lossy(&dry.stdout).to_string();
+    let listed: Vec<&str> = stage_bins.iter().copied().filter(|b| dry.contains(&format!("/{b}"))).collect();
+    assert_eq!(listed, ["evaluate ", "score ", "update-archive"], "make -n:\n{dry}");
     let log = run_cfg(&cfg);
     for stage in ["evaluate: wrote", "score: wrote", "archive: wrote"] {
         assert!(log.contains(stage), "{stage} missing:\n{log}");

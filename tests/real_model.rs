@@ -428,3 +428,60 @@ fn training_sequences_end_with_the_end_of_turn_token() {
     assert_eq!(*with[0].ids.last().unwrap(), eot);
     assert_eq!(&with[0].ids[..bare[0].ids.len()], bare[0].ids.as_slice());
 }
+
+/// Thinking mode on a tiny Qwen3-shaped model (random weights, SmolLM2's tokenizer) whose
+/// chat template has Qwen3's `enable_thinking` switch: the prompt opens no empty think block,
+/// the model writes its reasoning freely, and its answer is constrained to the template
+/// schema from the first token after `</think>`.
+#[test]
+fn thinking_mode_reasons_freely_then_answers_under_the_schema() {
+    use selfedit::experiment::cli::StageContext;
+    use selfedit::experiment::config::Experiment;
+    use selfedit::experiment::stages::templates::generate_templates;
+    use selfedit::runtime::tokenizer::ChatMessage;
+    let m = common::smollm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::tiny_config("qwen3");
+    cfg.vocab_size = m.decoder.cfg.vocab_size;
+    cfg.max_position_embeddings = 1024;
+    common::write_tiny_checkpoint(dir.path(), &cfg, 3);
+    std::fs::write(dir.path().join("tokenizer.json"), &m.tokenizer.json).unwrap();
+    // Qwen3's switch: an empty think block unless thinking is enabled
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+        {% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}";
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "<|im_end|>", "chat_template": template}).to_string(),
+    )
+    .unwrap();
+    let tiny = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
+    let msgs = [ChatMessage::user("hi")];
+    assert!(tiny
+        .tokenizer
+        .apply_chat_template_with(&msgs, true, false)
+        .unwrap()
+        .ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
+    assert!(tiny.tokenizer.apply_chat_template_with(&msgs, true, true).unwrap().ends_with("<|im_start|>assistant\n"));
+
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+    exp.config.model.path = dir.path().to_path_buf();
+    exp.config.prompts_dir = root.join("prompts");
+    let s = &mut exp.config.search;
+    (s.thinking, s.thinking_max_tokens, s.instruction_max_chars, s.template_max_new_tokens) = (true, 6, 12, 160);
+    let out = tempfile::tempdir().unwrap();
+    let ctx = StageContext::new(exp, out.path(), 0).unwrap();
+    let rows = generate_templates(&ctx, &tiny, None, |_| {}).unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let reasoning = r.reasoning.as_deref().expect("thinking mode records the reasoning");
+        assert!(!reasoning.contains("</think>"), "{reasoning:?}");
+        assert!(r.raw_response.starts_with("{\""), "the answer is constrained from its first token: {:?}", r.raw_response);
+        assert!(r.prompt.len() > 100);
+    }
+    // without thinking the reasoning column stays empty
+    let mut exp = ctx.exp.clone();
+    exp.config.search.thinking = false;
+    let ctx = StageContext::new(exp, out.path(), 0).unwrap();
+    assert!(generate_templates(&ctx, &tiny, None, |_| {}).unwrap().iter().all(|r| r.reasoning.is_none()));
+}

@@ -19,7 +19,7 @@ const TABLES: [&str; 8] = [
     "iter0/template_stats.parquet",
     "iter0/archive.parquet",
 ];
-const SKIP: [&str; 3] = ["seconds", "adapter_path", "source_index"];
+const SKIP: [&str; 4] = ["seconds", "adapter_path", "source_index", "reasoning"];
 
 fn recorded() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/same_tables/digests.json")

@@ -163,6 +163,7 @@ fn adapters_are_retrained_exactly_when_an_input_changes() {
         error: None,
         raw_response: String::new(),
         seed: 0,
+        reasoning: None,
     };
     let out = tempfile::tempdir().unwrap();
     let record = |ctx: &StageContext| {
@@ -337,6 +338,7 @@ fn base_model_runs_once_per_self_edit_of_its_article() {
         error: None,
         raw_response: String::new(),
         seed: 0,
+        reasoning: None,
     };
     let edits = vec![edit("a000", 0, 0), edit("a000", 0, 1), edit("a000", 1, 0), edit("a001", 0, 0)];
     let adapters: Vec<AdapterRow> = edits

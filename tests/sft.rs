@@ -33,6 +33,7 @@ fn edit(article: &str, template: &str, c: usize) -> SelfEditRow {
         error: None,
         raw_response: format!(r#"{{"training_sequences": ["{article} {template} {c}"]}}"#),
         seed: 0,
+        reasoning: None,
     }
 }
 

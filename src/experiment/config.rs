@@ -83,6 +83,23 @@ pub struct SearchSection {
     pub batch_size: usize,
     pub exploit: SamplingParams,
     pub explore: SamplingParams,
+    /// The explore regime of completions when it differs from the templates' (the paper's
+    /// thinking regime: presence penalty 0.1 for completions, 0 for templates).
+    #[serde(default)]
+    pub completion_explore: Option<SamplingParams>,
+    /// Thinking mode (Qwen3's `enable_thinking`): the chat template is rendered with the
+    /// switch on, the model reasons freely up to `</think>` (at most `thinking_max_tokens`),
+    /// then writes its answer under the JSON constraint; the reasoning is kept in the
+    /// `reasoning` column. Off by default (models without a thinking template).
+    #[serde(default)]
+    pub thinking: bool,
+    /// Token budget of the reasoning in thinking mode.
+    #[serde(default = "default_thinking_tokens")]
+    pub thinking_max_tokens: usize,
+}
+
+fn default_thinking_tokens() -> usize {
+    12_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -270,6 +287,10 @@ impl ExperimentConfig {
         ensure!(s.batch_size >= 1 && self.eval.batch_size >= 1, "batch sizes must be >= 1");
         s.exploit.validate().context("search.exploit")?;
         s.explore.validate().context("search.explore")?;
+        if let Some(c) = &s.completion_explore {
+            c.validate().context("search.completion_explore")?;
+        }
+        ensure!(!s.thinking || s.thinking_max_tokens >= 1, "search.thinking_max_tokens must be >= 1 in thinking mode");
         self.eval.sampling.validate().context("eval.sampling")?;
         ensure!(self.eval.runs >= 1, "eval.runs must be >= 1");
         ensure!(self.data.train_passages >= 1, "data.train_passages must be >= 1");

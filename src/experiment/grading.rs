@@ -51,8 +51,12 @@ pub fn f1(prediction: &str, gold: &str) -> f64 {
 /// The paper's fallback verdict: some lower-cased gold answer is a substring of the
 /// lower-cased prediction (so "A" of "vitamin A" counts, and so does "10" in "1066").
 pub fn substring_correct(prediction: &str, golds: &[String]) -> bool {
-    let p = prediction.to_lowercase();
-    golds.iter().any(|g| !g.is_empty() && p.contains(&g.to_lowercase()))
+    let p = prediction.trim().to_lowercase();
+    !p.is_empty()
+        && golds.iter().any(|g| {
+            let g = g.trim().to_lowercase();
+            !g.is_empty() && p.contains(&g)
+        })
 }
 
 /// A stricter verdict: some normalized gold answer occurs in the normalized prediction on
@@ -114,6 +118,10 @@ mod tests {
         assert!(!heuristic_correct("Vitamin A", &a), "the word-boundary rule never finds a gold that normalizes away");
         assert!(substring_correct("It was 1066.", &["10".to_string()]));
         assert!(!substring_correct("Paris", &["London".to_string()]));
+        // the paper strips both sides: a padded gold still matches, a blank one never does
+        assert!(substring_correct("It is Marzipane.", &["  marzipane ".to_string()]));
+        assert!(!substring_correct("anything", &["   ".to_string()]));
+        assert!(!substring_correct("  ", &["a".to_string()]));
         assert_eq!(normalize("A"), "");
         assert_eq!(f1("the", "A"), 0.0);
         assert_eq!(squad_scores("an", &a), (true, 0.0), "EM compares normalized strings (both empty); F1 is v1.1's 0");

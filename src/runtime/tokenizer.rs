@@ -153,10 +153,38 @@ impl TextTokenizer {
     /// Renders `messages` with the model's chat template (Hugging Face's conventions:
     /// `trim_blocks`, `lstrip_blocks`, `raise_exception`, Python string methods).
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> anyhow::Result<String> {
+        self.apply_chat_template_with(messages, add_generation_prompt, false)
+    }
+
+    /// [`Self::apply_chat_template`] with the template's `enable_thinking` switch (Qwen3's
+    /// templates open an empty `<think></think>` block when it is false).
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: bool,
+    ) -> anyhow::Result<String> {
         let Some(template) = &self.chat_template else {
             bail!("this model has no chat template; use a plain prompt or a chat model");
         };
-        render_chat_template(template, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
+        render_chat_template(
+            template,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+            enable_thinking,
+        )
+    }
+
+    /// Ids of a chat rendered with the `enable_thinking` switch.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: bool,
+    ) -> anyhow::Result<Vec<u32>> {
+        self.encode(&self.apply_chat_template_with(messages, add_generation_prompt, enable_thinking)?)
     }
 
     /// The chat prompt's token ids.
@@ -171,6 +199,7 @@ pub fn render_chat_template(
     add_generation_prompt: bool,
     bos_token: Option<&str>,
     eos_token: Option<&str>,
+    enable_thinking: bool,
 ) -> anyhow::Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
@@ -187,7 +216,7 @@ pub fn render_chat_template(
             add_generation_prompt => add_generation_prompt,
             bos_token => bos_token.unwrap_or(""),
             eos_token => eos_token.unwrap_or(""),
-            enable_thinking => false,
+            enable_thinking => enable_thinking,
         })
         .context("rendering the chat template failed")?;
     Ok(out)

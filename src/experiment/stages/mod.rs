@@ -16,6 +16,28 @@ pub mod synthesize;
 pub mod templates;
 pub mod train;
 
+use crate::experiment::cli::StageContext;
+use crate::runtime::formats::LoadedModel;
+use crate::runtime::generate::{generate, generate_with_thinking, GenerationOutput, GenerationRequest};
+
+/// Generates the requests' answers with the base model, in thinking mode when the config
+/// says so: each output with its reasoning (`None` without thinking).
+pub fn generate_answers(
+    ctx: &StageContext,
+    model: &LoadedModel,
+    requests: Vec<GenerationRequest>,
+    progress: impl FnMut(usize),
+) -> anyhow::Result<Vec<(Option<String>, GenerationOutput)>> {
+    let s = &ctx.exp.config.search;
+    if s.thinking {
+        anyhow::ensure!(model.tokenizer.chat_template.is_some(), "search.thinking needs a chat model with a thinking template");
+        let outs = generate_with_thinking(model, None, requests, s.batch_size, s.thinking_max_tokens, progress)?;
+        Ok(outs.into_iter().map(|o| (Some(o.reasoning), o.answer)).collect())
+    } else {
+        Ok(generate(model, None, requests, s.batch_size, progress)?.into_iter().map(|o| (None, o)).collect())
+    }
+}
+
 /// Number of exploit items among `n` for the exploit fraction (the rest explore), as the
 /// paper's code counts them: Python's `round` (halves to even), at least 1 when the fraction
 /// is positive, at most `n`.

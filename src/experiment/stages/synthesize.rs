@@ -13,7 +13,7 @@ use crate::experiment::prompts;
 use crate::experiment::states::Category;
 use crate::experiment::tables::{ArticleRow, SelfEditRow, TemplateRow};
 use crate::runtime::formats::LoadedModel;
-use crate::runtime::generate::{generate, ConstraintFactory, FinishReason, GenerationRequest};
+use crate::runtime::generate::{ConstraintFactory, FinishReason, GenerationRequest};
 use crate::runtime::tokenizer::ChatMessage;
 use crate::util::hash::derive_seed;
 
@@ -103,6 +103,7 @@ pub fn synthesize(
                     error: None,
                     raw_response: String::new(),
                     seed: seed as i64,
+                    reasoning: None,
                 };
                 if !t.valid {
                     row.error = Some("template is invalid; nothing to complete".into());
@@ -111,14 +112,17 @@ pub fn synthesize(
                 }
                 let req = if category == Category::Baseline {
                     let prompt = ctx.prompts.render(baseline_prompt(cfg.variant)?, json!({"title": a.title, "context": a.context}))?;
-                    let ids = model.tokenizer.encode_chat(&[ChatMessage::user(prompt)], true)?;
+                    // the paper's code sends no thinking switch for baselines, so a thinking
+                    // model thinks by its template's default, as in thinking mode here
+                    let ids = model.tokenizer.encode_chat_with(&[ChatMessage::user(prompt)], true, cfg.search.thinking)?;
                     GenerationRequest::new(ids, cfg.baseline.sampling.clone(), seed, cfg.search.completion_max_new_tokens)
                 } else {
                     let prompt = ctx
                         .prompts
                         .render(prompts::COMPLETION, json!({"title": a.title, "context": a.context, "instruction": t.instruction}))?;
-                    let ids = model.tokenizer.encode_chat(&[ChatMessage::user(prompt)], true)?;
-                    let params = if category == Category::Exploit { cfg.search.exploit.clone() } else { cfg.search.explore.clone() };
+                    let ids = model.tokenizer.encode_chat_with(&[ChatMessage::user(prompt)], true, cfg.search.thinking)?;
+                    let explore = cfg.search.completion_explore.as_ref().unwrap_or(&cfg.search.explore);
+                    let params = if category == Category::Exploit { cfg.search.exploit.clone() } else { explore.clone() };
                     let mut r = GenerationRequest::new(ids, params, seed, cfg.search.completion_max_new_tokens);
                     r.constraint = Some(factory.json_schema(&schema)?);
                     r
@@ -129,9 +133,10 @@ pub fn synthesize(
             }
         }
     }
-    let outs = generate(model, None, requests, cfg.search.batch_size, progress)?;
-    for (i, out) in pending.into_iter().zip(outs) {
+    let outs = super::generate_answers(ctx, model, requests, progress)?;
+    for (i, (reasoning, out)) in pending.into_iter().zip(outs) {
         let row = &mut rows[i];
+        row.reasoning = reasoning;
         row.raw_response = out.text.clone();
         let parsed = if row.category == Category::Baseline {
             let s = split_lines(&out.text);

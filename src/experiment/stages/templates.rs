@@ -15,7 +15,7 @@ use crate::experiment::states::Category;
 use crate::experiment::tables::{ArchiveRow, TemplateRow};
 use crate::experiment::template::{parse_template_json, template_json, template_schema, Hyperparameters};
 use crate::runtime::formats::LoadedModel;
-use crate::runtime::generate::{generate, ConstraintFactory, FinishReason, GenerationRequest};
+use crate::runtime::generate::{ConstraintFactory, FinishReason, GenerationRequest};
 use crate::runtime::tokenizer::ChatMessage;
 use crate::util::hash::derive_seed;
 
@@ -40,6 +40,7 @@ pub fn parse_template(
         raw_response: raw.to_string(),
         seed: seed as i64,
         prompt: String::new(),
+        reasoning: None,
     };
     let parsed = match parse_template_json(raw) {
         Ok(p) => p,
@@ -90,6 +91,7 @@ pub fn baseline_template(cfg: &ExperimentConfig, prompts: &Prompts, iteration: u
         raw_response: String::new(),
         seed: 0,
         prompt: text,
+        reasoning: None,
     })
 }
 
@@ -135,7 +137,7 @@ pub fn generate_templates(
     let cfg = &ctx.exp.config;
     let iteration = ctx.iteration;
     let prompt = meta_prompt(cfg, &ctx.prompts, archive)?;
-    let ids = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())], true)?;
+    let ids = model.tokenizer.encode_chat_with(&[ChatMessage::user(prompt.clone())], true, cfg.search.thinking)?;
     let factory = ConstraintFactory::new(&model.tokenizer)?;
     let schema = template_schema(cfg.search.instruction_max_chars);
     let n = cfg.search.templates_per_iteration;
@@ -152,13 +154,14 @@ pub fn generate_templates(
         requests.push(r);
         meta.push((id, category, seed));
     }
-    let outs = generate(model, None, requests, cfg.search.batch_size, progress)?;
+    let outs = super::generate_answers(ctx, model, requests, progress)?;
     Ok(outs
         .iter()
         .zip(meta)
-        .map(|(o, (id, cat, seed))| {
+        .map(|((reasoning, o), (id, cat, seed))| {
             let mut row = parse_template(cfg, iteration, &id, cat, &o.text, seed);
             row.prompt = prompt.clone();
+            row.reasoning = reasoning.clone();
             if o.finish_reason == FinishReason::Length && !row.valid {
                 row.error = Some(format!("hit template_max_new_tokens ({}) before the JSON closed", cfg.search.template_max_new_tokens));
             }

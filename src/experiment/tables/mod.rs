@@ -123,6 +123,8 @@ table! {
         seed: i64,
         /// the template-generation prompt the model saw (with the archive, for that variant)
         prompt: String,
+        /// the model's reasoning before its answer (thinking mode)
+        reasoning: Option<String>,
     }
 }
 
@@ -140,6 +142,8 @@ table! {
         error: Option<String>,
         raw_response: String,
         seed: i64,
+        /// the model's reasoning before its answer (thinking mode)
+        reasoning: Option<String>,
     }
 }
 

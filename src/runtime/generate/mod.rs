@@ -4,7 +4,9 @@
 pub mod batch;
 pub mod constraint;
 pub mod sampling;
+pub mod thinking;
 
 pub use batch::{generate, generate_batch, FinishReason, GenerationOutput, GenerationRequest};
 pub use constraint::{ConstraintFactory, JsonConstraint};
 pub use sampling::{argmax, Sampler, SamplingParams};
+pub use thinking::{generate_with_thinking, ThinkingOutput, END_OF_THINKING};
