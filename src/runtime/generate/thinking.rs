@@ -26,7 +26,7 @@ pub fn generate_with_thinking(
     requests: Vec<GenerationRequest>,
     max_batch: usize,
     budget: usize,
-    mut on_done: impl FnMut(usize),
+    on_done: impl FnMut(usize),
 ) -> anyhow::Result<Vec<ThinkingOutput>> {
     // 1. reasoning: the same prompts, unconstrained, stopped at the closing tag
     let mut answers = Vec::with_capacity(requests.len());
@@ -44,9 +44,9 @@ pub fn generate_with_thinking(
         let mut ids = r.prompt_ids.clone();
         ids.extend(model.tokenizer.encode(&format!("{}{END_OF_THINKING}\n\n", t.text))?);
         r.prompt_ids = ids;
-        r.seed ^= 0x7468_696e_6b; // the answer's draws differ from the reasoning's
+        r.seed ^= 0x0074_6869_6e6b; // the answer's draws differ from the reasoning's
         reasoning.push(t.text.trim().trim_start_matches("<think>").trim().to_string());
     }
-    let outs = generate(model, lora, answers, max_batch, |k| on_done(k))?;
+    let outs = generate(model, lora, answers, max_batch, on_done)?;
     Ok(reasoning.into_iter().zip(outs).map(|(reasoning, answer)| ThinkingOutput { reasoning, answer }).collect())
 }
