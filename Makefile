@@ -19,7 +19,7 @@ EMBEDDER_DIR := $(MODELS)/all-MiniLM-L6-v2
 EMBEDDER_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 EMBEDDER := $(EMBEDDER_DIR)/model.safetensors
 
-.PHONY: help build blas model embedder test bench run clean-outputs
+.PHONY: help build blas model embedder test bench bench-slurm run clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -65,6 +65,9 @@ $(EMBEDDER):
 test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build as `make run`)
 	SELFEDIT_MODEL=$(abspath $(SMOLLM)) RAYON_NUM_THREADS=$(if $(filter 0,$(BLAS)),,1) $(CARGO) test $(CARGO_FLAGS) -- --test-threads=1
 
+bench-slurm: $(SMOLLM) build  ## scale-out on a throw-away single-node Slurm: an iteration with 1, 2, 4 shards, job overhead
+	BIN=$(BIN) scripts/slurm/bench.sh
+
 bench: blas $(SMOLLM)  ## measure speed and memory (prints RESULT lines like ../shared/bench/peer_bench.py)
 	$(CARGO) bench $(if $(filter 0,$(BLAS)),--no-default-features,) $(if $(FEATURES),--features $(FEATURES),) --bench runtime -- --model $(SMOLLM) $(BENCH_ARGS)
 
@@ -82,6 +85,10 @@ CONFIG ?= configs/tiny.toml
 export SQUAD_DIR MODEL DEVICE
 ITER ?= 0
 SHARDS ?= 1
+# SCHEDULER=slurm submits every stage as a Slurm job (sharded stages as job arrays) and
+# waits for it; SLURM_PARTITION, SLURM_ACCOUNT, SLURM_TIME, SLURM_CPUS, SLURM_MEM and
+# SLURM_GPUS become sbatch flags. Logs go to outputs/<exp>/logs/.
+SCHEDULER ?= local
 EXP := $(basename $(notdir $(CONFIG)))
 OUTPUTS ?= outputs
 OUT := $(OUTPUTS)/$(EXP)
@@ -99,7 +106,19 @@ GEN_DEP := $(if $(GEN),$(GEN)/config.json,)
 MODEL_ARG := $(if $(GEN),--model $(GEN),)
 ITERS ?= 1
 
-.PHONY: pipeline paths stamps collapse generator iterations validation report FORCE
+ifeq ($(SCHEDULER),slurm)
+export SELFEDIT_LOGS := $(abspath $(OUT)/logs)
+export SELFEDIT_SBATCH := $(if $(SLURM_PARTITION),--partition=$(SLURM_PARTITION)) $(if $(SLURM_ACCOUNT),--account=$(SLURM_ACCOUNT)) \
+  $(if $(SLURM_TIME),--time=$(SLURM_TIME)) $(if $(SLURM_CPUS),--cpus-per-task=$(SLURM_CPUS)) $(if $(SLURM_MEM),--mem=$(SLURM_MEM)) \
+  $(if $(SLURM_GPUS),--gres=gpu:$(SLURM_GPUS))
+job = scripts/slurm/run.sh job $(EXP)-$(1) --$(space)
+else ifneq ($(SCHEDULER),local)
+$(error SCHEDULER=$(SCHEDULER): expected local or slurm)
+endif
+empty :=
+space := $(empty) $(empty)
+
+.PHONY: pipeline paths stamps status collapse generator iterations validation report FORCE
 # Stamps and shard tables are made by pattern rules: keep them (make would delete them as
 # intermediate files, and the next run would redo everything after them).
 .SECONDARY:
@@ -142,66 +161,78 @@ $(STAMPS)/%.hash: | $(BUILD)
 	@mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS)
 
 $(OUT)/articles.parquet: $(STAMPS)/prepare.hash
-	$(BIN)/prepare-data $(STAGE_ARGS)
+	$(call job,iter$(ITER)-prepare-data)$(BIN)/prepare-data $(STAGE_ARGS)
 
 $(I)/templates.parquet: $(STAMPS)/templates.hash $(ARCHIVE_IN) $(GEN_DEP)
-	$(BIN)/generate-templates $(STAGE_ARGS) $(MODEL_ARG) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
+	$(call job,iter$(ITER)-generate-templates)$(BIN)/generate-templates $(STAGE_ARGS) $(MODEL_ARG) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
 
 $(I)/self_edits.parquet: $(I)/templates.parquet $(OUT)/articles.parquet $(STAMPS)/synthesize.hash
-	$(BIN)/synthesize $(STAGE_ARGS) $(MODEL_ARG)
+	$(call job,iter$(ITER)-synthesize)$(BIN)/synthesize $(STAGE_ARGS) $(MODEL_ARG)
 
 ifeq ($(SHARDS),1)
 $(I)/adapters.parquet: $(I)/self_edits.parquet $(STAMPS)/train.hash
-	$(BIN)/train-adapters $(STAGE_ARGS) $(MODEL_ARG)
+	$(call job,iter$(ITER)-train-adapters)$(BIN)/train-adapters $(STAGE_ARGS) $(MODEL_ARG)
 
 $(I)/answers.parquet: $(I)/adapters.parquet $(STAMPS)/evaluate.hash
-	$(BIN)/evaluate $(STAGE_ARGS) $(MODEL_ARG)
+	$(call job,iter$(ITER)-evaluate)$(BIN)/evaluate $(STAGE_ARGS) $(MODEL_ARG)
+else ifeq ($(SCHEDULER),slurm)
+# One job array per sharded stage (only the shards whose file is missing or stale), the
+# merge a job that depends on it (afterok).
+$(I)/adapters.parquet: $(I)/self_edits.parquet $(STAMPS)/train.hash
+	scripts/slurm/run.sh array $(EXP)-iter$(ITER)-train-adapters $(SHARDS) '$(I)/adapters.shard-%i-of-$(SHARDS).parquet' \
+	  --newer-than '$^' --then '$(BIN)/train-adapters $(STAGE_ARGS) --merge $(SHARDS)' -- \
+	  $(BIN)/train-adapters $(STAGE_ARGS) $(MODEL_ARG) --shard %i/$(SHARDS)
+
+$(I)/answers.parquet: $(I)/adapters.parquet $(STAMPS)/evaluate.hash
+	scripts/slurm/run.sh array $(EXP)-iter$(ITER)-evaluate $(SHARDS) '$(I)/answers.shard-%i-of-$(SHARDS).parquet' \
+	  --newer-than '$^' --then '$(BIN)/evaluate $(STAGE_ARGS) --merge $(SHARDS)' -- \
+	  $(BIN)/evaluate $(STAGE_ARGS) $(MODEL_ARG) --shard %i/$(SHARDS)
 else
 SHARD_IDS := $(shell seq 0 $$(($(SHARDS)-1)))
 $(I)/adapters.shard-%-of-$(SHARDS).parquet: $(I)/self_edits.parquet $(STAMPS)/train.hash
-	$(BIN)/train-adapters $(STAGE_ARGS) $(MODEL_ARG) --shard $*/$(SHARDS)
+	$(call job,iter$(ITER)-train-adapters)$(BIN)/train-adapters $(STAGE_ARGS) $(MODEL_ARG) --shard $*/$(SHARDS)
 
 $(I)/adapters.parquet: $(foreach s,$(SHARD_IDS),$(I)/adapters.shard-$(s)-of-$(SHARDS).parquet)
-	$(BIN)/train-adapters $(STAGE_ARGS) --merge $(SHARDS)
+	$(call job,iter$(ITER)-train-adapters)$(BIN)/train-adapters $(STAGE_ARGS) --merge $(SHARDS)
 
 $(I)/answers.shard-%-of-$(SHARDS).parquet: $(I)/adapters.parquet $(STAMPS)/evaluate.hash
-	$(BIN)/evaluate $(STAGE_ARGS) $(MODEL_ARG) --shard $*/$(SHARDS)
+	$(call job,iter$(ITER)-evaluate)$(BIN)/evaluate $(STAGE_ARGS) $(MODEL_ARG) --shard $*/$(SHARDS)
 
 $(I)/answers.parquet: $(foreach s,$(SHARD_IDS),$(I)/answers.shard-$(s)-of-$(SHARDS).parquet)
-	$(BIN)/evaluate $(STAGE_ARGS) --merge $(SHARDS)
+	$(call job,iter$(ITER)-evaluate)$(BIN)/evaluate $(STAGE_ARGS) --merge $(SHARDS)
 endif
 
 $(I)/template_stats.parquet: $(I)/answers.parquet
-	$(BIN)/score $(STAGE_ARGS)
+	$(call job,iter$(ITER)-score)$(BIN)/score $(STAGE_ARGS)
 
 $(I)/archive.parquet: $(I)/template_stats.parquet $(STAMPS)/archive.hash
-	$(BIN)/update-archive $(STAGE_ARGS)
+	$(call job,iter$(ITER)-update-archive)$(BIN)/update-archive $(STAGE_ARGS)
 
 # Validation: the iteration's model, 1 template, 1 completion, exploit sampling, on the
 # held-out passages; the same tables under iter<k>/validation/.
 validation: $(V)/template_stats.parquet  ## score iteration ITER's model on the validation passages
 
 $(V)/templates.parquet: $(STAMPS)/templates.hash $(ARCHIVE_IN) $(GEN_DEP)
-	$(BIN)/generate-templates $(VAL_ARGS) $(MODEL_ARG) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
+	$(call job,iter$(ITER)-val-generate-templates)$(BIN)/generate-templates $(VAL_ARGS) $(MODEL_ARG) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
 
 $(V)/self_edits.parquet: $(V)/templates.parquet $(OUT)/articles.parquet $(STAMPS)/synthesize.hash
-	$(BIN)/synthesize $(VAL_ARGS) $(MODEL_ARG)
+	$(call job,iter$(ITER)-val-synthesize)$(BIN)/synthesize $(VAL_ARGS) $(MODEL_ARG)
 
 $(V)/adapters.parquet: $(V)/self_edits.parquet $(STAMPS)/train.hash
-	$(BIN)/train-adapters $(VAL_ARGS) $(MODEL_ARG)
+	$(call job,iter$(ITER)-val-train-adapters)$(BIN)/train-adapters $(VAL_ARGS) $(MODEL_ARG)
 
 $(V)/answers.parquet: $(V)/adapters.parquet $(STAMPS)/evaluate.hash
-	$(BIN)/evaluate $(VAL_ARGS) $(MODEL_ARG)
+	$(call job,iter$(ITER)-val-evaluate)$(BIN)/evaluate $(VAL_ARGS) $(MODEL_ARG)
 
 $(V)/template_stats.parquet: $(V)/answers.parquet
-	$(BIN)/score $(VAL_ARGS)
+	$(call job,iter$(ITER)-val-score)$(BIN)/score $(VAL_ARGS)
 
 # Improving the generator after iteration ITER (ReST-EM): examples, then LoRA + merge.
 $(I)/sft.parquet: $(I)/template_stats.parquet $(STAMPS)/sft.hash
-	$(BIN)/build-sft $(STAGE_ARGS) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
+	$(call job,iter$(ITER)-build-sft)$(BIN)/build-sft $(STAGE_ARGS) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
 
 $(I)/generator/config.json: $(I)/sft.parquet
-	$(BIN)/train-generator $(STAGE_ARGS) $(MODEL_ARG)
+	$(call job,iter$(ITER)-train-generator)$(BIN)/train-generator $(STAGE_ARGS) $(MODEL_ARG)
 
 generator: $(I)/generator/config.json  ## improve the generator after iteration ITER (for iteration ITER+1)
 
@@ -210,6 +241,12 @@ iterations: $(BUILD)  ## run ITERS iterations of CONFIG, the generator improved 
 	  $(MAKE) --no-print-directory pipeline ITER=$$k BUILD= || exit 1; \
 	  if [ $$k -lt $$(($(ITERS)-1)) ]; then $(MAKE) --no-print-directory generator ITER=$$k BUILD= || exit 1; fi; \
 	done
+
+status:  ## the experiment's Slurm jobs and which of iteration ITER's stage files exist
+	@if command -v squeue >/dev/null; then squeue -u "$$(id -un)" -o '%.12i %.45j %.9T %.10M %R' | grep -E 'JOBID|selfedit-$(EXP)-' || echo "no Slurm jobs of $(EXP)"; fi
+	@for f in $(OUT)/articles.parquet $(foreach t,templates self_edits adapters answers scores template_stats archive sft,$(I)/$(t).parquet) \
+	  $(I)/generator/config.json $(if $(HAS_VALIDATION),$(V)/template_stats.parquet,); do \
+	  if [ -e $$f ]; then echo "done     $$f"; else echo "missing  $$f"; fi; done
 
 collapse: $(OUT)/collapse.parquet  ## how alike each iteration's templates are (text, hyperparameters, words)
 

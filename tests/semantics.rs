@@ -365,3 +365,29 @@ fn base_model_runs_once_per_self_edit_of_its_article() {
     assert_eq!(paper.len(), 2 + edits.len());
     assert!(repeats(BaseRuns::PerArticle)[..2].iter().all(|(_, r)| *r == 1));
 }
+
+/// Training sequences are encoded as the model's own tokenizer call encodes them: a
+/// tokenizer whose post-processor adds a BOS (Llama 3's `<|begin_of_text|>`) gets it in
+/// every sequence, before the end-of-turn token closes it.
+#[test]
+fn training_sequences_get_the_post_processors_bos() {
+    use selfedit::experiment::config::Experiment;
+    use selfedit::experiment::stages::train::training_examples;
+    use selfedit::runtime::tokenizer::TextTokenizer;
+    let mut json: serde_json::Value = serde_json::from_str(&common::tiny_tokenizer_json()).unwrap();
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}
+    });
+    let chat = Some("{% for m in messages %}{{ m.content }}{% endfor %}".to_string());
+    let tok = TextTokenizer::from_json(json.to_string(), chat, None, Some("<|im_end|>".into()), false).unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+    let ex = training_examples(&exp.config, &tok, &["w1 w2".to_string()]).unwrap();
+    assert_eq!(ex[0].ids, vec![0, 3, 4, 1], "BOS, the two words, end of turn");
+    // the plain tokenizer (no post-processor) adds nothing
+    let plain = TextTokenizer::from_json(common::tiny_tokenizer_json(), None, None, None, false).unwrap();
+    assert_eq!(training_examples(&exp.config, &plain, &["w1 w2".to_string()]).unwrap()[0].ids, vec![3, 4]);
+}

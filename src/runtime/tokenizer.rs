@@ -126,6 +126,21 @@ impl TextTokenizer {
         self.eos_token.as_deref().and_then(|t| self.inner.token_to_id(t)).or_else(|| self.stop_ids.first().copied())
     }
 
+    /// Ids of a whole document as the model's own tokenizer call gives them
+    /// (`tokenizer(text)` in Transformers): the post-processor's special tokens (Llama 3's
+    /// `<|begin_of_text|>`), or the BOS a GGUF asks for with `add_bos_token`. Training
+    /// sequences are encoded so, as the paper's trainer encodes them.
+    pub fn encode_document(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let (true, Some(bos)) = (self.add_bos, self.bos_token.as_deref().and_then(|b| self.inner.token_to_id(b))) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Ids of a plain (non-chat) prompt, with BOS when the model wants one.
     pub fn encode_prompt(&self, text: &str) -> anyhow::Result<Vec<u32>> {
         let mut ids = Vec::new();

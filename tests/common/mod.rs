@@ -149,3 +149,46 @@ pub fn table_digest(path: &Path, skip: &[&str]) -> String {
     }
     selfedit::util::hash::hash_bytes(text.as_bytes())
 }
+
+/// [`table_digest`] of the rows in any order: two runs that split the same work into other
+/// shards write the same rows in another order.
+pub fn table_digest_unordered(path: &Path, skip: &[&str]) -> String {
+    use arrow::array::Array;
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let mut rows: Vec<String> = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let schema = batch.schema();
+        for row in 0..batch.num_rows() {
+            let mut text = String::new();
+            for (f, col) in schema.fields().iter().zip(batch.columns()) {
+                if !skip.contains(&f.name().as_str()) {
+                    let one = col.slice(row, 1);
+                    text.push_str(&format!("{}={:?}\u{1f}", f.name(), rounded(one.as_ref())));
+                }
+            }
+            rows.push(text);
+        }
+    }
+    rows.sort();
+    selfedit::util::hash::hash_bytes(rows.join("\n").as_bytes())
+}
+
+/// A one-row array as text, reals rounded to 4 decimals.
+fn rounded(a: &dyn arrow::array::Array) -> String {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, Float32Type, Float64Type};
+    if a.is_null(0) {
+        return "null".into();
+    }
+    match a.data_type() {
+        DataType::Float64 => format!("{:.4}", a.as_primitive::<Float64Type>().value(0)),
+        DataType::Float32 => format!("{:.4}", a.as_primitive::<Float32Type>().value(0)),
+        DataType::List(_) => {
+            let v = a.as_list::<i32>().value(0);
+            format!("[{}]", (0..v.len()).map(|j| rounded(v.slice(j, 1).as_ref())).collect::<Vec<_>>().join(","))
+        }
+        _ => arrow::util::display::ArrayFormatter::try_new(a, &Default::default()).unwrap().value(0).to_string(),
+    }
+}

@@ -46,15 +46,16 @@ pub fn training_texts(cfg: &ExperimentConfig, edit: &SelfEditRow, article: &Arti
     texts
 }
 
-/// The training sequences as token ids, each ending with the model's end-of-turn token when
-/// `training.end_of_turn` is set (the paper's code appends `<|im_end|>` for instruct
+/// The training sequences as token ids, encoded as the model's own tokenizer call encodes a
+/// document (with Llama 3's BOS, for one), each ending with the model's end-of-turn token
+/// when `training.end_of_turn` is set (the paper's code appends `<|im_end|>` for instruct
 /// models), with the loss on every token.
 pub fn training_examples(cfg: &ExperimentConfig, tokenizer: &TextTokenizer, texts: &[String]) -> anyhow::Result<Vec<TrainExample>> {
     let end = if cfg.training.end_of_turn { tokenizer.end_of_turn() } else { None };
     texts
         .iter()
         .map(|s| {
-            let mut ids = tokenizer.encode(s)?;
+            let mut ids = tokenizer.encode_document(s)?;
             ids.extend(end);
             Ok(TrainExample { ids, loss_from: 0 })
         })
