@@ -19,7 +19,7 @@ EMBEDDER_DIR := $(MODELS)/all-MiniLM-L6-v2
 EMBEDDER_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 EMBEDDER := $(EMBEDDER_DIR)/model.safetensors
 
-.PHONY: help build blas model embedder test bench bench-slurm run clean-outputs
+.PHONY: help build blas model embedder test bench bench-slurm mutants run clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -64,6 +64,17 @@ $(EMBEDDER):
 
 test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build as `make run`)
 	SELFEDIT_MODEL=$(abspath $(SMOLLM)) RAYON_NUM_THREADS=$(if $(filter 0,$(BLAS)),,1) $(CARGO) test $(CARGO_FLAGS) -- --test-threads=1
+
+# Mutation testing (cargo-mutants): every mutant of the numeric modules must fail one of the
+# fast tests that guard them. Not in CI (one rebuild per mutant: ~35 s each here).
+MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/experiment/grading.rs
+MUTANTS_TESTS ?= --lib --test semantics --test sft --test tiny_models
+MUTANTS_BUDGET ?= 3600
+mutants:  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_BUDGET s)
+	@command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
+	timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle $(foreach f,$(MUTANTS_FILES),-f $(f)) \
+	  --output $(OUTPUTS)/mutants -- $(MUTANTS_TESTS); status=$$?; \
+	  echo "mutants: see $(OUTPUTS)/mutants/mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt)"; exit $$status
 
 bench-slurm: $(SMOLLM) build  ## scale-out on a throw-away single-node Slurm: an iteration with 1, 2, 4 shards, job overhead
 	BIN=$(BIN) scripts/slurm/bench.sh

@@ -127,10 +127,31 @@ fn load_hf_parquet(path: &Path) -> anyhow::Result<Vec<Passage>> {
     let mut row = 0usize;
     for batch in reader {
         let batch = batch?;
-        let col = |name: &str| {
-            batch
+        // every column as the types read below, whatever string and list types the writer used
+        let col = |name: &str| -> anyhow::Result<arrow::array::ArrayRef> {
+            let a = batch
                 .column_by_name(name)
-                .with_context(|| format!("{}: no column {name:?} (Hugging Face squad layout expected)", path.display()))
+                .with_context(|| format!("{}: no column {name:?} (Hugging Face squad layout expected)", path.display()))?;
+            let want = match a.data_type() {
+                arrow::datatypes::DataType::Struct(fields) => arrow::datatypes::DataType::Struct(
+                    fields
+                        .iter()
+                        .map(|f| match f.name().as_str() {
+                            "text" => std::sync::Arc::new(arrow::datatypes::Field::new(
+                                "text",
+                                <Vec<String> as crate::experiment::tables::Column>::data_type(),
+                                true,
+                            )),
+                            _ => f.clone(),
+                        })
+                        .collect(),
+                ),
+                other if name == "answers" => {
+                    bail!("{}: column answers has type {other}, expected struct<text: list<string>, ...>", path.display())
+                }
+                _ => arrow::datatypes::DataType::Utf8,
+            };
+            crate::experiment::tables::conform::conform(a, &want, &format!("{}: column {name}", path.display()))
         };
         let titles =
             col("title")?.as_string_opt::<i32>().with_context(|| format!("{}: column title is not a string", path.display()))?.clone();

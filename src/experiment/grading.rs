@@ -98,6 +98,9 @@ mod tests {
         assert_eq!(f1("London", "Paris"), 0.0);
         let golds = vec!["1066".to_string(), "in 1066".to_string()];
         assert_eq!(squad_scores("In 1066.", &golds), (true, 1.0));
+        assert!(!exact_match("London", "Paris"));
+        assert!(!exact_match("the Eiffel Tower in Paris", "Eiffel Tower"), "EM is equality, not containment");
+        assert_eq!(squad_scores("Paris", &golds), (false, 0.0));
     }
 
     #[test]

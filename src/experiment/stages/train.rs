@@ -16,7 +16,6 @@ use crate::experiment::states::AdapterStatus;
 use crate::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow};
 use crate::runtime::formats::LoadedModel;
 use crate::runtime::lora::{LoraAdapter, LoraConfig};
-use crate::runtime::model::Proj;
 use crate::runtime::tokenizer::TextTokenizer;
 use crate::runtime::training::{train_lora, TrainConfig, TrainExample};
 use crate::util::hash::{content_hash, derive_seed};
@@ -98,7 +97,6 @@ pub fn train_adapters(
     let adapters_dir = ctx.layout.adapters_dir(ctx.iteration, ctx.split());
     let templates: HashMap<&str, &TemplateRow> = templates.iter().map(|t| (t.template_id.as_str(), t)).collect();
     let articles: HashMap<&str, &ArticleRow> = articles.iter().map(|a| (a.article_id.as_str(), a)).collect();
-    let targets = &cfg.training.target_modules;
     // A killed run leaves its adapter in progress in a hidden temporary folder: remove it.
     if let Ok(entries) = std::fs::read_dir(&adapters_dir) {
         for e in entries.flatten() {
@@ -140,7 +138,7 @@ pub fn train_adapters(
             }
             tracing::warn!("{}: stale or damaged adapter, training it again", dir.display());
         }
-        match train_one(cfg, model, t, &edit.self_edit_id, &texts, targets, &dir, input_hash) {
+        match train_one(cfg, model, t, &edit.self_edit_id, &texts, &dir, input_hash) {
             Ok(rec) => rows.push(adapter_row_from(&edit.self_edit_id, &dir, rec)),
             Err(e) => {
                 row.status = AdapterStatus::Failed;
@@ -167,18 +165,18 @@ fn adapter_row_from(id: &str, dir: &Path, rec: AdapterRecord) -> AdapterRow {
     }
 }
 
-/// Trains one adapter and writes it, with its record, atomically as `dir`.
-#[allow(clippy::too_many_arguments)] // one adapter's inputs; a struct would only rename them
+/// Trains one adapter (on `training.target_modules`) and writes it, with its record,
+/// atomically as `dir`.
 fn train_one(
     cfg: &ExperimentConfig,
     model: &LoadedModel,
     t: &TemplateRow,
     id: &str,
     texts: &[String],
-    targets: &[Proj],
     dir: &Path,
     input_hash: String,
 ) -> anyhow::Result<AdapterRecord> {
+    let targets = &cfg.training.target_modules;
     let examples = training_examples(cfg, &model.tokenizer, texts)?;
     let seed = derive_seed(cfg.seed, &format!("adapter/{id}"));
     let h = &t.hyperparameters;

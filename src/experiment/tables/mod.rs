@@ -8,13 +8,14 @@
 //! otherwise. Any Parquet tool reads them (polars, DuckDB, pandas).
 
 mod columns;
+pub mod conform;
 
 pub use columns::{Column, Columns};
 
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use arrow::array::ArrayRef;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -76,18 +77,16 @@ macro_rules! table {
     };
 }
 
-/// The arrays of `fields` in `batch`, each present with the expected type; the error names
-/// the file, the column and the types.
+/// The arrays of `fields` in `batch`, each present and of the expected type, or of a type
+/// holding the same values, cast ([`conform`]: large strings, string views, DuckDB's
+/// lists); the error names the file, the column and the types.
 fn field_arrays(batch: &RecordBatch, fields: &[Field], file: &Path, table: &str) -> anyhow::Result<Vec<ArrayRef>> {
     let mut out = Vec::with_capacity(fields.len());
     for f in fields {
         let a = batch.column_by_name(f.name()).with_context(|| {
             format!("{}: column {:?} is missing (is this a {table} table from this version of selfedit?)", file.display(), f.name())
         })?;
-        if a.data_type() != f.data_type() {
-            bail!("{}: column {:?} has type {}, expected {}", file.display(), f.name(), a.data_type(), f.data_type());
-        }
-        out.push(a.clone());
+        out.push(conform::conform(a, f.data_type(), &format!("{}: column {:?}", file.display(), f.name()))?);
     }
     Ok(out)
 }

@@ -228,4 +228,30 @@ mod tests {
         };
         assert_eq!(run(), run());
     }
+
+    /// Defaults of omitted fields are vLLM's (top_p 1, top_k off, no min_p, no penalty), and
+    /// values outside their range are refused by name.
+    #[test]
+    fn defaults_and_validation() {
+        let p: SamplingParams = serde_json::from_str(r#"{"temperature": 0.7}"#).unwrap();
+        assert_eq!(p, SamplingParams { temperature: 0.7, top_p: 1.0, top_k: -1, min_p: 0.0, presence_penalty: 0.0 });
+        assert!(p.validate().is_ok());
+        for (bad, field) in [
+            (SamplingParams { temperature: -0.1, ..p.clone() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..p.clone() }, "top_p"),
+            (SamplingParams { top_p: 1.5, ..p.clone() }, "top_p"),
+            (SamplingParams { min_p: 1.5, ..p.clone() }, "min_p"),
+        ] {
+            assert!(bad.validate().unwrap_err().to_string().contains(field), "{field}");
+        }
+        // the paper's regimes, as PAPER.md lists them
+        let e = SamplingParams::paper_exploit();
+        assert_eq!((e.temperature, e.top_p, e.top_k, e.min_p, e.presence_penalty), (0.3, 0.85, 40, 0.05, 0.5));
+        let x = SamplingParams::paper_explore();
+        assert_eq!((x.temperature, x.top_p, x.top_k, x.min_p, x.presence_penalty), (1.3, 0.95, -1, 0.05, 1.5));
+        let v = SamplingParams::paper_eval();
+        assert_eq!((v.temperature, v.top_p, v.top_k, v.min_p, v.presence_penalty), (0.7, 0.9, 40, 0.0, 1.5));
+        assert_eq!(SamplingParams::greedy().top_k, -1);
+        assert_eq!(argmax(&[0.5, 2.0, 2.0, -1.0]), 1, "the first of equal maxima");
+    }
 }
