@@ -109,7 +109,8 @@ fn main() -> anyhow::Result<()> {
                 .map(|l| Ok(TrainExample { ids: model.tokenizer.encode(l)?, loss_from: 0 }))
                 .collect::<anyhow::Result<_>>()?;
             let targets = targets.split(',').map(|t| Proj::parse(t.trim())).collect::<anyhow::Result<Vec<_>>>()?;
-            let mut adapter = LoraAdapter::new(&model.decoder.cfg, LoraConfig { rank, alpha, dropout, targets }, seed, &device)?;
+            let mut adapter =
+                LoraAdapter::new(&model.decoder.cfg, LoraConfig { rank, alpha, dropout, targets, use_rslora: false }, seed, &device)?;
             let cfg = TrainConfig::new(learning_rate, epochs, grad_accum, seed);
             let bar = indicatif::ProgressBar::new(cfg.total_steps(examples.len()) as u64)
                 .with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, loss {msg}, eta {eta}")?);

@@ -485,3 +485,57 @@ fn thinking_mode_reasons_freely_then_answers_under_the_schema() {
     let ctx = StageContext::new(exp, out.path(), 0).unwrap();
     assert!(generate_templates(&ctx, &tiny, None, |_| {}).unwrap().iter().all(|r| r.reasoning.is_none()));
 }
+
+/// PEFT's adapter settings: `use_rslora` is applied (PEFT scales by alpha / sqrt(r): at r = 4
+/// twice the plain update), and every other field that changes the update is refused by
+/// name instead of silently misread.
+#[test]
+fn peft_rslora_is_applied_and_other_settings_are_refused_by_name() {
+    let m = common::smollm();
+    let src = common::data("peft_smollm2_r4");
+    let dir = tempfile::tempdir().unwrap();
+    let with = |field: &str, value: serde_json::Value| -> std::path::PathBuf {
+        let d = dir.path().join(field);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(src.join("adapter_model.safetensors"), d.join("adapter_model.safetensors")).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        cfg[field] = value;
+        std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+        d
+    };
+    let merged_delta = |adapter_dir: &std::path::Path| -> candle_core::Tensor {
+        let a = LoraAdapter::load_peft(adapter_dir, &m.decoder.cfg, m.device()).unwrap();
+        let mut d = m.decoder.clone();
+        a.merge_into(&mut d).unwrap();
+        (&d.layers[0].self_attn.q_proj.weight - &m.decoder.layers[0].self_attn.q_proj.weight).unwrap()
+    };
+    let plain = merged_delta(&src);
+    let rs = merged_delta(&with("use_rslora", serde_json::json!(true)));
+    let err = ((&rs - (&plain * 2.0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()) as f64;
+    let scale = plain.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        scale > 0.0 && err <= 1e-3 * scale,
+        "rsLoRA update is not twice the plain one (f32 rounding of W + dW allowed): {err} at {scale}"
+    );
+    // a saved rsLoRA adapter says so in its config
+    let a = LoraAdapter::load_peft(&with("use_rslora", serde_json::json!(true)), &m.decoder.cfg, m.device()).unwrap();
+    a.save_peft(&dir.path().join("saved"), "base").unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("saved/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["use_rslora"], true);
+    for (field, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("rank_pattern", serde_json::json!({"q_proj": 8})),
+        ("alpha_pattern", serde_json::json!({"v_proj": 16})),
+        ("layers_to_transform", serde_json::json!([0, 1])),
+        ("bias", serde_json::json!("lora_only")),
+        ("modules_to_save", serde_json::json!(["lm_head"])),
+        ("fan_in_fan_out", serde_json::json!(true)),
+    ] {
+        let e = match LoraAdapter::load_peft(&with(field, value), &m.decoder.cfg, m.device()) {
+            Ok(_) => panic!("{field} was accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains(field) && e.contains("adapter_config.json"), "{e}");
+    }
+}

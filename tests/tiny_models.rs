@@ -72,7 +72,8 @@ fn lora_gradients_match_finite_differences() {
         write_tiny_checkpoint(dir.path(), &cfg, 3);
         let m = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
         let targets = Proj::ALL.to_vec();
-        let adapter = LoraAdapter::new(&cfg, LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets }, 7, &Device::Cpu).unwrap();
+        let adapter =
+            LoraAdapter::new(&cfg, LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets, use_rslora: false }, 7, &Device::Cpu).unwrap();
         // B starts at zero; give it values so that A's gradient is not zero too.
         for (i, v) in adapter.vars().iter().enumerate() {
             if i % 2 == 1 {
@@ -137,7 +138,7 @@ fn gpu_agrees_with_cpu_and_trains() {
     assert!(diff < 0.05 * scale + 0.05, "GPU logits differ by {diff} (scale {scale})");
 
     // LoRA gradients: the same adapter on both devices
-    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Proj::ALL.to_vec() };
+    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Proj::ALL.to_vec(), use_rslora: false };
     let ac = LoraAdapter::new(&cfg, lcfg.clone(), 3, &Device::Cpu).unwrap();
     let ag = LoraAdapter::new(&cfg, lcfg, 3, &dev).unwrap();
     for (i, (vc, vg)) in ac.vars().iter().zip(ag.vars()).enumerate() {
@@ -163,7 +164,7 @@ fn gpu_agrees_with_cpu_and_trains() {
 
     // training lowers the loss, on the device as on the CPU
     let train = |m: &selfedit::runtime::formats::LoadedModel, d: &Device| -> (f32, f32, LoraAdapter) {
-        let all = LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Proj::ALL.to_vec() };
+        let all = LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Proj::ALL.to_vec(), use_rslora: false };
         let mut adapter = LoraAdapter::new(&cfg, all, 0, d).unwrap();
         let loss =
             |a: &LoraAdapter| m.decoder.sequence_loss(&ids, 0, Some(a)).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
@@ -201,7 +202,7 @@ fn training_resumes_from_a_checkpoint_exactly() {
     let m = selfedit::runtime::formats::load(dir.path(), &Device::Cpu).unwrap();
     let examples: Vec<TrainExample> =
         (0..5u32).map(|i| TrainExample { ids: (0..9).map(|j| 2 + (i * 7 + j * 3) % 60).collect(), loss_from: 3 }).collect();
-    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Proj::ALL.to_vec() };
+    let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Proj::ALL.to_vec(), use_rslora: false };
     let tc = TrainConfig::new(1e-2, 3, 2, 5); // 3 windows per epoch, 9 steps
     let values = |a: &LoraAdapter| -> Vec<Vec<f32>> { a.vars().iter().map(|v| v.flatten_all().unwrap().to_vec1().unwrap()).collect() };
 
@@ -230,8 +231,13 @@ fn training_resumes_from_a_checkpoint_exactly() {
     assert_eq!(values(&resumed), values(&straight));
     // a damaged checkpoint says what to delete
     std::fs::write(ckpt.join("state.json"), "{").unwrap();
-    let mut again =
-        LoraAdapter::new(&cfg, LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Proj::ALL.to_vec() }, 9, &Device::Cpu).unwrap();
+    let mut again = LoraAdapter::new(
+        &cfg,
+        LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Proj::ALL.to_vec(), use_rslora: false },
+        9,
+        &Device::Cpu,
+    )
+    .unwrap();
     let e = train_lora_with(&m.decoder, &mut again, &examples, &tc, Some(&c), |_, _, _| ControlFlow::Continue(())).unwrap_err();
     assert!(format!("{e:#}").contains("delete"), "{e:#}");
 }

@@ -24,16 +24,22 @@ pub struct LoraConfig {
     pub alpha: f64,
     pub dropout: f64,
     pub targets: Vec<Proj>,
+    /// PEFT's `use_rslora`: scale the update by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
 }
 
 impl LoraConfig {
     /// The paper's self-edit adapters: `q_proj` and `v_proj`.
     pub fn paper(rank: usize, alpha: f64, dropout: f64) -> Self {
-        Self { rank, alpha, dropout, targets: vec![Proj::QProj, Proj::VProj] }
+        Self { rank, alpha, dropout, targets: vec![Proj::QProj, Proj::VProj], use_rslora: false }
     }
-    /// `alpha / r`, the scale of the update (no rsLoRA).
+    /// The scale of the update: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (PEFT's rule).
     pub fn scale(&self) -> f64 {
-        self.alpha / self.rank as f64
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
     }
 }
 
@@ -132,7 +138,7 @@ impl LoraAdapter {
             "target_modules": targets,
             "bias": "none",
             "fan_in_fan_out": false,
-            "use_rslora": false,
+            "use_rslora": self.config.use_rslora,
             "use_dora": false,
             "inference_mode": true,
             "init_lora_weights": true,
@@ -157,9 +163,8 @@ impl LoraAdapter {
                 .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
         let field = |k: &str| raw.get(k).with_context(|| format!("{}: missing field {k:?}", cfg_path.display()));
         ensure!(field("peft_type")?.as_str() == Some("LORA"), "{}: peft_type must be \"LORA\"", cfg_path.display());
-        if raw.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
-            bail!("{}: DoRA adapters are not supported", cfg_path.display());
-        }
+        refuse_unsupported(&raw, &cfg_path)?;
+        let use_rslora = raw.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
         let rank = field("r")?.as_u64().with_context(|| format!("{}: r must be an integer", cfg_path.display()))? as usize;
         let alpha = field("lora_alpha")?.as_f64().with_context(|| format!("{}: lora_alpha must be a number", cfg_path.display()))?;
         let dropout = raw.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0);
@@ -197,7 +202,7 @@ impl LoraAdapter {
                 map.insert(m, LoraPair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
             }
         }
-        Ok(Self { config: LoraConfig { rank, alpha, dropout, targets }, layers, dropout_rng: None })
+        Ok(Self { config: LoraConfig { rank, alpha, dropout, targets, use_rslora }, layers, dropout_rng: None })
     }
 
     /// Adds `scale * B A` to every targeted weight of `decoder`.
@@ -213,6 +218,47 @@ impl LoraAdapter {
         }
         Ok(())
     }
+}
+
+/// The `adapter_config.json` fields that change what the adapter computes and that this
+/// runtime does not apply: a file that sets one is refused by name rather than misread.
+/// (`use_rslora` is applied; `init_lora_weights` and `inference_mode` do not matter to a
+/// trained adapter.)
+fn refuse_unsupported(raw: &serde_json::Value, path: &Path) -> anyhow::Result<()> {
+    let set = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(b) => *b,
+        serde_json::Value::Object(o) => !o.is_empty(),
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::String(s) => s != "none",
+        serde_json::Value::Number(_) => true,
+    };
+    for field in [
+        "use_dora",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",
+        "lora_bias",
+        "modules_to_save",
+        "fan_in_fan_out",
+        "exclude_modules",
+        "target_parameters",
+        "layer_replication",
+        "trainable_token_indices",
+        "use_qalora",
+        "alora_invocation_tokens",
+    ] {
+        if let Some(v) = raw.get(field).filter(|v| set(v)) {
+            bail!(
+                "{}: {field} = {v} changes the adapter's update and selfedit does not apply it; \
+                 merge the adapter with PEFT (merge_and_unload) and load the merged model, or retrain without it",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 impl Adapter for LoraAdapter {

@@ -41,7 +41,13 @@ pub fn train_generator(
         None
     } else {
         let s = &cfg.sft;
-        let lora = LoraConfig { rank: s.lora_rank, alpha: s.lora_alpha, dropout: s.lora_dropout, targets: s.target_modules.clone() };
+        let lora = LoraConfig {
+            rank: s.lora_rank,
+            alpha: s.lora_alpha,
+            dropout: s.lora_dropout,
+            targets: s.target_modules.clone(),
+            use_rslora: false,
+        };
         let seed = derive_seed(cfg.seed, &format!("sft/{}", out.display()));
         let mut adapter = LoraAdapter::new(&decoder.cfg, lora, seed, model.device())?;
         let tc = TrainConfig {

@@ -180,7 +180,13 @@ fn train_one(
     let examples = training_examples(cfg, &model.tokenizer, texts)?;
     let seed = derive_seed(cfg.seed, &format!("adapter/{id}"));
     let h = &t.hyperparameters;
-    let lora = LoraConfig { rank: h.lora_rank as usize, alpha: h.lora_alpha as f64, dropout: h.lora_dropout, targets: targets.to_vec() };
+    let lora = LoraConfig {
+        rank: h.lora_rank as usize,
+        alpha: h.lora_alpha as f64,
+        dropout: h.lora_dropout,
+        targets: targets.to_vec(),
+        use_rslora: false,
+    };
     let mut adapter = LoraAdapter::new(&model.decoder.cfg, lora, seed, model.device())?;
     let tc = TrainConfig {
         learning_rate: h.learning_rate,
