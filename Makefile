@@ -129,7 +129,7 @@ endif
 empty :=
 space := $(empty) $(empty)
 
-.PHONY: pipeline paths stamps status collapse generator iterations validation report FORCE
+.PHONY: pipeline paths stamps status paper-json collapse generator iterations validation report FORCE
 # Stamps and shard tables are made by pattern rules: keep them (make would delete them as
 # intermediate files, and the next run would redo everything after them).
 .SECONDARY:
@@ -244,6 +244,9 @@ $(I)/sft.parquet: $(I)/template_stats.parquet $(STAMPS)/sft.hash
 
 $(I)/generator/config.json: $(I)/sft.parquet
 	$(call job,iter$(ITER)-train-generator)$(BIN)/train-generator $(STAGE_ARGS) $(MODEL_ARG)
+
+paper-json: $(I)/template_stats.parquet  ## iteration ITER's results in the paper's results.json layout (iter<k>/results.json)
+	$(BIN)/export-paper-json $(STAGE_ARGS)
 
 generator: $(I)/generator/config.json  ## improve the generator after iteration ITER (for iteration ITER+1)
 
