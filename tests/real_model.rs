@@ -479,6 +479,32 @@ fn thinking_mode_reasons_freely_then_answers_under_the_schema() {
         assert!(r.raw_response.starts_with("{\""), "the answer is constrained from its first token: {:?}", r.raw_response);
         assert!(r.prompt.len() > 100);
     }
+    // the answers to the QA questions think too, and what is graded follows `</think>`
+    {
+        use selfedit::experiment::layout::Shard;
+        use selfedit::experiment::stages::evaluate::{evaluate, qa_prompt, EvalTarget};
+        use selfedit::experiment::states::Split;
+        use selfedit::experiment::tables::{ArticleRow, Question};
+        let on = qa_prompt(&ctx.prompts, &tiny, "What?", true).unwrap();
+        let off = qa_prompt(&ctx.prompts, &tiny, "What?", false).unwrap();
+        assert!(tiny.tokenizer.decode(&on, false).unwrap().ends_with("<|im_start|>assistant\n"));
+        assert!(tiny.tokenizer.decode(&off, false).unwrap().ends_with("</think>\n\n"));
+        let mut exp = ctx.exp.clone();
+        (exp.config.eval.thinking, exp.config.eval.thinking_max_tokens, exp.config.eval.max_new_tokens) = (true, 4, 6);
+        let ectx = StageContext::new(exp, out.path(), 0).unwrap();
+        let article = ArticleRow {
+            article_id: "a000".into(),
+            split: Split::Train,
+            title: "t".into(),
+            context: "c".into(),
+            questions: vec![Question { question: "What?".into(), answers: vec!["x".into()] }],
+            source_index: 0,
+        };
+        let targets = vec![EvalTarget { model_id: "base".into(), article_id: "a000".into(), adapter: None, repeats: 1 }];
+        let rows = evaluate(&ectx, &tiny, &[article], &targets, None, Shard::ALL, |_| {}).unwrap();
+        assert_eq!(rows.len(), ectx.exp.config.eval.runs);
+        assert!(rows.iter().all(|r| !r.prediction.contains("</think>")));
+    }
     // without thinking the reasoning column stays empty
     let mut exp = ctx.exp.clone();
     exp.config.search.thinking = false;

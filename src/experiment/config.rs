@@ -134,6 +134,13 @@ pub struct EvalSection {
     pub heuristic: HeuristicRule,
     /// The judge model (GGUF or HF folder); defaults to the experiment's model when absent.
     pub judge_model: Option<PathBuf>,
+    /// Thinking mode for the answers (the paper's code answers in the generator's thinking
+    /// mode): the model reasons up to `</think>` within `thinking_max_tokens`, and the text
+    /// after it is graded. Off by default.
+    #[serde(default)]
+    pub thinking: bool,
+    #[serde(default = "default_thinking_tokens")]
+    pub thinking_max_tokens: usize,
     /// Rows per generation batch (all questions × runs of an adapter share batches).
     pub batch_size: usize,
 }
@@ -291,6 +298,7 @@ impl ExperimentConfig {
             c.validate().context("search.completion_explore")?;
         }
         ensure!(!s.thinking || s.thinking_max_tokens >= 1, "search.thinking_max_tokens must be >= 1 in thinking mode");
+        ensure!(!self.eval.thinking || self.eval.thinking_max_tokens >= 1, "eval.thinking_max_tokens must be >= 1 in thinking mode");
         self.eval.sampling.validate().context("eval.sampling")?;
         ensure!(self.eval.runs >= 1, "eval.runs must be >= 1");
         ensure!(self.data.train_passages >= 1, "data.train_passages must be >= 1");

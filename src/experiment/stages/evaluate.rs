@@ -15,7 +15,7 @@ use crate::experiment::states::{AdapterStatus, BaseRuns, GraderKind, Split, BASE
 use crate::experiment::tables::{AdapterRow, AnswerRow, ArticleRow, SelfEditRow};
 use crate::runtime::device::parse_device;
 use crate::runtime::formats::LoadedModel;
-use crate::runtime::generate::{generate, ConstraintFactory, GenerationRequest, SamplingParams};
+use crate::runtime::generate::{generate, generate_with_thinking, ConstraintFactory, GenerationRequest, SamplingParams};
 use crate::runtime::lora::LoraAdapter;
 use crate::runtime::model::Adapter;
 use crate::runtime::tokenizer::ChatMessage;
@@ -23,10 +23,13 @@ use crate::util::hash::derive_seed;
 
 /// The closed-book QA prompt: chat models get the system message and the question; models
 /// without a chat template get SEAL's base-model prompt.
-fn qa_prompt(prompts: &Prompts, model: &LoadedModel, question: &str) -> anyhow::Result<Vec<u32>> {
+///
+/// With `eval.thinking` the chat template is rendered with `enable_thinking`, as the paper's
+/// code renders it for a thinking model (its dataset's `thinking_mode` reaches the QA call).
+pub fn qa_prompt(prompts: &Prompts, model: &LoadedModel, question: &str, thinking: bool) -> anyhow::Result<Vec<u32>> {
     if model.tokenizer.chat_template.is_some() {
         let system = prompts.render(prompts::QA_SYSTEM, json!({}))?;
-        model.tokenizer.encode_chat(&[ChatMessage::system(system), ChatMessage::user(question)], true)
+        model.tokenizer.encode_chat_with(&[ChatMessage::system(system), ChatMessage::user(question)], true, thinking)
     } else {
         model.tokenizer.encode_prompt(&format!("{}\n", prompts.render(prompts::QA_BASE, json!({"question": question}))?))
     }
@@ -121,7 +124,7 @@ pub fn evaluate(
         let mut requests = Vec::new();
         let mut keys = Vec::new();
         for (qi, q) in article.questions.iter().enumerate() {
-            let ids = qa_prompt(&ctx.prompts, model, &q.question)?;
+            let ids = qa_prompt(&ctx.prompts, model, &q.question, cfg.eval.thinking)?;
             // run r of repeat k is run k * runs + r: the first repeat's seeds are those of a
             // single repeat
             for run in 0..cfg.eval.runs * target.repeats {
@@ -130,7 +133,16 @@ pub fn evaluate(
                 keys.push((qi, run));
             }
         }
-        let outs = generate(model, adapter.as_ref().map(|a| a as &dyn Adapter), requests, cfg.eval.batch_size, |_| {})?;
+        let lora = adapter.as_ref().map(|a| a as &dyn Adapter);
+        // a thinking model reasons first; the answer graded is what follows `</think>`
+        let outs = if cfg.eval.thinking {
+            generate_with_thinking(model, lora, requests, cfg.eval.batch_size, cfg.eval.thinking_max_tokens, |_| {})?
+                .into_iter()
+                .map(|o| o.answer)
+                .collect()
+        } else {
+            generate(model, lora, requests, cfg.eval.batch_size, |_| {})?
+        };
         // Grading is independent per answer: rayon spreads it over the cores.
         use rayon::prelude::*;
         let mut graded: Vec<AnswerRow> = keys
