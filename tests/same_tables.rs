@@ -9,16 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const TABLES: [&str; 8] = [
-    "articles.parquet",
-    "iter0/templates.parquet",
-    "iter0/self_edits.parquet",
-    "iter0/adapters.parquet",
-    "iter0/answers.parquet",
-    "iter0/scores.parquet",
-    "iter0/template_stats.parquet",
-    "iter0/archive.parquet",
-];
+use common::ITER0_TABLES as TABLES;
 const SKIP: [&str; 4] = ["seconds", "adapter_path", "source_index", "reasoning"];
 
 fn recorded() -> PathBuf {

@@ -317,7 +317,7 @@ fn generator_learns_from_examples_and_is_unchanged_without() {
 #[test]
 fn base_model_runs_once_per_self_edit_of_its_article() {
     use selfedit::experiment::stages::evaluate::eval_targets;
-    use selfedit::experiment::states::{AdapterStatus, BaseRuns, Category, Split};
+    use selfedit::experiment::states::{BaseRuns, Category, Split};
     use selfedit::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow};
     let article = |id: &str| ArticleRow {
         article_id: id.into(),
@@ -341,20 +341,7 @@ fn base_model_runs_once_per_self_edit_of_its_article() {
         reasoning: None,
     };
     let edits = vec![edit("a000", 0, 0), edit("a000", 0, 1), edit("a000", 1, 0), edit("a001", 0, 0)];
-    let adapters: Vec<AdapterRow> = edits
-        .iter()
-        .map(|e| AdapterRow {
-            self_edit_id: e.self_edit_id.clone(),
-            status: AdapterStatus::Empty,
-            adapter_path: None,
-            sequences: 0,
-            tokens: 0,
-            steps: 0,
-            loss_curve: vec![],
-            seconds: 0.0,
-            error: None,
-        })
-        .collect();
+    let adapters: Vec<AdapterRow> = edits.iter().map(|e| selfedit::experiment::stages::train::empty_row(&e.self_edit_id)).collect();
     let articles = [article("a000"), article("a001")];
     let repeats = |mode| -> Vec<(String, usize)> {
         eval_targets(&articles, &adapters, &edits, Split::Train, mode).into_iter().map(|t| (t.model_id, t.repeats)).collect()

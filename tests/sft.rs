@@ -37,6 +37,17 @@ fn edit(article: &str, template: &str, c: usize) -> SelfEditRow {
     }
 }
 
+fn one_article() -> Vec<ArticleRow> {
+    vec![ArticleRow {
+        article_id: "a000".into(),
+        split: Split::Train,
+        title: "T".into(),
+        context: "The passage.".into(),
+        questions: vec![Question { question: "q".into(), answers: vec!["a".into()] }],
+        source_index: 0,
+    }]
+}
+
 fn score(e: &SelfEditRow, base: f64, acc: f64) -> ScoreRow {
     ScoreRow {
         self_edit_id: e.self_edit_id.clone(),
@@ -56,14 +67,7 @@ fn top_templates_per_article_with_their_best_completion() {
     e.config.sft.top_k = 2;
     let prompts = selfedit::experiment::prompts::Prompts::load(&e.config.prompts_dir).unwrap();
     let templates: Vec<TemplateRow> = ["iter0-t00", "iter0-t01", "iter0-t02"].iter().map(|t| template(t)).collect();
-    let articles = vec![ArticleRow {
-        article_id: "a000".into(),
-        split: Split::Train,
-        title: "T".into(),
-        context: "The passage.".into(),
-        questions: vec![Question { question: "q".into(), answers: vec!["a".into()] }],
-        source_index: 0,
-    }];
+    let articles = one_article();
     let mut edits = Vec::new();
     let mut scores = Vec::new();
     // mean accuracy on a000: t00 (0.5 + 0.1)/2 = 0.3; t01 (0.2 + 0.2)/2 = 0.2; t02 0.25
@@ -109,14 +113,7 @@ fn archive_filter_trained_hyperparameters_and_baseline_top_k() {
     let mut e = exp();
     e.config.sft.top_k = 2;
     let prompts = selfedit::experiment::prompts::Prompts::load(&e.config.prompts_dir).unwrap();
-    let articles = vec![ArticleRow {
-        article_id: "a000".into(),
-        split: Split::Train,
-        title: "T".into(),
-        context: "The passage.".into(),
-        questions: vec![Question { question: "q".into(), answers: vec!["a".into()] }],
-        source_index: 0,
-    }];
+    let articles = one_article();
     // t00 wrote rank 1000 (clamped to the bounds' 64); mean 0.45 < base 0.5 though c0 is 0.9
     let raw = r#"{"data_creation_instruction": "lucky", "hyperparameters": {"lora_rank": 1000, "lora_alpha": 16, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}"#;
     let t00 = templates::parse_template(&e.config, 0, "iter0-t00", Category::Exploit, raw, 0);

@@ -61,16 +61,7 @@ fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
 }
 
-const TABLES: [&str; 8] = [
-    "articles.parquet",
-    "iter0/templates.parquet",
-    "iter0/self_edits.parquet",
-    "iter0/adapters.parquet",
-    "iter0/answers.parquet",
-    "iter0/scores.parquet",
-    "iter0/template_stats.parquet",
-    "iter0/archive.parquet",
-];
+use common::ITER0_TABLES as TABLES;
 
 #[test]
 fn slurm_runs_equal_local_runs_and_resubmit_only_missing_shards() {

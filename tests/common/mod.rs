@@ -192,3 +192,15 @@ fn rounded(a: &dyn arrow::array::Array) -> String {
         _ => arrow::util::display::ArrayFormatter::try_new(a, &Default::default()).unwrap().value(0).to_string(),
     }
 }
+
+/// The tables one iteration of the pipeline writes, relative to the experiment folder.
+pub const ITER0_TABLES: [&str; 8] = [
+    "articles.parquet",
+    "iter0/templates.parquet",
+    "iter0/self_edits.parquet",
+    "iter0/adapters.parquet",
+    "iter0/answers.parquet",
+    "iter0/scores.parquet",
+    "iter0/template_stats.parquet",
+    "iter0/archive.parquet",
+];

@@ -67,7 +67,8 @@ pub fn adapter_input_hash(cfg: &ExperimentConfig, template: &TemplateRow, texts:
     content_hash(&json!([cfg.seed, cfg.model, cfg.training, template.hyperparameters, texts]))
 }
 
-fn empty_row(id: &str) -> AdapterRow {
+/// The row of a self-edit with no adapter (yet): status `empty`, nothing trained.
+pub fn empty_row(id: &str) -> AdapterRow {
     AdapterRow {
         self_edit_id: id.to_string(),
         status: AdapterStatus::Empty,
