@@ -138,4 +138,14 @@ mod tests {
         assert!((s.normalized_gain - 0.5).abs() < 1e-12);
         assert!(template_stats(&obs, &BTreeMap::new()).is_err());
     }
+
+    /// A win is strictly above the base: above counts, equal and below do not.
+    #[test]
+    fn win_rate_counts_strictly_better_self_edits() {
+        // two above, one equal: 2/3 (equal counted would give 1; only equal, 1/3)
+        let obs = vec![o("A", 0, 0, 0.75), o("A", 1, 0, 0.75), o("A", 2, 0, 0.5)];
+        let base: BTreeMap<String, f64> = [("A".to_string(), 0.5)].into();
+        let s = template_stats(&obs, &base).unwrap();
+        assert!((s.win_rate - 2.0 / 3.0).abs() < 1e-12, "{}", s.win_rate);
+    }
 }
