@@ -254,4 +254,14 @@ mod tests {
         assert_eq!(SamplingParams::greedy().top_k, -1);
         assert_eq!(argmax(&[0.5, 2.0, 2.0, -1.0]), 1, "the first of equal maxima");
     }
+
+    /// A generated token outside the logits row (a tokenizer larger than the model's head,
+    /// say) is left alone by the presence penalty, never indexed.
+    #[test]
+    fn penalty_ignores_tokens_beyond_the_logits() {
+        let mut s = Sampler::new(SamplingParams { presence_penalty: 1.0, ..SamplingParams::greedy() }, 0);
+        s.observe(3);
+        s.observe(1);
+        assert_eq!(s.sample(&mut [0.0, 2.5, 2.0]), 2, "token 1 penalised, token 3 ignored");
+    }
 }
