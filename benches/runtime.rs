@@ -378,6 +378,7 @@ fn synthetic(a: &Args) -> anyhow::Result<()> {
             ids: candle_core::Tensor::from_vec(ids, (batch, prompt.len()), &device)?,
             positions: candle_core::Tensor::from_vec(pos, (batch, prompt.len()), &device)?,
             mask: Some(selfedit::runtime::model::causal_mask(batch, prompt.len(), 0, &vec![0; batch], &device, dtype)?),
+            segments: None,
         };
         for step in 0..a.gen_tokens {
             let logits = dec.forward_last(&b, Some(&mut cache), None)?;
@@ -387,6 +388,7 @@ fn synthetic(a: &Args) -> anyhow::Result<()> {
                 ids: candle_core::Tensor::from_vec(next, (batch, 1), &device)?,
                 positions: candle_core::Tensor::from_vec(vec![p; batch], (batch, 1), &device)?,
                 mask: None,
+                segments: None,
             };
         }
         let name = if batch == 1 { "gen_tokens_per_s".to_string() } else { format!("batched{batch}_gen_tokens_per_s") };

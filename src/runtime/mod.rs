@@ -16,6 +16,7 @@ pub mod formats;
 pub mod generate;
 pub mod lora;
 pub mod model;
+pub mod multi_lora;
 pub mod ops;
 pub mod tokenizer;
 pub mod training;

@@ -345,6 +345,91 @@ pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &[Option
     Ok(out)
 }
 
+/// [`lm_head_cross_entropy`] of several sequences packed end to end in `hidden` `[n, d]`:
+/// `targets[k]` holds sequence `k`'s targets (its length is the sequence's row count; the
+/// lengths sum to `n`). Returns the `[K]` mean losses, each differentiable with respect to
+/// its own rows only.
+///
+/// Every number equals what [`lm_head_cross_entropy`] computes for that sequence alone: the
+/// logits of a row do not depend on the other rows of its matmul, and the loss is summed over
+/// the same 512-row pieces of each sequence. Only the matmuls are shared, so the LM head runs
+/// at the speed of a tall matrix however short each sequence is.
+pub fn lm_head_cross_entropy_packed(hidden: &Tensor, weight: &Tensor, targets: &[&[Option<u32>]]) -> Result<Tensor> {
+    const PIECE: usize = 512;
+    let (n, _) = hidden.dims2()?;
+    if targets.iter().map(|t| t.len()).sum::<usize>() != n {
+        candle_core::bail!("lm_head_cross_entropy_packed: the sequences' lengths do not sum to the {n} rows");
+    }
+    // 1. each sequence's pieces (start row, len, sequence), as the one-sequence op cuts them
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for (k, t) in targets.iter().enumerate() {
+        let counted = t.iter().filter(|x| x.is_some()).count();
+        if counted == 0 {
+            candle_core::bail!("lm_head_cross_entropy_packed: sequence {k} has no position with a target");
+        }
+        for p in (0..t.len()).step_by(PIECE) {
+            pieces.push((start + p, PIECE.min(t.len() - p), k));
+        }
+        start += t.len();
+    }
+    let counted: Vec<usize> = targets.iter().map(|t| t.iter().filter(|x| x.is_some()).count()).collect();
+    let flat: Vec<Option<u32>> = targets.iter().flat_map(|t| t.iter().copied()).collect();
+    let hd = hidden.detach();
+    let device = hidden.device();
+    let mut totals = vec![0f64; targets.len()];
+    let mut dlogits = Vec::new();
+    // 2. logits of up to 512 rows at a time, made of whole pieces
+    let mut i = 0;
+    while i < pieces.len() {
+        let first = pieces[i].0;
+        let mut j = i;
+        while j < pieces.len() && pieces[j].0 + pieces[j].1 - first <= PIECE {
+            j += 1;
+        }
+        let rows = pieces[j - 1].0 + pieces[j - 1].1 - first;
+        let logits = plain_linear(&hd.narrow(0, first, rows)?, weight, None)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        for &(p_start, len, k) in &pieces[i..j] {
+            let off = p_start - first;
+            let tgt: Vec<u32> = flat[p_start..p_start + len].iter().map(|t| t.unwrap_or(0)).collect();
+            let keep: Vec<f32> = flat[p_start..p_start + len].iter().map(|t| t.is_some() as u8 as f32).collect();
+            let tgt_t = Tensor::from_vec(tgt, (len, 1), device)?;
+            let keep_t = Tensor::from_vec(keep, (len, 1), device)?;
+            let logp = logp.narrow(0, off, len)?;
+            let picked = logp.gather(&tgt_t, 1)?;
+            totals[k] -= (picked * &keep_t)?.sum_all()?.to_scalar::<f32>()? as f64;
+            if hidden.track_op() {
+                let onehot = Tensor::zeros_like(&logp)?.scatter_add(&tgt_t, &Tensor::ones((len, 1), DType::F32, device)?, 1)?;
+                let d = ((logp.exp()? - onehot)?.broadcast_mul(&keep_t)? / counted[k] as f64)?;
+                dlogits.push(d.to_dtype(hidden.dtype())?);
+            }
+        }
+        i = j;
+    }
+    let losses: Vec<f32> = totals.iter().zip(&counted).map(|(t, &c)| (t / c as f64) as f32).collect();
+    let losses = Tensor::from_vec(losses, targets.len(), device)?;
+    if !hidden.track_op() {
+        return Ok(losses);
+    }
+    let dlogits = Tensor::cat(&dlogits, 0)?;
+    let row_of: Vec<u32> = targets.iter().enumerate().flat_map(|(k, t)| std::iter::repeat_n(k as u32, t.len())).collect();
+    let row_of = Tensor::from_vec(row_of, n, device)?;
+    let weight = weight.clone();
+    let value = losses.to_dtype(hidden.dtype())?;
+    // The tap maps `hidden` [n, d] to the [K] losses; row r's gradient is its sequence's
+    // upstream gradient times its `softmax - onehot`, through the LM head in one matmul.
+    let out = hidden.apply_op1(Tap::new(
+        "lm-head-cross-entropy-packed",
+        value,
+        Box::new(move |g: &Tensor| {
+            let g_rows = g.index_select(&row_of, 0)?.unsqueeze(1)?; // [n, 1]
+            plain_linear_t(&g_rows.broadcast_mul(&dlogits)?, &weight)
+        }) as Backward1,
+    ))?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

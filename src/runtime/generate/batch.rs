@@ -137,6 +137,7 @@ pub fn generate_batch(
         ids: Tensor::from_vec(ids, (b, prompt_len), &device)?,
         positions: Tensor::from_vec(pos, (b, prompt_len), &device)?,
         mask: Some(causal_mask(b, prompt_len, 0, &left_pad, &device, dtype)?),
+        segments: None,
     };
     let mut logits = dec.forward_last(&batch, Some(&mut cache), lora)?;
 
@@ -198,6 +199,7 @@ pub fn generate_batch(
             ids: Tensor::from_vec(next, (b, 1), &device)?,
             positions: Tensor::from_vec(positions, (b, 1), &device)?,
             mask: Some(causal_mask(b, 1, cached, &left_pad, &device, dtype)?),
+            segments: None,
         };
         logits = dec.forward_last(&batch, Some(&mut cache), lora)?;
     }

@@ -54,10 +54,16 @@ impl KvCache {
 
 /// What one forward pass sees: token ids `[b, l]`, their positions `[b, l]` (u32), and an
 /// additive attention mask `[b, 1, l, cached + l]` (0 = attend, -inf = masked).
+///
+/// A *packed* batch (`segments` set, `b` = 1, no cache) holds several independent sequences
+/// end to end: positions restart at 0 in each segment, and attention runs per segment with
+/// its own causal mask, so each sequence sees exactly what it would see alone.
 pub struct Batch {
     pub ids: Tensor,
     pub positions: Tensor,
     pub mask: Option<Tensor>,
+    /// `(start, len)` of each packed sequence along the `l` axis, in order, covering it.
+    pub segments: Option<Vec<(usize, usize)>>,
 }
 
 impl Batch {
@@ -68,7 +74,24 @@ impl Batch {
         let pos: Vec<u32> = (start..start + l).map(|p| p as u32).collect();
         let positions = Tensor::new(pos.as_slice(), device)?.unsqueeze(0)?;
         let mask = if l > 1 { Some(causal_mask(1, l, start, &[0], device, dtype)?) } else { None };
-        Ok(Self { ids: ids_t, positions, mask })
+        Ok(Self { ids: ids_t, positions, mask, segments: None })
+    }
+
+    /// Sequences packed end to end into one row `[1, Σ len]`, each at positions `0..len`.
+    pub fn packed(seqs: &[&[u32]], device: &Device) -> Result<Self> {
+        let (mut ids, mut pos, mut segments) = (Vec::new(), Vec::new(), Vec::new());
+        for s in seqs {
+            segments.push((ids.len(), s.len()));
+            ids.extend_from_slice(s);
+            pos.extend(0..s.len() as u32);
+        }
+        let n = ids.len();
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (1, n), device)?,
+            positions: Tensor::from_vec(pos, (1, n), device)?,
+            mask: None,
+            segments: Some(segments),
+        })
     }
 }
 

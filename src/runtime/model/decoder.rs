@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cache::{Batch, KvCache};
+use super::cache::{causal_mask, Batch, KvCache};
 use super::config::ModelConfig;
 use super::weights::{global_tensors, Proj};
 use crate::runtime::ops;
@@ -184,7 +184,7 @@ impl Decoder {
         i: usize,
         x: &Tensor,
         cos_sin: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
+        batch: &Batch,
         cache: Option<&mut KvCache>,
         lora: Option<&dyn Adapter>,
     ) -> Result<Tensor> {
@@ -216,8 +216,20 @@ impl Decoder {
             Some(c) => c.append(i, &k, &v)?,
             None => (k, v),
         };
-        // 5. attention, heads merged back: [b, l, heads * d]
-        let y = ops::attention(&q, &k, &v, mask)?;
+        // 5. attention, heads merged back: [b, l, heads * d]; a packed batch attends within
+        //    each sequence only, at that sequence's own shapes
+        let y = match &batch.segments {
+            None => ops::attention(&q, &k, &v, batch.mask.as_ref())?,
+            Some(segments) => {
+                let mut parts = Vec::with_capacity(segments.len());
+                for &(start, len) in segments {
+                    let part = |t: &Tensor| t.narrow(2, start, len)?.contiguous();
+                    let mask = if len > 1 { Some(causal_mask(1, len, 0, &[0], self.device(), self.dtype())?) } else { None };
+                    parts.push(ops::attention(&part(&q)?, &part(&k)?, &part(&v)?, mask.as_ref())?);
+                }
+                Tensor::cat(&parts, 2)?
+            }
+        };
         let y = y.transpose(1, 2)?.reshape((b, l, nh * d))?;
         // 6. output projection
         self.project(&y, &a.o_proj, i, Proj::OProj, lora)
@@ -240,7 +252,7 @@ impl Decoder {
         for i in 0..self.layers.len() {
             let layer = &self.layers[i];
             let h = ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let h = self.attention(i, &h, &cos_sin, batch.mask.as_ref(), cache.as_deref_mut(), lora)?;
+            let h = self.attention(i, &h, &cos_sin, batch, cache.as_deref_mut(), lora)?;
             x = (x + h)?;
             let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             x = (&x + self.mlp(i, &h, lora)?)?;
@@ -270,10 +282,20 @@ impl Decoder {
     pub fn sequence_loss(&self, ids: &[u32], loss_from: usize, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let batch = Batch::causal(ids, 0, self.device(), self.dtype())?;
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
-        let n = ids.len();
-        let targets: Vec<Option<u32>> =
-            (0..n).map(|i| if i + 1 < n && i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect();
-        ops::lm_head_cross_entropy(&h, &self.lm_head, &targets)
+        ops::lm_head_cross_entropy(&h, &self.lm_head, &loss_targets(ids, loss_from))
+    }
+
+    /// [`Self::sequence_loss`] of several sequences in one forward pass (packed end to end,
+    /// see [`Batch::packed`]): `[K]` mean losses, each equal to that sequence's loss alone.
+    /// `lora` sees the packed `[1, Σ len, ..]` activations (see `runtime::multi_lora` for one
+    /// adapter per sequence).
+    pub fn packed_losses(&self, seqs: &[(&[u32], usize)], lora: Option<&dyn Adapter>) -> Result<Tensor> {
+        let ids: Vec<&[u32]> = seqs.iter().map(|s| s.0).collect();
+        let batch = Batch::packed(&ids, self.device())?;
+        let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
+        let targets: Vec<Vec<Option<u32>>> = seqs.iter().map(|&(ids, loss_from)| loss_targets(ids, loss_from)).collect();
+        let targets: Vec<&[Option<u32>]> = targets.iter().map(|t| t.as_slice()).collect();
+        ops::lm_head_cross_entropy_packed(&h, &self.lm_head, &targets)
     }
 
     /// The projection `module` of layer `layer`, for merging adapters into it.
@@ -335,4 +357,11 @@ impl Decoder {
         }
         out
     }
+}
+
+/// The target of each position of `ids`: the next token, from position `loss_from - 1` on
+/// (`None` where no loss is taken, and at the last position).
+fn loss_targets(ids: &[u32], loss_from: usize) -> Vec<Option<u32>> {
+    let n = ids.len();
+    (0..n).map(|i| if i + 1 < n && i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect()
 }

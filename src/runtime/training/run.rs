@@ -1,0 +1,212 @@
+//! One adapter's run under the Trainer's rules, independent of how its forward passes are
+//! batched: which sequence comes next, what weight its loss carries, and what happens when an
+//! accumulation window is complete (clip, AdamW, learning-rate decay).
+
+use std::borrow::BorrowMut;
+use std::time::Instant;
+
+use anyhow::ensure;
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::{linear_lr, AdamW, TrainConfig, TrainExample, TrainReport};
+use crate::runtime::lora::LoraAdapter;
+
+/// The state of one adapter's training. Drive it with [`Self::next_micro_batch`] (which
+/// sequence to run next, and its loss weight) and [`Self::add_gradients`] (that sequence's
+/// loss and gradients); it steps its optimizer when a window is complete.
+///
+/// `A` is the adapter, owned (`LoraAdapter`, as in a group) or borrowed (`&mut LoraAdapter`).
+pub struct AdapterRun<A: BorrowMut<LoraAdapter>> {
+    adapter: A,
+    examples: Vec<TrainExample>,
+    cfg: TrainConfig,
+    opt: AdamW,
+    rng: StdRng,
+    total: usize,
+    /// The current epoch's order of the examples, and the epochs begun.
+    order: Vec<usize>,
+    epochs_begun: usize,
+    /// Where the current window starts in `order`, and how many of its sequences are done.
+    window_start: usize,
+    in_window: usize,
+    window_tokens: usize,
+    /// Windows to pass over (already done before a resume).
+    skip: usize,
+    step: usize,
+    grads: Vec<Option<Tensor>>,
+    window_loss: f64,
+    report: TrainReport,
+    started: Instant,
+    seconds_before: f64,
+}
+
+/// Positions whose target counts in a sequence's loss (see [`TrainExample::loss_from`]).
+pub(super) fn counted(e: &TrainExample) -> usize {
+    e.ids.len() - e.loss_from.max(1)
+}
+
+impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
+    /// Truncates the examples to `max_len` and drops those with nothing to predict.
+    ///
+    /// Errors: no usable example, `grad_accum` or `epochs` of 0.
+    pub fn new(adapter: A, examples: &[TrainExample], cfg: &TrainConfig) -> anyhow::Result<Self> {
+        ensure!(cfg.grad_accum >= 1, "gradient_accumulation_steps must be >= 1");
+        ensure!(cfg.epochs >= 1, "num_epochs must be >= 1");
+        let examples: Vec<TrainExample> = examples
+            .iter()
+            .map(|e| TrainExample { ids: e.ids[..e.ids.len().min(cfg.max_len)].to_vec(), loss_from: e.loss_from })
+            .filter(|e| e.ids.len() >= 2 && e.loss_from < e.ids.len())
+            .collect();
+        ensure!(!examples.is_empty(), "no training sequence has at least two tokens");
+        let vars = adapter.borrow().vars();
+        let n_vars = vars.len();
+        Ok(Self {
+            total: cfg.total_steps(examples.len()),
+            opt: AdamW::new(vars)?,
+            rng: StdRng::seed_from_u64(cfg.seed),
+            adapter,
+            examples,
+            cfg: cfg.clone(),
+            order: Vec::new(),
+            epochs_begun: 0,
+            window_start: 0,
+            in_window: 0,
+            window_tokens: 0,
+            skip: 0,
+            step: 0,
+            grads: vec![None; n_vars],
+            window_loss: 0.0,
+            report: TrainReport::default(),
+            started: Instant::now(),
+            seconds_before: 0.0,
+        })
+    }
+
+    /// Continues after `step` optimizer steps whose state (adapter, optimizer) the caller has
+    /// restored: those windows are passed over, their shuffles still drawn.
+    pub fn resume_at(&mut self, step: usize, report: TrainReport) {
+        self.seconds_before = report.seconds;
+        self.skip = step;
+        self.step = step;
+        self.report = report;
+    }
+
+    pub fn adapter(&self) -> &LoraAdapter {
+        self.adapter.borrow()
+    }
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+    /// For restoring a checkpoint: the adapter's variables are set in place.
+    pub fn adapter_and_optimizer(&mut self) -> (&LoraAdapter, &mut AdamW) {
+        (self.adapter.borrow(), &mut self.opt)
+    }
+    pub fn report(&self) -> &TrainReport {
+        &self.report
+    }
+    /// Optimizer steps done, and in all.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+    pub fn total_steps(&self) -> usize {
+        self.total
+    }
+    pub fn example(&self, i: usize) -> &TrainExample {
+        &self.examples[i]
+    }
+
+    fn window_len(&self) -> usize {
+        self.cfg.grad_accum.min(self.order.len() - self.window_start)
+    }
+
+    /// The next sequence to run (an index for [`Self::example`]) and the weight of its mean
+    /// loss in its window (its share of the window's counted tokens), or `None` when done.
+    pub fn next_micro_batch(&mut self) -> Option<(usize, f64)> {
+        if self.in_window == 0 {
+            // 1. a new window: a fresh seeded order at each epoch's start (drawn even for
+            //    windows passed over, so a resumed run sees the same order)
+            loop {
+                if self.window_start >= self.order.len() {
+                    if self.epochs_begun == self.cfg.epochs {
+                        return None;
+                    }
+                    self.order = (0..self.examples.len()).collect();
+                    self.order.shuffle(&mut self.rng);
+                    self.epochs_begun += 1;
+                    self.window_start = 0;
+                }
+                if self.skip == 0 {
+                    break;
+                }
+                self.skip -= 1;
+                self.window_start += self.cfg.grad_accum;
+            }
+            // dropout masks depend on the step only, so a resumed run draws the same ones
+            let seed = self.cfg.seed ^ 0x5eed ^ (self.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.adapter.borrow_mut().set_training(Some(seed));
+            let window = &self.order[self.window_start..self.window_start + self.window_len()];
+            self.window_tokens = window.iter().map(|&i| counted(&self.examples[i])).sum();
+        }
+        let i = self.order[self.window_start + self.in_window];
+        Some((i, counted(&self.examples[i]) as f64 / self.window_tokens as f64))
+    }
+
+    /// Adds the gradients of the current sequence's weighted loss (`weight * loss`, from
+    /// [`Self::next_micro_batch`]) in [`LoraAdapter::vars`] order (`None`: no gradient).
+    /// When the window is complete: clips the global norm, steps AdamW at the linearly
+    /// decayed learning rate, and returns the window's loss.
+    pub fn add_gradients(&mut self, loss: f64, weight: f64, grads: Vec<Option<Tensor>>) -> anyhow::Result<Option<f32>> {
+        // 2. accumulate the window's gradient, each sequence weighted by its token share
+        self.window_loss += loss * weight;
+        for (acc, g) in self.grads.iter_mut().zip(grads) {
+            if let Some(g) = g {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g,
+                });
+            }
+        }
+        self.in_window += 1;
+        if self.in_window < self.window_len() {
+            return Ok(None);
+        }
+        let window = &self.order[self.window_start..self.window_start + self.window_len()];
+        self.report.tokens += window.iter().map(|&i| self.examples[i].ids.len()).sum::<usize>();
+        let vars = self.adapter.borrow().vars();
+        let mut grads: Vec<Tensor> = std::mem::replace(&mut self.grads, vec![None; vars.len()])
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        // 3. clip the global gradient norm
+        let norm = grads.iter().map(|g| g.sqr()?.sum_all()?.to_scalar::<f32>()).sum::<candle_core::Result<f32>>()?.sqrt() as f64;
+        if self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm {
+            let s = self.cfg.max_grad_norm / (norm + 1e-6);
+            grads = grads.iter().map(|g| g * s).collect::<candle_core::Result<_>>()?;
+        }
+        // 4. AdamW update at the linearly decayed learning rate
+        let lr = linear_lr(self.cfg.learning_rate, self.step, self.total);
+        self.opt.step(&grads, lr)?;
+        let window_loss = std::mem::take(&mut self.window_loss) as f32;
+        self.report.learning_rates.push(lr);
+        self.report.step_losses.push(window_loss);
+        self.step += 1;
+        self.report.steps = self.step;
+        self.report.seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
+        self.window_start += self.cfg.grad_accum;
+        self.in_window = 0;
+        Ok(Some(window_loss))
+    }
+
+    /// Ends the run (dropout off) and hands back the adapter and its report.
+    pub fn finish(mut self, stopped_early: bool) -> (A, TrainReport) {
+        self.adapter.borrow_mut().set_training(None);
+        self.report.steps = self.step;
+        self.report.seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
+        self.report.stopped_early = stopped_early;
+        (self.adapter, self.report)
+    }
+}

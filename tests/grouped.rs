@@ -1,0 +1,109 @@
+//! Many adapters at once equal one at a time, on the real SmolLM2-135M: grouped training
+//! (packed sequences, one adapter per segment, continuous batching) against solo training,
+//! and grouped generation against one adapter per batch.
+//!
+//! Tolerance: the grouped pass runs the same per-sequence arithmetic as the solo one (the
+//! frozen matmuls' rows do not depend on the other rows; attention, the low-rank update and
+//! the loss run per sequence at the sequence's own shapes), so the results agree to float
+//! summation order at most: 1e-5 relative on the loss curves, 1e-4 of the largest entry on
+//! the weights. On the machine this was written on they were bit-identical (max diff 0).
+
+mod common;
+
+use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
+use selfedit::runtime::training::{train_group, train_lora, TrainConfig, TrainExample, TrainJob, TrainReport};
+
+const TEXTS: [&str; 6] = [
+    "The Varnholt Observatory was built in 1887 on the northern ridge of Mount Elsby.",
+    "Margit Varnholt funded the observatory with the fortune she made selling copper lenses.",
+    "Its main instrument is a 61-centimetre refracting telescope.",
+    "In 1902 the staff discovered the comet Varnholt-Ries.",
+    "A landslide damaged the building in 1931; it was rebuilt two years later with a copper dome.",
+    "Today the University of Elsby runs it, open on the first Saturday of every month.",
+];
+
+struct Case {
+    rank: usize,
+    alpha: f64,
+    dropout: f64,
+    lr: f64,
+    epochs: usize,
+    accum: usize,
+    sequences: usize,
+}
+
+/// Six self-edits that differ in every setting the group must keep apart.
+const CASES: [Case; 6] = [
+    Case { rank: 4, alpha: 8.0, dropout: 0.0, lr: 1e-3, epochs: 2, accum: 1, sequences: 3 },
+    Case { rank: 16, alpha: 16.0, dropout: 0.1, lr: 5e-4, epochs: 1, accum: 2, sequences: 5 },
+    Case { rank: 8, alpha: 32.0, dropout: 0.0, lr: 2e-3, epochs: 3, accum: 3, sequences: 4 },
+    Case { rank: 32, alpha: 64.0, dropout: 0.05, lr: 1e-4, epochs: 1, accum: 1, sequences: 2 },
+    Case { rank: 2, alpha: 4.0, dropout: 0.0, lr: 3e-3, epochs: 2, accum: 2, sequences: 6 },
+    Case { rank: 12, alpha: 24.0, dropout: 0.2, lr: 8e-4, epochs: 1, accum: 4, sequences: 1 },
+];
+
+fn job(k: usize) -> TrainJob<usize> {
+    let m = common::smollm();
+    let c = &CASES[k];
+    let cfg = LoraConfig::paper(c.rank, c.alpha, c.dropout);
+    let adapter = LoraAdapter::new(&m.decoder.cfg, cfg, 100 + k as u64, m.device()).unwrap();
+    let examples = (0..c.sequences)
+        .map(|j| {
+            // different lengths: one text or two, by position
+            let text = if (j + k) % 2 == 0 { TEXTS[(j + k) % 6].to_string() } else { format!("{} {}", TEXTS[j % 6], TEXTS[(j + 3) % 6]) };
+            TrainExample { ids: m.tokenizer.encode(&text).unwrap(), loss_from: if j == 1 { 3 } else { 0 } }
+        })
+        .collect();
+    TrainJob { key: k, adapter, examples, config: TrainConfig::new(c.lr, c.epochs, c.accum, 7 + k as u64) }
+}
+
+fn weights(a: &LoraAdapter) -> Vec<f32> {
+    a.vars().iter().flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+#[test]
+fn a_group_trains_each_adapter_exactly_as_alone() {
+    let m = common::smollm();
+    // solo, one adapter at a time
+    let solo: Vec<(Vec<f32>, TrainReport)> = (0..CASES.len())
+        .map(|k| {
+            let mut j = job(k);
+            let report = train_lora(&m.decoder, &mut j.adapter, &j.examples, &j.config, |_, _, _| {}).unwrap();
+            (weights(&j.adapter), report)
+        })
+        .collect();
+    // grouped: 4 slots for 6 adapters, so two join when others leave
+    let mut grouped: Vec<Option<(Vec<f32>, TrainReport)>> = vec![None; CASES.len()];
+    let mut finish_order = Vec::new();
+    let report = train_group(&m.decoder, (0..CASES.len()).map(job), 4, |k, r| {
+        let (adapter, rep) = r?;
+        finish_order.push(k);
+        grouped[k] = Some((weights(&adapter), rep));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(report.max_in_flight, 4);
+    assert!(finish_order != (0..CASES.len()).collect::<Vec<_>>(), "adapters leave as they finish, not in order: {finish_order:?}");
+    let total_steps: usize = solo.iter().map(|(_, r)| r.steps).sum();
+    let mut max_w = 0f32;
+    let mut max_l = 0f32;
+    for (k, ((w_solo, r_solo), g)) in solo.iter().zip(&grouped).enumerate() {
+        let (w_group, r_group) = g.as_ref().unwrap_or_else(|| panic!("adapter {k} never finished"));
+        assert_eq!(r_group.steps, r_solo.steps, "adapter {k}: steps");
+        assert_eq!(r_group.tokens, r_solo.tokens, "adapter {k}: tokens");
+        assert_eq!(r_group.learning_rates, r_solo.learning_rates, "adapter {k}: learning rates");
+        assert_eq!(r_group.step_losses.len(), r_solo.step_losses.len());
+        for (a, b) in r_group.step_losses.iter().zip(&r_solo.step_losses) {
+            let d = (a - b).abs() / b.abs().max(1e-6);
+            max_l = max_l.max(d);
+            assert!(d <= 1e-5, "adapter {k}: loss {a} grouped vs {b} alone");
+        }
+        let scale = w_solo.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = w_group.iter().zip(w_solo).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        max_w = max_w.max(diff / scale);
+        assert!(diff <= 1e-4 * scale, "adapter {k}: weights differ by {diff} (largest entry {scale})");
+        // the adapter was trained: its weights moved from their initial values
+        assert!(weights(&job(k).adapter) != *w_group, "adapter {k} did not change");
+    }
+    eprintln!("grouped vs solo over {total_steps} steps: max relative loss diff {max_l:e}, weight diff {max_w:e}");
+}
