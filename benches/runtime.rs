@@ -207,7 +207,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let reqs: Vec<GenerationRequest> =
         questions.iter().enumerate().map(|(i, q)| GenerationRequest::new(q.clone(), SamplingParams::paper_eval(), i as u64, 64)).collect();
-    let outs = generate(&m, None, reqs, 16, |_| {})?;
+    let outs = generate(&m, &[], reqs, 16, |_| {})?;
     let n_tok: usize = outs.iter().map(|o| o.token_ids.len()).sum();
     report("foreign_cores_batched", fg.cores(), "cores");
     report("batched16_gen_tokens_per_s", n_tok as f64 / t.elapsed().as_secs_f64(), "tok/s");
@@ -230,7 +230,7 @@ fn main() -> anyhow::Result<()> {
         );
         r.constraint = Some(factory.json_schema(&schema)?);
         let t = Instant::now();
-        let out = generate(&m, None, vec![r], 1, |_| {})?;
+        let out = generate(&m, &[], vec![r], 1, |_| {})?;
         rates.push(out[0].token_ids.len() as f64 / t.elapsed().as_secs_f64());
     }
     report("foreign_cores_constrained", fg.cores(), "cores");
@@ -315,11 +315,11 @@ fn main() -> anyhow::Result<()> {
             true,
         )?;
         for run in 0..3 {
-            reqs.push(GenerationRequest::new(ids.clone(), SamplingParams::paper_eval(), (qi * 3 + run) as u64, 32));
+            reqs.push(GenerationRequest::new(ids.clone(), SamplingParams::paper_eval(), (qi * 3 + run) as u64, 32).with_adapter(0));
         }
     }
     let t2 = Instant::now();
-    generate(&m, Some(&adapter), reqs, 16, |_| {})?;
+    generate(&m, &[&adapter], reqs, 16, |_| {})?;
     let eval_s = t2.elapsed().as_secs_f64();
     report("foreign_cores_self_edit", fg.cores(), "cores");
     report("self_edit_mean_seq_tokens", mean_len, "tok");

@@ -98,7 +98,9 @@ fn main() -> anyhow::Result<()> {
                 req.constraint = Some(ConstraintFactory::new(&model.tokenizer)?.json_schema(&schema)?);
             }
             let adapter = adapter.map(|d| LoraAdapter::load_peft(&d, &model.decoder.cfg, &device)).transpose()?;
-            let out = generate(&model, adapter.as_ref().map(|a| a as &dyn Adapter), vec![req], 1, |_| {})?;
+            let adapters: Vec<&dyn Adapter> = adapter.iter().map(|a| a as &dyn Adapter).collect();
+            req.adapter = adapter.as_ref().map(|_| 0);
+            let out = generate(&model, &adapters, vec![req], 1, |_| {})?;
             println!("{}", out[0].text);
         }
         Command::TrainAdapter { text, out, rank, alpha, dropout, learning_rate, epochs, grad_accum, targets, seed } => {

@@ -107,3 +107,73 @@ fn a_group_trains_each_adapter_exactly_as_alone() {
     }
     eprintln!("grouped vs solo over {total_steps} steps: max relative loss diff {max_l:e}, weight diff {max_w:e}");
 }
+
+/// An adapter whose update is far from zero, so each answers differently.
+fn perturbed_adapter(seed: u64) -> LoraAdapter {
+    let m = common::smollm();
+    let a = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(8, 16.0, 0.0), seed, m.device()).unwrap();
+    for (i, v) in a.vars().iter().enumerate() {
+        if i % 2 == 1 {
+            let noise = candle_core::Tensor::randn(0f32, 0.05, v.dims(), m.device()).unwrap();
+            v.set(&noise).unwrap();
+        }
+    }
+    a
+}
+
+#[test]
+fn a_batch_of_many_adapters_answers_as_each_adapter_alone() {
+    use selfedit::runtime::generate::{generate, GenerationRequest, SamplingParams};
+    use selfedit::runtime::model::Adapter;
+    use selfedit::runtime::tokenizer::ChatMessage;
+    let m = common::smollm();
+    let adapters: Vec<LoraAdapter> = (0..3).map(perturbed_adapter).collect();
+    let questions = ["When was the Varnholt Observatory built?", "Who funded it?", "What did the staff discover in 1902?"];
+    // each model (None = the base) answers every question twice, with its own seeds
+    let requests = |model: Option<usize>| -> Vec<GenerationRequest> {
+        let mut out = Vec::new();
+        for (qi, q) in questions.iter().enumerate() {
+            let ids = m.tokenizer.encode_chat(&[ChatMessage::user(*q)], true).unwrap();
+            for run in 0..2 {
+                let seed = (model.map_or(9, |a| a) * 100 + qi * 10 + run) as u64;
+                let mut r = GenerationRequest::new(ids.clone(), SamplingParams::paper_eval(), seed, 12);
+                r.adapter = model;
+                out.push(r);
+            }
+        }
+        out
+    };
+    let refs: Vec<&dyn Adapter> = adapters.iter().map(|a| a as &dyn Adapter).collect();
+    // one at a time
+    let models = [None, Some(0), Some(1), Some(2)];
+    let alone: Vec<Vec<String>> = models
+        .iter()
+        .map(|&model| {
+            let reqs: Vec<GenerationRequest> =
+                requests(model).into_iter().map(|r| GenerationRequest { adapter: r.adapter.map(|_| 0), ..r }).collect();
+            let only: Vec<&dyn Adapter> = model.map(|a| refs[a]).into_iter().collect();
+            generate(m, &only, reqs, 8, |_| {}).unwrap().into_iter().map(|o| o.text).collect()
+        })
+        .collect();
+    // all four models' requests interleaved, in batches that mix them
+    let mut mixed: Vec<(usize, GenerationRequest)> = Vec::new();
+    for (k, &model) in models.iter().enumerate() {
+        mixed.extend(requests(model).into_iter().map(|r| (k, r)));
+    }
+    mixed.sort_by_key(|(k, r)| (r.seed % 10, *k));
+    let (owners, reqs): (Vec<usize>, Vec<GenerationRequest>) = mixed.into_iter().unzip();
+    let outs = generate(m, &refs, reqs, 16, |_| {}).unwrap();
+    let mut grouped: Vec<Vec<String>> = vec![Vec::new(); models.len()];
+    for (k, o) in owners.into_iter().zip(outs) {
+        grouped[k].push(o.text);
+    }
+    for k in 0..models.len() {
+        let mut a = alone[k].clone();
+        let mut g = grouped[k].clone();
+        a.sort();
+        g.sort();
+        assert_eq!(g, a, "model {:?}: answers in a mixed batch differ from answers alone", models[k]);
+    }
+    // the adapters really change the answers, so a row given the wrong adapter would show
+    assert!(alone[1] != alone[0] && alone[2] != alone[1] && alone[3] != alone[2], "{alone:?}");
+}

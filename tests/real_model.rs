@@ -290,7 +290,7 @@ fn constrained_generation_always_yields_valid_json() {
             schemas.push((schema, name, seed));
         }
     }
-    let outs = generate(m, None, requests, 8, |_| {}).unwrap();
+    let outs = generate(m, &[], requests, 8, |_| {}).unwrap();
     for (out, (schema, name, seed)) in outs.iter().zip(&schemas) {
         assert_eq!(out.finish_reason, FinishReason::Eos, "{name} seed {seed} did not finish: {}", out.text);
         let doc: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{name} seed {seed}: {e}: {}", out.text));
@@ -305,9 +305,9 @@ fn batched_generation_matches_one_by_one() {
     let m = common::smollm();
     let prompts = ["The sky is", "Once upon a time in a small village far away, there lived", "2 + 2 ="];
     let make = |i: usize| GenerationRequest::new(m.tokenizer.encode(prompts[i]).unwrap(), SamplingParams::paper_eval(), 100 + i as u64, 12);
-    let batched = generate(m, None, (0..3).map(make).collect(), 8, |_| {}).unwrap();
+    let batched = generate(m, &[], (0..3).map(make).collect(), 8, |_| {}).unwrap();
     for (i, b) in batched.iter().enumerate() {
-        let single = generate(m, None, vec![make(i)], 1, |_| {}).unwrap();
+        let single = generate(m, &[], vec![make(i)], 1, |_| {}).unwrap();
         assert_eq!(b.token_ids, single[0].token_ids, "prompt {i}");
     }
 }

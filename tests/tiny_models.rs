@@ -183,10 +183,10 @@ fn gpu_agrees_with_cpu_and_trains() {
     use selfedit::runtime::generate::sampling::SamplingParams;
     use selfedit::runtime::generate::{generate, GenerationRequest};
     let reqs = vec![
-        GenerationRequest::new(vec![3, 4, 5], SamplingParams::greedy(), 0, 6),
+        GenerationRequest::new(vec![3, 4, 5], SamplingParams::greedy(), 0, 6).with_adapter(0),
         GenerationRequest::new(vec![7, 8, 9, 10, 11], SamplingParams::paper_eval(), 1, 6),
     ];
-    let outs = generate(&gpu, Some(&adapter), reqs, 2, |_| {}).unwrap();
+    let outs = generate(&gpu, &[&adapter], reqs, 2, |_| {}).unwrap();
     assert_eq!(outs.len(), 2);
 }
 

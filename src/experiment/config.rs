@@ -116,6 +116,16 @@ pub struct TrainingSection {
     pub end_of_turn: bool,
     /// Gradient-norm clipping (Hugging Face Trainer default 1.0; 0 = off).
     pub max_grad_norm: f64,
+    /// Adapters trained at once in shared batches (see `runtime::training::train_group`).
+    /// A speed setting only: an adapter trained in a group equals the one trained alone, so
+    /// it is left out of every hash and changing it retrains nothing.
+    #[serde(default = "default_adapters_per_batch", skip_serializing)]
+    pub adapters_per_batch: usize,
+}
+
+/// Chosen by measurement on the 2-core CPU (`make bench`, the `grouped_*` lines; README).
+fn default_adapters_per_batch() -> usize {
+    16
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -141,8 +151,13 @@ pub struct EvalSection {
     pub thinking: bool,
     #[serde(default = "default_thinking_tokens")]
     pub thinking_max_tokens: usize,
-    /// Rows per generation batch (all questions × runs of an adapter share batches).
+    /// Rows per generation batch.
     pub batch_size: usize,
+    /// Models (adapters or the base) whose questions × runs share generation batches. A
+    /// speed setting only, left out of every hash: a row's answer does not depend on the
+    /// other rows of its batch.
+    #[serde(default = "default_adapters_per_batch", skip_serializing)]
+    pub adapters_per_batch: usize,
 }
 
 /// The fixed hyperparameters of SEAL's baselines and seed archive.
@@ -292,6 +307,8 @@ impl ExperimentConfig {
         ensure!(s.completions_per_template >= 1, "search.completions_per_template must be >= 1");
         ensure!((0.0..=1.0).contains(&s.exploit_fraction), "search.exploit_fraction must be in [0, 1]");
         ensure!(s.batch_size >= 1 && self.eval.batch_size >= 1, "batch sizes must be >= 1");
+        ensure!(self.training.adapters_per_batch >= 1, "training.adapters_per_batch must be >= 1");
+        ensure!(self.eval.adapters_per_batch >= 1, "eval.adapters_per_batch must be >= 1");
         s.exploit.validate().context("search.exploit")?;
         s.explore.validate().context("search.explore")?;
         if let Some(c) = &s.completion_explore {

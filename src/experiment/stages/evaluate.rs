@@ -107,53 +107,65 @@ pub fn evaluate(
 ) -> anyhow::Result<Vec<AnswerRow>> {
     let cfg = &ctx.exp.config;
     let articles: HashMap<&str, &ArticleRow> = articles.iter().map(|a| (a.article_id.as_str(), a)).collect();
+    let mine: Vec<&EvalTarget> = targets.iter().enumerate().filter(|(i, _)| shard.owns(*i)).map(|(_, t)| t).collect();
     let mut rows = Vec::new();
-    for (i, target) in targets.iter().enumerate() {
-        if !shard.owns(i) {
-            continue;
+    // Targets are answered `eval.adapters_per_batch` at a time: their requests share batches,
+    // each row with its own adapter (or the base model).
+    for group in mine.chunks(cfg.eval.adapters_per_batch.max(1)) {
+        // 1. the group's adapters
+        let mut loaded = Vec::new();
+        let mut adapter_of = Vec::with_capacity(group.len());
+        for target in group {
+            adapter_of.push(match &target.adapter {
+                Some(dir) => {
+                    let a = LoraAdapter::load_peft(dir, &model.decoder.cfg, model.device()).with_context(|| {
+                        format!("adapter of {} is unreadable: delete {} and rerun `make`", target.model_id, dir.display())
+                    })?;
+                    loaded.push(a);
+                    Some(loaded.len() - 1)
+                }
+                None => None,
+            });
         }
-        let article = articles.get(target.article_id.as_str()).with_context(|| format!("unknown article {}", target.article_id))?;
-        let adapter = match &target.adapter {
-            Some(dir) => Some(
-                LoraAdapter::load_peft(dir, &model.decoder.cfg, model.device())
-                    .with_context(|| format!("adapter of {} is unreadable: delete {} and rerun `make`", target.model_id, dir.display()))?,
-            ),
-            None => None,
-        };
-        // every question × every run in one batch list
+        let adapters: Vec<&dyn Adapter> = loaded.iter().map(|a| a as &dyn Adapter).collect();
+        // 2. every question × every run of every target in one request list
         let mut requests = Vec::new();
         let mut keys = Vec::new();
-        for (qi, q) in article.questions.iter().enumerate() {
-            let ids = qa_prompt(&ctx.prompts, model, &q.question, cfg.eval.thinking)?;
-            // run r of repeat k is run k * runs + r: the first repeat's seeds are those of a
-            // single repeat
-            for run in 0..cfg.eval.runs * target.repeats {
-                let seed = derive_seed(cfg.seed, &format!("eval/{}/{}/{qi}/{run}", target.model_id, article.article_id));
-                requests.push(GenerationRequest::new(ids.clone(), cfg.eval.sampling.clone(), seed, cfg.eval.max_new_tokens));
-                keys.push((qi, run));
+        for (k, target) in group.iter().enumerate() {
+            let article = articles.get(target.article_id.as_str()).with_context(|| format!("unknown article {}", target.article_id))?;
+            for (qi, q) in article.questions.iter().enumerate() {
+                let ids = qa_prompt(&ctx.prompts, model, &q.question, cfg.eval.thinking)?;
+                // run r of repeat k is run k * runs + r: the first repeat's seeds are those of
+                // a single repeat
+                for run in 0..cfg.eval.runs * target.repeats {
+                    let seed = derive_seed(cfg.seed, &format!("eval/{}/{}/{qi}/{run}", target.model_id, article.article_id));
+                    let mut request = GenerationRequest::new(ids.clone(), cfg.eval.sampling.clone(), seed, cfg.eval.max_new_tokens);
+                    request.adapter = adapter_of[k];
+                    requests.push(request);
+                    keys.push((k, article, qi, run));
+                }
             }
         }
-        let lora = adapter.as_ref().map(|a| a as &dyn Adapter);
-        // a thinking model reasons first; the answer graded is what follows `</think>`
+        // 3. a thinking model reasons first; the answer graded is what follows `</think>`
         let outs = if cfg.eval.thinking {
-            generate_with_thinking(model, lora, requests, cfg.eval.batch_size, cfg.eval.thinking_max_tokens, |_| {})?
+            generate_with_thinking(model, &adapters, requests, cfg.eval.batch_size, cfg.eval.thinking_max_tokens, |_| {})?
                 .into_iter()
                 .map(|o| o.answer)
                 .collect()
         } else {
-            generate(model, lora, requests, cfg.eval.batch_size, |_| {})?
+            generate(model, &adapters, requests, cfg.eval.batch_size, |_| {})?
         };
-        // Grading is independent per answer: rayon spreads it over the cores.
+        // 4. grading is independent per answer: rayon spreads it over the cores
         use rayon::prelude::*;
         let mut graded: Vec<AnswerRow> = keys
             .into_par_iter()
             .zip(outs.into_par_iter())
-            .map(|((qi, run), out)| {
+            .map(|((k, article, qi, run), out)| {
                 let q = &article.questions[qi];
                 let prediction = out.text.trim().to_string();
                 let (em, f1) = grading::squad_scores(&prediction, &q.answers);
                 AnswerRow {
-                    model_id: target.model_id.clone(),
+                    model_id: group[k].model_id.clone(),
                     article_id: article.article_id.clone(),
                     question_index: qi as i64,
                     run: run as i64,
@@ -171,7 +183,7 @@ pub fn evaluate(
             judge_answers(ctx, j, &mut graded)?;
         }
         rows.extend(graded);
-        progress(1);
+        progress(group.len());
     }
     Ok(rows)
 }
@@ -196,7 +208,7 @@ fn judge_answers(ctx: &StageContext, judge: &Judge, rows: &mut [AnswerRow]) -> a
         requests.push(req);
         idx.push(i);
     }
-    let outs = generate(judge.model, None, requests, ctx.exp.config.eval.batch_size, |_| {})?;
+    let outs = generate(judge.model, &[], requests, ctx.exp.config.eval.batch_size, |_| {})?;
     let replies: Vec<String> = outs.into_iter().map(|o| o.text).collect();
     apply_verdicts(rows, &idx, &replies);
     Ok(())

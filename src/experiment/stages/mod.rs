@@ -31,10 +31,10 @@ pub fn generate_answers(
     let s = &ctx.exp.config.search;
     if s.thinking {
         anyhow::ensure!(model.tokenizer.chat_template.is_some(), "search.thinking needs a chat model with a thinking template");
-        let outs = generate_with_thinking(model, None, requests, s.batch_size, s.thinking_max_tokens, progress)?;
+        let outs = generate_with_thinking(model, &[], requests, s.batch_size, s.thinking_max_tokens, progress)?;
         Ok(outs.into_iter().map(|o| (Some(o.reasoning), o.answer)).collect())
     } else {
-        Ok(generate(model, None, requests, s.batch_size, progress)?.into_iter().map(|o| (None, o)).collect())
+        Ok(generate(model, &[], requests, s.batch_size, progress)?.into_iter().map(|o| (None, o)).collect())
     }
 }
 

@@ -17,7 +17,7 @@ use crate::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow
 use crate::runtime::formats::LoadedModel;
 use crate::runtime::lora::{LoraAdapter, LoraConfig};
 use crate::runtime::tokenizer::TextTokenizer;
-use crate::runtime::training::{train_lora, TrainConfig, TrainExample};
+use crate::runtime::training::{train_group, TrainConfig, TrainExample, TrainJob, TrainReport};
 use crate::util::hash::{content_hash, derive_seed};
 
 /// What training one adapter recorded, kept beside the adapter so a rerun can rebuild the
@@ -82,9 +82,10 @@ pub fn empty_row(id: &str) -> AdapterRow {
     }
 }
 
-/// Trains (or finds already trained) the adapter of every self-edit in `shard`. An adapter
-/// folder that exists is complete (folders are renamed into place), so it is not trained
-/// again: killing this stage loses at most the adapter in progress.
+/// Trains (or finds already trained) the adapter of every self-edit in `shard`,
+/// `training.adapters_per_batch` at a time in shared batches. Each adapter folder is written
+/// (renamed into place) the moment its adapter finishes, so an adapter folder that exists is
+/// complete and is not trained again: killing this stage loses at most the adapters in flight.
 pub fn train_adapters(
     ctx: &StageContext,
     model: &LoadedModel,
@@ -92,13 +93,13 @@ pub fn train_adapters(
     edits: &[SelfEditRow],
     articles: &[ArticleRow],
     shard: crate::experiment::layout::Shard,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> anyhow::Result<Vec<AdapterRow>> {
     let cfg = &ctx.exp.config;
     let adapters_dir = ctx.layout.adapters_dir(ctx.iteration, ctx.split());
     let templates: HashMap<&str, &TemplateRow> = templates.iter().map(|t| (t.template_id.as_str(), t)).collect();
     let articles: HashMap<&str, &ArticleRow> = articles.iter().map(|a| (a.article_id.as_str(), a)).collect();
-    // A killed run leaves its adapter in progress in a hidden temporary folder: remove it.
+    // A killed run leaves its adapters in progress in hidden temporary folders: remove them.
     if let Ok(entries) = std::fs::read_dir(&adapters_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -107,7 +108,10 @@ pub fn train_adapters(
             }
         }
     }
-    let mut rows = Vec::new();
+    let progress = std::cell::RefCell::new(progress);
+    // 1. each self-edit: nothing to train, an adapter on disk to reuse, or a job
+    let rows: std::cell::RefCell<Vec<(usize, AdapterRow)>> = Default::default();
+    let mut pending = Vec::new();
     for (i, edit) in edits.iter().enumerate() {
         if !shard.owns(i) {
             continue;
@@ -119,8 +123,8 @@ pub fn train_adapters(
         let texts = training_texts(cfg, edit, article);
         if !edit.valid || texts.is_empty() {
             row.error = Some(edit.error.clone().unwrap_or_else(|| "no usable training sequence".into()));
-            rows.push(row);
-            progress(1);
+            rows.borrow_mut().push((i, row));
+            progress.borrow_mut()(1);
             continue;
         }
         let t = templates.get(edit.template_id.as_str()).with_context(|| format!("self-edit {}: unknown template", edit.self_edit_id))?;
@@ -132,24 +136,50 @@ pub fn train_adapters(
             if let Ok(rec) = serde_json::from_str::<AdapterRecord>(&text) {
                 let complete = LoraAdapter::load_peft(&dir, &model.decoder.cfg, model.device()).is_ok();
                 if rec.input_hash == input_hash && complete {
-                    rows.push(adapter_row_from(&edit.self_edit_id, &dir, rec));
-                    progress(1);
+                    rows.borrow_mut().push((i, adapter_row_from(&edit.self_edit_id, &dir, rec)));
+                    progress.borrow_mut()(1);
                     continue;
                 }
             }
             tracing::warn!("{}: stale or damaged adapter, training it again", dir.display());
         }
-        match train_one(cfg, model, t, &edit.self_edit_id, &texts, &dir, input_hash) {
-            Ok(rec) => rows.push(adapter_row_from(&edit.self_edit_id, &dir, rec)),
-            Err(e) => {
-                row.status = AdapterStatus::Failed;
-                row.error = Some(format!("{e:#}"));
-                rows.push(row);
-            }
-        }
-        progress(1);
+        pending.push((i, edit, *t, texts, input_hash, dir));
     }
-    Ok(rows)
+    // 2. the jobs, built as slots free up (an adapter and its optimizer exist only in flight)
+    let failed = |i: usize, id: &str, e: anyhow::Error| {
+        let mut row = empty_row(id);
+        row.status = AdapterStatus::Failed;
+        row.error = Some(format!("{e:#}"));
+        rows.borrow_mut().push((i, row));
+        progress.borrow_mut()(1);
+    };
+    // what on_done needs of each job in flight, filled as the jobs are built
+    let finishing = std::cell::RefCell::new(HashMap::new());
+    let jobs = pending.into_iter().filter_map(|(i, edit, t, texts, input_hash, dir)| match new_job(i, cfg, model, t, edit, &texts) {
+        Ok(job) => {
+            finishing.borrow_mut().insert(i, (edit.self_edit_id.clone(), dir, input_hash, job.examples.len()));
+            Some(job)
+        }
+        Err(e) => {
+            failed(i, &edit.self_edit_id, e);
+            None
+        }
+    });
+    let base = model.source.display().to_string();
+    train_group(&model.decoder, jobs, cfg.training.adapters_per_batch, |i, result| {
+        let (id, dir, input_hash, sequences) = finishing.borrow_mut().remove(&i).expect("every job was registered");
+        match result.and_then(|(adapter, report)| save_adapter(&adapter, &report, sequences, &base, &dir, input_hash)) {
+            Ok(rec) => {
+                rows.borrow_mut().push((i, adapter_row_from(&id, &dir, rec)));
+                progress.borrow_mut()(1);
+            }
+            Err(e) => failed(i, &id, e),
+        }
+        Ok(())
+    })?;
+    let mut rows = rows.into_inner();
+    rows.sort_by_key(|(i, _)| *i);
+    Ok(rows.into_iter().map(|(_, r)| r).collect())
 }
 
 fn adapter_row_from(id: &str, dir: &Path, rec: AdapterRecord) -> AdapterRow {
@@ -166,30 +196,28 @@ fn adapter_row_from(id: &str, dir: &Path, rec: AdapterRecord) -> AdapterRow {
     }
 }
 
-/// Trains one adapter (on `training.target_modules`) and writes it, with its record,
-/// atomically as `dir`.
-fn train_one(
+/// A fresh adapter (on `training.target_modules`, with the template's hyperparameters and
+/// the self-edit's own seed) and its training sequences and settings.
+fn new_job<K>(
+    key: K,
     cfg: &ExperimentConfig,
     model: &LoadedModel,
     t: &TemplateRow,
-    id: &str,
+    edit: &SelfEditRow,
     texts: &[String],
-    dir: &Path,
-    input_hash: String,
-) -> anyhow::Result<AdapterRecord> {
-    let targets = &cfg.training.target_modules;
+) -> anyhow::Result<TrainJob<K>> {
     let examples = training_examples(cfg, &model.tokenizer, texts)?;
-    let seed = derive_seed(cfg.seed, &format!("adapter/{id}"));
+    let seed = derive_seed(cfg.seed, &format!("adapter/{}", edit.self_edit_id));
     let h = &t.hyperparameters;
     let lora = LoraConfig {
         rank: h.lora_rank as usize,
         alpha: h.lora_alpha as f64,
         dropout: h.lora_dropout,
-        targets: targets.to_vec(),
+        targets: cfg.training.target_modules.to_vec(),
         use_rslora: false,
     };
-    let mut adapter = LoraAdapter::new(&model.decoder.cfg, lora, seed, model.device())?;
-    let tc = TrainConfig {
+    let adapter = LoraAdapter::new(&model.decoder.cfg, lora, seed, model.device())?;
+    let config = TrainConfig {
         learning_rate: h.learning_rate,
         epochs: h.num_epochs as usize,
         grad_accum: h.gradient_accumulation_steps as usize,
@@ -197,19 +225,29 @@ fn train_one(
         seed,
         max_grad_norm: cfg.training.max_grad_norm,
     };
-    let report = train_lora(&model.decoder, &mut adapter, &examples, &tc, |_, _, _| {})?;
+    Ok(TrainJob { key, adapter, examples, config })
+}
+
+/// Writes a trained adapter with its record, atomically, as `dir`.
+fn save_adapter(
+    adapter: &LoraAdapter,
+    report: &TrainReport,
+    sequences: usize,
+    base: &str,
+    dir: &Path,
+    input_hash: String,
+) -> anyhow::Result<AdapterRecord> {
     let rec = AdapterRecord {
         input_hash,
-        sequences: examples.len(),
+        sequences,
         tokens: report.tokens,
         steps: report.steps,
-        loss_curve: report.step_losses,
+        loss_curve: report.step_losses.clone(),
         seconds: report.seconds,
     };
     // The record is written inside the adapter's temporary folder, so both appear together.
-    let base = model.source.display().to_string();
     crate::util::atomic::write_dir_atomically(dir, |tmp| {
-        adapter.save_peft(&tmp.join("peft"), &base)?;
+        adapter.save_peft(&tmp.join("peft"), base)?;
         for f in ["adapter_model.safetensors", "adapter_config.json"] {
             std::fs::rename(tmp.join("peft").join(f), tmp.join(f))?;
         }

@@ -13,6 +13,7 @@ use super::constraint::JsonConstraint;
 use super::sampling::{Sampler, SamplingParams};
 use crate::runtime::formats::LoadedModel;
 use crate::runtime::model::{causal_mask, Adapter, Batch, KvCache};
+use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
 
 pub struct GenerationRequest {
     pub prompt_ids: Vec<u32>,
@@ -22,11 +23,19 @@ pub struct GenerationRequest {
     /// Generation ends when the text contains one of these (the stop string is cut off).
     pub stop: Vec<String>,
     pub constraint: Option<JsonConstraint>,
+    /// The adapter this request runs with: an index into the `adapters` given to
+    /// [`generate`], or `None` for the base model.
+    pub adapter: Option<usize>,
 }
 
 impl GenerationRequest {
     pub fn new(prompt_ids: Vec<u32>, params: SamplingParams, seed: u64, max_new_tokens: usize) -> Self {
-        Self { prompt_ids, params, seed, max_new_tokens, stop: Vec::new(), constraint: None }
+        Self { prompt_ids, params, seed, max_new_tokens, stop: Vec::new(), constraint: None, adapter: None }
+    }
+    /// The same request, run with adapter `index` of those given to [`generate`].
+    pub fn with_adapter(mut self, index: usize) -> Self {
+        self.adapter = Some(index);
+        self
     }
 }
 
@@ -66,20 +75,41 @@ struct Row {
 
 /// Generates for every request, `max_batch` rows at a time (rows sorted by prompt length so
 /// a batch pads little). Outputs come back in request order.
+///
+/// Each request runs with its own adapter (`request.adapter`, an index into `adapters`) or
+/// the base model, and one batch mixes them freely: the frozen weights run once for all
+/// rows, each run of rows sharing an adapter gets that adapter's update (see
+/// [`SegmentedAdapters`]). A row's output does not depend on the other rows of its batch.
+///
+/// Errors: an adapter index beyond `adapters`, and what [`generate_batch`] refuses.
 pub fn generate(
     model: &LoadedModel,
-    lora: Option<&dyn Adapter>,
+    adapters: &[&dyn Adapter],
     requests: Vec<GenerationRequest>,
     max_batch: usize,
     mut on_done: impl FnMut(usize),
 ) -> anyhow::Result<Vec<GenerationOutput>> {
     let n = requests.len();
+    for (i, r) in requests.iter().enumerate() {
+        if let Some(a) = r.adapter {
+            anyhow::ensure!(a < adapters.len(), "request {i}: adapter {a}, but {} adapters were given", adapters.len());
+        }
+    }
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| requests[i].prompt_ids.len());
     let mut slots: Vec<Option<GenerationRequest>> = requests.into_iter().map(Some).collect();
     let mut outputs: Vec<Option<GenerationOutput>> = vec![None; n];
     for chunk in order.chunks(max_batch.max(1)) {
+        // rows of one adapter side by side: one low-rank product per adapter
+        let mut chunk = chunk.to_vec();
+        chunk.sort_by_key(|&i| slots[i].as_ref().map(|r| r.adapter));
         let batch: Vec<GenerationRequest> = chunk.iter().map(|&i| slots[i].take().unwrap()).collect();
+        let rows: Vec<(usize, Option<&dyn Adapter>)> = batch.iter().map(|r| (1, r.adapter.map(|a| adapters[a]))).collect();
+        let segmented = SegmentedAdapters::new(SegmentAxis::Rows, &rows);
+        let lora: Option<&dyn Adapter> = match segmented.segments.as_slice() {
+            [(_, _, one)] => *one,
+            _ => Some(&segmented),
+        };
         let outs = generate_batch(model, lora, batch)?;
         for (&i, o) in chunk.iter().zip(outs) {
             outputs[i] = Some(o);
@@ -89,7 +119,8 @@ pub fn generate(
     Ok(outputs.into_iter().map(|o| o.unwrap()).collect())
 }
 
-/// Generates for one batch of requests in lockstep.
+/// Generates for one batch of requests in lockstep, all with `lora` (which may itself be a
+/// [`SegmentedAdapters`]); the requests' own `adapter` fields are not read here.
 pub fn generate_batch(
     model: &LoadedModel,
     lora: Option<&dyn Adapter>,

@@ -19,10 +19,11 @@ pub struct ThinkingOutput {
 /// Generates reasoning then answer for every request: phase 1 samples freely (no
 /// constraint) until `</think>` or `budget` new tokens; a reasoning cut by the budget is
 /// closed; phase 2 continues after `</think>\n\n` with the request's constraint, sampling
-/// parameters and `max_new_tokens`. Outputs come back in request order.
+/// parameters and `max_new_tokens`. Each request keeps its adapter (see [`generate`]).
+/// Outputs come back in request order.
 pub fn generate_with_thinking(
     model: &LoadedModel,
-    lora: Option<&dyn Adapter>,
+    adapters: &[&dyn Adapter],
     requests: Vec<GenerationRequest>,
     max_batch: usize,
     budget: usize,
@@ -34,10 +35,11 @@ pub fn generate_with_thinking(
     for r in requests {
         let mut t = GenerationRequest::new(r.prompt_ids.clone(), r.params.clone(), r.seed, budget.max(1));
         t.stop = vec![END_OF_THINKING.to_string()];
+        t.adapter = r.adapter;
         thinking.push(t);
         answers.push(r);
     }
-    let thoughts = generate(model, lora, thinking, max_batch, |_| {})?;
+    let thoughts = generate(model, adapters, thinking, max_batch, |_| {})?;
     // 2. answers: prompt + reasoning + closing tag, then the constrained answer
     let mut reasoning = Vec::with_capacity(answers.len());
     for (r, t) in answers.iter_mut().zip(&thoughts) {
@@ -47,6 +49,6 @@ pub fn generate_with_thinking(
         r.seed ^= 0x0074_6869_6e6b; // the answer's draws differ from the reasoning's
         reasoning.push(t.text.trim().trim_start_matches("<think>").trim().to_string());
     }
-    let outs = generate(model, lora, answers, max_batch, on_done)?;
+    let outs = generate(model, adapters, answers, max_batch, on_done)?;
     Ok(reasoning.into_iter().zip(outs).map(|(reasoning, answer)| ThinkingOutput { reasoning, answer }).collect())
 }
