@@ -5,6 +5,9 @@
 //! Timed figures are medians of several runs; this machine is shared, so compare only runs
 //! made back to back (the `foreign_cores_*` lines say how busy the other processes were).
 
+#[path = "runtime/many.rs"]
+mod many;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -36,6 +39,21 @@ struct Args {
     /// Skip the 1024-token training figure (the slowest).
     #[arg(long)]
     quick: bool,
+    /// Self-edits of the many-self-edits figure (alone and grouped); 0 skips it.
+    #[arg(long, default_value_t = 16)]
+    self_edits: usize,
+    /// How many of them to train one at a time for the solo figure (the slow part).
+    #[arg(long, default_value_t = 16)]
+    solo_self_edits: usize,
+    /// Group sizes (`training.adapters_per_batch`) to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4,8,16")]
+    group_sizes: Vec<usize>,
+    /// Epochs of each self-edit (the paper: 10).
+    #[arg(long, default_value_t = 10)]
+    self_edit_epochs: usize,
+    /// Only the many-self-edits figure.
+    #[arg(long)]
+    only_many: bool,
     /// Measure a random-weight model of SmolLM2's shape on this device instead of the GGUF
     /// (for machines without the model file, e.g. a GPU box): decode, batched decode, training.
     #[arg(long)]
@@ -152,6 +170,11 @@ fn main() -> anyhow::Result<()> {
     report("rss_peak_after_load_mib", peak_rss_mib(), "MiB");
     let dec = &m.decoder;
     let tok = &m.tokenizer;
+    if a.only_many {
+        many::run(&m, a.self_edits, a.solo_self_edits, &a.group_sizes, a.self_edit_epochs)?;
+        report("rss_peak_mib", peak_rss_mib(), "MiB");
+        return Ok(());
+    }
 
     // The peer's prompt: chat header, the user content cut to fit, the assistant header.
     let head = tok.apply_chat_template(&[ChatMessage::user("X")], true)?;
@@ -335,6 +358,10 @@ fn main() -> anyhow::Result<()> {
         let rep = train_lora(dec, &mut adapter, &seqs, &TrainConfig::new(1e-3, 1, 1, 0), |_, _, _| {})?;
         report("train2048_step_seconds", rep.seconds, "s");
         report("rss_peak_after_train2048_mib", peak_rss_mib(), "MiB");
+    }
+    // (f) many self-edits, alone and grouped
+    if a.self_edits > 0 {
+        many::run(&m, a.self_edits, a.solo_self_edits, &a.group_sizes, a.self_edit_epochs)?;
     }
     report("rss_peak_mib", peak_rss_mib(), "MiB");
     Ok(())

@@ -2,7 +2,8 @@
 //! `tests/data/same_tables/tiny.toml` gives, table for table, the data that commit 3ce4a0c
 //! wrote for `configs/tiny.toml` (digests recorded from that commit's binaries by
 //! `record_digests` below). Provenance metadata, times, absolute paths and the columns added
-//! since are left out.
+//! since are left out. One digest was re-recorded since, for a deliberate change of the
+//! numerics (see `rerecorded` in the digests file).
 
 mod common;
 
@@ -34,9 +35,9 @@ fn tables_equal_those_of_the_flat_layout() {
     assert!(run.status.success(), "{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(recorded()).unwrap()).unwrap();
     let got = digests(&out.path().join("tiny"));
-    for t in TABLES {
-        assert_eq!(got[t], want["tables"][t], "{t} differs from what commit {} wrote", want["commit"]);
-    }
+    let differ: Vec<&str> = TABLES.iter().copied().filter(|t| got[*t] != want["tables"][*t]).collect();
+    let detail: Vec<String> = differ.iter().map(|t| format!("{t}: {} (recorded {})", got[*t], want["tables"][*t])).collect();
+    assert!(differ.is_empty(), "{detail:?} differ from what commit {} wrote", want["commit"]);
 }
 
 /// Records the digests from an experiment folder written by the old binaries:

@@ -60,9 +60,13 @@ pub fn matmul_nn(g: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> 
     batched(g, w, false, false)
 }
 
-/// Below this many rows (decoding one token per sequence) candle's own kernel is faster
-/// than OpenBLAS here (200 greedy tokens: 6.0 s against 9.5 s).
-const MIN_ROWS: usize = 8;
+/// Below this many rows (decoding one token of a single sequence) candle's own kernel is
+/// faster than OpenBLAS here (200 greedy tokens: 6.0 s against 9.5 s). From 2 rows on every
+/// matmul takes OpenBLAS, whose sgemm computes each row independently of the others (checked
+/// for 2 to 640 rows): a sequence packed with others (grouped training, mixed generation
+/// batches) gets the same numbers as alone. A threshold above 2 would break that for short
+/// sequences, which alone would take candle's kernel.
+const MIN_ROWS: usize = 2;
 
 /// Whether the BLAS path is compiled in.
 pub const ENABLED: bool = cfg!(feature = "openblas");
@@ -108,9 +112,31 @@ pub fn batched(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Option<c
     Some(Tensor::from_vec(out, shape, &Device::Cpu))
 }
 
+/// Below about a million multiply-adds OpenBLAS switches (on some CPUs) to small-matrix
+/// kernels, and a row computed there differs in its last bits from the same row inside a
+/// taller product (measured here: up to 6 rows of a 576 -> 192 projection, 3 of 576 -> 576).
+/// Padding a product below this size with zero rows keeps every row's numbers independent
+/// of how many rows share its matmul, which is what makes packed sequences exact.
+const SMALL_PRODUCT: usize = 1 << 21;
+
 #[cfg(feature = "openblas")]
 #[allow(clippy::too_many_arguments)]
 fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) {
+    if !trans_a && m * n * k < SMALL_PRODUCT {
+        let rows = SMALL_PRODUCT.div_ceil(n * k).max(m);
+        let mut a_pad = vec![0f32; rows * k];
+        a_pad[..m * k].copy_from_slice(&a[..m * k]);
+        let mut c_pad = vec![0f32; rows * n];
+        sgemm(&a_pad, b, &mut c_pad, rows, n, k, false, trans_b);
+        c[..m * n].copy_from_slice(&c_pad[..m * n]);
+        return;
+    }
+    sgemm(a, b, c, m, n, k, trans_a, trans_b)
+}
+
+#[cfg(feature = "openblas")]
+#[allow(clippy::too_many_arguments)]
+fn sgemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) {
     let t = |x: bool| if x { ffi::TRANS } else { ffi::NO_TRANS };
     // SAFETY: row-major a is m×k (k×m when transposed), b k×n (n×k), c m×n; lengths checked
     // by the caller's shapes.
@@ -181,6 +207,30 @@ mod tests {
             let want = a.matmul(&c.t().unwrap()).unwrap();
             let d = (got.unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5);
+        }
+    }
+
+    /// Rows of a projection come out bit for bit the same alone (2-9 rows) as inside a
+    /// 300-row product, forward (`x W^T`) and backward (`g W`): the property packed
+    /// sequences rely on.
+    #[test]
+    fn rows_do_not_depend_on_their_neighbours() {
+        if !ENABLED {
+            return;
+        }
+        for (n, k) in [(192, 576), (576, 576), (1536, 576)] {
+            let x = Tensor::randn(0f32, 1., (300, k), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu).unwrap();
+            let tall: Vec<Vec<f32>> = matmul_nt(&x, &w).unwrap().unwrap().to_vec2().unwrap();
+            let g = Tensor::randn(0f32, 1., (300, n), &Device::Cpu).unwrap();
+            let tall_g: Vec<Vec<f32>> = matmul_nn(&g, &w).unwrap().unwrap().to_vec2().unwrap();
+            for m in 2..10 {
+                let start = 7 * m;
+                let few: Vec<Vec<f32>> = matmul_nt(&x.narrow(0, start, m).unwrap(), &w).unwrap().unwrap().to_vec2().unwrap();
+                assert_eq!(few, tall[start..start + m], "x W^T, {m} rows of {k} -> {n}");
+                let few: Vec<Vec<f32>> = matmul_nn(&g.narrow(0, start, m).unwrap(), &w).unwrap().unwrap().to_vec2().unwrap();
+                assert_eq!(few, tall_g[start..start + m], "g W, {m} rows of {n} -> {k}");
+            }
         }
     }
 }

@@ -1,0 +1,144 @@
+//! (f) Many self-edits at the paper's settings, one at a time and grouped: the amortized cost
+//! of one self-edit (training plus its share of evaluation), training throughput against the
+//! machine's own fp32 matmul peak, and the group's memory.
+
+use std::time::Instant;
+
+use selfedit::runtime::formats::LoadedModel;
+use selfedit::runtime::generate::{generate, GenerationRequest, SamplingParams};
+use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
+use selfedit::runtime::model::Adapter;
+use selfedit::runtime::tokenizer::ChatMessage;
+use selfedit::runtime::training::{train_group, train_lora, TrainConfig, TrainExample, TrainJob};
+
+use super::{median, peak_rss_mib, report, Foreign, IMPLICATIONS};
+
+const QUESTIONS: [&str; 5] = [
+    "When was the Varnholt Observatory built?",
+    "Who funded the observatory?",
+    "How large is its telescope?",
+    "What comet did the staff discover?",
+    "When is it open to visitors?",
+];
+
+/// Self-edit `k`: 8-12 sequences of ~25-60 tokens; rank 16/32/64, learning rate and
+/// accumulation varied, `epochs` epochs (the paper's 10 by default).
+fn self_edit(m: &LoadedModel, k: usize, epochs: usize) -> anyhow::Result<TrainJob<usize>> {
+    let examples = (0..8 + k % 5)
+        .map(|j| {
+            let s = IMPLICATIONS[(k + j) % 12];
+            let text = if (j + k) % 3 == 0 {
+                format!("{s} {}", IMPLICATIONS[(k + j + 5) % 12])
+            } else {
+                format!("{s} This follows from the account of the Varnholt Observatory.")
+            };
+            Ok(TrainExample { ids: m.tokenizer.encode(&text)?, loss_from: 0 })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rank = [16, 32, 32, 64][k % 4];
+    let lora = LoraConfig::paper(rank, 2.0 * rank as f64, 0.0);
+    let adapter = LoraAdapter::new(&m.decoder.cfg, lora, k as u64, m.device())?;
+    let config = TrainConfig::new([1e-3, 5e-4, 2e-3][k % 3], epochs, 1 + k % 2, k as u64);
+    Ok(TrainJob { key: k, adapter, examples, config })
+}
+
+/// The evaluation of one self-edit: 5 questions × 3 runs with the paper's sampling.
+fn eval_requests(m: &LoadedModel, adapter: usize) -> anyhow::Result<Vec<GenerationRequest>> {
+    let mut out = Vec::new();
+    for (qi, q) in QUESTIONS.iter().enumerate() {
+        let ids = m.tokenizer.encode_chat(
+            &[ChatMessage::system("You are an assistant to answer a question directly and concisely."), ChatMessage::user(*q)],
+            true,
+        )?;
+        for run in 0..3 {
+            out.push(GenerationRequest::new(ids.clone(), SamplingParams::paper_eval(), (qi * 3 + run) as u64, 32).with_adapter(adapter));
+        }
+    }
+    Ok(out)
+}
+
+/// fp32 matmul peak of this machine: a 1024³ sgemm through the same OpenBLAS, GFLOP/s.
+fn matmul_peak_gflops() -> anyhow::Result<f64> {
+    let dev = candle_core::Device::Cpu;
+    let a = candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        match selfedit::runtime::blas::matmul_nt(&a, &b) {
+            Some(c) => drop(c?),
+            None => drop(a.matmul(&b.t()?)?),
+        }
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 1024f64.powi(3) / median(times) / 1e9)
+}
+
+/// FLOPs of one training token through the frozen weights: forward plus input gradients of
+/// every projection and the (tied) LM head; attention scores and the low-rank updates are
+/// left out (a few percent at these lengths).
+fn train_flops_per_token(m: &LoadedModel) -> f64 {
+    let c = &m.decoder.cfg;
+    let (h, d) = (c.hidden_size, c.head_dim());
+    let attn = h * c.num_attention_heads * d * 2 + h * c.kv_heads() * d * 2;
+    let mlp = 3 * h * c.intermediate_size;
+    let per_token = c.num_hidden_layers * (attn + mlp) + c.vocab_size * h;
+    4.0 * per_token as f64
+}
+
+pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epochs: usize) -> anyhow::Result<()> {
+    let peak = matmul_peak_gflops()?;
+    report("matmul_peak_gflops", peak, "GFLOP/s");
+    let flops = train_flops_per_token(m);
+    report("train_gflop_per_token", flops / 1e9, "GFLOP");
+    report("self_edits", n as f64, "");
+
+    // 1. one at a time, as the paper's code: train, then its 15 answers in one batch
+    let fg = Foreign::new();
+    let (mut train_s, mut eval_s, mut tokens) = (0.0, 0.0, 0usize);
+    for k in 0..solo_n.min(n) {
+        let mut job = self_edit(m, k, epochs)?;
+        let t = Instant::now();
+        let rep = train_lora(&m.decoder, &mut job.adapter, &job.examples, &job.config, |_, _, _| {})?;
+        train_s += t.elapsed().as_secs_f64();
+        tokens += rep.tokens;
+        let t = Instant::now();
+        generate(m, &[&job.adapter], eval_requests(m, 0)?, 16, |_| {})?;
+        eval_s += t.elapsed().as_secs_f64();
+    }
+    let solo = solo_n.min(n).max(1) as f64;
+    report("foreign_cores_solo", fg.cores(), "cores");
+    report("solo_train_tokens_per_s", tokens as f64 / train_s, "tok/s");
+    report("solo_train_gflops", tokens as f64 * flops / train_s / 1e9, "GFLOP/s");
+    report("self_edit_train_seconds_solo", train_s / solo, "s");
+    report("self_edit_eval_seconds_solo", eval_s / solo, "s");
+    report("self_edit_seconds_solo", (train_s + eval_s) / solo, "s");
+
+    // 2. grouped: all self-edits through one group, then all their answers in shared batches
+    for &g in group_sizes {
+        let fg = Foreign::new();
+        let rss_before = peak_rss_mib();
+        let mut trained: Vec<Option<LoraAdapter>> = (0..n).map(|_| None).collect();
+        let jobs = (0..n).map(|k| self_edit(m, k, epochs).expect("self-edit"));
+        let rep = train_group(&m.decoder, jobs, g, |k, r| {
+            trained[k] = Some(r?.0);
+            Ok(())
+        })?;
+        let adapters: Vec<&dyn Adapter> = trained.iter().map(|a| a.as_ref().unwrap() as &dyn Adapter).collect();
+        let requests: Vec<GenerationRequest> =
+            (0..n).map(|k| eval_requests(m, k)).collect::<anyhow::Result<Vec<_>>>()?.into_iter().flatten().collect();
+        let t = Instant::now();
+        generate(m, &adapters, requests, 64, |_| {})?;
+        let eval = t.elapsed().as_secs_f64();
+        let name = |s: &str| format!("{s}_group{g}");
+        report(&name("foreign_cores"), fg.cores(), "cores");
+        report(&name("grouped_train_tokens_per_s"), rep.tokens as f64 / rep.seconds, "tok/s");
+        report(&name("grouped_train_gflops"), rep.tokens as f64 * flops / rep.seconds / 1e9, "GFLOP/s");
+        report(&name("grouped_train_fraction_of_peak"), rep.tokens as f64 * flops / rep.seconds / 1e9 / peak, "");
+        report(&name("self_edit_train_seconds_grouped"), rep.seconds / n as f64, "s");
+        report(&name("self_edit_eval_seconds_grouped"), eval / n as f64, "s");
+        report(&name("self_edit_seconds_grouped"), (rep.seconds + eval) / n as f64, "s");
+        report(&name("rss_peak_grouped_mib"), peak_rss_mib().max(rss_before), "MiB");
+    }
+    Ok(())
+}
