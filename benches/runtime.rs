@@ -155,7 +155,10 @@ impl Foreign {
 }
 
 fn main() -> anyhow::Result<()> {
-    // As the stage binaries do: candle's rayon pool keeps to one thread beside OpenBLAS.
+    // As the stage binaries do (stages/common): freed memory stays with the process, and
+    // candle's rayon pool keeps to one thread beside OpenBLAS.
+    // SAFETY: sets mimalloc's purge_delay (option 15) to -1, a plain integer option.
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     if let (Some(n), None) = (selfedit::runtime::blas::rayon_threads_beside_blas(), std::env::var_os("RAYON_NUM_THREADS")) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();

@@ -52,12 +52,12 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 
 /// `x @ w^T` for `x` `[m, k]` and `w` `[n, k]`, or `None` when this path does not apply.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
-    batched(x, w, false, true)
+    product(x, w, false, true, true)
 }
 
 /// `g @ w` for `g` `[m, n]` and `w` `[n, k]`, or `None` when this path does not apply.
 pub fn matmul_nn(g: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
-    batched(g, w, false, false)
+    product(g, w, false, false, true)
 }
 
 /// Below this many rows (decoding one token of a single sequence) candle's own kernel is
@@ -74,7 +74,14 @@ pub const ENABLED: bool = cfg!(feature = "openblas");
 /// Batched `op(a) @ op(b)` over the leading dimensions (equal in both), where `op`
 /// transposes the last two dimensions when asked. Both tensors must be contiguous f32 on the
 /// CPU; otherwise `None` and the caller uses candle's matmul.
+///
+/// Small products are not padded here (see [`SMALL_PRODUCT`]): callers whose rows must not
+/// depend on the matrix they are in use [`matmul_nt`] / [`matmul_nn`].
 pub fn batched(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Option<candle_core::Result<Tensor>> {
+    product(a, b, trans_a, trans_b, false)
+}
+
+fn product(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, pad_small: bool) -> Option<candle_core::Result<Tensor>> {
     if !ENABLED || a.rank() < 2 || a.rank() != b.rank() {
         return None;
     }
@@ -94,16 +101,12 @@ pub fn batched(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Option<c
     with_f32(a, |av| {
         with_f32(b, |bv| {
             for i in 0..batch {
-                gemm(
-                    &av[i * m * k..(i + 1) * m * k],
-                    &bv[i * k * n..(i + 1) * k * n],
-                    &mut out[i * m * n..(i + 1) * m * n],
-                    m,
-                    n,
-                    k,
-                    trans_a,
-                    trans_b,
-                );
+                let (a, b, c) = (&av[i * m * k..(i + 1) * m * k], &bv[i * k * n..(i + 1) * k * n], &mut out[i * m * n..(i + 1) * m * n]);
+                if pad_small {
+                    gemm_padded(a, b, c, m, n, k, trans_a, trans_b);
+                } else {
+                    sgemm(a, b, c, m, n, k, trans_a, trans_b);
+                }
             }
         })
     })??;
@@ -116,12 +119,13 @@ pub fn batched(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Option<c
 /// kernels, and a row computed there differs in its last bits from the same row inside a
 /// taller product (measured here: up to 6 rows of a 576 -> 192 projection, 3 of 576 -> 576).
 /// Padding a product below this size with zero rows keeps every row's numbers independent
-/// of how many rows share its matmul, which is what makes packed sequences exact.
+/// of how many rows share its matmul, which is what makes packed sequences exact. (Only the
+/// frozen projections need it: attention runs per sequence at the sequence's own shapes.)
 const SMALL_PRODUCT: usize = 1 << 21;
 
 #[cfg(feature = "openblas")]
 #[allow(clippy::too_many_arguments)]
-fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) {
+fn gemm_padded(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) {
     if !trans_a && m * n * k < SMALL_PRODUCT {
         let rows = SMALL_PRODUCT.div_ceil(n * k).max(m);
         let mut a_pad = vec![0f32; rows * k];
@@ -162,7 +166,11 @@ fn sgemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize, tran
 
 #[cfg(not(feature = "openblas"))]
 #[allow(clippy::too_many_arguments)]
-fn gemm(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: usize, _: usize, _: bool, _: bool) {}
+fn gemm_padded(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: usize, _: usize, _: bool, _: bool) {}
+
+#[cfg(not(feature = "openblas"))]
+#[allow(clippy::too_many_arguments)]
+fn sgemm(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: usize, _: usize, _: bool, _: bool) {}
 
 /// How many threads candle's rayon pool should have beside BLAS: one, since two pools
 /// spinning on two cores slowed training by 40%; `None` without BLAS (rayon's default).

@@ -4,8 +4,10 @@
 
 /// Sizes candle's rayon pool beside OpenBLAS (one thread; see
 /// `selfedit::runtime::blas::rayon_threads_beside_blas`) unless `RAYON_NUM_THREADS` is set,
-/// and logs warnings to stderr (`RUST_LOG` overrides the level).
+/// tells the allocator to keep freed memory, and logs warnings to stderr (`RUST_LOG`
+/// overrides the level).
 pub fn init() {
+    keep_freed_memory();
     if let (Some(n), None) = (selfedit::runtime::blas::rayon_threads_beside_blas(), std::env::var_os("RAYON_NUM_THREADS")) {
         // Set before this process starts any thread: candle reads it at every matmul.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -15,6 +17,17 @@ pub fn init() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// mimalloc's `purge_delay` (option 15 of mimalloc 2) to -1: freed memory stays with the
+/// process. A training pass allocates and frees hundreds of MB of activations and logits;
+/// returned to the kernel after mimalloc's default 10 ms, every pass faults them in again
+/// and the kernel zeroes them (measured: 13% of a grouped training run in `clear_page`,
+/// 144 -> 159 tokens/s when kept). The peak resident size is what a pass needs anyway.
+pub fn keep_freed_memory() {
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets a plain integer option; mimalloc reads it at each purge decision.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
 /// A stage binary: `stage_main!("about", [extra argument groups], |ctx, cli| call)` declares

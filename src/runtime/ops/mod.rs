@@ -18,25 +18,29 @@
 //!
 //! When the input tracks no gradient (inference), every op is the plain fused forward.
 
+mod cross_entropy;
+
+pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
+
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 
 type Result<T> = candle_core::Result<T>;
-type Backward1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+pub(crate) type Backward1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 type Backward3 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync>;
 
 /// A value computed outside the autograd graph, re-attached to its inputs with a custom
 /// backward. The forward only hands over the precomputed value (one copy).
-struct Tap<B> {
+pub(crate) struct Tap<B> {
     name: &'static str,
     value: Mutex<Option<Tensor>>,
     backward: B,
 }
 
 impl<B> Tap<B> {
-    fn new(name: &'static str, value: Tensor, backward: B) -> Self {
+    pub(crate) fn new(name: &'static str, value: Tensor, backward: B) -> Self {
         Self { name, value: Mutex::new(Some(value)), backward }
     }
 
@@ -136,7 +140,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     tap1(x, "frozen-linear", value, Box::new(move |g| plain_linear_t(g, &w)))
 }
 
-fn plain_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = *dims.last().unwrap();
     let rows = x.elem_count() / in_dim;
@@ -155,7 +159,7 @@ fn plain_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// `g @ w`: the input gradient of a linear layer.
-fn plain_linear_t(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = g.dims().to_vec();
     let out_dim = *dims.last().unwrap();
     let rows = g.elem_count() / out_dim;
@@ -288,146 +292,6 @@ fn attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>,
     let dq = (bmm(&ds, k, false, false)? * scale)?.reshape((b, h, lq, d))?;
     let dk = (bmm(&ds, &group_heads(q, kvh)?, true, false)? * scale)?;
     Ok((dq, dk, dv))
-}
-
-/// Mean next-token cross-entropy of `hidden @ embedding^T` against `targets`, counting only
-/// positions where `targets` is `Some`. `hidden` is `[n, d]`, `weight` `[vocab, d]` (frozen).
-///
-/// The logits are computed in chunks and never enter the graph: the forward keeps only
-/// `softmax - onehot` for the backward, one `[n, vocab]` buffer instead of four.
-pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &[Option<u32>]) -> Result<Tensor> {
-    let (n, _) = hidden.dims2()?;
-    if targets.len() != n {
-        candle_core::bail!("lm_head_cross_entropy: {} targets for {n} rows", targets.len());
-    }
-    let counted = targets.iter().filter(|t| t.is_some()).count();
-    if counted == 0 {
-        candle_core::bail!("lm_head_cross_entropy: no position has a target");
-    }
-    let hd = hidden.detach();
-    let device = hidden.device();
-    const CHUNK: usize = 512;
-    let mut total = 0f64;
-    let mut dlogits = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = CHUNK.min(n - start);
-        let logits = plain_linear(&hd.narrow(0, start, len)?, weight, None)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let tgt: Vec<u32> = targets[start..start + len].iter().map(|t| t.unwrap_or(0)).collect();
-        let keep: Vec<f32> = targets[start..start + len].iter().map(|t| t.is_some() as u8 as f32).collect();
-        let tgt_t = Tensor::from_vec(tgt, (len, 1), device)?;
-        let keep_t = Tensor::from_vec(keep, (len, 1), device)?;
-        let picked = logp.gather(&tgt_t, 1)?; // [len, 1]
-        total -= (picked * &keep_t)?.sum_all()?.to_scalar::<f32>()? as f64;
-        if hidden.track_op() {
-            // d(mean CE)/d logits = (softmax - onehot) / counted, zero on uncounted rows
-            let onehot = Tensor::zeros_like(&logits)?.scatter_add(&tgt_t, &Tensor::ones((len, 1), DType::F32, device)?, 1)?;
-            let d = ((logp.exp()? - onehot)?.broadcast_mul(&keep_t)? / counted as f64)?;
-            dlogits.push(d.to_dtype(hidden.dtype())?);
-        }
-        start += len;
-    }
-    let loss = Tensor::new(&[(total / counted as f64) as f32], device)?.reshape(())?;
-    if !hidden.track_op() {
-        return Ok(loss);
-    }
-    let dlogits = Tensor::cat(&dlogits, 0)?;
-    let weight = weight.clone();
-    // The tap's output must have the input's dtype family; the scalar loss is f32.
-    let value = loss.to_dtype(hidden.dtype())?;
-    // The tap maps `hidden` [n, d] to the 0-d loss; its backward returns d loss / d hidden.
-    let out = hidden.apply_op1(Tap::new(
-        "lm-head-cross-entropy",
-        value,
-        Box::new(move |g: &Tensor| plain_linear_t(&g.broadcast_mul(&dlogits)?, &weight)) as Backward1,
-    ))?;
-    Ok(out)
-}
-
-/// [`lm_head_cross_entropy`] of several sequences packed end to end in `hidden` `[n, d]`:
-/// `targets[k]` holds sequence `k`'s targets (its length is the sequence's row count; the
-/// lengths sum to `n`). Returns the `[K]` mean losses, each differentiable with respect to
-/// its own rows only.
-///
-/// Every number equals what [`lm_head_cross_entropy`] computes for that sequence alone: the
-/// logits of a row do not depend on the other rows of its matmul, and the loss is summed over
-/// the same 512-row pieces of each sequence. Only the matmuls are shared, so the LM head runs
-/// at the speed of a tall matrix however short each sequence is.
-pub fn lm_head_cross_entropy_packed(hidden: &Tensor, weight: &Tensor, targets: &[&[Option<u32>]]) -> Result<Tensor> {
-    const PIECE: usize = 512;
-    let (n, _) = hidden.dims2()?;
-    if targets.iter().map(|t| t.len()).sum::<usize>() != n {
-        candle_core::bail!("lm_head_cross_entropy_packed: the sequences' lengths do not sum to the {n} rows");
-    }
-    // 1. each sequence's pieces (start row, len, sequence), as the one-sequence op cuts them
-    let mut pieces = Vec::new();
-    let mut start = 0;
-    for (k, t) in targets.iter().enumerate() {
-        let counted = t.iter().filter(|x| x.is_some()).count();
-        if counted == 0 {
-            candle_core::bail!("lm_head_cross_entropy_packed: sequence {k} has no position with a target");
-        }
-        for p in (0..t.len()).step_by(PIECE) {
-            pieces.push((start + p, PIECE.min(t.len() - p), k));
-        }
-        start += t.len();
-    }
-    let counted: Vec<usize> = targets.iter().map(|t| t.iter().filter(|x| x.is_some()).count()).collect();
-    let flat: Vec<Option<u32>> = targets.iter().flat_map(|t| t.iter().copied()).collect();
-    let hd = hidden.detach();
-    let device = hidden.device();
-    let mut totals = vec![0f64; targets.len()];
-    let mut dlogits = Vec::new();
-    // 2. logits of up to 512 rows at a time, made of whole pieces
-    let mut i = 0;
-    while i < pieces.len() {
-        let first = pieces[i].0;
-        let mut j = i;
-        while j < pieces.len() && pieces[j].0 + pieces[j].1 - first <= PIECE {
-            j += 1;
-        }
-        let rows = pieces[j - 1].0 + pieces[j - 1].1 - first;
-        let logits = plain_linear(&hd.narrow(0, first, rows)?, weight, None)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        for &(p_start, len, k) in &pieces[i..j] {
-            let off = p_start - first;
-            let tgt: Vec<u32> = flat[p_start..p_start + len].iter().map(|t| t.unwrap_or(0)).collect();
-            let keep: Vec<f32> = flat[p_start..p_start + len].iter().map(|t| t.is_some() as u8 as f32).collect();
-            let tgt_t = Tensor::from_vec(tgt, (len, 1), device)?;
-            let keep_t = Tensor::from_vec(keep, (len, 1), device)?;
-            let logp = logp.narrow(0, off, len)?;
-            let picked = logp.gather(&tgt_t, 1)?;
-            totals[k] -= (picked * &keep_t)?.sum_all()?.to_scalar::<f32>()? as f64;
-            if hidden.track_op() {
-                let onehot = Tensor::zeros_like(&logp)?.scatter_add(&tgt_t, &Tensor::ones((len, 1), DType::F32, device)?, 1)?;
-                let d = ((logp.exp()? - onehot)?.broadcast_mul(&keep_t)? / counted[k] as f64)?;
-                dlogits.push(d.to_dtype(hidden.dtype())?);
-            }
-        }
-        i = j;
-    }
-    let losses: Vec<f32> = totals.iter().zip(&counted).map(|(t, &c)| (t / c as f64) as f32).collect();
-    let losses = Tensor::from_vec(losses, targets.len(), device)?;
-    if !hidden.track_op() {
-        return Ok(losses);
-    }
-    let dlogits = Tensor::cat(&dlogits, 0)?;
-    let row_of: Vec<u32> = targets.iter().enumerate().flat_map(|(k, t)| std::iter::repeat_n(k as u32, t.len())).collect();
-    let row_of = Tensor::from_vec(row_of, n, device)?;
-    let weight = weight.clone();
-    let value = losses.to_dtype(hidden.dtype())?;
-    // The tap maps `hidden` [n, d] to the [K] losses; row r's gradient is its sequence's
-    // upstream gradient times its `softmax - onehot`, through the LM head in one matmul.
-    let out = hidden.apply_op1(Tap::new(
-        "lm-head-cross-entropy-packed",
-        value,
-        Box::new(move |g: &Tensor| {
-            let g_rows = g.index_select(&row_of, 0)?.unsqueeze(1)?; // [n, 1]
-            plain_linear_t(&g_rows.broadcast_mul(&dlogits)?, &weight)
-        }) as Backward1,
-    ))?;
-    Ok(out)
 }
 
 #[cfg(test)]

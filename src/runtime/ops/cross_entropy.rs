@@ -1,0 +1,138 @@
+//! Next-token cross-entropy through the frozen LM head, for one sequence or several packed
+//! end to end. The logits never enter the autograd graph: the forward keeps only
+//! `softmax - onehot` (scaled) for the backward, one `[n, vocab]` buffer.
+//!
+//! One implementation serves both shapes, so a sequence gets the same numbers alone and
+//! packed: its rows' logits do not depend on the other rows of the matmul, and everything
+//! after the matmul is per row.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::{plain_linear, plain_linear_t, Backward1, Tap};
+
+type Result<T> = candle_core::Result<T>;
+
+/// Rows of logits computed at once (a `[512, vocab]` f32 buffer is ~100 MB for 49k tokens).
+const CHUNK: usize = 512;
+
+/// Mean next-token cross-entropy of `hidden @ weight^T` against `targets`, counting only
+/// positions where `targets` is `Some`. `hidden` is `[n, d]`, `weight` `[vocab, d]` (frozen).
+/// A 0-d tensor, differentiable with respect to `hidden`.
+pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &[Option<u32>]) -> Result<Tensor> {
+    let n = hidden.dim(0)?;
+    if targets.len() != n {
+        candle_core::bail!("lm_head_cross_entropy: {} targets for {n} rows", targets.len());
+    }
+    lm_head_cross_entropy_packed(hidden, weight, &[targets])?.squeeze(0)
+}
+
+/// [`lm_head_cross_entropy`] of `K` sequences packed end to end in `hidden` `[n, d]`:
+/// `targets[k]` holds sequence `k`'s targets (one per row; the lengths sum to `n`).
+/// Returns the `[K]` mean losses, each differentiable with respect to its own rows only.
+///
+/// Errors: lengths that do not sum to `n`, a sequence with no target.
+pub fn lm_head_cross_entropy_packed(hidden: &Tensor, weight: &Tensor, targets: &[&[Option<u32>]]) -> Result<Tensor> {
+    let (n, _) = hidden.dims2()?;
+    if targets.iter().map(|t| t.len()).sum::<usize>() != n {
+        candle_core::bail!("lm_head_cross_entropy: the sequences' lengths do not sum to the {n} rows");
+    }
+    let counted: Vec<usize> = targets.iter().map(|t| t.iter().filter(|x| x.is_some()).count()).collect();
+    if let Some(k) = counted.iter().position(|&c| c == 0) {
+        candle_core::bail!("lm_head_cross_entropy: sequence {k} has no position with a target");
+    }
+    // each row's target and its sequence (the gradient of a mean is scaled by 1 / counted)
+    let rows: Vec<(Option<u32>, usize)> = targets.iter().enumerate().flat_map(|(k, t)| t.iter().map(move |&x| (x, k))).collect();
+    let grad = hidden.track_op();
+    let hd = hidden.detach();
+    let device = hidden.device();
+    let mut totals = vec![0f64; targets.len()];
+    let mut dlogits = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK.min(n - start);
+        let logits = plain_linear(&hd.narrow(0, start, len)?, weight, None)?.to_dtype(DType::F32)?;
+        let d = match device {
+            Device::Cpu => rows_cpu(logits, &rows[start..start + len], &counted, &mut totals, grad)?,
+            _ => rows_candle(logits, &rows[start..start + len], &counted, &mut totals, grad)?,
+        };
+        if let Some(d) = d {
+            dlogits.push(d.to_dtype(hidden.dtype())?);
+        }
+        start += len;
+    }
+    let losses: Vec<f32> = totals.iter().zip(&counted).map(|(t, &c)| (t / c as f64) as f32).collect();
+    let losses = Tensor::from_vec(losses, targets.len(), device)?;
+    if !grad {
+        return Ok(losses);
+    }
+    let dlogits = if dlogits.len() == 1 { dlogits.pop().unwrap() } else { Tensor::cat(&dlogits, 0)? };
+    let row_of: Vec<u32> = rows.iter().map(|&(_, k)| k as u32).collect();
+    let row_of = Tensor::from_vec(row_of, n, device)?;
+    let weight = weight.clone();
+    let value = losses.to_dtype(hidden.dtype())?;
+    // The tap maps `hidden` [n, d] to the [K] losses; row r's gradient is its sequence's
+    // upstream gradient times its scaled `softmax - onehot`, through the LM head.
+    let out = hidden.apply_op1(Tap::new(
+        "lm-head-cross-entropy",
+        value,
+        Box::new(move |g: &Tensor| {
+            let g_rows = g.index_select(&row_of, 0)?.unsqueeze(1)?; // [n, 1]
+            plain_linear_t(&g_rows.broadcast_mul(&dlogits)?, &weight)
+        }) as Backward1,
+    ))?;
+    Ok(out)
+}
+
+/// One chunk of logits `[len, vocab]` on the CPU, in one pass per row: adds each row's
+/// `logsumexp - logit[target]` to its sequence's total and, for the backward, turns the row
+/// into `(softmax - onehot) / counted` (zero for rows without a target).
+fn rows_cpu(logits: Tensor, rows: &[(Option<u32>, usize)], counted: &[usize], totals: &mut [f64], grad: bool) -> Result<Option<Tensor>> {
+    let (len, vocab) = logits.dims2()?;
+    let mut buf: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    for (row, &(target, k)) in buf.chunks_exact_mut(vocab).zip(rows) {
+        let Some(t) = target else {
+            if grad {
+                row.fill(0.0);
+            }
+            continue;
+        };
+        let picked = row[t as usize];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f64;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x as f64;
+        }
+        totals[k] += max as f64 + sum.ln() - picked as f64;
+        if grad {
+            let scale = (1.0 / (sum * counted[k] as f64)) as f32;
+            for x in row.iter_mut() {
+                *x *= scale;
+            }
+            row[t as usize] -= 1.0 / counted[k] as f32;
+        }
+    }
+    Ok(if grad { Some(Tensor::from_vec(buf, (len, vocab), &Device::Cpu)?) } else { None })
+}
+
+/// [`rows_cpu`] with candle's ops, for other devices.
+fn rows_candle(logits: Tensor, rows: &[(Option<u32>, usize)], counted: &[usize], totals: &mut [f64], grad: bool) -> Result<Option<Tensor>> {
+    let (len, _) = logits.dims2()?;
+    let device = logits.device().clone();
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let tgt: Vec<u32> = rows.iter().map(|r| r.0.unwrap_or(0)).collect();
+    let tgt = Tensor::from_vec(tgt, (len, 1), &device)?;
+    let picked: Vec<f32> = logp.gather(&tgt, 1)?.flatten_all()?.to_vec1()?;
+    for (p, &(target, k)) in picked.iter().zip(rows) {
+        if target.is_some() {
+            totals[k] -= *p as f64;
+        }
+    }
+    if !grad {
+        return Ok(None);
+    }
+    let scale: Vec<f32> = rows.iter().map(|&(t, k)| if t.is_some() { 1.0 / counted[k] as f32 } else { 0.0 }).collect();
+    let scale = Tensor::from_vec(scale, (len, 1), &device)?;
+    let onehot = Tensor::zeros_like(&logp)?.scatter_add(&tgt, &Tensor::ones((len, 1), DType::F32, &device)?, 1)?;
+    Ok(Some((logp.exp()? - onehot)?.broadcast_mul(&scale)?))
+}
