@@ -22,7 +22,7 @@ EMBEDDER_DIR := $(MODELS)/all-MiniLM-L6-v2
 EMBEDDER_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 EMBEDDER := $(EMBEDDER_DIR)/model.safetensors
 
-.PHONY: help build blas model embedder test bench bench-slurm mutants run clean-outputs
+.PHONY: help build blas model embedder test bench bench-slurm mutants soak run clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -78,6 +78,11 @@ mutants:  ## mutation testing of the numeric modules (cargo-mutants, installed w
 	timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle $(foreach f,$(MUTANTS_FILES),-f $(f)) \
 	  --output $(OUTPUTS)/mutants -- $(MUTANTS_TESTS); status=$$?; \
 	  echo "mutants: see $(OUTPUTS)/mutants/mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt)"; exit $$status
+
+KILLS ?= 20
+soak: blas $(SMOLLM)  ## random-kill soak: two archive iterations SIGKILLed at KILLS random moments (SOAK_SEED), compared with an uninterrupted run
+	SELFEDIT_MODEL=$(abspath $(SMOLLM)) SELFEDIT_SOAK_KILLS=$(KILLS) SELFEDIT_SOAK_SEED=$(or $(SOAK_SEED),0) RAYON_NUM_THREADS=1 \
+	  $(CARGO) test $(CARGO_FLAGS) --test iterations -- --nocapture
 
 bench-slurm: $(SMOLLM) build  ## scale-out on a throw-away single-node Slurm: an iteration with 1, 2, 4 shards, job overhead
 	BIN=$(BIN) scripts/slurm/bench.sh

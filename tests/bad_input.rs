@@ -221,3 +221,51 @@ fn baseline_variants_use_seals_fixed_templates() {
     let t = templates::baseline_template(&exp.config, &prompts, 0).unwrap();
     assert!(t.instruction.contains("implications"));
 }
+
+/// Bad input, class by class: each error names the file, the place and what was expected.
+#[test]
+fn data_and_config_errors_name_the_file_the_place_and_what_was_expected() {
+    use selfedit::experiment::data::load_passages;
+    let dir = tempfile::tempdir().unwrap();
+    let passage = |ctx: &str, qs: &str| format!(r#"{{"title": "T", "context": "{ctx}", "questions": [{qs}]}}"#);
+    let q = r#"{"question": "Who?", "answer": "Ada"}"#;
+    let err = |name: &str, bytes: &[u8]| -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let e = format!("{:#}", load_passages(&path).unwrap_err());
+        assert!(e.contains(name), "{name}: the error does not name the file: {e}");
+        e
+    };
+    // malformed JSON: line and column
+    let e = err("malformed.json", format!("[{},\n  {{\"title\": ]", passage("A text.", q)).as_bytes());
+    assert!(e.contains("not valid JSON") && e.contains("line 2 column"), "{e}");
+    // invalid UTF-8: the byte offset
+    let mut bytes = format!("[{}]", passage("Caf", q)).into_bytes();
+    bytes.insert(bytes.len() - 40, 0xff);
+    let e = err("latin1.json", &bytes);
+    assert!(e.contains("not UTF-8") && e.contains("offset"), "{e}");
+    // a passage with an empty context, one without questions, a question without an answer
+    let e = err("empty.json", format!("[{}, {}]", passage("A text.", q), passage("  ", q)).as_bytes());
+    assert!(e.contains("passage 1") && e.contains("empty context"), "{e}");
+    let e = err("noq.json", format!("[{}, {}]", passage("A text.", q), passage("Another.", "")).as_bytes());
+    assert!(e.contains("passage 1") && e.contains("no questions"), "{e}");
+    let e = err("noans.json", format!("[{}]", passage("A text.", r#"{"question": "Who?", "answers": []}"#)).as_bytes());
+    assert!(e.contains("passage 0, question 0") && e.contains("no gold answer"), "{e}");
+    // the same passage twice
+    let e = err("dup.json", format!("[{}, {}, {}]", passage("A text.", q), passage("B text.", q), passage("A text.", q)).as_bytes());
+    assert!(e.contains("passage 2") && e.contains("repeats passage 0"), "{e}");
+
+    // the config: a value of the wrong type, an unknown variant, an unknown grader
+    let tiny = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
+    for (from, to, want) in [
+        ("train_passages = 2", "train_passages = \"two\"", ["train_passages", "expected"]),
+        ("variant = \"no-archive\"", "variant = \"novelty-x\"", ["variant", "unknown variant"]),
+        ("grader = \"heuristic\"", "grader = \"oracle\"", ["grader", "unknown variant"]),
+    ] {
+        assert!(tiny.contains(from), "configs/tiny.toml no longer has {from}");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, tiny.replace(from, to)).unwrap();
+        let e = format!("{:#}", selfedit::experiment::config::Experiment::load(&path).unwrap_err());
+        assert!(e.contains("bad.toml") && want.iter().all(|w| e.contains(w)), "{to}: {e}");
+    }
+}

@@ -1,7 +1,10 @@
 //! Two iterations of the archive variant on the tiny settings, through the Makefile: the
 //! generator is improved between them and used by iteration 1, iteration 1's template prompt
 //! shows iteration 0's archive, validation runs at each iteration, and the report draws from
-//! the real tables. (The SFT checkpoint resume is tested in tiny_models.rs.)
+//! the real tables. (The SFT checkpoint resume is tested in tiny_models.rs.) Then the
+//! random-kill soak: the same run SIGKILLed at `SELFEDIT_SOAK_KILLS` random moments (2 here,
+//! `make soak KILLS=n` for more), resumed after each, ends with the same tables and redoes no
+//! finished work.
 
 mod common;
 
@@ -30,7 +33,9 @@ fn two_archive_iterations_improve_the_generator_and_report() {
         assert!(out.status.success(), "make {target} failed:\n{log}");
         log
     };
+    let started = std::time::Instant::now();
     make("iterations", &["ITERS=2"]);
+    let duration = started.elapsed();
     let exp = tmp.path().join("tiny-archive");
     // iteration 1 was conditioned on iteration 0's archive
     let archive0: Vec<ArchiveRow> = tables::read(&exp.join("iter0/archive.parquet")).unwrap();
@@ -72,4 +77,20 @@ fn two_archive_iterations_improve_the_generator_and_report() {
     // nothing left to do
     let again = make("iterations", &["ITERS=2"]);
     assert!(!again.contains("wrote"), "{again}");
+
+    // the random-kill soak against this run
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (kills, seed) = (env("SELFEDIT_SOAK_KILLS", 2) as usize, env("SELFEDIT_SOAK_SEED", 0));
+    let soak_out = tmp.path().join("soak");
+    let soak_make = || {
+        let mut c = Command::new("make");
+        c.current_dir(&root)
+            .args(["--no-print-directory", "iterations", "ITERS=2", "CONFIG=configs/tiny-archive.toml", "BUILD="])
+            .arg(format!("OUTPUTS={}", soak_out.display()))
+            .arg(format!("BIN={}", bin.display()));
+        c
+    };
+    let report = common::soak::soak(&soak_make, &soak_out.join("tiny-archive"), &exp, kills, seed, duration);
+    println!("soak ({kills} kills, seed {seed}, uninterrupted run {:.0} s): {}", duration.as_secs_f64(), report.line());
+    assert!(report.differing.is_empty() && report.redone.is_empty(), "{}", report.line());
 }

@@ -92,6 +92,7 @@ fn results_json_numbers_equal_template_stats() {
                     loss_curve: vec![],
                     seconds: 0.0,
                     error: None,
+                    capped: None,
                 });
                 for run in 0..2 {
                     for q in 0..4 {

@@ -1,5 +1,6 @@
 //! The pipeline end to end through the Makefile, on configs/tiny.toml with the real model:
-//! every table exists and a second reader (polars, lazily) reads it; a run killed during
+//! every table exists and a second reader (polars, lazily) reads it; a second make started
+//! beside a running one is refused; a run killed during
 //! adapter training resumes without redoing finished work and ends with the same tables.
 
 mod common;
@@ -243,4 +244,44 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     assert_eq!(tables::read::<AnswerRow>(&itb.join("answers.parquet")).unwrap(), answers);
     assert_eq!(tables::read::<TemplateStatsRow>(&itb.join("template_stats.parquet")).unwrap(), stats);
     assert_eq!(tables::read::<ArchiveRow>(&itb.join("archive.parquet")).unwrap(), archive);
+
+    // 3. two runs at once: a second make reaching the stage the first is running is refused
+    //    with the first one's pid; the first finishes with the same tables.
+    let c = tmp.path().join("c");
+    std::fs::create_dir_all(c.join("tiny/iter0")).unwrap();
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(b.join("tiny/stamps"))
+        .arg(b.join("tiny/articles.parquet"))
+        .arg(c.join("tiny"))
+        .status()
+        .unwrap()
+        .success());
+    for f in ["templates.parquet", "self_edits.parquet"] {
+        assert!(Command::new("cp").arg("-a").arg(it.join(f)).arg(c.join("tiny/iter0")).status().unwrap().success());
+    }
+    let first = make(&c).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let locks = c.join("tiny/locks");
+    let start = Instant::now();
+    let holder = loop {
+        let held: Vec<String> = std::fs::read_dir(&locks)
+            .map(|rd| rd.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok()).filter(|t| t.contains("train-adapters")).collect())
+            .unwrap_or_default();
+        if let Some(h) = held.into_iter().next() {
+            break h;
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "the first make never started training");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let second = make(&c).output().unwrap();
+    let text = String::from_utf8_lossy(&second.stdout).to_string() + &String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second make ran beside the first:\n{text}");
+    assert!(text.contains("is already doing this work") && text.contains(holder.trim()), "no message naming {holder:?}:\n{text}");
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "the first make failed:\n{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(
+        strip(tables::read(&c.join("tiny/iter0/adapters.parquet")).unwrap()),
+        strip(tables::read(&itb.join("adapters.parquet")).unwrap())
+    );
+    assert_eq!(tables::read::<AnswerRow>(&c.join("tiny/iter0/answers.parquet")).unwrap(), answers);
 }

@@ -121,6 +121,18 @@ pub struct TrainingSection {
     /// it is left out of every hash and changing it retrains nothing.
     #[serde(default = "default_adapters_per_batch", skip_serializing)]
     pub adapters_per_batch: usize,
+    /// The most training tokens one self-edit may cost (tokens of its sequences, each cut to
+    /// `max_len`, times its epochs). The model chooses the epochs and, through its
+    /// instruction, how many sequences and how long; a self-edit over the cap keeps the first
+    /// sequences that fit (one sequence cut to fit when even the first does not), recorded
+    /// in the `capped` column of `adapters.parquet`. 0 = no cap.
+    #[serde(default = "default_max_tokens_per_self_edit")]
+    pub max_tokens_per_self_edit: usize,
+}
+
+/// About seven times a paper self-edit (10 sequences of ~60 tokens, 10 epochs).
+fn default_max_tokens_per_self_edit() -> usize {
+    40_000
 }
 
 /// Chosen by measurement on the 2-core CPU (`make bench`, the `grouped_*` lines; README).

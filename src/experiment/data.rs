@@ -25,12 +25,42 @@ pub struct Passage {
 }
 
 /// Reads passages from `path`, detecting its shape.
+///
+/// Errors name the file and the position (passage, question, row; line and column for JSON
+/// that does not parse) and say what was expected: an empty context, a passage without
+/// questions, a question without a gold answer and a passage repeated are refused.
 pub fn load_passages(path: &Path) -> anyhow::Result<Vec<Passage>> {
+    let passages = load_any(path)?;
+    check_passages(&passages, path)?;
+    Ok(passages)
+}
+
+/// Every passage has text and questions, and no two passages share their text.
+fn check_passages(passages: &[Passage], path: &Path) -> anyhow::Result<()> {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in passages.iter().enumerate() {
+        let at = format!("passage {i} ({:?})", p.title);
+        if p.context.trim().is_empty() {
+            bail!("{}: {at}: empty context; every passage needs its text", path.display());
+        }
+        if p.questions.is_empty() {
+            bail!("{}: {at}: no questions; every passage needs at least one question with a gold answer", path.display());
+        }
+        if let Some(j) = first.insert(p.context.trim(), i) {
+            bail!("{}: {at} repeats passage {j} (the same context); remove one of them", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn load_any(path: &Path) -> anyhow::Result<Vec<Passage>> {
     let is_parquet = path.extension().is_some_and(|e| e == "parquet");
     if is_parquet {
         return load_hf_parquet(path);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not UTF-8 text: invalid byte at offset {}", path.display(), e.utf8_error().valid_up_to()))?;
     let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     match &doc {
         serde_json::Value::Object(o) if o.contains_key("data") => load_official(&doc, path),

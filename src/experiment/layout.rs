@@ -155,6 +155,10 @@ impl Layout {
     pub fn stamps_dir(&self) -> PathBuf {
         self.root.join("stamps")
     }
+    /// `locks/<name>.lock`: the run lock of one command (see `util::lock`).
+    pub fn lock(&self, name: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{name}.lock"))
+    }
     pub fn stamp(&self, stage: Stage) -> PathBuf {
         self.stamps_dir().join(format!("{}.hash", stage.name()))
     }

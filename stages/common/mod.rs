@@ -32,10 +32,19 @@ pub fn keep_freed_memory() {
 
 /// A stage binary: `stage_main!("about", [extra argument groups], |ctx, cli| call)` declares
 /// the arguments (`StageArgs` plus each group, flattened) and a `main` that sets up the
-/// process, opens the [`selfedit::experiment::cli::StageContext`] and makes the one call.
+/// process, opens the [`selfedit::experiment::cli::StageContext`], takes the run lock of
+/// this exact command (see [`lock_run`]) and makes the one call. `stage_main!(unlocked ...)`
+/// skips the lock (for `stamp`, whose writes are idempotent and which both of two
+/// concurrent `make`s run while reading the Makefile).
 #[allow(unused_macros)] // report, summary, collapse and selfedit are not stages
 macro_rules! stage_main {
+    (unlocked $about:literal, [$($field:ident : $ty:ty),* $(,)?], |$ctx:ident, $cli:ident| $body:expr) => {
+        common::stage_main!(@main false, $about, [$($field: $ty),*], |$ctx, $cli| $body);
+    };
     ($about:literal, [$($field:ident : $ty:ty),* $(,)?], |$ctx:ident, $cli:ident| $body:expr) => {
+        common::stage_main!(@main true, $about, [$($field: $ty),*], |$ctx, $cli| $body);
+    };
+    (@main $lock:expr, $about:literal, [$($field:ident : $ty:ty),*], |$ctx:ident, $cli:ident| $body:expr) => {
         #[derive(clap::Parser)]
         #[command(about = $about)]
         struct Cli {
@@ -51,9 +60,21 @@ macro_rules! stage_main {
             common::init();
             let $cli = <Cli as clap::Parser>::parse();
             let $ctx = selfedit::experiment::cli::StageContext::open(&$cli.stage)?;
+            let _run_lock = if $lock { Some(common::lock_run(&$ctx.layout)?) } else { None };
             $body
         }
     };
+}
+/// Takes the lock of this command line (binary and arguments) in the experiment's `locks/`:
+/// a second process started with the same command (a second `make` reaching the same stage,
+/// iteration, split and shard) is refused with the first one's pid while the first runs.
+#[allow(dead_code)] // report, summary, collapse and selfedit are not stages
+pub fn lock_run(layout: &selfedit::experiment::layout::Layout) -> anyhow::Result<selfedit::util::lock::RunLock> {
+    let args: Vec<String> = std::env::args().collect();
+    let bin = std::path::Path::new(&args[0]).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let command = format!("{bin} {}", args[1..].join(" "));
+    let name = format!("{bin}-{}", selfedit::util::hash::content_hash(&args[1..].to_vec()));
+    selfedit::util::lock::RunLock::acquire(&layout.lock(&name), &command)
 }
 #[allow(unused_imports)]
 pub(crate) use stage_main;

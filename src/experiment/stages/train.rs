@@ -31,6 +31,9 @@ pub struct AdapterRecord {
     pub steps: usize,
     pub loss_curve: Vec<f32>,
     pub seconds: f64,
+    /// What `training.max_tokens_per_self_edit` cut, when it did.
+    #[serde(default)]
+    pub capped: Option<String>,
 }
 
 /// The record's file name inside an adapter folder.
@@ -79,6 +82,7 @@ pub fn empty_row(id: &str) -> AdapterRow {
         loss_curve: vec![],
         seconds: 0.0,
         error: None,
+        capped: None,
     }
 }
 
@@ -156,8 +160,8 @@ pub fn train_adapters(
     // what on_done needs of each job in flight, filled as the jobs are built
     let finishing = std::cell::RefCell::new(HashMap::new());
     let jobs = pending.into_iter().filter_map(|(i, edit, t, texts, input_hash, dir)| match new_job(i, cfg, model, t, edit, &texts) {
-        Ok(job) => {
-            finishing.borrow_mut().insert(i, (edit.self_edit_id.clone(), dir, input_hash, job.examples.len()));
+        Ok((job, capped)) => {
+            finishing.borrow_mut().insert(i, (edit.self_edit_id.clone(), dir, input_hash, job.examples.len(), capped));
             Some(job)
         }
         Err(e) => {
@@ -167,8 +171,8 @@ pub fn train_adapters(
     });
     let base = model.source.display().to_string();
     train_group(&model.decoder, jobs, cfg.training.adapters_per_batch, |i, result| {
-        let (id, dir, input_hash, sequences) = finishing.borrow_mut().remove(&i).expect("every job was registered");
-        match result.and_then(|(adapter, report)| save_adapter(&adapter, &report, sequences, &base, &dir, input_hash)) {
+        let (id, dir, input_hash, sequences, capped) = finishing.borrow_mut().remove(&i).expect("every job was registered");
+        match result.and_then(|(adapter, report)| save_adapter(&adapter, &report, sequences, capped, &base, &dir, input_hash)) {
             Ok(rec) => {
                 rows.borrow_mut().push((i, adapter_row_from(&id, &dir, rec)));
                 progress.borrow_mut()(1);
@@ -193,11 +197,13 @@ fn adapter_row_from(id: &str, dir: &Path, rec: AdapterRecord) -> AdapterRow {
         loss_curve: rec.loss_curve,
         seconds: rec.seconds,
         error: None,
+        capped: rec.capped,
     }
 }
 
 /// A fresh adapter (on `training.target_modules`, with the template's hyperparameters and
-/// the self-edit's own seed) and its training sequences and settings.
+/// the self-edit's own seed) and its training sequences and settings, with what the token
+/// cap cut, if anything.
 fn new_job<K>(
     key: K,
     cfg: &ExperimentConfig,
@@ -205,10 +211,11 @@ fn new_job<K>(
     t: &TemplateRow,
     edit: &SelfEditRow,
     texts: &[String],
-) -> anyhow::Result<TrainJob<K>> {
-    let examples = training_examples(cfg, &model.tokenizer, texts)?;
-    let seed = derive_seed(cfg.seed, &format!("adapter/{}", edit.self_edit_id));
+) -> anyhow::Result<(TrainJob<K>, Option<String>)> {
     let h = &t.hyperparameters;
+    let examples = training_examples(cfg, &model.tokenizer, texts)?;
+    let (examples, capped) = cap_training(examples, h.num_epochs as usize, cfg.training.max_len, cfg.training.max_tokens_per_self_edit);
+    let seed = derive_seed(cfg.seed, &format!("adapter/{}", edit.self_edit_id));
     let lora = LoraConfig {
         rank: h.lora_rank as usize,
         alpha: h.lora_alpha as f64,
@@ -225,7 +232,40 @@ fn new_job<K>(
         seed,
         max_grad_norm: cfg.training.max_grad_norm,
     };
-    Ok(TrainJob { key, adapter, examples, config })
+    Ok((TrainJob { key, adapter, examples, config }, capped))
+}
+
+/// Keeps a self-edit's training within `cap` tokens (its sequences, each cut to `max_len`,
+/// times `epochs`): the first sequences while they fit, and when even the first does not,
+/// that one cut to `cap / epochs` tokens (at least 2). Returns what is kept and, when the cap
+/// bit, what it cut. `cap` 0 keeps everything.
+pub fn cap_training(examples: Vec<TrainExample>, epochs: usize, max_len: usize, cap: usize) -> (Vec<TrainExample>, Option<String>) {
+    let epochs = epochs.max(1);
+    let cost = |e: &TrainExample| e.ids.len().min(max_len) * epochs;
+    let total: usize = examples.iter().map(cost).sum();
+    if cap == 0 || total <= cap {
+        return (examples, None);
+    }
+    let n = examples.len();
+    let mut kept = Vec::new();
+    let mut used = 0;
+    let mut rest = examples.into_iter();
+    for e in rest.by_ref() {
+        if used + cost(&e) > cap {
+            if kept.is_empty() {
+                // even the first sequence is over the cap: train on its beginning
+                let len = (cap / epochs).clamp(2, max_len);
+                let ids = e.ids[..len.min(e.ids.len())].to_vec();
+                let note = format!("{total} training tokens over the cap of {cap}: kept the first {len} tokens of 1 of {n} sequences");
+                return (vec![TrainExample { ids, loss_from: e.loss_from }], Some(note));
+            }
+            break;
+        }
+        used += cost(&e);
+        kept.push(e);
+    }
+    let note = format!("{total} training tokens over the cap of {cap}: kept the first {} of {n} sequences ({used} tokens)", kept.len());
+    (kept, Some(note))
 }
 
 /// Writes a trained adapter with its record, atomically, as `dir`.
@@ -233,6 +273,7 @@ fn save_adapter(
     adapter: &LoraAdapter,
     report: &TrainReport,
     sequences: usize,
+    capped: Option<String>,
     base: &str,
     dir: &Path,
     input_hash: String,
@@ -244,6 +285,7 @@ fn save_adapter(
         steps: report.steps,
         loss_curve: report.step_losses.clone(),
         seconds: report.seconds,
+        capped,
     };
     // The record is written inside the adapter's temporary folder, so both appear together.
     crate::util::atomic::write_dir_atomically(dir, |tmp| {
@@ -279,4 +321,31 @@ pub fn run(ctx: &StageContext, model: &ModelArgs, shard: &ShardArgs) -> anyhow::
         count(AdapterStatus::Failed)
     );
     ctx.write(Stage::Train, &ctx.shard_table::<AdapterRow>(shard), &rows, &detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seqs(n: usize, len: usize) -> Vec<TrainExample> {
+        (0..n).map(|i| TrainExample { ids: vec![i as u32; len], loss_from: 0 }).collect()
+    }
+
+    #[test]
+    fn the_token_cap_bounds_the_worst_self_edit() {
+        // within the cap: untouched
+        let (kept, note) = cap_training(seqs(10, 60), 10, 2048, 40_000);
+        assert_eq!((kept.len(), note), (10, None));
+        // a self-edit of 5,000 sequences of 2,000 tokens at 50 epochs (500 M tokens): its
+        // first 4 sequences cut to max_len fit (4 × 1,000 × 10 = 40,000)
+        let (kept, note) = cap_training(seqs(5000, 2000), 10, 1000, 40_000);
+        assert_eq!(kept.len(), 4);
+        assert!(note.unwrap().contains("kept the first 4 of 5000 sequences (40000 tokens)"));
+        // one sequence alone over the cap: its beginning, cap / epochs tokens
+        let (kept, note) = cap_training(seqs(3, 2048), 50, 2048, 40_000);
+        assert_eq!((kept.len(), kept[0].ids.len()), (1, 800));
+        assert!(note.unwrap().contains("first 800 tokens of 1 of 3 sequences"));
+        // 0: no cap
+        assert_eq!(cap_training(seqs(5000, 2000), 10, 2048, 0).0.len(), 5000);
+    }
 }

@@ -159,6 +159,8 @@ table! {
         loss_curve: Vec<f32>,
         seconds: f64,
         error: Option<String>,
+        /// what `training.max_tokens_per_self_edit` cut, when it did
+        capped: Option<String>,
     }
 }
 

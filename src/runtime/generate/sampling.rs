@@ -107,11 +107,15 @@ impl Sampler {
             let thr = p.min_p as f32;
             cand.retain(|&(_, w)| w >= thr);
         }
-        cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
-        // 4. top_k
+        // 4. top_k over the candidates by decreasing probability (ties: lower id first); a
+        //    total order, so selecting the k first and sorting only them gives exactly the
+        //    head of the full sort, without sorting the whole vocabulary at every token
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0));
         if p.top_k > 0 && (p.top_k as usize) < cand.len() {
+            cand.select_nth_unstable_by(p.top_k as usize - 1, order);
             cand.truncate(p.top_k as usize);
         }
+        cand.sort_by(order);
         // 5. top_p over the renormalised remainder
         let total: f32 = cand.iter().map(|c| c.1).sum();
         if p.top_p < 1.0 {
