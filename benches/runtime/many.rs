@@ -27,7 +27,7 @@ fn self_edit(m: &LoadedModel, k: usize, epochs: usize) -> anyhow::Result<TrainJo
     let examples = (0..8 + k % 5)
         .map(|j| {
             let s = IMPLICATIONS[(k + j) % 12];
-            let text = if (j + k) % 3 == 0 {
+            let text = if (j + k).is_multiple_of(3) {
                 format!("{s} {}", IMPLICATIONS[(k + j + 5) % 12])
             } else {
                 format!("{s} This follows from the account of the Varnholt Observatory.")
