@@ -50,7 +50,8 @@ fn job(k: usize) -> TrainJob<usize> {
     let examples = (0..c.sequences)
         .map(|j| {
             // different lengths: one text or two, by position
-            let text = if (j + k).is_multiple_of(2) { TEXTS[(j + k) % 6].to_string() } else { format!("{} {}", TEXTS[j % 6], TEXTS[(j + 3) % 6]) };
+            let text =
+                if (j + k).is_multiple_of(2) { TEXTS[(j + k) % 6].to_string() } else { format!("{} {}", TEXTS[j % 6], TEXTS[(j + 3) % 6]) };
             TrainExample { ids: m.tokenizer.encode(&text).unwrap(), loss_from: if j == 1 { 3 } else { 0 } }
         })
         .collect();
