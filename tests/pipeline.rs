@@ -1,6 +1,7 @@
 //! The pipeline end to end through the Makefile, on configs/tiny.toml with the real model:
 //! every table exists and a second reader (polars, lazily) reads it; a second make started
-//! beside a running one is refused; a run killed during
+//! beside a running one is refused; writes that fail midway (a file-size limit) lose nothing;
+//! a run killed during
 //! adapter training resumes without redoing finished work and ends with the same tables.
 
 mod common;
@@ -284,4 +285,53 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
         strip(tables::read(&itb.join("adapters.parquet")).unwrap())
     );
     assert_eq!(tables::read::<AnswerRow>(&c.join("tiny/iter0/answers.parquet")).unwrap(), answers);
+
+    // 4. writes that fail midway (a file-size limit, as a full disk): the stage stops naming
+    //    the file and the cause, removes its temporary files and leaves complete files as
+    //    they were; make then resumes and ends with the same tables.
+    let itc = c.join("tiny/iter0");
+    let stage = |bin: &str, limit_kb: usize| {
+        let cmd = format!(
+            "ulimit -f {limit_kb}; exec {}/{bin} --config configs/tiny.toml --outputs {} --iter 0",
+            bin_dir().display(),
+            c.display()
+        );
+        let out = Command::new("bash").current_dir(root()).arg("-c").arg(cmd).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let leftovers = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect()
+    };
+    //    a table: the previous articles.parquet stays
+    let articles_before = std::fs::read(c.join("tiny/articles.parquet")).unwrap();
+    let (ok, err) = stage("prepare-data", 1);
+    assert!(!ok && err.contains("articles.parquet") && err.contains("File too large"), "{err}");
+    assert_eq!(std::fs::read(c.join("tiny/articles.parquet")).unwrap(), articles_before);
+    assert!(leftovers(&c.join("tiny")).is_empty(), "{:?}", leftovers(&c.join("tiny")));
+    //    an adapter: the stage stops at the first adapter it cannot write
+    let mut done: Vec<PathBuf> = std::fs::read_dir(itc.join("adapters")).unwrap().map(|e| e.unwrap().path()).collect();
+    done.sort();
+    std::fs::remove_dir_all(&done[0]).unwrap();
+    // (as when the first run stops in training: the tables after it do not exist yet)
+    for t in ["adapters", "answers", "scores", "template_stats", "archive"] {
+        std::fs::remove_file(itc.join(format!("{t}.parquet"))).unwrap();
+    }
+    let kept: Vec<(PathBuf, SystemTime)> = done[1..].iter().map(|d| (d.clone(), mtime(&d.join("train_record.json")))).collect();
+    let (ok, err) = stage("train-adapters", 100);
+    let victim = done[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!ok && err.contains(&victim) && err.contains("File too large"), "{err}");
+    assert!(!itc.join("adapters.parquet").exists() && !done[0].exists());
+    assert!(leftovers(&itc.join("adapters")).is_empty(), "{:?}", leftovers(&itc.join("adapters")));
+    //    space again: make trains only the missing adapter
+    run_make(&c);
+    for (d, t) in &kept {
+        assert_eq!(mtime(&d.join("train_record.json")), *t, "{} was trained again", d.display());
+    }
+    assert_eq!(strip(tables::read(&itc.join("adapters.parquet")).unwrap()), strip(tables::read(&itb.join("adapters.parquet")).unwrap()));
+    assert_eq!(tables::read::<AnswerRow>(&itc.join("answers.parquet")).unwrap(), answers);
 }

@@ -4,10 +4,15 @@
 
 /// Sizes candle's rayon pool beside OpenBLAS (one thread; see
 /// `selfedit::runtime::blas::rayon_threads_beside_blas`) unless `RAYON_NUM_THREADS` is set,
-/// tells the allocator to keep freed memory, and logs warnings to stderr (`RUST_LOG`
+/// tells the allocator to keep freed memory, turns file-size-limit signals into write errors,
+/// and logs warnings to stderr (`RUST_LOG`
 /// overrides the level).
 pub fn init() {
     keep_freed_memory();
+    // A file-size limit (ulimit -f, a full quota) then fails the write with an error naming
+    // the file, and the temporary file is removed, instead of killing the process mid-write.
+    // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     if let (Some(n), None) = (selfedit::runtime::blas::rayon_threads_beside_blas(), std::env::var_os("RAYON_NUM_THREADS")) {
         // Set before this process starts any thread: candle reads it at every matmul.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

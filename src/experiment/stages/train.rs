@@ -172,8 +172,11 @@ pub fn train_adapters(
     let base = model.source.display().to_string();
     train_group(&model.decoder, jobs, cfg.training.adapters_per_batch, |i, result| {
         let (id, dir, input_hash, sequences, capped) = finishing.borrow_mut().remove(&i).expect("every job was registered");
-        match result.and_then(|(adapter, report)| save_adapter(&adapter, &report, sequences, capped, &base, &dir, input_hash)) {
-            Ok(rec) => {
+        match result {
+            // a write that fails (disk full, a size limit) stops the stage: it is no fault of
+            // the self-edit, and a rerun after freeing space trains only what is missing
+            Ok((adapter, report)) => {
+                let rec = save_adapter(&adapter, &report, sequences, capped, &base, &dir, input_hash)?;
                 rows.borrow_mut().push((i, adapter_row_from(&id, &dir, rec)));
                 progress.borrow_mut()(1);
             }
