@@ -269,3 +269,53 @@ fn data_and_config_errors_name_the_file_the_place_and_what_was_expected() {
         assert!(e.contains("bad.toml") && want.iter().all(|w| e.contains(w)), "{to}: {e}");
     }
 }
+
+/// Model-side classes: an architecture the decoder does not run, an adapter made for another
+/// base model, a table written by an older version (a column missing).
+#[test]
+fn foreign_models_adapters_and_old_tables_are_refused_by_name() {
+    use selfedit::experiment::tables::{self, AdapterRow};
+    use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
+    let dir = tempfile::tempdir().unwrap();
+    // a GPT-2 checkpoint
+    let gpt2 = dir.path().join("gpt2");
+    common::write_tiny_checkpoint(&gpt2, &common::tiny_config("gpt2"), 0);
+    let e = format!("{:#}", selfedit::runtime::formats::load(&gpt2, &candle_core::Device::Cpu).err().expect("a GPT-2 checkpoint loaded"));
+    assert!(e.contains("gpt2") && e.contains("not supported") && e.contains("llama"), "{e}");
+    // an adapter for a model with another hidden size: the tensor and both shapes
+    let small = common::tiny_config("llama");
+    let adapter = LoraAdapter::new(&small, LoraConfig::paper(4, 8.0, 0.0), 0, &candle_core::Device::Cpu).unwrap();
+    adapter.save_peft(&dir.path().join("adapter"), "tiny").unwrap();
+    let mut wide = small.clone();
+    wide.hidden_size = 64;
+    let e = format!(
+        "{:#}",
+        LoraAdapter::load_peft(&dir.path().join("adapter"), &wide, &candle_core::Device::Cpu).err().expect("a foreign adapter loaded")
+    );
+    assert!(e.contains("adapter_model.safetensors") && e.contains("q_proj") && e.contains("[4, 32]") && e.contains("64"), "{e}");
+    // an adapters table without the column added since
+    let path = dir.path().join("adapters.parquet");
+    let row = AdapterRow {
+        self_edit_id: "a000-t00-c0".into(),
+        status: selfedit::experiment::states::AdapterStatus::Trained,
+        adapter_path: None,
+        sequences: 1,
+        tokens: 10,
+        steps: 1,
+        loss_curve: vec![1.0],
+        seconds: 0.1,
+        error: None,
+        capped: None,
+    };
+    tables::write(&path, &[row], &Default::default()).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let batch =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap().next().unwrap().unwrap();
+    let keep: Vec<usize> = (0..batch.num_columns()).filter(|&i| batch.schema().field(i).name() != "capped").collect();
+    let old = batch.project(&keep).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), old.schema(), None).unwrap();
+    w.write(&old).unwrap();
+    w.close().unwrap();
+    let e = format!("{:#}", tables::read::<AdapterRow>(&path).unwrap_err());
+    assert!(e.contains("adapters.parquet") && e.contains("\"capped\" is missing"), "{e}");
+}
