@@ -121,6 +121,7 @@ fn product(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, pad_small: bool
 /// Padding a product below this size with zero rows keeps every row's numbers independent
 /// of how many rows share its matmul, which is what makes packed sequences exact. (Only the
 /// frozen projections need it: attention runs per sequence at the sequence's own shapes.)
+#[cfg(feature = "openblas")]
 const SMALL_PRODUCT: usize = 1 << 21;
 
 #[cfg(feature = "openblas")]
