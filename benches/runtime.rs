@@ -5,6 +5,9 @@
 //! Timed figures are medians of several runs; this machine is shared, so compare only runs
 //! made back to back (the `foreign_cores_*` lines say how busy the other processes were).
 
+#[path = "../stages/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 #[path = "runtime/many.rs"]
 mod many;
 
@@ -155,14 +158,9 @@ impl Foreign {
 }
 
 fn main() -> anyhow::Result<()> {
-    // As the stage binaries do (stages/common): freed memory stays with the process, and
-    // candle's rayon pool keeps to one thread beside OpenBLAS.
-    // SAFETY: sets mimalloc's purge_delay (option 15) to -1, a plain integer option.
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
-    if let (Some(n), None) = (selfedit::runtime::blas::rayon_threads_beside_blas(), std::env::var_os("RAYON_NUM_THREADS")) {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-    }
+    // The stage binaries' process setup: freed memory stays with the process, candle's rayon
+    // pool keeps to one thread beside OpenBLAS.
+    common::init();
     let a = Args::parse();
     if a.synthetic {
         return synthetic(&a);
