@@ -241,3 +241,236 @@ fn training_resumes_from_a_checkpoint_exactly() {
     let e = train_lora_with(&m.decoder, &mut again, &examples, &tc, Some(&c), |_, _, _| ControlFlow::Continue(())).unwrap_err();
     assert!(format!("{e:#}").contains("delete"), "{e:#}");
 }
+
+/// Max |a - b| between our logits at `positions` and the reference rows.
+fn logit_gap(dec: &selfedit::runtime::model::Decoder, ids: &[u32], positions: &[usize], want: &[Vec<f32>]) -> f32 {
+    let all = all_logits(dec, ids);
+    let mut gap = 0f32;
+    for (p, row) in positions.iter().zip(want) {
+        let got: Vec<f32> = all.get(*p).unwrap().to_vec1().unwrap();
+        assert_eq!(got.len(), row.len());
+        gap = got.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(gap, f32::max);
+    }
+    gap
+}
+
+fn llama3_reference() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(common::data("tiny_llama3/reference.json")).unwrap()).unwrap()
+}
+
+/// Checks a loaded Llama-3-shaped model against Transformers' ids and logits
+/// (`scripts/make_llama3_reference.py`) and returns the largest logit gap.
+fn check_against_transformers(m: &selfedit::runtime::formats::LoadedModel, what: &str) -> f32 {
+    let reference = llama3_reference();
+    let mut worst = 0f32;
+    for case in reference["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        // `tokenizer(text)` in Transformers: the post-processor's <|begin_of_text|> first.
+        assert_eq!(m.tokenizer.encode_document(text).unwrap(), ids, "{what}: ids of {text:?}");
+        assert_eq!(m.tokenizer.encode_prompt(text).unwrap(), ids, "{what}: prompt ids of {text:?}");
+        let positions: Vec<usize> = serde_json::from_value(case["positions"].clone()).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(case["logits"].clone()).unwrap();
+        worst = worst.max(logit_gap(&m.decoder, &ids, &positions, &want));
+    }
+    worst
+}
+
+/// Float32 summation order differs from PyTorch's; logits here are O(10).
+const LLAMA3_TOL: f32 = 2e-4;
+
+#[test]
+fn llama3_rope_scaling_and_bos_match_transformers_from_hf_and_gguf() {
+    use selfedit::runtime::formats;
+    let fixture = common::data("tiny_llama3");
+    // 1. The folder as Transformers 5 saves it (`rope_parameters` with `rope_theta` inside).
+    let hf = formats::load(&fixture.join("hf"), &Device::Cpu).unwrap();
+    assert!(matches!(hf.decoder.cfg.rope().unwrap(), selfedit::runtime::model::RopeScaling::Llama3 { .. }));
+    let gap = check_against_transformers(&hf, "hf folder");
+    assert!(gap < LLAMA3_TOL, "hf folder: logits differ from Transformers by {gap}");
+
+    // 2. The older layout (`rope_scaling`, `rope_theta` at the top), as on the Hub today.
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("hf/config.json")).unwrap()).unwrap();
+    let write_variant = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture.join("hf").join(f), dir.path().join(f)).unwrap();
+        }
+        let mut c = cfg.clone();
+        edit(&mut c);
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        dir
+    };
+    let legacy = write_variant(&|c| {
+        let mut p = c["rope_parameters"].take();
+        c["rope_theta"] = p["rope_theta"].take();
+        p.as_object_mut().unwrap().remove("rope_theta");
+        c["rope_scaling"] = p;
+        c.as_object_mut().unwrap().remove("rope_parameters");
+    });
+    let gap = check_against_transformers(&formats::load(legacy.path(), &Device::Cpu).unwrap(), "rope_scaling layout");
+    assert!(gap < LLAMA3_TOL, "rope_scaling layout: logits differ by {gap}");
+
+    // The test sees RoPE: the same weights with plain RoPE are far off.
+    let plain = write_variant(&|c| c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}));
+    let gap = check_against_transformers(&formats::load(plain.path(), &Device::Cpu).unwrap(), "plain RoPE");
+    assert!(gap > 100. * LLAMA3_TOL, "unscaled RoPE should give other logits (gap {gap})");
+
+    // 3. The GGUF llama.cpp's converter writes: scaling as `rope_freqs.weight`, BOS by add_bos_token.
+    let gguf = formats::load(&fixture.join("model.gguf"), &Device::Cpu).unwrap();
+    let divisors: Vec<f32> = gguf.decoder.rope_freqs.as_ref().expect("rope_freqs kept").to_vec1().unwrap();
+    let want: Vec<f32> = serde_json::from_value(llama3_reference()["rope_freqs"].clone()).unwrap();
+    assert_eq!(divisors, want);
+    // The same divisors as the config's llama3 scaling gives.
+    let inv_plain: Vec<f32> = (0..8).map(|i| 1f32 / 10000f32.powf(2. * i as f32 / 16.)).collect();
+    let ours = hf.decoder.cfg.rope().unwrap().freq_factors(&inv_plain);
+    assert!(ours.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{ours:?} vs {want:?}");
+    let gap = check_against_transformers(&gguf, "gguf");
+    assert!(gap < LLAMA3_TOL, "gguf: logits differ from Transformers by {gap}");
+
+    // 4. A merged model saved from the GGUF keeps its divisors and reloads to the same logits.
+    let saved = tempfile::tempdir().unwrap();
+    let out = saved.path().join("merged");
+    formats::hf::save_hf(&gguf.decoder, &gguf.tokenizer, &out).unwrap();
+    let back = formats::load(&out, &Device::Cpu).unwrap();
+    assert!(back.decoder.rope_freqs.is_some());
+    let gap = check_against_transformers(&back, "saved from gguf");
+    assert!(gap < LLAMA3_TOL, "saved from gguf: logits differ by {gap}");
+    // ... and a config that names a scaling too is refused: which one applies is undefined.
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    c["rope_scaling"] = cfg["rope_parameters"].clone();
+    std::fs::write(out.join("config.json"), c.to_string()).unwrap();
+    let err = format!("{:#}", formats::load(&out, &Device::Cpu).err().expect("both scalings refused"));
+    assert!(err.contains("rope_freqs.weight") && err.contains("rope_scaling"), "{err}");
+}
+
+#[test]
+fn unsupported_rope_and_unknown_gguf_tensors_are_refused_by_name() {
+    use candle_core::quantized::gguf_file;
+    use selfedit::runtime::formats;
+    let fixture = common::data("tiny_llama3");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("hf/config.json")).unwrap()).unwrap();
+    let mlp = |key: &str, v: serde_json::Value| serde_json::json!({"rope_type": "default", key: v});
+    for (rope, named) in [
+        (serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}), "\"yarn\""),
+        (serde_json::json!({"type": "linear", "factor": 2.0}), "\"linear\""),
+        (serde_json::json!({"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0}), "low_freq_factor"),
+        (mlp("hidden_act", "gelu".into()), "\"gelu\""),
+        (mlp("mlp_bias", true.into()), "mlp_bias"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture.join("hf").join(f), dir.path().join(f)).unwrap();
+        }
+        let mut c = cfg.clone();
+        // The MLP cases put their key at the top level, beside plain RoPE.
+        for key in ["hidden_act", "mlp_bias"] {
+            if let Some(v) = rope.get(key) {
+                c[key] = v.clone();
+            }
+        }
+        c["rope_parameters"] = rope;
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let err = format!("{:#}", formats::load(dir.path(), &Device::Cpu).err().expect("refused"));
+        assert!(err.contains("config.json") && err.contains(named), "{err}");
+    }
+
+    // A GGUF with a tensor the decoder does not know, or another RoPE scaling in its metadata.
+    let mut file = std::fs::File::open(fixture.join("model.gguf")).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors: Vec<(String, candle_core::quantized::QTensor)> = Vec::new();
+    for name in content.tensor_infos.keys() {
+        tensors.push((name.clone(), content.tensor(&mut file, name, &Device::Cpu).unwrap()));
+    }
+    let write = |extra_tensor: bool, scaling: Option<&str>| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        let mut meta: Vec<(String, gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(s) = scaling {
+            meta.push(("llama.rope.scaling.type".into(), gguf_file::Value::String(s.into())));
+        }
+        let mut ts: Vec<(String, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let sinks = candle_core::quantized::QTensor::quantize(
+            &Tensor::ones(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            candle_core::quantized::GgmlDType::F32,
+        )
+        .unwrap();
+        if extra_tensor {
+            ts.push(("blk.0.attn_sinks.weight".into(), &sinks));
+        }
+        let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts_refs: Vec<(&str, &candle_core::quantized::QTensor)> = ts.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        let mut f = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut f, &meta_refs, &ts_refs).unwrap();
+        drop(f);
+        let r = formats::load(&path, &Device::Cpu).map(|_| ()).map_err(|e| format!("{e:#}"));
+        (dir, r)
+    };
+    // Rewritten unchanged, it still loads (the writer is not what is refused).
+    assert!(write(false, None).1.is_ok());
+    let err = write(true, None).1.unwrap_err();
+    assert!(err.contains("model.gguf") && err.contains("blk.0.attn_sinks.weight"), "{err}");
+    let err = write(false, Some("yarn")).1.unwrap_err();
+    assert!(err.contains("rope.scaling.type") && err.contains("yarn"), "{err}");
+    assert!(write(false, Some("none")).1.is_ok());
+}
+
+/// A Python-PEFT rsLoRA adapter (scale alpha / sqrt(r), on q/v/down_proj) gives PEFT's own logits,
+/// applied at run time and merged, over the Hugging Face folder and over the GGUF; a setting
+/// or a tensor selfedit would not apply is refused by name.
+#[test]
+fn peft_rslora_adapter_matches_peft_logits() {
+    use selfedit::runtime::formats;
+    use selfedit::runtime::model::Adapter;
+    let fixture = common::data("tiny_llama3");
+    let case = llama3_reference()["peft_rslora"].clone();
+    let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+    let positions: Vec<usize> = serde_json::from_value(case["positions"].clone()).unwrap();
+    let want: Vec<Vec<f32>> = serde_json::from_value(case["logits"].clone()).unwrap();
+    let adapter_dir = fixture.join("peft_rslora_r4");
+    for base in [fixture.join("hf"), fixture.join("model.gguf")] {
+        let m = formats::load(&base, &Device::Cpu).unwrap();
+        let a = LoraAdapter::load_peft(&adapter_dir, &m.decoder.cfg, &Device::Cpu).unwrap();
+        assert!(a.config.use_rslora && a.config.rank == 4);
+        let b = Batch::causal(&ids, 0, &Device::Cpu, DType::F32).unwrap();
+        let live = m.decoder.forward_all(&b, None, Some(&a as &dyn Adapter)).unwrap().squeeze(0).unwrap();
+        let mut gap = 0f32;
+        for (p, row) in positions.iter().zip(&want) {
+            let got: Vec<f32> = live.get(*p).unwrap().to_vec1().unwrap();
+            gap = got.iter().zip(row).map(|(x, y)| (x - y).abs()).fold(gap, f32::max);
+        }
+        assert!(gap < LLAMA3_TOL, "{}: adapter logits differ from PEFT by {gap}", base.display());
+        let mut merged = m.decoder.clone();
+        a.merge_into(&mut merged).unwrap();
+        let gap = logit_gap(&merged, &ids, &positions, &want);
+        assert!(gap < LLAMA3_TOL, "{}: merged logits differ from PEFT by {gap}", base.display());
+        // Plain LoRA scaling (alpha / r) is half of rsLoRA's here, and visibly off.
+        let base_gap = logit_gap(&m.decoder, &ids, &positions, &want);
+        assert!(base_gap > 100. * LLAMA3_TOL, "the adapter should change the logits ({base_gap})");
+    }
+
+    // A PEFT field selfedit does not know, or a tensor it would not read, is refused.
+    let m = formats::load(&fixture.join("hf"), &Device::Cpu).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter_dir.join("adapter_config.json")).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(adapter_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let variant = |field: &str, value: serde_json::Value, extra: Option<&str>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg.clone();
+        c[field] = value;
+        std::fs::write(dir.path().join("adapter_config.json"), c.to_string()).unwrap();
+        let mut t = tensors.clone();
+        if let Some(name) = extra {
+            t.insert(name.to_string(), Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap());
+        }
+        candle_core::safetensors::save(&t, dir.path().join("adapter_model.safetensors")).unwrap();
+        LoraAdapter::load_peft(dir.path(), &m.decoder.cfg, &Device::Cpu).map(|_| ()).map_err(|e| format!("{e:#}"))
+    };
+    assert!(variant("use_bdlora", serde_json::Value::Null, None).is_ok());
+    let err = variant("use_bdlora", serde_json::json!({"block_size": 2}), None).unwrap_err();
+    assert!(err.contains("adapter_config.json") && err.contains("use_bdlora"), "{err}");
+    let err = variant("some_future_switch", serde_json::json!(true), None).unwrap_err();
+    assert!(err.contains("some_future_switch"), "{err}");
+    let stray = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight";
+    let err = variant("r", serde_json::json!(4), Some(stray)).unwrap_err();
+    assert!(err.contains("adapter_model.safetensors") && err.contains(stray), "{err}");
+}

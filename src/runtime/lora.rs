@@ -202,6 +202,21 @@ impl LoraAdapter {
                 map.insert(m, LoraPair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
             }
         }
+        // A tensor nothing above read (another layer's or module's, an embedding to save)
+        // would be silently dropped: refuse instead.
+        let expected: usize = layers.iter().map(|l| 2 * l.len()).sum();
+        if tensors.len() != expected {
+            let known: std::collections::HashSet<String> = (0..model.num_hidden_layers)
+                .flat_map(|i| targets.iter().flat_map(move |&m| ["A", "B"].map(|ab| Self::tensor_name(i, m, ab))))
+                .collect();
+            let extra: Vec<&String> =
+                tensors.keys().filter(|n| !known.contains(*n) && !known.contains(&n.replace(".default.weight", ".weight"))).collect();
+            bail!(
+                "{}: tensors {extra:?} belong to no targeted module of this {}-layer model; selfedit applies only lora_A/lora_B of target_modules",
+                weights_path.display(),
+                model.num_hidden_layers
+            );
+        }
         Ok(Self { config: LoraConfig { rank, alpha, dropout, targets, use_rslora }, layers, dropout_rng: None })
     }
 
@@ -220,10 +235,37 @@ impl LoraAdapter {
     }
 }
 
-/// The `adapter_config.json` fields that change what the adapter computes and that this
-/// runtime does not apply: a file that sets one is refused by name rather than misread.
-/// (`use_rslora` is applied; `init_lora_weights` and `inference_mode` do not matter to a
-/// trained adapter.)
+/// `adapter_config.json` fields selfedit applies (`r`, `lora_alpha`, `lora_dropout`,
+/// `target_modules`, `use_rslora`) or that cannot change what a trained adapter computes.
+/// Every other field that is set (not null, false, empty or `"none"`) is refused by name,
+/// so a setting added by a newer PEFT is never silently dropped.
+const PEFT_FIELDS_UNDERSTOOD: &[&str] = &[
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "use_rslora",
+    // Bookkeeping.
+    "base_model_name_or_path",
+    "revision",
+    "task_type",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    // Initialisation schemes: they choose the starting A and B, which the file already holds.
+    "init_lora_weights",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    // Only read together with a setting refused above (Megatron layers, QALoRA, tied modules to save).
+    "megatron_config",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+];
+
 fn refuse_unsupported(raw: &serde_json::Value, path: &Path) -> anyhow::Result<()> {
     let set = |v: &serde_json::Value| match v {
         serde_json::Value::Null => false,
@@ -233,26 +275,11 @@ fn refuse_unsupported(raw: &serde_json::Value, path: &Path) -> anyhow::Result<()
         serde_json::Value::String(s) => s != "none",
         serde_json::Value::Number(_) => true,
     };
-    for field in [
-        "use_dora",
-        "rank_pattern",
-        "alpha_pattern",
-        "layers_to_transform",
-        "layers_pattern",
-        "bias",
-        "lora_bias",
-        "modules_to_save",
-        "fan_in_fan_out",
-        "exclude_modules",
-        "target_parameters",
-        "layer_replication",
-        "trainable_token_indices",
-        "use_qalora",
-        "alora_invocation_tokens",
-    ] {
-        if let Some(v) = raw.get(field).filter(|v| set(v)) {
+    let object = raw.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
+    for (field, v) in object {
+        if !PEFT_FIELDS_UNDERSTOOD.contains(&field.as_str()) && set(v) {
             bail!(
-                "{}: {field} = {v} changes the adapter's update and selfedit does not apply it; \
+                "{}: {field} = {v} may change the adapter's update and selfedit does not apply it; \
                  merge the adapter with PEFT (merge_and_unload) and load the merged model, or retrain without it",
                 path.display()
             );

@@ -141,16 +141,11 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Ids of a plain (non-chat) prompt, with BOS when the model wants one.
+    /// Ids of a plain (non-chat) prompt as vLLM and Transformers encode a string prompt
+    /// (`add_special_tokens=True`): the same as [`Self::encode_document`], so Llama 3's
+    /// post-processor BOS is there too.
     pub fn encode_prompt(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        if self.add_bos {
-            if let Some(id) = self.bos_token.as_deref().and_then(|b| self.inner.token_to_id(b)) {
-                ids.push(id);
-            }
-        }
-        ids.extend(self.encode(text)?);
-        Ok(ids)
+        self.encode_document(text)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> anyhow::Result<String> {

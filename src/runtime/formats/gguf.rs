@@ -16,7 +16,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::runtime::model::ModelConfig;
+use crate::runtime::model::{ModelConfig, ROPE_FREQS};
 use crate::runtime::tokenizer::TextTokenizer;
 
 pub struct GgufModel {
@@ -87,17 +87,42 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<GgufMo
         tie_word_embeddings: !has_output,
         attention_bias: false,
         rope_scaling: None,
+        rope_parameters: None,
+        hidden_act: None,
+        mlp_bias: false,
         bos_token_id: meta_u32(&content, "tokenizer.ggml.bos_token_id").map(|v| json!(v)),
         eos_token_id: meta_u32(&content, "tokenizer.ggml.eos_token_id").map(|v| json!(v)),
     };
     config.validate()?;
+    // llama.cpp names other RoPE variants in the metadata (linear, yarn, longrope); Llama 3's
+    // scaling comes as the `rope_freqs.weight` tensor instead (read by the decoder).
+    if let Some(kind) = c_str(&content, &k("rope.scaling.type")) {
+        if kind != "none" {
+            bail!(
+                "{}: GGUF {} is {kind:?}, a RoPE scaling selfedit does not implement (it runs plain RoPE and Llama 3's rope_freqs)",
+                path.display(),
+                k("rope.scaling.type")
+            );
+        }
+    }
 
     let mut weights = HashMap::new();
-    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    names.sort();
     for name in names {
-        let Some(hf) = hf_name(&name) else { continue };
+        let hf = hf_name(&name).with_context(|| {
+            format!(
+                "{}: GGUF tensor {name:?} is not one selfedit's {arch} decoder knows; running without it would compute something else, so the file is refused",
+                path.display()
+            )
+        })?;
         let qt = content.tensor(&mut file, &name, device).with_context(|| format!("{}: reading tensor {name}", path.display()))?;
         let mut t = qt.dequantize(device)?;
+        if hf == ROPE_FREQS {
+            // Divisors of the frequencies: kept in f32 whatever the compute dtype.
+            weights.insert(hf, t.to_dtype(DType::F32)?);
+            continue;
+        }
         if arch == "llama" {
             if name.ends_with("attn_q.weight") {
                 t = unpermute(&t, heads)?;
@@ -111,9 +136,14 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<GgufMo
     Ok(GgufModel { config, weights, tokenizer, architecture: arch })
 }
 
-/// The Hugging Face name of a GGUF tensor, or `None` for tensors the decoder does not use.
+fn c_str(c: &Content, key: &str) -> Option<String> {
+    c.metadata.get(key).and_then(|v| v.to_string().ok().cloned())
+}
+
+/// The Hugging Face name of a GGUF tensor, or `None` for a tensor the decoder does not know.
 fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
+        "rope_freqs.weight" => return Some(ROPE_FREQS.into()),
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
         "output.weight" => return Some("lm_head.weight".into()),

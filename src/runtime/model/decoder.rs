@@ -11,8 +11,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cache::{causal_mask, Batch, KvCache};
-use super::config::ModelConfig;
-use super::weights::{global_tensors, Proj};
+use super::config::{ModelConfig, RopeScaling};
+use super::weights::{global_tensors, Proj, ROPE_FREQS};
 use crate::runtime::ops;
 
 /// A low-rank (or any additive) update of the projections, applied on top of the frozen
@@ -85,9 +85,8 @@ struct RopeTable {
 }
 
 impl RopeTable {
-    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let dim = cfg.head_dim();
-        let inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32)).collect();
+    /// `inv_freq`: `[head_dim / 2]`, already scaled (see [`ModelConfig::rope_inv_freq`]).
+    fn new(cfg: &ModelConfig, inv_freq: Vec<f32>, dtype: DType, device: &Device) -> Result<Self> {
         let n = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
         let max = cfg.max_position_embeddings;
@@ -114,6 +113,10 @@ pub struct Decoder {
     pub norm: Tensor,
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
     pub lm_head: Tensor,
+    /// llama.cpp's per-frequency RoPE divisors `[head_dim / 2]` (`rope_freqs.weight`, which
+    /// its converter writes for Llama 3.1+ instead of `rope_scaling`); kept so a saved
+    /// model carries them.
+    pub rope_freqs: Option<Tensor>,
     rope: RopeTable,
 }
 
@@ -152,8 +155,25 @@ impl Decoder {
         }
         let norm = vm.pp("norm").get(h, "weight")?;
         let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { vb.pp("lm_head").get((cfg.vocab_size, h), "weight")? };
-        let rope = RopeTable::new(cfg, embed_tokens.dtype(), embed_tokens.device())?;
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope })
+        // RoPE: the config's variant, or llama.cpp's explicit divisors; never both, since
+        // which one wins is not defined anywhere.
+        let mut inv_freq = cfg.rope_inv_freq().map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let rope_freqs = if vb.contains_tensor(ROPE_FREQS) {
+            if cfg.rope().map_err(|e| candle_core::Error::Msg(format!("{e:#}")))? != RopeScaling::Default {
+                candle_core::bail!("the checkpoint has both a rope_scaling and a {ROPE_FREQS} tensor; keep one");
+            }
+            let t = vb.get_unchecked_dtype(ROPE_FREQS, DType::F32)?;
+            let factors: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            if factors.len() != inv_freq.len() || factors.iter().any(|f| !(f.is_finite() && *f > 0.)) {
+                candle_core::bail!("{ROPE_FREQS} must hold {} positive divisors (head_dim / 2), found {factors:?}", inv_freq.len());
+            }
+            inv_freq.iter_mut().zip(&factors).for_each(|(f, d)| *f /= d);
+            Some(t)
+        } else {
+            None
+        };
+        let rope = RopeTable::new(cfg, inv_freq, embed_tokens.dtype(), embed_tokens.device())?;
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope_freqs, rope })
     }
 
     pub fn device(&self) -> &Device {
@@ -354,6 +374,9 @@ impl Decoder {
             }
             out.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.clone()));
             out.push((format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
+        }
+        if let Some(t) = &self.rope_freqs {
+            out.push((ROPE_FREQS.to_string(), t.clone()));
         }
         out
     }

@@ -10,6 +10,6 @@ mod decoder;
 mod weights;
 
 pub use cache::{causal_mask, Batch, KvCache};
-pub use config::ModelConfig;
+pub use config::{ModelConfig, RopeScaling};
 pub use decoder::{Adapter, Attention, Decoder, DecoderLayer, Linear, Mlp};
-pub use weights::{global_tensors, layer_tensors, random_weights, Proj, TensorKind};
+pub use weights::{global_tensors, layer_tensors, random_weights, Proj, TensorKind, ROPE_FREQS};
