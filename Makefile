@@ -22,7 +22,7 @@ EMBEDDER_DIR := $(MODELS)/all-MiniLM-L6-v2
 EMBEDDER_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 EMBEDDER := $(EMBEDDER_DIR)/model.safetensors
 
-.PHONY: help build blas model embedder test bench bench-slurm mutants soak run clean-outputs
+.PHONY: help build blas model embedder test bench bench-slurm mutants soak run science clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -247,7 +247,8 @@ $(V)/template_stats.parquet: $(V)/answers.parquet
 	$(call job,iter$(ITER)-val-score)$(BIN)/score $(VAL_ARGS)
 
 # Improving the generator after iteration ITER (ReST-EM): examples, then LoRA + merge.
-$(I)/sft.parquet: $(I)/template_stats.parquet $(STAMPS)/sft.hash
+# (the archive too: the novelty variant ranks examples by its novelty column)
+$(I)/sft.parquet: $(I)/template_stats.parquet $(I)/archive.parquet $(STAMPS)/sft.hash
 	$(call job,iter$(ITER)-build-sft)$(BIN)/build-sft $(STAGE_ARGS) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
 
 $(I)/generator/config.json: $(I)/sft.parquet
@@ -283,6 +284,26 @@ report: $(OUT)/collapse.parquet  ## plots (PNG, SVG) and index.md of CONFIG's re
 
 run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default experiment (configs/tiny.toml; ITERS=n)
 	@$(MAKE) --no-print-directory iterations CONFIG=$(CONFIG) BUILD=
+
+# The science experiment (README "The science experiment"): three reference arms scored on
+# the validation passages, three searched variants for SCIENCE_ITERS iterations, then the
+# intervals, the figure and index.md in outputs/science/. Every arm is an ordinary experiment
+# (outputs/science-<arm>/), so a killed run resumes where it stopped.
+SCIENCE_REFERENCE := passage implications rewrite
+SCIENCE_SEARCHED := no-archive archive novelty
+SCIENCE_ITERS ?= 3
+SCIENCE_OUT := $(OUTPUTS)/science
+science: $(SMOLLM) $(EMBEDDER) build  ## the CPU-scale experiment: reference arms, no-archive / archive / novelty, 95% intervals, figure (outputs/science/)
+	@start=$$(date +%s); \
+	for arm in $(SCIENCE_REFERENCE); do \
+	  $(MAKE) --no-print-directory iterations CONFIG=configs/science-$$arm.toml ITERS=1 BUILD= || exit 1; done; \
+	for arm in $(SCIENCE_SEARCHED); do \
+	  $(MAKE) --no-print-directory iterations CONFIG=configs/science-$$arm.toml ITERS=$(SCIENCE_ITERS) BUILD= || exit 1; \
+	  $(MAKE) --no-print-directory collapse CONFIG=configs/science-$$arm.toml BUILD= || exit 1; done; \
+	secs=$$(( $$(date +%s) - start )); \
+	$(BIN)/science-report $(foreach a,$(SCIENCE_REFERENCE),--reference $(a)=$(OUTPUTS)/science-$(a)) \
+	  $(foreach a,$(SCIENCE_SEARCHED),--searched $(a)=$(OUTPUTS)/science-$(a)) --out $(SCIENCE_OUT) --seconds $$secs && \
+	echo "science: this run took $$secs s; open $(SCIENCE_OUT)/index.md"
 
 clean-outputs:  ## delete outputs/$(EXP)
 	rm -rf $(OUT)

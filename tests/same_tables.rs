@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::ITER0_TABLES as TABLES;
-const SKIP: [&str; 5] = ["seconds", "adapter_path", "source_index", "reasoning", "capped"];
+const SKIP: [&str; 8] = ["seconds", "adapter_path", "source_index", "reasoning", "capped", "novelty", "strategy", "crowding"];
 
 fn recorded() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/same_tables/digests.json")

@@ -78,7 +78,13 @@ fn top_templates_per_article_with_their_best_completion() {
             edits.push(ed);
         }
     }
-    let rows = sft::build_sft(&e.config, &prompts, None, &templates, &edits, &scores, &articles).unwrap();
+    let rows = sft::build_sft(
+        &e.config,
+        &prompts,
+        None,
+        &sft::SftInputs { templates: &templates, edits: &edits, scores: &scores, articles: &articles, novelty_bonus: None },
+    )
+    .unwrap();
     // t00 and t02 kept (t01 ranks last); t00's best completion is c0; each gives two examples
     let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
     assert_eq!(ids, ["a000-t00-c0-template", "a000-t00-c0-completion", "a000-t02-c0-template", "a000-t02-c0-completion"]);
@@ -98,7 +104,13 @@ fn top_templates_per_article_with_their_best_completion() {
         &[],
         &[],
     );
-    let rows = sft::build_sft(&e.config, &prompts, Some(&archive), &templates, &edits, &scores, &articles).unwrap();
+    let rows = sft::build_sft(
+        &e.config,
+        &prompts,
+        Some(&archive),
+        &sft::SftInputs { templates: &templates, edits: &edits, scores: &scores, articles: &articles, novelty_bonus: None },
+    )
+    .unwrap();
     let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
     assert_eq!(ids, ["a000-t00-c0-template", "a000-t00-c0-completion"]);
     assert!(rows[0].prompt.contains("Best plan so far"), "the archive variant's meta-prompt shows the archive");
@@ -130,7 +142,13 @@ fn archive_filter_trained_hyperparameters_and_baseline_top_k() {
     }
     let templates_v = vec![t00, t01];
     // no-archive: both templates (t01 first by mean), t00's example carries rank 64
-    let rows = sft::build_sft(&e.config, &prompts, None, &templates_v, &edits, &scores, &articles).unwrap();
+    let rows = sft::build_sft(
+        &e.config,
+        &prompts,
+        None,
+        &sft::SftInputs { templates: &templates_v, edits: &edits, scores: &scores, articles: &articles, novelty_bonus: None },
+    )
+    .unwrap();
     let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
     assert_eq!(ids, ["a000-t01-c1-template", "a000-t01-c1-completion", "a000-t00-c0-template", "a000-t00-c0-completion"]);
     assert!(rows[2].completion.contains(r#""lora_rank": 64,"#), "{}", rows[2].completion);
@@ -142,7 +160,13 @@ fn archive_filter_trained_hyperparameters_and_baseline_top_k() {
         &[],
         &[],
     );
-    let rows = sft::build_sft(&e.config, &prompts, Some(&archive), &templates_v, &edits, &scores, &articles).unwrap();
+    let rows = sft::build_sft(
+        &e.config,
+        &prompts,
+        Some(&archive),
+        &sft::SftInputs { templates: &templates_v, edits: &edits, scores: &scores, articles: &articles, novelty_bonus: None },
+    )
+    .unwrap();
     let ids: Vec<&str> = rows.iter().map(|r| r.example_id.as_str()).collect();
     assert_eq!(ids, ["a000-t01-c1-template", "a000-t01-c1-completion"]);
     // baseline: the top 2 completions of the one template, with their text
@@ -157,7 +181,9 @@ fn archive_filter_trained_hyperparameters_and_baseline_top_k() {
         bscores.push(score(&ed, 0.5, *acc));
         bedits.push(ed);
     }
-    let rows = sft::build_sft(&e.config, &prompts, None, &[base_t], &bedits, &bscores, &articles).unwrap();
+    let base_ts = [base_t];
+    let inputs = sft::SftInputs { templates: &base_ts, edits: &bedits, scores: &bscores, articles: &articles, novelty_bonus: None };
+    let rows = sft::build_sft(&e.config, &prompts, None, &inputs).unwrap();
     let got: Vec<(&str, &str)> = rows.iter().map(|r| (r.example_id.as_str(), r.completion.as_str())).collect();
     assert_eq!(got, [("a000-t00-c1-completion", "rewrite 1"), ("a000-t00-c2-completion", "rewrite 2")]);
     assert!(rows[0].prompt.contains("The passage."));

@@ -89,16 +89,7 @@ pub fn lexical_similarity(a: &str, b: &str) -> f64 {
     x.intersection(&y).count() as f64 / union as f64
 }
 
-/// `(1 + cos) / 2` of two embeddings.
-pub fn cosine01(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        return 0.5;
-    }
-    (1.0 + dot / (na * nb)) / 2.0
-}
+pub use crate::runtime::embedder::cosine01;
 
 /// The collapse measures of one iteration.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,4 +5,5 @@
 pub mod collapse;
 pub mod paper_json;
 pub mod report;
+pub mod science;
 pub mod summary;

@@ -55,13 +55,13 @@ pub fn accuracy_points(exp_dir: &Path) -> anyhow::Result<Vec<AccuracyPoint>> {
     Ok(out)
 }
 
-type Series = (String, Vec<(f64, f64)>);
+pub(crate) type Series = (String, Vec<(f64, f64)>);
 
-fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+pub(crate) fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing failed: {e:?}")
 }
 
-fn draw_lines<DB: DrawingBackend>(
+pub(crate) fn draw_lines<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     title: &str,
     y_desc: &str,
@@ -137,7 +137,7 @@ where
     Ok(())
 }
 
-fn load_font() -> anyhow::Result<()> {
+pub(crate) fn load_font() -> anyhow::Result<()> {
     static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         for p in ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"] {

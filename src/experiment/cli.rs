@@ -194,6 +194,12 @@ pub fn stage_hash(exp: &Experiment, stage: Stage) -> anyhow::Result<String> {
         }
         s => unreachable!("{s} has no settings of its own"),
     };
+    // Novelty settings change the archive's order, the templates' prompt and the SFT examples;
+    // appended only when present, so other configs keep their hashes.
+    let v = match (&c.novelty, stage.settings()) {
+        (Some(n), Stage::Templates | Stage::Archive | Stage::Sft) => serde_json::json!([v, n]),
+        _ => v,
+    };
     Ok(content_hash(&v))
 }
 

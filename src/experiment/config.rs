@@ -21,8 +21,15 @@ pub use crate::experiment::states::GraderKind;
 pub enum Variant {
     BaselineImplications,
     BaselineRewrite,
+    /// SEAL's "train on passage" row: the passage itself is the one training sequence
+    /// (nothing is generated), trained with the baseline hyperparameters.
+    BaselinePassage,
     NoArchive,
     Archive,
+    /// The archive variant with explicit novelty pressure ([`NoveltySection`]): templates are
+    /// ranked by normalized gain plus a bonus for being unlike the archive, and the archive
+    /// prompt names the strategies that are already crowded.
+    Novelty,
 }
 
 impl Variant {
@@ -30,12 +37,18 @@ impl Variant {
         match self {
             Variant::BaselineImplications => "baseline-implications",
             Variant::BaselineRewrite => "baseline-rewrite",
+            Variant::BaselinePassage => "baseline-passage",
             Variant::NoArchive => "no-archive",
             Variant::Archive => "archive",
+            Variant::Novelty => "novelty",
         }
     }
     pub fn is_baseline(self) -> bool {
-        matches!(self, Variant::BaselineImplications | Variant::BaselineRewrite)
+        matches!(self, Variant::BaselineImplications | Variant::BaselineRewrite | Variant::BaselinePassage)
+    }
+    /// Templates are written from the archive prompt (archive and novelty).
+    pub fn uses_archive(self) -> bool {
+        matches!(self, Variant::Archive | Variant::Novelty)
     }
 }
 
@@ -172,6 +185,22 @@ pub struct EvalSection {
     pub adapters_per_batch: usize,
 }
 
+/// Novelty pressure (the `novelty` variant). A template's novelty is one minus its highest text
+/// similarity to the templates already in the archive before its iteration, with the
+/// collapse analysis' measure ((1 + cos) / 2 of all-MiniLM-L6-v2 sentence embeddings).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NoveltySection {
+    /// The archive's order and the generator's training examples use
+    /// `normalized_gain + weight * novelty` (per article: `accuracy + weight * novelty`).
+    pub weight: f64,
+    /// Two templates at least this similar count as the same strategy; a strategy with 2 or
+    /// more members in the archive is shown to the generator as crowded.
+    pub crowded_similarity: f64,
+    /// The sentence-embedder folder (`make embedder`).
+    pub embedder: PathBuf,
+}
+
 /// The fixed hyperparameters of SEAL's baselines and seed archive.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -218,6 +247,9 @@ pub struct ExperimentConfig {
     pub eval: EvalSection,
     pub baseline: BaselineSection,
     pub sft: SftSection,
+    /// Only for the `novelty` variant (absent otherwise, so other configs hash as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub novelty: Option<NoveltySection>,
 }
 
 /// A loaded config with where it came from.
@@ -309,6 +341,9 @@ impl ExperimentConfig {
         if let Some(p) = self.eval.judge_model.as_mut() {
             expand_path(p)?;
         }
+        if let Some(n) = self.novelty.as_mut() {
+            expand_path(&mut n.embedder)?;
+        }
         expand_path(&mut self.prompts_dir)?;
         expand_path(&mut self.archive_seed)
     }
@@ -341,6 +376,20 @@ impl ExperimentConfig {
         );
         ensure!(b.learning_rate.min > 0.0, "hyperparameter_bounds.learning_rate.min must be > 0");
         ensure!(b.lora_dropout.max < 1.0 && b.lora_dropout.min >= 0.0, "hyperparameter_bounds.lora_dropout must lie in [0, 1)");
+        match (&self.novelty, self.variant) {
+            (None, Variant::Novelty) => bail!("the novelty variant needs a [novelty] section (weight, crowded_similarity, embedder)"),
+            (Some(_), v) if v != Variant::Novelty => {
+                bail!("[novelty] applies only to variant = \"novelty\" (this config is {:?})", v.as_str())
+            }
+            (Some(n), _) => {
+                ensure!(n.weight >= 0.0, "novelty.weight must be >= 0");
+                ensure!((0.0..=1.0).contains(&n.crowded_similarity), "novelty.crowded_similarity must lie in [0, 1]");
+            }
+            _ => {}
+        }
+        if self.variant == Variant::BaselinePassage && s.completions_per_template != 1 {
+            bail!("baseline-passage trains on the passage itself, the same for every completion: set search.completions_per_template = 1");
+        }
         if self.variant.is_baseline() && s.templates_per_iteration != 1 {
             bail!("a baseline variant has exactly one fixed template: set search.templates_per_iteration = 1");
         }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod grading;
 pub mod layout;
+pub mod novelty;
 pub mod prompts;
 pub mod stages;
 pub mod states;

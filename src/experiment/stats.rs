@@ -88,6 +88,43 @@ pub fn template_stats(obs: &[Observation], base: &BTreeMap<String, f64>) -> anyh
     })
 }
 
+/// A mean with its percentile-bootstrap confidence interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interval {
+    pub mean: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Interval {
+    /// The interval lies entirely above or below `x`.
+    pub fn excludes(&self, x: f64) -> bool {
+        self.low > x || self.high < x
+    }
+}
+
+/// The mean of `xs` and its percentile-bootstrap interval at `level` (0.95: the 2.5th and
+/// 97.5th percentiles, linearly interpolated as numpy's default, of `resamples` means of
+/// `xs.len()` draws with replacement, from a `StdRng` seeded with `seed`). For a paired
+/// comparison pass the per-item differences. NaN bounds for no items.
+pub fn bootstrap_mean(xs: &[f64], resamples: usize, level: f64, seed: u64) -> Interval {
+    use rand::{Rng, SeedableRng};
+    let n = xs.len();
+    if n == 0 {
+        return Interval { mean: f64::NAN, low: f64::NAN, high: f64::NAN };
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut means: Vec<f64> = (0..resamples).map(|_| (0..n).map(|_| xs[rng.random_range(0..n)]).sum::<f64>() / n as f64).collect();
+    means.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        let pos = p * (means.len() - 1) as f64;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        means[lo] + (means[hi] - means[lo]) * (pos - lo as f64)
+    };
+    let tail = (1.0 - level) / 2.0;
+    Interval { mean: mean(xs), low: q(tail), high: q(1.0 - tail) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +184,26 @@ mod tests {
         let base: BTreeMap<String, f64> = [("A".to_string(), 0.5)].into();
         let s = template_stats(&obs, &base).unwrap();
         assert!((s.win_rate - 2.0 / 3.0).abs() < 1e-12, "{}", s.win_rate);
+    }
+
+    #[test]
+    fn bootstrap_interval_brackets_the_mean_and_shrinks_with_n() {
+        // A constant sample has a zero-width interval.
+        let c = bootstrap_mean(&[0.25; 7], 500, 0.95, 1);
+        assert_eq!((c.mean, c.low, c.high), (0.25, 0.25, 0.25));
+        assert!(!c.excludes(0.25) && c.excludes(0.0));
+        // 0/1 items, p = 0.5: the interval is about mean +- 1.96 * sqrt(p (1 - p) / n).
+        for n in [20usize, 80] {
+            let xs: Vec<f64> = (0..n).map(|i| (i % 2) as f64).collect();
+            let iv = bootstrap_mean(&xs, 4000, 0.95, 7);
+            let half = 1.96 * (0.25 / n as f64).sqrt();
+            assert!((iv.mean - 0.5).abs() < 1e-12);
+            assert!(((iv.high - iv.low) / 2.0 - half).abs() < 0.25 * half, "n {n}: {iv:?} vs +-{half}");
+        }
+        // the same seed gives the same interval; another seed another one
+        let xs = [0.1, 0.9, 0.3, 0.4, 0.0, 1.0];
+        assert_eq!(bootstrap_mean(&xs, 300, 0.95, 3), bootstrap_mean(&xs, 300, 0.95, 3));
+        assert_ne!(bootstrap_mean(&xs, 300, 0.95, 3), bootstrap_mean(&xs, 300, 0.95, 4));
+        assert!(bootstrap_mean(&[], 10, 0.95, 0).mean.is_nan());
     }
 }

@@ -58,3 +58,16 @@ impl Embedder {
         Ok(out)
     }
 }
+
+/// `(1 + cos) / 2` of two embeddings: 1 for the same direction, 0.5 for orthogonal (and for
+/// a zero vector), 0 for opposite. The text similarity of the collapse analysis and of the
+/// novelty variant.
+pub fn cosine01(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        return 0.5;
+    }
+    (1.0 + dot / (na * nb)) / 2.0
+}

@@ -10,9 +10,11 @@ use serde::Deserialize;
 use crate::experiment::cli::StageContext;
 use crate::experiment::config::Variant;
 use crate::experiment::layout::Stage;
+use crate::experiment::novelty;
 use crate::experiment::states::Split;
 use crate::experiment::tables::{self, ArchiveRow, TemplateRow, TemplateStatsRow};
 use crate::experiment::template::Hyperparameters;
+use crate::runtime::embedder::Embedder;
 
 #[derive(Deserialize)]
 struct SeedTemplate {
@@ -38,6 +40,9 @@ pub fn seed_archive(path: &Path) -> anyhow::Result<Vec<ArchiveRow>> {
             hyperparameters: s.hyperparameters,
             accuracy: s.accuracy,
             normalized_gain: s.normalized_gain,
+            novelty: None,
+            strategy: None,
+            crowding: None,
         })
         .collect())
 }
@@ -62,6 +67,9 @@ pub fn update_archive(
             hyperparameters: t.hyperparameters.clone(),
             accuracy: s.mean_accuracy,
             normalized_gain: s.normalized_gain,
+            novelty: None,
+            strategy: None,
+            crowding: None,
         });
     }
     rows.sort_by(|a, b| b.accuracy.total_cmp(&a.accuracy).then(a.template_id.cmp(&b.template_id)));
@@ -76,7 +84,9 @@ pub fn update_archive(
 pub fn conditioning_archive(ctx: &StageContext, given: Option<&Path>) -> anyhow::Result<Option<Vec<ArchiveRow>>> {
     Ok(match (given, ctx.exp.config.variant) {
         (Some(p), _) => Some(tables::read(p)?),
-        (None, Variant::Archive) => Some(update_archive(seed_archive(&ctx.exp.config.archive_seed)?, ctx.iteration, &[], &[])),
+        (None, Variant::Archive | Variant::Novelty) => {
+            Some(update_archive(seed_archive(&ctx.exp.config.archive_seed)?, ctx.iteration, &[], &[]))
+        }
         _ => None,
     })
 }
@@ -90,7 +100,14 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<()> {
     };
     let templates: Vec<TemplateRow> = ctx.read()?;
     let stats: Vec<TemplateStatsRow> = ctx.read()?;
-    let rows = update_archive(previous, ctx.iteration, &templates, &stats);
-    let detail = format!("best {:.3} ({})", rows[0].accuracy, rows[0].template_id);
+    let mut rows = update_archive(previous, ctx.iteration, &templates, &stats);
+    let mut detail = format!("best {:.3} ({})", rows[0].accuracy, rows[0].template_id);
+    if let Some(cfg) = &ctx.exp.config.novelty {
+        let embedder = Embedder::load(&cfg.embedder, &candle_core::Device::Cpu)
+            .with_context(|| format!("novelty.embedder {} (run `make embedder`)", cfg.embedder.display()))?;
+        let texts: Vec<String> = rows.iter().map(|r| r.instruction.clone()).collect();
+        novelty::score_archive(&mut rows, &embedder.embed(&texts)?, cfg);
+        detail = format!("first by gain + novelty: {} (novelty {:.3})", rows[0].template_id, rows[0].novelty.unwrap_or(0.0));
+    }
     ctx.write(Stage::Archive, &ctx.table::<ArchiveRow>(), &rows, &detail)
 }

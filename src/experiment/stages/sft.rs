@@ -33,6 +33,18 @@ pub fn sequences_target(e: &SelfEditRow) -> String {
     pyjson::object(&[("training_sequences", pyjson::string_list(&e.sequences))])
 }
 
+/// One iteration's tables that [`build_sft`] reads.
+#[derive(Clone, Copy)]
+pub struct SftInputs<'a> {
+    pub templates: &'a [TemplateRow],
+    pub edits: &'a [SelfEditRow],
+    pub scores: &'a [ScoreRow],
+    pub articles: &'a [ArticleRow],
+    /// novelty variant: each template's `weight * novelty`, added to its mean accuracy when
+    /// the templates of an article are ranked
+    pub novelty_bonus: Option<&'a HashMap<String, f64>>,
+}
+
 /// The supervised examples of one iteration, as the paper's `build_SFT_dataset.py`
 /// (`K_BEST` = `sft.top_k`) builds them, per article:
 ///
@@ -50,11 +62,13 @@ pub fn build_sft(
     cfg: &ExperimentConfig,
     prompts: &Prompts,
     archive: Option<&[ArchiveRow]>,
-    templates: &[TemplateRow],
-    edits: &[SelfEditRow],
-    scores: &[ScoreRow],
-    articles: &[ArticleRow],
+    inputs: &SftInputs,
 ) -> anyhow::Result<Vec<SftRow>> {
+    let SftInputs { templates, edits, scores, articles, novelty_bonus } = *inputs;
+    if cfg.variant == Variant::BaselinePassage {
+        // Its "completion" is the passage itself: nothing the generator wrote, nothing to learn.
+        return Ok(Vec::new());
+    }
     let templates: HashMap<&str, &TemplateRow> = templates.iter().map(|t| (t.template_id.as_str(), t)).collect();
     let edits: HashMap<&str, &SelfEditRow> = edits.iter().map(|e| (e.self_edit_id.as_str(), e)).collect();
     let articles: HashMap<&str, &ArticleRow> = articles.iter().map(|a| (a.article_id.as_str(), a)).collect();
@@ -70,7 +84,7 @@ pub fn build_sft(
         g.sort_by_key(|s| s.completion);
     }
     let meta = if cfg.variant.is_baseline() { None } else { Some(meta_prompt(cfg, prompts, archive)?) };
-    let keep_above_base = cfg.variant == Variant::Archive;
+    let keep_above_base = cfg.variant.uses_archive();
     let mut rows = Vec::new();
     let article_ids: BTreeSet<&str> = groups.keys().map(|(a, _)| *a).collect();
     for a in article_ids {
@@ -100,10 +114,12 @@ pub fn build_sft(
             continue;
         };
         let base = in_article.first().map(|(_, ss)| ss[0].base_accuracy).unwrap_or(f64::NAN);
-        // rank this article's templates by mean accuracy (stable: ties keep template order)
+        // rank this article's templates by mean accuracy, plus the novelty bonus in the novelty
+        // variant (stable: ties keep template order)
+        let bonus = |t: &str| novelty_bonus.and_then(|b| b.get(t)).copied().unwrap_or(0.0);
         let mut ranked: Vec<(&str, f64, &Vec<&ScoreRow>)> =
             in_article.iter().map(|(t, ss)| (*t, ss.iter().map(|s| s.adapted_accuracy).sum::<f64>() / ss.len() as f64, *ss)).collect();
-        ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
+        ranked.sort_by(|x, y| (y.1 + bonus(y.0)).total_cmp(&(x.1 + bonus(x.0))));
         ranked.truncate(cfg.sft.top_k);
         if keep_above_base {
             ranked.retain(|(_, mean, _)| *mean > base);
@@ -132,6 +148,15 @@ pub fn run(ctx: &StageContext, archive: &ArchiveArgs) -> anyhow::Result<()> {
     let edits: Vec<SelfEditRow> = ctx.read()?;
     let scores: Vec<ScoreRow> = ctx.read()?;
     let articles: Vec<ArticleRow> = tables::read(&ctx.layout.articles())?;
-    let rows = build_sft(&ctx.exp.config, &ctx.prompts, archive.as_deref(), &templates, &edits, &scores, &articles)?;
+    // novelty variant: each template's `weight * novelty`, from this iteration's archive
+    let bonus: Option<HashMap<String, f64>> = match &ctx.exp.config.novelty {
+        Some(n) => {
+            let current: Vec<ArchiveRow> = ctx.read()?;
+            Some(current.iter().map(|r| (r.template_id.clone(), n.weight * r.novelty.unwrap_or(0.0))).collect())
+        }
+        None => None,
+    };
+    let inputs = SftInputs { templates: &templates, edits: &edits, scores: &scores, articles: &articles, novelty_bonus: bonus.as_ref() };
+    let rows = build_sft(&ctx.exp.config, &ctx.prompts, archive.as_deref(), &inputs)?;
     ctx.write(Stage::Sft, &ctx.table::<SftRow>(), &rows, "supervised examples")
 }

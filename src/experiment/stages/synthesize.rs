@@ -7,7 +7,7 @@ use serde_json::json;
 use super::exploit_count;
 use super::templates::baseline_prompt;
 use crate::experiment::cli::{progress, ModelArgs, StageContext};
-use crate::experiment::config::ExperimentConfig;
+use crate::experiment::config::{ExperimentConfig, Variant};
 use crate::experiment::layout::Stage;
 use crate::experiment::prompts;
 use crate::experiment::states::Category;
@@ -107,6 +107,14 @@ pub fn synthesize(
                 };
                 if !t.valid {
                     row.error = Some("template is invalid; nothing to complete".into());
+                    rows.push(row);
+                    continue;
+                }
+                if cfg.variant == Variant::BaselinePassage {
+                    // SEAL's train-on-passage row: nothing to generate.
+                    row.sequences = vec![a.context.clone()];
+                    row.raw_response = a.context.clone();
+                    row.valid = true;
                     rows.push(row);
                     continue;
                 }

@@ -10,6 +10,7 @@ use super::exploit_count;
 use crate::experiment::cli::{progress, ArchiveArgs, ModelArgs, StageContext};
 use crate::experiment::config::{ExperimentConfig, Variant};
 use crate::experiment::layout::Stage;
+use crate::experiment::novelty;
 use crate::experiment::prompts::{self, Prompts};
 use crate::experiment::states::Category;
 use crate::experiment::tables::{ArchiveRow, TemplateRow};
@@ -67,19 +68,25 @@ pub fn parse_template(
     row
 }
 
-/// The prompt file of a baseline variant.
+/// The prompt file of a baseline variant that prompts the model (not baseline-passage).
 pub fn baseline_prompt(variant: Variant) -> anyhow::Result<&'static str> {
     match variant {
         Variant::BaselineImplications => Ok(prompts::BASELINE_IMPLICATIONS),
         Variant::BaselineRewrite => Ok(prompts::BASELINE_REWRITE),
-        _ => bail!("{} is not a baseline variant", variant.as_str()),
+        _ => bail!("{} has no baseline prompt", variant.as_str()),
     }
 }
+
+/// The instruction recorded for baseline-passage, whose "completion" is the passage itself.
+pub const PASSAGE_INSTRUCTION: &str = "Train on the passage itself: its text is the one training sequence (SEAL's train-on-passage row).";
 
 /// The template row of a baseline variant: SEAL's fixed instruction and hyperparameters.
 pub fn baseline_template(cfg: &ExperimentConfig, prompts: &Prompts, iteration: usize) -> anyhow::Result<TemplateRow> {
     // The instruction is the prompt's first line (the passage follows it).
-    let text = prompts.render(baseline_prompt(cfg.variant)?, json!({"title": "", "context": ""}))?;
+    let text = match cfg.variant {
+        Variant::BaselinePassage => PASSAGE_INSTRUCTION.to_string(),
+        v => prompts.render(baseline_prompt(v)?, json!({"title": "", "context": ""}))?,
+    };
     Ok(TemplateRow {
         iteration: iteration as i64,
         template_id: format!("iter{iteration}-t00"),
@@ -93,6 +100,13 @@ pub fn baseline_template(cfg: &ExperimentConfig, prompts: &Prompts, iteration: u
         prompt: text,
         reasoning: None,
     })
+}
+
+/// A crowded strategy as the novelty variant's archive prompt names it.
+#[derive(Serialize)]
+struct CrowdedStrategy {
+    instruction: String,
+    count: i64,
 }
 
 /// How a template is shown in the archive prompt.
@@ -116,12 +130,22 @@ fn shown(a: &ArchiveRow) -> ShownTemplate {
 pub fn meta_prompt(cfg: &ExperimentConfig, prompts: &Prompts, archive: Option<&[ArchiveRow]>) -> anyhow::Result<String> {
     let bounds = &cfg.hyperparameter_bounds;
     match (cfg.variant, archive) {
-        (Variant::Archive, Some(a)) if !a.is_empty() => {
+        (Variant::Archive | Variant::Novelty, Some(a)) if !a.is_empty() => {
             let best: Vec<ShownTemplate> = a.iter().take(2).map(shown).collect();
             let worst: Vec<ShownTemplate> = a.iter().rev().take(2).map(shown).collect();
-            prompts.render(prompts::ARCHIVE_META, json!({"bounds": bounds, "best": best, "worst": worst}))
+            let crowded: Vec<CrowdedStrategy> = if cfg.variant == Variant::Novelty {
+                novelty::crowded(a, 2)
+                    .into_iter()
+                    .map(|r| CrowdedStrategy { instruction: r.instruction.clone(), count: r.crowding.unwrap_or(0) })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            prompts.render(prompts::ARCHIVE_META, json!({"bounds": bounds, "best": best, "worst": worst, "crowded": crowded}))
         }
-        (Variant::Archive, _) => bail!("the archive variant needs an archive (the seed archive at iteration 0)"),
+        (Variant::Archive | Variant::Novelty, _) => {
+            bail!("the {} variant needs an archive (the seed archive at iteration 0)", cfg.variant.as_str())
+        }
         _ => prompts.render(prompts::META, json!({"bounds": bounds})),
     }
 }

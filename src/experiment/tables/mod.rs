@@ -228,6 +228,46 @@ table! {
         hyperparameters: Hyperparameters,
         accuracy: f64,
         normalized_gain: f64,
+        /// novelty variant: 1 - the highest text similarity to the templates archived before
+        /// this one's iteration (seeds: to the other seeds); null for the other variants
+        novelty: Option<f64>,
+        /// novelty variant: the id of the template leading this one's group of alike
+        /// templates (similarity at least `novelty.crowded_similarity`)
+        strategy: Option<String>,
+        /// novelty variant: the size of that group
+        crowding: Option<i64>,
+    }
+}
+
+table! {
+    /// `science.parquet` (`make science`): one arm's validation accuracy (per iteration for
+    /// the searched variants) with 95% bootstrap intervals over passages, paired where two
+    /// arms share them.
+    ScienceRow = "science" {
+        /// base, passage, implications, rewrite, or a searched variant's name
+        arm: String,
+        /// reference (one value) or searched (one per iteration)
+        kind: String,
+        iteration: Option<i64>,
+        n_passages: i64,
+        /// mean over passages of the passage's accuracy (its questions x eval runs x completions)
+        accuracy: f64,
+        accuracy_low: f64,
+        accuracy_high: f64,
+        /// paired by passage: this arm minus the base model (NaN for the base itself)
+        gain_vs_base: f64,
+        gain_vs_base_low: f64,
+        gain_vs_base_high: f64,
+        /// the interval of `gain_vs_base` excludes 0
+        differs_from_base: bool,
+        /// paired by passage: this arm minus the passage-only arm (NaN for that arm)
+        diff_vs_passage: f64,
+        diff_vs_passage_low: f64,
+        diff_vs_passage_high: f64,
+        differs_from_passage: bool,
+        /// searched variants: the iteration's template similarity (collapse.parquet)
+        text_similarity: Option<f64>,
+        hp_similarity: Option<f64>,
     }
 }
 
