@@ -292,14 +292,16 @@ run: $(SMOLLM) $(EMBEDDER) build  ## build, fetch the model and run the default 
 SCIENCE_REFERENCE := passage implications rewrite
 SCIENCE_SEARCHED := no-archive archive novelty
 SCIENCE_ITERS ?= 3
+# Where the science-<arm>.toml files are (the test runs a small copy of them).
+SCIENCE_CONFIGS ?= configs
 SCIENCE_OUT := $(OUTPUTS)/science
-science: $(SMOLLM) $(EMBEDDER) build  ## the CPU-scale experiment: reference arms, no-archive / archive / novelty, 95% intervals, figure (outputs/science/)
+science: $(SMOLLM) $(EMBEDDER) $(BUILD)  ## the CPU-scale experiment: reference arms, no-archive / archive / novelty, 95% intervals, figure (outputs/science/)
 	@start=$$(date +%s); \
 	for arm in $(SCIENCE_REFERENCE); do \
-	  $(MAKE) --no-print-directory iterations CONFIG=configs/science-$$arm.toml ITERS=1 BUILD= || exit 1; done; \
+	  $(MAKE) --no-print-directory iterations CONFIG=$(SCIENCE_CONFIGS)/science-$$arm.toml ITERS=1 BUILD= || exit 1; done; \
 	for arm in $(SCIENCE_SEARCHED); do \
-	  $(MAKE) --no-print-directory iterations CONFIG=configs/science-$$arm.toml ITERS=$(SCIENCE_ITERS) BUILD= || exit 1; \
-	  $(MAKE) --no-print-directory collapse CONFIG=configs/science-$$arm.toml BUILD= || exit 1; done; \
+	  $(MAKE) --no-print-directory iterations CONFIG=$(SCIENCE_CONFIGS)/science-$$arm.toml ITERS=$(SCIENCE_ITERS) BUILD= || exit 1; \
+	  $(MAKE) --no-print-directory collapse CONFIG=$(SCIENCE_CONFIGS)/science-$$arm.toml BUILD= || exit 1; done; \
 	secs=$$(( $$(date +%s) - start )); \
 	$(BIN)/science-report $(foreach a,$(SCIENCE_REFERENCE),--reference $(a)=$(OUTPUTS)/science-$(a)) \
 	  $(foreach a,$(SCIENCE_SEARCHED),--searched $(a)=$(OUTPUTS)/science-$(a)) --out $(SCIENCE_OUT) --seconds $$secs && \

@@ -73,3 +73,110 @@ fn collapse_reads_the_papers_released_templates() {
     assert!(archive.hp_similarity.unwrap() > no_archive.hp_similarity.unwrap(), "{archive:?} vs {no_archive:?}");
     assert!(archive.text_similarity.unwrap() > no_archive.text_similarity.unwrap(), "{archive:?} vs {no_archive:?}");
 }
+
+/// `science-report` on hand-made experiment folders: the passage arm, a Rewrite arm equal to
+/// the base model, and a searched variant scored on the same passages under other article ids
+/// (matched by title). Accuracies, paired differences and their intervals equal the bootstrap
+/// of the per-passage values computed here; the verdicts follow the intervals; the table reads
+/// back and the figure is written.
+#[test]
+fn science_report_pairs_arms_by_passage_with_bootstrap_intervals() {
+    use selfedit::analysis::science::{science_rows, write_science_report, Arm, RESAMPLES};
+    use selfedit::experiment::data::Question;
+    use selfedit::experiment::layout::Layout;
+    use selfedit::experiment::states::{AdapterStatus, Split};
+    use selfedit::experiment::stats::bootstrap_mean;
+    use selfedit::experiment::tables::{ArticleRow, ScienceRow, ScoreRow};
+
+    let dir = tempfile::tempdir().unwrap();
+    let titles = ["T0", "T1", "T2", "T3"];
+    let base = [0.0, 0.0, 0.5, 0.0];
+    // (folder, article id prefix, split, iteration, per-passage adapted accuracies as
+    // completions: two completions for the passage arm are averaged per passage)
+    let write = |name: &str, prefix: &str, split: Split, iteration: usize, adapted: &[Vec<f64>]| {
+        let layout = Layout::at(&dir.path().join(name));
+        std::fs::create_dir_all(layout.iter_dir(iteration, split)).unwrap();
+        let articles: Vec<ArticleRow> = titles
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ArticleRow {
+                article_id: format!("{prefix}{i:03}"),
+                split,
+                title: t.to_string(),
+                context: String::new(),
+                questions: vec![Question { question: "q".into(), answers: vec!["a".into()] }],
+                source_index: i as i64,
+            })
+            .collect();
+        tables::write(&layout.articles(), &articles, &Default::default()).unwrap();
+        let mut scores = Vec::new();
+        for (i, accs) in adapted.iter().enumerate() {
+            for (c, acc) in accs.iter().enumerate() {
+                scores.push(ScoreRow {
+                    self_edit_id: format!("{prefix}{i:03}-t00-c{c}"),
+                    template_id: "t00".into(),
+                    article_id: format!("{prefix}{i:03}"),
+                    completion: c as i64,
+                    base_accuracy: base[i],
+                    adapted_accuracy: *acc,
+                    gain: acc - base[i],
+                    status: AdapterStatus::Trained,
+                });
+            }
+        }
+        tables::write(&layout.table::<ScoreRow>(iteration, split), &scores, &Default::default()).unwrap();
+    };
+    write("passage", "a", Split::Train, 0, &[vec![1.0, 1.0], vec![0.5, 0.5], vec![1.0, 0.5], vec![0.5, 0.5]]);
+    write("rewrite", "a", Split::Train, 0, &base.iter().map(|b| vec![*b]).collect::<Vec<_>>());
+    write("novelty", "v", Split::Validation, 0, &[vec![0.0], vec![0.0], vec![0.5], vec![0.5]]);
+    write("novelty", "v", Split::Validation, 1, &[vec![1.0], vec![0.5], vec![0.5], vec![1.0]]);
+    let arm = |n: &str| Arm { name: n.to_string(), dir: dir.path().join(n) };
+    let (reference, searched) = (vec![arm("passage"), arm("rewrite")], vec![arm("novelty")]);
+    let rows = science_rows(&reference, &searched).unwrap();
+    let names: Vec<(String, Option<i64>)> = rows.iter().map(|r| (r.arm.clone(), r.iteration)).collect();
+    assert_eq!(
+        names,
+        [("base", None), ("passage", None), ("rewrite", None), ("novelty", Some(0)), ("novelty", Some(1))]
+            .map(|(a, k)| (a.to_string(), k))
+    );
+    let get = |a: &str, k: Option<i64>| rows.iter().find(|r| r.arm == a && r.iteration == k).unwrap().clone();
+    let passage = [1.0, 0.5, 0.75, 0.5];
+    let check = |r: &ScienceRow, acc: &[f64], vs_base: &[f64], vs_passage: Option<&[f64]>| {
+        let (a, g) = (bootstrap_mean(acc, RESAMPLES, 0.95, 1), bootstrap_mean(vs_base, RESAMPLES, 0.95, 2));
+        assert_eq!((r.accuracy, r.accuracy_low, r.accuracy_high), (a.mean, a.low, a.high), "{}", r.arm);
+        assert_eq!((r.gain_vs_base, r.gain_vs_base_low, r.gain_vs_base_high), (g.mean, g.low, g.high), "{}", r.arm);
+        assert_eq!(r.differs_from_base, g.low > 0.0 || g.high < 0.0);
+        if let Some(p) = vs_passage {
+            let d = bootstrap_mean(p, RESAMPLES, 0.95, 3);
+            assert_eq!((r.diff_vs_passage, r.diff_vs_passage_low, r.diff_vs_passage_high), (d.mean, d.low, d.high), "{}", r.arm);
+        }
+        assert_eq!(r.n_passages, 4);
+    };
+    let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f64>>();
+    let p = get("passage", None);
+    check(&p, &passage, &diff(&passage, &base), None);
+    assert!(p.differs_from_base && p.gain_vs_base_low >= 0.25, "every passage gains at least 0.25: {p:?}");
+    assert!(p.diff_vs_passage.is_nan() && !p.differs_from_passage);
+    let r = get("rewrite", None);
+    check(&r, &base, &[0.0; 4], Some(&diff(&base, &passage)));
+    assert!(!r.differs_from_base && r.differs_from_passage && r.diff_vs_passage < 0.0);
+    let n0 = [0.0, 0.0, 0.5, 0.5];
+    check(&get("novelty", Some(0)), &n0, &diff(&n0, &base), Some(&diff(&n0, &passage)));
+    let n1 = [1.0, 0.5, 0.5, 1.0];
+    check(&get("novelty", Some(1)), &n1, &diff(&n1, &base), Some(&diff(&n1, &passage)));
+    let b = get("base", None);
+    assert_eq!(b.accuracy, 0.125);
+    assert!(b.gain_vs_base.is_nan() && !b.differs_from_base);
+
+    // The report: the same rows read back from Parquet, the figure, the verdicts in words.
+    let out = dir.path().join("report");
+    write_science_report(&reference, &searched, &out, Some(3000.0)).unwrap();
+    let back: Vec<ScienceRow> = tables::read(&out.join("science.parquet")).unwrap();
+    assert_eq!(back.len(), rows.len());
+    assert_eq!(back[1].accuracy, rows[1].accuracy);
+    assert!(std::fs::metadata(out.join("validation_accuracy.png")).unwrap().len() > 10_000);
+    let md = std::fs::read_to_string(out.join("index.md")).unwrap();
+    assert!(md.contains("- **passage** is higher than the base model."), "{md}");
+    assert!(md.contains("- **rewrite** does not differ from the base model; is lower than training on the passage."), "{md}");
+    assert!(md.contains("3000 s (50.0 min)"), "{md}");
+}

@@ -94,3 +94,63 @@ fn two_archive_iterations_improve_the_generator_and_report() {
     println!("soak ({kills} kills, seed {seed}, uninterrupted run {:.0} s): {}", duration.as_secs_f64(), report.line());
     assert!(report.differing.is_empty() && report.redone.is_empty(), "{}", report.line());
 }
+
+/// `make science` in a small form (the real configs with 2 validation passages, 1 training
+/// passage, 2 templates and 1 epoch, 2 iterations): every arm runs through the Makefile, the
+/// novelty variant's archive carries novelty and strategies, and the report has one row per
+/// reference arm and per searched variant and iteration, with intervals around each mean.
+#[test]
+fn science_experiment_runs_end_to_end_in_small_form() {
+    use selfedit::experiment::tables::ScienceRow;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_stamp")).parent().unwrap().to_path_buf();
+    let tmp = tempfile::tempdir().unwrap();
+    let configs = tmp.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    for arm in ["passage", "implications", "rewrite", "no-archive", "archive", "novelty"] {
+        let text = std::fs::read_to_string(root.join(format!("configs/science-{arm}.toml"))).unwrap();
+        let mut small = text;
+        for (from, to) in [
+            ("train_passages = 12", "train_passages = 2"),
+            ("train_passages = 4", "train_passages = 1"),
+            ("validation_passages = 12", "validation_passages = 2"),
+            ("templates_per_iteration = 3", "templates_per_iteration = 2"),
+            ("num_epochs = 10,", "num_epochs = 1,"),
+            ("num_epochs = { min = 1, max = 5 }", "num_epochs = { min = 1, max = 1 }"),
+            ("completion_max_new_tokens = 220", "completion_max_new_tokens = 60"),
+        ] {
+            small = small.replace(from, to);
+        }
+        std::fs::write(configs.join(format!("science-{arm}.toml")), small).unwrap();
+    }
+    let out = Command::new("make")
+        .current_dir(&root)
+        .args(["--no-print-directory", "science", "BUILD=", "SCIENCE_ITERS=2"])
+        .arg(format!("SCIENCE_CONFIGS={}", configs.display()))
+        .arg(format!("OUTPUTS={}", tmp.path().display()))
+        .arg(format!("BIN={}", bin.display()))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "make science failed:\n{log}");
+    assert!(log.contains("science: this run took"), "{log}");
+    let rows: Vec<ScienceRow> = tables::read(&tmp.path().join("science/science.parquet")).unwrap();
+    let arms: Vec<(String, Option<i64>)> = rows.iter().map(|r| (r.arm.clone(), r.iteration)).collect();
+    let mut want: Vec<(String, Option<i64>)> =
+        ["base", "passage", "implications", "rewrite"].iter().map(|a| (a.to_string(), None)).collect();
+    for v in ["no-archive", "archive", "novelty"] {
+        want.extend([(v.to_string(), Some(0)), (v.to_string(), Some(1))]);
+    }
+    assert_eq!(arms, want);
+    for r in &rows {
+        assert_eq!(r.n_passages, 2, "{r:?}");
+        assert!(r.accuracy_low <= r.accuracy && r.accuracy <= r.accuracy_high, "{r:?}");
+    }
+    // the searched variants' templates were analysed (collapse) and their similarity reported
+    assert!(rows.iter().filter(|r| r.kind == "searched").all(|r| r.hp_similarity.is_some()));
+    let archive: Vec<ArchiveRow> = tables::read(&tmp.path().join("science-novelty/iter1/archive.parquet")).unwrap();
+    assert!(archive.iter().all(|r| r.novelty.is_some_and(|n| (0.0..=1.0).contains(&n)) && r.strategy.is_some()));
+    let plain: Vec<ArchiveRow> = tables::read(&tmp.path().join("science-archive/iter1/archive.parquet")).unwrap();
+    assert!(plain.iter().all(|r| r.novelty.is_none()), "novelty only in the novelty variant");
+    assert!(std::fs::read_to_string(tmp.path().join("science/index.md")).unwrap().contains("validation_accuracy.png"));
+}

@@ -188,3 +188,73 @@ fn archive_filter_trained_hyperparameters_and_baseline_top_k() {
     assert_eq!(got, [("a000-t00-c1-completion", "rewrite 1"), ("a000-t00-c2-completion", "rewrite 2")]);
     assert!(rows[0].prompt.contains("The passage."));
 }
+
+/// The novelty variant: the bonus `weight * novelty` reorders an article's templates (here it
+/// lifts t02 above t00, whose accuracy is higher), only templates beating the base are kept
+/// (as in the archive variant), its archive prompt names the crowded strategies, and
+/// baseline-passage trains on the passage itself and teaches the generator nothing.
+#[test]
+fn novelty_bonus_ranks_examples_and_prompt_names_crowded_strategies() {
+    let mut e = exp();
+    e.config.sft.top_k = 1;
+    e.config.variant = Variant::Novelty;
+    e.config.novelty = Some(selfedit::experiment::config::NoveltySection {
+        weight: 0.5,
+        crowded_similarity: 0.85,
+        embedder: PathBuf::from("models/all-MiniLM-L6-v2"),
+    });
+    let prompts = selfedit::experiment::prompts::Prompts::load(&e.config.prompts_dir).unwrap();
+    let templates: Vec<TemplateRow> = ["iter0-t00", "iter0-t02"].iter().map(|t| template(t)).collect();
+    let articles = one_article();
+    let (mut edits, mut scores) = (Vec::new(), Vec::new());
+    for (t, acc) in [("iter0-t00", 0.6), ("iter0-t02", 0.5)] {
+        let ed = edit("a000", t, 0);
+        scores.push(score(&ed, 0.25, acc));
+        edits.push(ed);
+    }
+    let mut archive = archive::update_archive(
+        archive::seed_archive(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/archive_seed.json")).unwrap(),
+        0,
+        &[],
+        &[],
+    );
+    // novelty 0.05 vs 0.4: scores 0.6 + 0.025 < 0.5 + 0.2
+    let bonus: std::collections::HashMap<String, f64> = [("iter0-t00".to_string(), 0.025), ("iter0-t02".to_string(), 0.2)].into();
+    let run = |bonus: Option<&std::collections::HashMap<String, f64>>, archive: &[selfedit::experiment::tables::ArchiveRow]| {
+        let inputs = sft::SftInputs { templates: &templates, edits: &edits, scores: &scores, articles: &articles, novelty_bonus: bonus };
+        sft::build_sft(&e.config, &prompts, Some(archive), &inputs).unwrap()
+    };
+    assert_eq!(run(None, &archive)[0].template_id, "iter0-t00", "without the bonus: accuracy order");
+    assert_eq!(run(Some(&bonus), &archive)[0].template_id, "iter0-t02", "with it: accuracy + weight * novelty");
+
+    // The archive prompt: no crowded block while no strategy has 2 members ...
+    let plain = templates::meta_prompt(&e.config, &prompts, Some(&archive)).unwrap();
+    assert!(!plain.contains("already crowded"), "{plain}");
+    let mut as_archive = e.config.clone();
+    as_archive.variant = Variant::Archive;
+    as_archive.novelty = None;
+    assert_eq!(plain, templates::meta_prompt(&as_archive, &prompts, Some(&archive)).unwrap(), "same prompt as the archive variant");
+    // ... and the leader of each crowded group (largest first) once it has.
+    for r in archive.iter_mut() {
+        let member = ["seed-0", "seed-1", "seed-2"].contains(&r.template_id.as_str());
+        r.strategy = Some(if member { "seed-0".to_string() } else { r.template_id.clone() });
+        r.crowding = Some(if member { 3 } else { 1 });
+    }
+    let leader = archive.iter().find(|r| r.template_id == "seed-0").unwrap().instruction.clone();
+    let crowded = templates::meta_prompt(&e.config, &prompts, Some(&archive)).unwrap();
+    assert!(crowded.contains("already crowded") && crowded.contains(&format!("- (3 similar plans) {leader}")), "{crowded}");
+    assert!(!templates::meta_prompt(&as_archive, &prompts, Some(&archive)).unwrap().contains("already crowded"));
+
+    // baseline-passage: the passage is the one sequence, nothing is generated or taught
+    e.config.variant = Variant::BaselinePassage;
+    e.config.novelty = None;
+    e.config.search.templates_per_iteration = 1;
+    e.config.validate().unwrap();
+    let t = templates::baseline_template(&e.config, &prompts, 0).unwrap();
+    assert_eq!(t.instruction, templates::PASSAGE_INSTRUCTION);
+    assert_eq!(t.hyperparameters, e.config.baseline.hyperparameters);
+    let inputs = sft::SftInputs { templates: &templates, edits: &edits, scores: &scores, articles: &articles, novelty_bonus: None };
+    assert!(sft::build_sft(&e.config, &prompts, None, &inputs).unwrap().is_empty());
+    e.config.search.completions_per_template = 2;
+    assert!(format!("{:#}", e.config.validate().unwrap_err()).contains("completions_per_template = 1"));
+}
