@@ -136,8 +136,7 @@ fn science_report_pairs_arms_by_passage_with_bootstrap_intervals() {
     let names: Vec<(String, Option<i64>)> = rows.iter().map(|r| (r.arm.clone(), r.iteration)).collect();
     assert_eq!(
         names,
-        [("base", None), ("passage", None), ("rewrite", None), ("novelty", Some(0)), ("novelty", Some(1))]
-            .map(|(a, k)| (a.to_string(), k))
+        [("base", None), ("passage", None), ("rewrite", None), ("novelty", Some(0)), ("novelty", Some(1))].map(|(a, k)| (a.to_string(), k))
     );
     let get = |a: &str, k: Option<i64>| rows.iter().find(|r| r.arm == a && r.iteration == k).unwrap().clone();
     let passage = [1.0, 0.5, 0.75, 0.5];
