@@ -122,6 +122,12 @@ mod tests {
         assert_eq!(get("b").crowding, Some(1));
         let shown: Vec<&str> = crowded(&rows, 2).iter().map(|r| r.template_id.as_str()).collect();
         assert_eq!(shown, ["a"], "one crowded group, named once by its leader (most neighbours, then id)");
+        // A chain x ~ y ~ z (30 degrees apart, (1 + cos 30) / 2 = 0.93) with x, z unlike (0.75):
+        // y has the most neighbours, so y leads one group of all three.
+        let mut chain = vec![row("x", "iter0", 0.0), row("y", "iter0", 0.0), row("z", "iter0", 0.0)];
+        let deg = |d: f32| vec![d.to_radians().cos(), d.to_radians().sin()];
+        score_archive(&mut chain, &[deg(0.0), deg(30.0), deg(60.0)], &cfg);
+        assert!(chain.iter().all(|r| r.strategy.as_deref() == Some("y") && r.crowding == Some(3)), "{chain:?}");
         // weight 0: plain normalized gain order
         let cfg0 = NoveltySection { weight: 0.0, ..cfg };
         score_archive(&mut rows, &emb, &cfg0);
