@@ -147,7 +147,7 @@ fn science_experiment_runs_end_to_end_in_small_form() {
         assert!(r.accuracy_low <= r.accuracy && r.accuracy <= r.accuracy_high, "{r:?}");
     }
     // the searched variants' templates were analysed (collapse) and their similarity reported
-    assert!(rows.iter().filter(|r| r.kind == "searched").all(|r| r.hp_similarity.is_some()));
+    assert!(rows.iter().filter(|r| r.kind == selfedit::experiment::states::ArmKind::Searched).all(|r| r.hp_similarity.is_some()));
     let archive: Vec<ArchiveRow> = tables::read(&tmp.path().join("science-novelty/iter0/archive.parquet")).unwrap();
     assert!(archive.iter().all(|r| r.novelty.is_some_and(|n| (0.0..=1.0).contains(&n)) && r.strategy.is_some()));
     let plain: Vec<ArchiveRow> = tables::read(&tmp.path().join("science-archive/iter0/archive.parquet")).unwrap();

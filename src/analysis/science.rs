@@ -16,7 +16,7 @@ use plotters::prelude::*;
 
 use super::report::{draw_lines, err, load_font, Series};
 use crate::experiment::layout::Layout;
-use crate::experiment::states::Split;
+use crate::experiment::states::{ArmKind, Split};
 use crate::experiment::stats::{bootstrap_mean, mean, Interval};
 use crate::experiment::tables::{self, ArticleRow, CollapseRow, ScienceRow, ScoreRow};
 
@@ -75,7 +75,7 @@ fn interval(xs: &[f64], seed: u64) -> Interval {
 /// One row: accuracy, gain over base (paired with `base`), difference from the passage arm.
 fn science_row(
     arm: &str,
-    kind: &str,
+    kind: ArmKind,
     iteration: Option<usize>,
     acc: &BTreeMap<String, f64>,
     base: &BTreeMap<String, f64>,
@@ -91,7 +91,7 @@ fn science_row(
     };
     ScienceRow {
         arm: arm.to_string(),
-        kind: kind.to_string(),
+        kind,
         iteration: iteration.map(|k| k as i64),
         n_passages: values.len() as i64,
         accuracy: a.mean,
@@ -128,9 +128,9 @@ pub fn science_rows(reference: &[Arm], searched: &[Arm]) -> anyhow::Result<Vec<S
     let base: BTreeMap<String, f64> = base_source.1.iter().map(|(t, (_, b))| (t.clone(), *b)).collect();
     let passage: Option<BTreeMap<String, f64>> = refs.iter().find(|(n, _)| n == PASSAGE_ARM).map(|(_, pp)| adapted(pp));
     let own_base = |pp: &PerPassage| -> BTreeMap<String, f64> { pp.iter().map(|(t, (_, b))| (t.clone(), *b)).collect() };
-    let mut rows = vec![science_row("base", "reference", None, &base, &base, passage.as_ref())];
+    let mut rows = vec![science_row("base", ArmKind::Reference, None, &base, &base, passage.as_ref())];
     for (name, pp) in &refs {
-        rows.push(science_row(name, "reference", None, &adapted(pp), &own_base(pp), passage.as_ref()));
+        rows.push(science_row(name, ArmKind::Reference, None, &adapted(pp), &own_base(pp), passage.as_ref()));
     }
     for arm in searched {
         let layout = Layout::at(&arm.dir);
@@ -139,7 +139,7 @@ pub fn science_rows(reference: &[Arm], searched: &[Arm]) -> anyhow::Result<Vec<S
         for k in layout.iterations_with::<ScoreRow>(Split::Validation) {
             let pp = per_passage(&layout.table::<ScoreRow>(k, Split::Validation), &articles)
                 .with_context(|| format!("searched variant {} iteration {k}", arm.name))?;
-            let mut row = science_row(&arm.name, "searched", Some(k), &adapted(&pp), &own_base(&pp), passage.as_ref());
+            let mut row = science_row(&arm.name, ArmKind::Searched, Some(k), &adapted(&pp), &own_base(&pp), passage.as_ref());
             if let Some(c) = collapse.iter().find(|c| c.iteration == k as i64) {
                 row.text_similarity = c.text_similarity;
                 row.hp_similarity = c.hp_similarity;
@@ -176,7 +176,7 @@ where
         .draw()
         .map_err(err)?;
     let mut color_index = 0;
-    for r in rows.iter().filter(|r| r.kind == "reference") {
+    for r in rows.iter().filter(|r| r.kind == ArmKind::Reference) {
         let color = Palette99::pick(color_index).to_rgba();
         color_index += 1;
         chart
@@ -192,7 +192,7 @@ where
             .label(format!("{} (reference)", r.arm))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
     }
-    let mut arms: Vec<&str> = rows.iter().filter(|r| r.kind == "searched").map(|r| r.arm.as_str()).collect();
+    let mut arms: Vec<&str> = rows.iter().filter(|r| r.kind == ArmKind::Searched).map(|r| r.arm.as_str()).collect();
     arms.dedup();
     for (i, arm) in arms.iter().enumerate() {
         let color = Palette99::pick(color_index).to_rgba();
@@ -200,7 +200,7 @@ where
         let style = ShapeStyle::from(color).stroke_width(3);
         // a small offset per variant keeps the whiskers apart
         let dx = (i as f64 - (arms.len() as f64 - 1.0) / 2.0) * 0.06;
-        let pts: Vec<&ScienceRow> = rows.iter().filter(|r| r.arm == *arm && r.kind == "searched").collect();
+        let pts: Vec<&ScienceRow> = rows.iter().filter(|r| r.arm == *arm && r.kind == ArmKind::Searched).collect();
         chart
             .draw_series(LineSeries::new(pts.iter().map(|r| (r.iteration.unwrap_or(0) as f64 + dx, r.accuracy)), style).point_size(4))
             .map_err(err)?
@@ -243,12 +243,12 @@ pub fn write_science_report(reference: &[Arm], searched: &[Arm], out: &Path, sec
     draw_accuracy(BitMapBackend::new(&out.join("validation_accuracy.png"), (1000, 620)).into_drawing_area(), &rows)?;
     draw_accuracy(SVGBackend::new(&out.join("validation_accuracy.svg"), (1000, 620)).into_drawing_area(), &rows)?;
     let mut sim: Vec<Series> = Vec::new();
-    let mut arms: Vec<&str> = rows.iter().filter(|r| r.kind == "searched").map(|r| r.arm.as_str()).collect();
+    let mut arms: Vec<&str> = rows.iter().filter(|r| r.kind == ArmKind::Searched).map(|r| r.arm.as_str()).collect();
     arms.dedup();
     for arm in &arms {
         let pts = |f: fn(&ScienceRow) -> Option<f64>| -> Vec<(f64, f64)> {
             rows.iter()
-                .filter(|r| r.arm == *arm && r.kind == "searched")
+                .filter(|r| r.arm == *arm && r.kind == ArmKind::Searched)
                 .filter_map(|r| f(r).map(|v| (r.iteration.unwrap_or(0) as f64, v)))
                 .collect()
         };

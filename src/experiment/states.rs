@@ -125,6 +125,15 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// A row of `science.parquet`: a reference arm (one value) or a searched variant (one per
+    /// iteration).
+    ArmKind {
+        Reference = "reference",
+        Searched = "searched",
+    }
+}
+
 /// The `model_id` of the unadapted model in `answers.parquet` (every other id is a
 /// self-edit id).
 pub const BASE_MODEL_ID: &str = "base";

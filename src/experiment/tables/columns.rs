@@ -11,7 +11,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Fields, Float32Type};
 
 use super::Question;
-use crate::experiment::states::{AdapterStatus, Category, GraderKind, SftKind, Split};
+use crate::experiment::states::{AdapterStatus, ArmKind, Category, GraderKind, SftKind, Split};
 use crate::experiment::template::Hyperparameters;
 
 /// A Rust type stored as one Arrow column.
@@ -200,7 +200,7 @@ macro_rules! enum_columns {
         }
     )*};
 }
-enum_columns!(Category, AdapterStatus, Split, GraderKind, SftKind);
+enum_columns!(Category, AdapterStatus, Split, GraderKind, SftKind, ArmKind);
 
 /// A row field stored as one or more columns. Every [`Column`] is one column named after
 /// the field; a struct such as [`Hyperparameters`] spreads over one column per member.

@@ -25,7 +25,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use crate::experiment::states::{AdapterStatus, Category, GraderKind, SftKind, Split};
+use crate::experiment::states::{AdapterStatus, ArmKind, Category, GraderKind, SftKind, Split};
 use crate::experiment::template::Hyperparameters;
 
 /// A question of a passage with every gold answer (official SQuAD has several).
@@ -246,8 +246,7 @@ table! {
     ScienceRow = "science" {
         /// base, passage, implications, rewrite, or a searched variant's name
         arm: String,
-        /// reference (one value) or searched (one per iteration)
-        kind: String,
+        kind: ArmKind,
         iteration: Option<i64>,
         n_passages: i64,
         /// mean over passages of the passage's accuracy (its questions x eval runs x completions)

@@ -215,7 +215,7 @@ fn tokenizer_from_gguf(c: &Content, path: &Path, tokens: &[String]) -> anyhow::R
     if model != "gpt2" {
         bail!("{}: GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" only)", path.display());
     }
-    let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned()).unwrap_or_else(|| "default".into());
+    let pre = c_str(c, "tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
     let merges = meta_strings(c, "tokenizer.ggml.merges", path)?;
     let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
         Some(v) => v.to_vec()?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
@@ -246,7 +246,7 @@ fn tokenizer_from_gguf(c: &Content, path: &Path, tokens: &[String]) -> anyhow::R
                   "ignore_merges": false, "vocab": vocab, "merges": merges},
     });
     let tok_str = |key: &str| meta_u32(c, key).and_then(|id| tokens.get(id as usize).cloned());
-    let chat_template = c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
+    let chat_template = c_str(c, "tokenizer.chat_template");
     let add_bos = c.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
     TextTokenizer::from_json(
         serde_json::to_string(&doc)?,

@@ -99,8 +99,8 @@ pub enum TensorKind {
 }
 
 /// llama.cpp's RoPE frequency divisors (`[head_dim / 2]`, f32), the name its GGUF uses and the
-/// one selfedit keeps when it saves such a model; Transformers has no such tensor (it ignores
-/// it with an "unused weights" warning), which is why a model that has it is best kept as GGUF.
+/// one selfedit keeps when it saves such a model; Transformers has no such tensor and does not
+/// apply it, which is why a model that has it is best kept as GGUF.
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// Every tensor of the model outside the layers: `(name, shape, kind)`.
