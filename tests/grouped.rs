@@ -11,7 +11,7 @@
 mod common;
 
 use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
-use selfedit::runtime::training::{train_group, train_lora, TrainConfig, TrainExample, TrainJob, TrainReport};
+use selfedit::runtime::training::{train_group, train_lora, GroupLimits, TrainConfig, TrainExample, TrainJob, TrainReport};
 
 const TEXTS: [&str; 6] = [
     "The Varnholt Observatory was built in 1887 on the northern ridge of Mount Elsby.",
@@ -76,7 +76,7 @@ fn a_group_trains_each_adapter_exactly_as_alone() {
     // grouped: 4 slots for 6 adapters, so two join when others leave
     let mut grouped: Vec<Option<(Vec<f32>, TrainReport)>> = vec![None; CASES.len()];
     let mut finish_order = Vec::new();
-    let report = train_group(&m.decoder, (0..CASES.len()).map(job), 4, |k, r| {
+    let report = train_group(&m.decoder, (0..CASES.len()).map(job), GroupLimits::adapters(4), |k, r| {
         let (adapter, rep) = r?;
         finish_order.push(k);
         grouped[k] = Some((weights(&adapter), rep));

@@ -9,7 +9,7 @@ use selfedit::runtime::generate::{generate, GenerationRequest, SamplingParams};
 use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
 use selfedit::runtime::model::Adapter;
 use selfedit::runtime::tokenizer::ChatMessage;
-use selfedit::runtime::training::{train_group, train_lora, TrainConfig, TrainExample, TrainJob};
+use selfedit::runtime::training::{train_group, train_lora, GroupLimits, TrainConfig, TrainExample, TrainJob};
 
 use super::{median, peak_rss_mib, report, Foreign, IMPLICATIONS};
 
@@ -74,6 +74,44 @@ fn matmul_peak_gflops() -> anyhow::Result<f64> {
     Ok(2.0 * 1024f64.powi(3) / median(times) / 1e9)
 }
 
+/// The ceiling grouped training can reach on this machine: the frozen-weight products of one
+/// packed pass of `rows` tokens (every projection and the LM head, forward `x @ W^T` and
+/// input gradient `g @ W`), run back to back through the same OpenBLAS and nothing else,
+/// GFLOP/s. Everything else a pass does (norms, attention, low-rank updates, the loss) only
+/// adds time, so training cannot beat this figure.
+fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
+    let dec = &m.decoder;
+    let mut weights: Vec<&candle_core::Tensor> = Vec::new();
+    for layer in 0..dec.cfg.num_hidden_layers {
+        for proj in selfedit::runtime::model::Proj::ALL {
+            weights.push(&dec.linear(layer, proj).weight);
+        }
+    }
+    weights.push(&dec.lm_head);
+    // inputs made before the clock starts: one `x` [rows, k] and `g` [rows, n] per weight
+    let dev = candle_core::Device::Cpu;
+    let inputs = weights
+        .iter()
+        .map(|w| {
+            let (n, k) = w.dims2()?;
+            Ok((candle_core::Tensor::randn(0f32, 1.0, (rows, k), &dev)?, candle_core::Tensor::randn(0f32, 1.0, (rows, n), &dev)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let flops: f64 = weights.iter().map(|w| 4.0 * (rows * w.elem_count()) as f64).sum();
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (w, (x, g)) in weights.iter().zip(&inputs) {
+            let (Some(y), Some(dx)) = (selfedit::runtime::blas::matmul_nt(x, w), selfedit::runtime::blas::matmul_nn(g, w)) else {
+                anyhow::bail!("the BLAS path does not apply (built without openblas?)");
+            };
+            drop((y?, dx?));
+        }
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(flops / median(times) / 1e9)
+}
+
 /// FLOPs of one training token through the frozen weights: forward plus input gradients of
 /// every projection and the (tied) LM head; attention scores and the low-rank updates are
 /// left out (a few percent at these lengths).
@@ -120,7 +158,7 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         let rss_before = peak_rss_mib();
         let mut trained: Vec<Option<LoraAdapter>> = (0..n).map(|_| None).collect();
         let jobs = (0..n).map(|k| self_edit(m, k, epochs).expect("self-edit"));
-        let rep = train_group(&m.decoder, jobs, g, |k, r| {
+        let rep = train_group(&m.decoder, jobs, GroupLimits::adapters(g), |k, r| {
             trained[k] = Some(r?.0);
             Ok(())
         })?;
@@ -139,6 +177,18 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         report(&name("self_edit_eval_seconds_grouped"), eval / n as f64, "s");
         report(&name("self_edit_seconds_grouped"), (rep.seconds + eval) / n as f64, "s");
         report(&name("rss_peak_grouped_mib"), peak_rss_mib().max(rss_before), "MiB");
+        // what `training.group_memory_mib` is compared with, beside the measured peak above
+        report(&name("group_memory_estimate_mib"), rep.max_memory_estimate as f64 / (1u64 << 20) as f64, "MiB");
+    }
+
+    // 3. the ceiling: the same frozen-weight products with nothing else (last, since its
+    //    inputs would otherwise count in the groups' peak RSS)
+    if selfedit::runtime::blas::ENABLED {
+        for rows in [32, 256, 512] {
+            let g = frozen_gemm_gflops(m, rows)?;
+            report(&format!("frozen_gemm_gflops_rows{rows}"), g, "GFLOP/s");
+            report(&format!("frozen_gemm_fraction_of_peak_rows{rows}"), g / peak, "");
+        }
     }
     Ok(())
 }

@@ -134,6 +134,12 @@ pub struct TrainingSection {
     /// it is left out of every hash and changing it retrains nothing.
     #[serde(default = "default_adapters_per_batch", skip_serializing)]
     pub adapters_per_batch: usize,
+    /// The estimated memory the adapters in flight may hold together, MiB (weights,
+    /// optimizer state and one pass's activations; see `runtime::training::GroupLimits`):
+    /// fewer than `adapters_per_batch` train at once when their sum would exceed it. Absent:
+    /// `adapters_per_batch` alone bounds the group. A speed setting, left out of every hash.
+    #[serde(default, skip_serializing)]
+    pub group_memory_mib: Option<u64>,
     /// The most training tokens one self-edit may cost (tokens of its sequences, each cut to
     /// `max_len`, times its epochs). The model chooses the epochs and, through its
     /// instruction, how many sequences and how long; a self-edit over the cap keeps the first

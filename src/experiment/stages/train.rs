@@ -17,7 +17,7 @@ use crate::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow
 use crate::runtime::formats::LoadedModel;
 use crate::runtime::lora::{LoraAdapter, LoraConfig};
 use crate::runtime::tokenizer::TextTokenizer;
-use crate::runtime::training::{train_group, TrainConfig, TrainExample, TrainJob, TrainReport};
+use crate::runtime::training::{train_group, GroupLimits, TrainConfig, TrainExample, TrainJob, TrainReport};
 use crate::util::hash::{content_hash, derive_seed};
 
 /// What training one adapter recorded, kept beside the adapter so a rerun can rebuild the
@@ -170,7 +170,9 @@ pub fn train_adapters(
         }
     });
     let base = model.source.display().to_string();
-    train_group(&model.decoder, jobs, cfg.training.adapters_per_batch, |i, result| {
+    let limits =
+        GroupLimits { adapters: cfg.training.adapters_per_batch, memory_bytes: cfg.training.group_memory_mib.map(|mib| mib << 20) };
+    train_group(&model.decoder, jobs, limits, |i, result| {
         let (id, dir, input_hash, sequences, capped) = finishing.borrow_mut().remove(&i).expect("every job was registered");
         match result {
             // a write that fails (disk full, a size limit) stops the stage: it is no fault of

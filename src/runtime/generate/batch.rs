@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use super::constraint::JsonConstraint;
 use super::sampling::{Sampler, SamplingParams};
 use crate::runtime::formats::LoadedModel;
-use crate::runtime::model::{causal_mask, Adapter, Batch, KvCache};
+use crate::runtime::model::{causal_mask, Adapter, Batch, Frozen, KvCache};
 use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
 
 pub struct GenerationRequest {
@@ -170,6 +170,9 @@ pub fn generate_batch(
         mask: Some(causal_mask(b, prompt_len, 0, &left_pad, &device, dtype)?),
         segments: None,
     };
+    // generation never needs gradients: see `Frozen`
+    let frozen = lora.map(Frozen);
+    let lora = frozen.as_ref().map(|f| f as &dyn Adapter);
     let mut logits = dec.forward_last(&batch, Some(&mut cache), lora)?;
 
     let mut rows: Vec<Row> = requests

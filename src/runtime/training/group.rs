@@ -27,6 +27,23 @@ pub struct TrainJob<K> {
     pub config: TrainConfig,
 }
 
+/// How large a group may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Adapters in flight at most (`training.adapters_per_batch`).
+    pub adapters: usize,
+    /// Estimated bytes of the adapters in flight at most ([`AdapterRun::memory_estimate`]),
+    /// or no limit. A job that does not fit waits for adapters to finish; one job always
+    /// runs, even alone over the limit.
+    pub memory_bytes: Option<u64>,
+}
+
+impl GroupLimits {
+    pub fn adapters(adapters: usize) -> Self {
+        Self { adapters, memory_bytes: None }
+    }
+}
+
 /// What a group run did.
 #[derive(Debug, Clone, Default)]
 pub struct GroupReport {
@@ -37,50 +54,72 @@ pub struct GroupReport {
     pub seconds: f64,
     /// The most adapters in flight at once.
     pub max_in_flight: usize,
+    /// The largest estimated memory of the adapters in flight, bytes.
+    pub max_memory_estimate: u64,
 }
 
-/// Trains every job, up to `adapters_per_batch` at a time, calling `on_done(key, result)` the
+/// Trains every job, as many at a time as `limits` allow, calling `on_done(key, result)` the
 /// moment an adapter finishes (so a caller can write it then: a kill loses only the adapters
 /// in flight). A job that cannot start (no usable sequence) or a pass that fails reports its
 /// adapters' errors through `on_done`; an error returned by `on_done` stops the run.
 pub fn train_group<K>(
     decoder: &Decoder,
     jobs: impl IntoIterator<Item = TrainJob<K>>,
-    adapters_per_batch: usize,
+    limits: GroupLimits,
     mut on_done: impl FnMut(K, anyhow::Result<(LoraAdapter, TrainReport)>) -> anyhow::Result<()>,
 ) -> anyhow::Result<GroupReport> {
     let started = Instant::now();
     let mut jobs = jobs.into_iter();
-    let mut active: Vec<(K, AdapterRun<LoraAdapter>)> = Vec::new();
+    let mut active: Vec<(K, AdapterRun<LoraAdapter>, u64)> = Vec::new();
+    // a job built but waiting for memory to free up
+    let mut waiting: Option<(K, AdapterRun<LoraAdapter>, u64)> = None;
     let mut report = GroupReport::default();
     loop {
-        // 1. continuous batching: free slots take the next jobs
-        while active.len() < adapters_per_batch.max(1) {
-            let Some(job) = jobs.next() else { break };
-            match AdapterRun::new(job.adapter, &job.examples, &job.config) {
-                Ok(run) => active.push((job.key, run)),
-                Err(e) => on_done(job.key, Err(e))?,
+        // 1. continuous batching: free slots take the next jobs, while the memory allows
+        while active.len() < limits.adapters.max(1) {
+            let next = match waiting.take() {
+                Some(w) => w,
+                None => {
+                    let Some(job) = jobs.next() else { break };
+                    match AdapterRun::new(job.adapter, &job.examples, &job.config) {
+                        Ok(run) => {
+                            let bytes = run.memory_estimate(decoder);
+                            (job.key, run, bytes)
+                        }
+                        Err(e) => {
+                            on_done(job.key, Err(e))?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let in_use: u64 = active.iter().map(|a| a.2).sum();
+            if limits.memory_bytes.is_some_and(|max| !active.is_empty() && in_use + next.2 > max) {
+                waiting = Some(next);
+                break;
             }
+            active.push(next);
         }
         if active.is_empty() {
             break;
         }
         report.max_in_flight = report.max_in_flight.max(active.len());
+        report.max_memory_estimate = report.max_memory_estimate.max(active.iter().map(|a| a.2).sum());
         // 2. each adapter's next sequence and its loss weight
         let mut micro = Vec::with_capacity(active.len());
-        for (_, run) in active.iter_mut() {
+        for (_, run, _) in active.iter_mut() {
             micro.push(run.next_micro_batch().expect("a run in flight has steps left"));
         }
         match group_pass(decoder, &active, &micro) {
             Ok((losses, grads)) => {
-                for (((_, run), &(i, weight)), (loss, grads)) in active.iter_mut().zip(&micro).zip(losses.into_iter().zip(grads)) {
+                for (((_, run, _), &(i, weight)), (loss, grads)) in active.iter_mut().zip(&micro).zip(losses.into_iter().zip(grads)) {
                     report.tokens += run.example(i).ids.len();
                     run.add_gradients(loss, weight, grads)?;
                 }
             }
             Err(e) => {
                 let message = format!("{e:#}");
-                for (key, _) in active.drain(..) {
+                for (key, _, _) in active.drain(..) {
                     on_done(key, Err(anyhow::anyhow!("training pass of a group failed: {message}")))?;
                 }
                 continue;
@@ -91,7 +130,7 @@ pub fn train_group<K>(
         let mut k = 0;
         while k < active.len() {
             if active[k].1.step() == active[k].1.total_steps() {
-                let (key, run) = active.remove(k);
+                let (key, run, _) = active.remove(k);
                 on_done(key, Ok(run.finish(false)))?;
             } else {
                 k += 1;
@@ -106,19 +145,19 @@ pub fn train_group<K>(
 /// weighted loss with respect to its own adapter's variables.
 type PassOutput = (Vec<f64>, Vec<Vec<Option<Tensor>>>);
 
-fn group_pass<K>(decoder: &Decoder, active: &[(K, AdapterRun<LoraAdapter>)], micro: &[(usize, f64)]) -> anyhow::Result<PassOutput> {
+fn group_pass<K>(decoder: &Decoder, active: &[(K, AdapterRun<LoraAdapter>, u64)], micro: &[(usize, f64)]) -> anyhow::Result<PassOutput> {
     // 3. one forward pass over the packed sequences [1, Σ len]: frozen weights once, each
     //    sequence's low-rank update from its own adapter
     let seqs: Vec<(&[u32], usize)> = active
         .iter()
         .zip(micro)
-        .map(|((_, run), &(i, _))| {
+        .map(|((_, run, _), &(i, _))| {
             let e = run.example(i);
             (e.ids.as_slice(), e.loss_from)
         })
         .collect();
     let items: Vec<(usize, Option<&dyn Adapter>)> =
-        seqs.iter().zip(active).map(|(s, (_, run))| (s.0.len(), Some(run.adapter() as &dyn Adapter))).collect();
+        seqs.iter().zip(active).map(|(s, (_, run, _))| (s.0.len(), Some(run.adapter() as &dyn Adapter))).collect();
     let adapters = SegmentedAdapters::new(SegmentAxis::Tokens, &items);
     let losses = decoder.packed_losses(&seqs, Some(&adapters))?; // [K]
                                                                  // 4. one backward pass: the adapters share no variable, so the gradient of
@@ -127,6 +166,63 @@ fn group_pass<K>(decoder: &Decoder, active: &[(K, AdapterRun<LoraAdapter>)], mic
     let weights = Tensor::from_vec(weights, micro.len(), decoder.device())?.to_dtype(losses.dtype())?;
     let g = (&losses * &weights)?.sum_all()?.backward()?;
     let values: Vec<f64> = losses.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
-    let grads = active.iter().map(|(_, run)| run.adapter().vars().iter().map(|v| g.get(v.as_tensor()).cloned()).collect()).collect();
+    let grads = active.iter().map(|(_, run, _)| run.adapter().vars().iter().map(|v| g.get(v.as_tensor()).cloned()).collect()).collect();
     Ok((values, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::formats::decoder_from_tensors;
+    use crate::runtime::lora::LoraConfig;
+    use crate::runtime::model::{random_weights, ModelConfig};
+    use candle_core::Device;
+
+    fn tiny() -> Decoder {
+        let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128
+        }))
+        .unwrap();
+        decoder_from_tensors(&cfg, random_weights(&cfg, 0, &Device::Cpu, DType::F32).unwrap(), &Device::Cpu).unwrap()
+    }
+
+    fn job(dec: &Decoder, k: usize) -> TrainJob<usize> {
+        let adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(4, 8.0, 0.0), k as u64, &Device::Cpu).unwrap();
+        let examples =
+            (0..2).map(|j| TrainExample { ids: (0..10).map(|t| ((t * 7 + j + k) % 64) as u32).collect(), loss_from: 0 }).collect();
+        TrainJob { key: k, adapter, examples, config: TrainConfig::new(1e-3, 1 + k % 2, 1, k as u64) }
+    }
+
+    /// The memory limit caps the adapters in flight below `adapters`; every job still
+    /// finishes, and a job larger than the limit runs alone.
+    #[test]
+    fn memory_limit_bounds_the_group() {
+        let dec = tiny();
+        let one = AdapterRun::new(job(&dec, 0).adapter, &job(&dec, 0).examples, &job(&dec, 0).config).unwrap().memory_estimate(&dec);
+        // every job has the same shape, so the same estimate: 10 tokens of activations plus
+        // 5 f32 copies of 2 layers × (A, B) of q and v at rank 4
+        let params = 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4);
+        assert_eq!(one, 5 * 4 * params as u64 + 10 * dec.training_bytes_per_token());
+        let run = |limits: GroupLimits| {
+            let mut done = Vec::new();
+            let report = train_group(&dec, (0..6).map(|k| job(&dec, k)), limits, |k, r| {
+                r?;
+                done.push(k);
+                Ok(())
+            })
+            .unwrap();
+            done.sort();
+            assert_eq!(done, (0..6).collect::<Vec<_>>());
+            report
+        };
+        let unbounded = run(GroupLimits::adapters(4));
+        assert_eq!((unbounded.max_in_flight, unbounded.max_memory_estimate), (4, 4 * one));
+        let bounded = run(GroupLimits { adapters: 4, memory_bytes: Some(2 * one + one / 2) });
+        assert_eq!((bounded.max_in_flight, bounded.max_memory_estimate), (2, 2 * one));
+        let tight = run(GroupLimits { adapters: 4, memory_bytes: Some(one / 2) });
+        assert_eq!(tight.max_in_flight, 1);
+        assert!(tight.passes > bounded.passes && bounded.passes > unbounded.passes);
+    }
 }

@@ -13,6 +13,7 @@ use rand::SeedableRng;
 
 use super::{linear_lr, AdamW, TrainConfig, TrainExample, TrainReport};
 use crate::runtime::lora::LoraAdapter;
+use crate::runtime::model::Decoder;
 
 /// The state of one adapter's training. Drive it with [`Self::next_micro_batch`] (which
 /// sequence to run next, and its loss weight) and [`Self::add_gradients`] (that sequence's
@@ -92,6 +93,16 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
         self.skip = step;
         self.step = step;
         self.report = report;
+    }
+
+    /// The most memory this run holds in flight, in bytes (an estimate, see
+    /// [`Decoder::training_bytes_per_token`]): five f32 copies of the adapter's parameters
+    /// (weights, accumulated gradient, AdamW's two moments, one pass's gradient), plus the
+    /// activations of its longest sequence.
+    pub fn memory_estimate(&self, decoder: &Decoder) -> u64 {
+        let params = self.adapter().num_parameters() as u64;
+        let longest = self.examples.iter().map(|e| e.ids.len()).max().unwrap_or(0) as u64;
+        5 * 4 * params + longest * decoder.training_bytes_per_token()
     }
 
     pub fn adapter(&self) -> &LoraAdapter {
