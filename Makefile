@@ -70,7 +70,8 @@ test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build a
 
 # Mutation testing (cargo-mutants): every mutant of the numeric modules must fail one of the
 # fast tests that guard them. Not in CI (one rebuild per mutant: ~35 s each here).
-MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/experiment/grading.rs src/experiment/novelty.rs
+MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/experiment/grading.rs src/experiment/novelty.rs \
+  src/runtime/training/run.rs
 MUTANTS_TESTS ?= --lib --test semantics --test sft --test tiny_models
 MUTANTS_BUDGET ?= 3600
 mutants:  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_BUDGET s)

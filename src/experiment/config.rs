@@ -362,6 +362,7 @@ impl ExperimentConfig {
         ensure!(s.batch_size >= 1 && self.eval.batch_size >= 1, "batch sizes must be >= 1");
         ensure!(self.training.adapters_per_batch >= 1, "training.adapters_per_batch must be >= 1");
         ensure!(self.eval.adapters_per_batch >= 1, "eval.adapters_per_batch must be >= 1");
+        ensure!(self.training.group_memory_mib != Some(0), "training.group_memory_mib must be >= 1 (MiB), or absent for no limit");
         s.exploit.validate().context("search.exploit")?;
         s.explore.validate().context("search.explore")?;
         if let Some(c) = &s.completion_explore {
