@@ -74,9 +74,12 @@ MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/ex
   src/runtime/training/run.rs
 MUTANTS_TESTS ?= --lib --test semantics --test sft --test tiny_models
 MUTANTS_BUDGET ?= 3600
+# Its own target folder: cargo-mutants builds a copy of the tree, and in a shared folder a mutant's
+# binaries look fresh to the next ordinary build (seen: `make test` ran a mutant's library).
+MUTANTS_TARGET ?= $(HOME)/.cache/selfedit-mutants-target
 mutants:  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_BUDGET s)
 	@command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
-	timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle $(foreach f,$(MUTANTS_FILES),-f $(f)) \
+	CARGO_TARGET_DIR=$(MUTANTS_TARGET) timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle $(foreach f,$(MUTANTS_FILES),-f $(f)) \
 	  --output $(OUTPUTS)/mutants -- $(MUTANTS_TESTS); status=$$?; \
 	  echo "mutants: see $(OUTPUTS)/mutants/mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt)"; exit $$status
 

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor, Var};
 use selfedit::runtime::generate::{Sampler, SamplingParams};
 use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
 use selfedit::runtime::model::Batch;
-use selfedit::runtime::training::{linear_lr, train_lora, AdamW, TrainConfig, TrainExample};
+use selfedit::runtime::training::{linear_lr, train_lora, AdamW, AdapterRun, TrainConfig, TrainExample};
 
 /// Share of `n` draws (seeds 0..n) that pick each token.
 fn draw_shares(params: &SamplingParams, logits: &[f32], seen: &[u32], n: u64) -> Vec<f64> {
@@ -377,4 +377,54 @@ fn training_sequences_get_the_post_processors_bos() {
     // the plain tokenizer (no post-processor) adds nothing
     let plain = TextTokenizer::from_json(common::tiny_tokenizer_json(), None, None, None, false).unwrap();
     assert_eq!(training_examples(&exp.config, &plain, &["w1 w2".to_string()]).unwrap()[0].ids, vec![3, 4]);
+}
+
+/// Gradient clipping as PyTorch's `clip_grad_norm_` (the HF Trainer's `max_grad_norm`): the
+/// global L2 norm over every LoRA tensor; above the limit every gradient is scaled by
+/// `max_norm / (norm + 1e-6)`, below it left alone. AdamW's first step is almost
+/// scale-free, so the second step shows it: a clipped first gradient and an unclipped
+/// second give an update that a first gradient left whole (or clipped per tensor) does not.
+#[test]
+fn gradient_clipping_scales_the_global_norm() {
+    let (_d, m) = tiny_model();
+    let adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(2, 4.0, 0.0), 3, &Device::Cpu).unwrap();
+    let vars = adapter.vars();
+    let start: Vec<Vec<f32>> = vars.iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let p: usize = start.iter().map(|v| v.len()).sum();
+    // one sequence, accumulation 1, two epochs: two optimizer steps
+    let mut cfg = TrainConfig::new(0.01, 2, 1, 0);
+    cfg.max_grad_norm = 1.0;
+    let mut run = AdapterRun::new(adapter, &[TrainExample { ids: vec![3, 4, 5], loss_from: 0 }], &cfg).unwrap();
+    // every entry equal: step 1 has global norm sqrt(p) (clipped), step 2 norm 0.5 (kept)
+    let entries = [1.0f64, 0.5 / (p as f64).sqrt()];
+    for &e in &entries {
+        let (_, weight) = run.next_micro_batch().unwrap();
+        assert_eq!(weight, 1.0);
+        let grads = vars.iter().map(|v| Some((v.ones_like().unwrap() * e).unwrap())).collect();
+        run.add_gradients(0.0, weight, grads).unwrap().expect("a window of one sequence ends a step");
+    }
+    // reference, per entry in f64: clip, then PyTorch's AdamW at lr, lr/2
+    let norm1 = (p as f64).sqrt();
+    let g = [entries[0] / (norm1 + 1e-6), entries[1]];
+    let (mut delta, mut mo, mut ve) = (0f64, 0f64, 0f64);
+    for (t, (g, lr)) in g.iter().zip([0.01, 0.005]).enumerate() {
+        let t = (t + 1) as i32;
+        mo = 0.9 * mo + 0.1 * g;
+        ve = 0.999 * ve + 0.001 * g * g;
+        delta -= lr * (mo / (1.0 - 0.9f64.powi(t))) / ((ve / (1.0 - 0.999f64.powi(t))).sqrt() + 1e-8);
+    }
+    let after: Vec<Vec<f32>> = run.adapter().vars().iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    for (a, s) in after.iter().flatten().zip(start.iter().flatten()) {
+        let got = (*a - *s) as f64;
+        assert!((got - delta).abs() < 1e-6, "update {got} against {delta} (clipped first step)");
+    }
+    // the check can fail: without clipping the same two steps move each entry elsewhere
+    let (mut unclipped, mut mo, mut ve) = (0f64, 0f64, 0f64);
+    for (t, (g, lr)) in entries.iter().zip([0.01, 0.005]).enumerate() {
+        let t = (t + 1) as i32;
+        mo = 0.9 * mo + 0.1 * g;
+        ve = 0.999 * ve + 0.001 * g * g;
+        unclipped -= lr * (mo / (1.0 - 0.9f64.powi(t))) / ((ve / (1.0 - 0.999f64.powi(t))).sqrt() + 1e-8);
+    }
+    assert!((unclipped - delta).abs() > 1e-4, "clipped {delta} and unclipped {unclipped} must differ");
 }
