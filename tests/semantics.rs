@@ -7,7 +7,7 @@ mod common;
 use candle_core::{Device, Tensor, Var};
 use selfedit::runtime::generate::{Sampler, SamplingParams};
 use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
-use selfedit::runtime::model::Batch;
+use selfedit::runtime::model::{Adapter, Batch, Proj};
 use selfedit::runtime::training::{linear_lr, train_lora, AdamW, AdapterRun, TrainConfig, TrainExample};
 
 /// Share of `n` draws (seeds 0..n) that pick each token.
@@ -381,7 +381,8 @@ fn training_sequences_get_the_post_processors_bos() {
 
 /// Gradient clipping as PyTorch's `clip_grad_norm_` (the HF Trainer's `max_grad_norm`): the
 /// global L2 norm over every LoRA tensor; above the limit every gradient is scaled by
-/// `max_norm / (norm + 1e-6)`, below it left alone. AdamW's first step is almost
+/// `max_norm / norm` (PyTorch adds 1e-6 to the norm, too small to see here), below it left
+/// alone. AdamW's first step is almost
 /// scale-free, so the second step shows it: a clipped first gradient and an unclipped
 /// second give an update that a first gradient left whole (or clipped per tensor) does not.
 #[test]
@@ -427,4 +428,90 @@ fn gradient_clipping_scales_the_global_norm() {
         unclipped -= lr * (mo / (1.0 - 0.9f64.powi(t))) / ((ve / (1.0 - 0.999f64.powi(t))).sqrt() + 1e-8);
     }
     assert!((unclipped - delta).abs() > 1e-4, "clipped {delta} and unclipped {unclipped} must differ");
+}
+
+/// Accumulation windows through the trainer itself (`AdapterRun`, which solo and grouped
+/// training share): `gradient_accumulation_steps` sequences per optimizer step, the last
+/// window of an epoch shorter (3 sequences at accumulation 2: windows of 2 and 1, as the HF
+/// Trainer counts them), each sequence weighted by its share of its window's counted tokens,
+/// and the window's loss their weighted mean.
+#[test]
+fn accumulation_windows_group_sequences_and_weight_them_by_tokens() {
+    let (_d, m) = tiny_model();
+    let adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(2, 4.0, 0.0), 5, &Device::Cpu).unwrap();
+    let vars = adapter.vars();
+    let ids = [vec![2u32, 9, 14, 3, 27, 41, 5, 8], vec![11, 12, 13], vec![4, 6, 8, 10, 12]];
+    let targets = [7.0f64, 2.0, 4.0];
+    let ex: Vec<TrainExample> = ids.iter().map(|ids| TrainExample { ids: ids.clone(), loss_from: 0 }).collect();
+    let mut run = AdapterRun::new(adapter, &ex, &TrainConfig::new(0.01, 1, 2, 0)).unwrap();
+    assert_eq!(run.total_steps(), 2);
+    let (mut windows, mut current) = (Vec::new(), Vec::new());
+    while let Some((i, weight)) = run.next_micro_batch() {
+        current.push((i, weight));
+        let grads = vars.iter().map(|v| Some(v.zeros_like().unwrap())).collect();
+        // every sequence's loss is 1 + its index, so the window loss is their weighted mean
+        if let Some(loss) = run.add_gradients(1.0 + i as f64, weight, grads).unwrap() {
+            let want: f64 = current.iter().map(|&(i, w)| (1.0 + i as f64) * w).sum();
+            assert!((loss as f64 - want).abs() < 1e-6, "window loss {loss} against {want}");
+            windows.push(std::mem::take(&mut current));
+        }
+    }
+    assert!(current.is_empty(), "a window was left open");
+    assert_eq!(windows.iter().map(|w| w.len()).collect::<Vec<_>>(), vec![2, 1]);
+    let mut seen: Vec<usize> = windows.iter().flatten().map(|&(i, _)| i).collect();
+    seen.sort();
+    assert_eq!(seen, vec![0, 1, 2], "each sequence once per epoch");
+    for w in &windows {
+        let total: f64 = w.iter().map(|&(i, _)| targets[i]).sum();
+        for &(i, weight) in w {
+            assert!((weight - targets[i] / total).abs() < 1e-12, "sequence {i}: weight {weight}, its token share {}", targets[i] / total);
+        }
+    }
+    assert_eq!(run.step(), 2);
+}
+
+/// Dropout masks are drawn afresh at each of 128 optimizer steps and differ between
+/// training seeds (seeds 0, 1 and 2 differ in bits that an accidental `|` or `&` between
+/// the seed and the mixing constant would drop); with equal seeds they repeat, so a
+/// resumed run draws the same masks. The property is pinned, not the mixing constant.
+#[test]
+fn dropout_masks_are_fresh_per_step_and_per_seed() {
+    let (_d, m) = tiny_model();
+    let ex = vec![TrainExample { ids: vec![2, 9, 14, 3], loss_from: 0 }];
+    let in_dim = m.decoder.cfg.hidden_size;
+    let x = Tensor::ones((3, in_dim), candle_core::DType::F32, &Device::Cpu).unwrap();
+    const STEPS: usize = 128;
+    // the update (x * mask) A^T B^T at every step of a run under one training seed
+    let updates = |seed: u64| -> Vec<Vec<f32>> {
+        let adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(4, 8.0, 0.5), 5, &Device::Cpu).unwrap();
+        let vars = adapter.vars();
+        for v in &vars {
+            if v.dims()[1] == 4 {
+                v.set(&Tensor::ones(v.dims(), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+                // B: ones
+            }
+        }
+        let mut run = AdapterRun::new(adapter, &ex, &TrainConfig::new(0.01, STEPS, 1, seed)).unwrap();
+        let mut out = Vec::new();
+        while let Some((_, weight)) = run.next_micro_batch() {
+            let y = run.adapter().delta(0, Proj::QProj, &x).unwrap().expect("q_proj is targeted");
+            out.push(y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            // zero gradients and no weight decay: the weights stay, only the masks move
+            let grads = vars.iter().map(|v| Some(v.zeros_like().unwrap())).collect();
+            run.add_gradients(1.0, weight, grads).unwrap();
+        }
+        out
+    };
+    let runs: Vec<_> = (0..3).map(updates).collect();
+    for (seed, steps) in runs.iter().enumerate() {
+        assert_eq!(steps.len(), STEPS);
+        let mut bits: Vec<Vec<u32>> = steps.iter().map(|u| u.iter().map(|v| v.to_bits()).collect()).collect();
+        bits.sort();
+        bits.dedup();
+        assert_eq!(bits.len(), STEPS, "seed {seed}: a mask repeats across steps");
+    }
+    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+        assert!(runs[a][0] != runs[b][0], "seeds {a} and {b} draw the same first mask");
+    }
+    assert_eq!(updates(1), runs[1], "the same seed draws the same masks");
 }

@@ -320,12 +320,7 @@ mod tests {
     /// a graph (a 64-row prefill held 3.6 GB of graph without it).
     #[test]
     fn frozen_update_is_equal_and_untracked() {
-        let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
-            "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128
-        }))
-        .unwrap();
+        let cfg = ModelConfig::tiny_for_tests();
         let dev = Device::Cpu;
         let lora = LoraAdapter::new(&cfg, LoraConfig::paper(4, 8.0, 0.0), 7, &dev).unwrap();
         // B starts at zero as in PEFT; give it values so the update is not trivially zero

@@ -149,7 +149,8 @@ pub fn train_adapters(
         }
         pending.push((i, edit, *t, texts, input_hash, dir));
     }
-    // 2. the jobs, built as slots free up (an adapter and its optimizer exist only in flight)
+    // 2. the jobs, built as slots free up (an adapter exists only in flight or as the one job
+    //    waiting for memory, its optimizer only in flight)
     let failed = |i: usize, id: &str, e: anyhow::Error| {
         let mut row = empty_row(id);
         row.status = AdapterStatus::Failed;
@@ -170,8 +171,10 @@ pub fn train_adapters(
         }
     });
     let base = model.source.display().to_string();
-    let limits =
-        GroupLimits { adapters: cfg.training.adapters_per_batch, memory_bytes: cfg.training.group_memory_mib.map(|mib| mib << 20) };
+    let limits = GroupLimits {
+        adapters: cfg.training.adapters_per_batch,
+        memory_bytes: cfg.training.group_memory_mib.map(|mib| mib.saturating_mul(1 << 20)),
+    };
     train_group(&model.decoder, jobs, limits, |i, result| {
         let (id, dir, input_hash, sequences, capped) = finishing.borrow_mut().remove(&i).expect("every job was registered");
         match result {

@@ -101,6 +101,17 @@ impl RopeScaling {
 }
 
 impl ModelConfig {
+    /// A 2-layer Llama of width 32 (4 heads of 8, 2 KV heads, vocabulary 64) for unit tests.
+    #[cfg(test)]
+    pub(crate) fn tiny_for_tests() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128
+        }))
+        .expect("a valid config")
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

@@ -197,17 +197,17 @@ impl Decoder {
         self.embed_tokens.dtype()
     }
 
-    /// Bytes a training pass keeps per token until its backward pass ends (an estimate, an
-    /// upper bound in practice): autograd holds every intermediate of a layer, about
-    /// 14 × hidden + 6 × kv width + 4 × intermediate values in the compute dtype (norm
-    /// outputs, projections, their head-split copies, rotary outputs, the SwiGLU terms,
-    /// residuals), and the loss keeps one f32 row of vocabulary probabilities.
-    /// `make bench` prints it beside the measured peak (`group_memory_*` lines).
+    /// Bytes a training pass of the frozen model keeps per token until its backward pass
+    /// ends (an estimate): autograd holds every intermediate of a layer, about 14 × hidden +
+    /// 6 × kv width + 4 × intermediate values in the compute dtype (norm outputs,
+    /// projections, their head-split copies, rotary outputs, the SwiGLU terms, residuals),
+    /// and the loss keeps one row of vocabulary gradients. An adapter's own intermediates
+    /// come on top (`runtime::training::memory_estimate`).
     pub fn training_bytes_per_token(&self) -> u64 {
         let c = &self.cfg;
         let kv = (c.kv_heads() * c.head_dim()) as u64;
         let per_layer = 14 * c.hidden_size as u64 + 6 * kv + 4 * c.intermediate_size as u64;
-        c.num_hidden_layers as u64 * per_layer * self.dtype().size_in_bytes() as u64 + 4 * c.vocab_size as u64
+        (c.num_hidden_layers as u64 * per_layer + c.vocab_size as u64) * self.dtype().size_in_bytes() as u64
     }
 
     /// A projection of layer `layer`, plus the adapter's low-rank update when it has one.

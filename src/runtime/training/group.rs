@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::{AdapterRun, TrainConfig, TrainExample, TrainReport};
+use super::{memory_estimate, AdapterRun, TrainConfig, TrainExample, TrainReport};
 use crate::runtime::lora::LoraAdapter;
 use crate::runtime::model::{Adapter, Decoder};
 use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
@@ -32,7 +32,7 @@ pub struct TrainJob<K> {
 pub struct GroupLimits {
     /// Adapters in flight at most (`training.adapters_per_batch`).
     pub adapters: usize,
-    /// Estimated bytes of the adapters in flight at most ([`AdapterRun::memory_estimate`]),
+    /// Estimated bytes of the adapters in flight at most ([`memory_estimate`]),
     /// or no limit. A job that does not fit waits for adapters to finish; one job always
     /// runs, even alone over the limit.
     pub memory_bytes: Option<u64>,
@@ -71,34 +71,30 @@ pub fn train_group<K>(
     let started = Instant::now();
     let mut jobs = jobs.into_iter();
     let mut active: Vec<(K, AdapterRun<LoraAdapter>, u64)> = Vec::new();
-    // a job built but waiting for memory to free up
-    let mut waiting: Option<(K, AdapterRun<LoraAdapter>, u64)> = None;
+    // the next job and its estimate, waiting for memory to free up (nothing of it allocated
+    // beyond what the caller built)
+    let mut waiting: Option<(TrainJob<K>, u64)> = None;
     let mut report = GroupReport::default();
     loop {
         // 1. continuous batching: free slots take the next jobs, while the memory allows
         while active.len() < limits.adapters.max(1) {
-            let next = match waiting.take() {
+            let (job, bytes) = match waiting.take() {
                 Some(w) => w,
                 None => {
                     let Some(job) = jobs.next() else { break };
-                    match AdapterRun::new(job.adapter, &job.examples, &job.config) {
-                        Ok(run) => {
-                            let bytes = run.memory_estimate(decoder);
-                            (job.key, run, bytes)
-                        }
-                        Err(e) => {
-                            on_done(job.key, Err(e))?;
-                            continue;
-                        }
-                    }
+                    let bytes = memory_estimate(decoder, &job.adapter, &job.examples, &job.config);
+                    (job, bytes)
                 }
             };
             let in_use: u64 = active.iter().map(|a| a.2).sum();
-            if limits.memory_bytes.is_some_and(|max| !active.is_empty() && in_use + next.2 > max) {
-                waiting = Some(next);
+            if limits.memory_bytes.is_some_and(|max| !active.is_empty() && in_use + bytes > max) {
+                waiting = Some((job, bytes));
                 break;
             }
-            active.push(next);
+            match AdapterRun::new(job.adapter, &job.examples, &job.config) {
+                Ok(run) => active.push((job.key, run, bytes)),
+                Err(e) => on_done(job.key, Err(e))?,
+            }
         }
         if active.is_empty() {
             break;
@@ -179,12 +175,7 @@ mod tests {
     use candle_core::Device;
 
     fn tiny() -> Decoder {
-        let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
-            "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128
-        }))
-        .unwrap();
+        let cfg = ModelConfig::tiny_for_tests();
         decoder_from_tensors(&cfg, random_weights(&cfg, 0, &Device::Cpu, DType::F32).unwrap(), &Device::Cpu).unwrap()
     }
 
@@ -201,10 +192,12 @@ mod tests {
     fn memory_limit_bounds_the_group() {
         let dec = tiny();
         let one = AdapterRun::new(job(&dec, 0).adapter, &job(&dec, 0).examples, &job(&dec, 0).config).unwrap().memory_estimate(&dec);
-        // every job has the same shape, so the same estimate: 10 tokens of activations plus
-        // 5 f32 copies of 2 layers × (A, B) of q and v at rank 4
+        // every job has the same shape, so the same estimate: 5 f32 copies of 2 layers ×
+        // (A, B) of q (32 -> 32) and v (32 -> 16) at rank 4, and 10 tokens of the frozen
+        // model's activations plus the low-rank path's (input, rank, 2 × output per module)
         let params = 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4);
-        assert_eq!(one, 5 * 4 * params as u64 + 10 * dec.training_bytes_per_token());
+        let lora_per_token = 2 * ((32 + 4 + 2 * 32) + (32 + 4 + 2 * 16)) * 4;
+        assert_eq!(one, 5 * 4 * params as u64 + 10 * (dec.training_bytes_per_token() + lora_per_token));
         let run = |limits: GroupLimits| {
             let mut done = Vec::new();
             let report = train_group(&dec, (0..6).map(|k| job(&dec, k)), limits, |k, r| {

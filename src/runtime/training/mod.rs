@@ -16,7 +16,7 @@ mod solo;
 
 pub use checkpoint::Checkpointing;
 pub use group::{train_group, GroupLimits, GroupReport, TrainJob};
-pub use run::AdapterRun;
+pub use run::{memory_estimate, AdapterRun};
 pub use solo::{lora_gradients, train_lora, train_lora_with, window_gradients};
 
 use candle_core::{Tensor, Var};

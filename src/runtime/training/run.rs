@@ -6,7 +6,7 @@ use std::borrow::BorrowMut;
 use std::time::Instant;
 
 use anyhow::ensure;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -47,6 +47,29 @@ pub struct AdapterRun<A: BorrowMut<LoraAdapter>> {
 /// Positions whose target counts in a sequence's loss (see [`TrainExample::loss_from`]).
 pub(super) fn counted(e: &TrainExample) -> usize {
     e.ids.len() - e.loss_from.max(1)
+}
+
+/// The most memory one adapter's training holds in flight, in bytes (an estimate, used to
+/// bound a group; `make bench` prints it beside the measured peak): five f32 copies of the
+/// adapter's parameters (weights, accumulated gradient, AdamW's two moments, one pass's
+/// gradient), plus, for its longest sequence (cut to `max_len`), the frozen model's
+/// activations ([`Decoder::training_bytes_per_token`]) and the low-rank path's own: per
+/// targeted projection, its f32 input, the rank-wide product, the update and its scaled copy.
+pub fn memory_estimate(decoder: &Decoder, adapter: &LoraAdapter, examples: &[TrainExample], cfg: &TrainConfig) -> u64 {
+    let f32_bytes = DType::F32.size_in_bytes() as u64;
+    let params = adapter.num_parameters() as u64;
+    let mut lora_per_token = 0u64;
+    for layer in 0..adapter.num_layers() {
+        for &proj in &adapter.config.targets {
+            if let Some(pair) = adapter.pair(layer, proj) {
+                let (rank, input) = (pair.a.dim(0).unwrap_or(0), pair.a.dim(1).unwrap_or(0));
+                let output = pair.b.dim(0).unwrap_or(0);
+                lora_per_token += (input + rank + 2 * output) as u64 * f32_bytes;
+            }
+        }
+    }
+    let longest = examples.iter().map(|e| e.ids.len().min(cfg.max_len)).max().unwrap_or(0) as u64;
+    5 * f32_bytes * params + longest * (decoder.training_bytes_per_token() + lora_per_token)
 }
 
 impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
@@ -95,14 +118,9 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
         self.report = report;
     }
 
-    /// The most memory this run holds in flight, in bytes (an estimate, see
-    /// [`Decoder::training_bytes_per_token`]): five f32 copies of the adapter's parameters
-    /// (weights, accumulated gradient, AdamW's two moments, one pass's gradient), plus the
-    /// activations of its longest sequence.
+    /// [`memory_estimate`] of this run.
     pub fn memory_estimate(&self, decoder: &Decoder) -> u64 {
-        let params = self.adapter().num_parameters() as u64;
-        let longest = self.examples.iter().map(|e| e.ids.len()).max().unwrap_or(0) as u64;
-        5 * 4 * params + longest * decoder.training_bytes_per_token()
+        memory_estimate(decoder, self.adapter(), &self.examples, &self.cfg)
     }
 
     pub fn adapter(&self) -> &LoraAdapter {
