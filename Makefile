@@ -71,8 +71,10 @@ test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build a
 # Mutation testing (cargo-mutants): every mutant of the numeric modules must fail one of the
 # fast tests that guard them. Not in CI (one rebuild per mutant: ~35 s each here).
 MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/experiment/grading.rs src/experiment/novelty.rs \
-  src/runtime/training/run.rs
-MUTANTS_TESTS ?= --lib --test semantics --test sft --test tiny_models
+  src/runtime/training/run.rs src/runtime/training/mod.rs src/runtime/training/solo.rs src/runtime/training/group.rs \
+  src/runtime/ops/cross_entropy.rs src/runtime/ops/mod.rs src/runtime/lora.rs src/runtime/multi_lora.rs \
+  src/analysis/collapse.rs src/experiment/tables/columns.rs src/experiment/tables/conform.rs
+MUTANTS_TESTS ?= --lib --test semantics --test sft --test tiny_models --test collapse --test parquet_interop --test bad_input
 MUTANTS_BUDGET ?= 3600
 # Its own target folder: cargo-mutants builds a copy of the tree, and in a shared folder a mutant's
 # binaries look fresh to the next ordinary build (seen: `make test` ran a mutant's library).

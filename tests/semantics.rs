@@ -50,30 +50,36 @@ fn presence_penalty_applies_before_temperature() {
     assert!((shares[1] - 0.881).abs() < 0.03, "token 1 drawn {:.3} of the time, want 0.881", shares[1]);
 }
 
-/// PyTorch's AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), two steps by hand.
+/// PyTorch's AdamW (betas 0.9/0.999, eps 1e-8; weight decay 0, the HF Trainer's default,
+/// and 0.1), two steps by hand.
 #[test]
 fn adamw_matches_pytorchs_update_rule() {
-    let x = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap()).unwrap();
-    let mut opt = AdamW::new(vec![x.clone()]).unwrap();
-    let grads = [[0.5f64, -1.0, 0.0], [0.5, 0.25, -2.0]];
-    let lrs = [0.1, 0.05];
-    // reference: the textbook loop, in f64
-    let (mut theta, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0.0f64; 3], [0.0f64; 3]);
-    for (t, (g, lr)) in grads.iter().zip(lrs).enumerate() {
-        let t = (t + 1) as i32;
-        for i in 0..3 {
-            m[i] = 0.9 * m[i] + 0.1 * g[i];
-            v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
-            let m_hat = m[i] / (1.0 - 0.9f64.powi(t));
-            let v_hat = v[i] / (1.0 - 0.999f64.powi(t));
-            theta[i] -= lr * m_hat / (v_hat.sqrt() + 1e-8);
+    // without and with PyTorch's decoupled weight decay (theta *= 1 - lr * wd before the step)
+    for wd in [0.0, 0.1] {
+        let x = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::new(vec![x.clone()]).unwrap();
+        opt.weight_decay = wd;
+        let grads = [[0.5f64, -1.0, 0.0], [0.5, 0.25, -2.0]];
+        let lrs = [0.1, 0.05];
+        // reference: the textbook loop, in f64
+        let (mut theta, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0.0f64; 3], [0.0f64; 3]);
+        for (t, (g, lr)) in grads.iter().zip(lrs).enumerate() {
+            let t = (t + 1) as i32;
+            for i in 0..3 {
+                theta[i] *= 1.0 - lr * wd;
+                m[i] = 0.9 * m[i] + 0.1 * g[i];
+                v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+                let m_hat = m[i] / (1.0 - 0.9f64.powi(t));
+                let v_hat = v[i] / (1.0 - 0.999f64.powi(t));
+                theta[i] -= lr * m_hat / (v_hat.sqrt() + 1e-8);
+            }
+            let g = Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &Device::Cpu).unwrap();
+            opt.step(&[g], lr).unwrap();
         }
-        let g = Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &Device::Cpu).unwrap();
-        opt.step(&[g], lr).unwrap();
-    }
-    let got = x.as_tensor().to_vec1::<f32>().unwrap();
-    for i in 0..3 {
-        assert!((got[i] as f64 - theta[i]).abs() < 1e-5, "parameter {i}: {} against {}", got[i], theta[i]);
+        let got = x.as_tensor().to_vec1::<f32>().unwrap();
+        for i in 0..3 {
+            assert!((got[i] as f64 - theta[i]).abs() < 1e-5, "weight decay {wd}, parameter {i}: {} against {}", got[i], theta[i]);
+        }
     }
 }
 

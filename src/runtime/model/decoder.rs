@@ -286,7 +286,7 @@ impl Decoder {
         let m = &self.layers[i].mlp;
         let gate = self.project(x, &m.gate_proj, i, Proj::GateProj, lora)?;
         let up = self.project(x, &m.up_proj, i, Proj::UpProj, lora)?;
-        self.project(&(gate.silu()? * up)?, &m.down_proj, i, Proj::DownProj, lora)
+        self.project(&ops::swiglu(&gate, &up)?, &m.down_proj, i, Proj::DownProj, lora)
     }
 
     /// Final hidden states `[b, l, hidden]` (after the last norm). With a cache, the batch's

@@ -25,10 +25,11 @@ pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 
 type Result<T> = candle_core::Result<T>;
 pub(crate) type Backward1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
 type Backward3 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync>;
 
 /// A value computed outside the autograd graph, re-attached to its inputs with a custom
@@ -90,6 +91,28 @@ impl CustomOp1 for Tap<Backward1> {
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.backward)(grad)?))
+    }
+}
+
+impl CustomOp2 for Tap<Backward2> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_value()
+    }
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_value()
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (a, b) = (self.backward)(grad)?;
+        Ok((Some(a), Some(b)))
     }
 }
 
@@ -175,8 +198,8 @@ pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`, with `w` frozen.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let xd = x.detach();
-    let value = candle_nn::ops::rms_norm(&xd.contiguous()?, w, eps as f32)?;
+    let xd = x.detach().contiguous()?;
+    let value = candle_nn::ops::rms_norm(&xd, w, eps as f32)?;
     if !x.track_op() {
         return Ok(value);
     }
@@ -188,14 +211,115 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         Box::new(move |g| {
             // y = x * r * w with r = (mean(x^2) + eps)^-1/2
             // dx = r * (g*w) - x * r^3 * mean((g*w) * x)
-            let x32 = xd.to_dtype(DType::F32)?;
-            let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-            let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-            let dot = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
-            let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
-            dx.to_dtype(g.dtype())
+            let g = g.contiguous()?;
+            match rms_norm_backward_cpu(&xd, &w, &g, eps) {
+                Some(dx) => dx,
+                None => rms_norm_backward_candle(&xd, &w, &g, eps),
+            }
         }),
     )
+}
+
+/// [`rms_norm`]'s input gradient with candle's ops, in f32 (any device and dtype).
+fn rms_norm_backward_candle(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let dot = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+    dx.to_dtype(g.dtype())
+}
+
+/// The RMSNorm input gradient in one pass per row, for contiguous f32 CPU tensors
+/// (`None` otherwise): the formula of [`rms_norm`]'s backward.
+fn rms_norm_backward_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Option<Result<Tensor>> {
+    let d = w.elem_count();
+    let dx = with_cpu_f32(x, |xs| {
+        with_cpu_f32(w, |ws| {
+            with_cpu_f32(g, |gs| {
+                let mut dx = vec![0f32; xs.len()];
+                for ((xr, gr), out) in xs.chunks_exact(d).zip(gs.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+                    let r = 1.0 / (xr.iter().map(|&v| v * v).sum::<f32>() / d as f32 + eps as f32).sqrt();
+                    let dot = xr.iter().zip(gr).zip(ws).map(|((&x, &g), &w)| g * w * x).sum::<f32>() / d as f32;
+                    let c = r * r * r * dot;
+                    for (((o, &x), &g), &w) in out.iter_mut().zip(xr).zip(gr).zip(ws) {
+                        *o = r * g * w - x * c;
+                    }
+                }
+                dx
+            })
+        })
+    })?
+    .flatten()?;
+    Some(Tensor::from_vec(dx, x.shape(), x.device()))
+}
+
+/// SwiGLU's gating, `silu(gate) * up`, elementwise over two tensors of one shape (the
+/// input of a Llama MLP's `down_proj`). One fused pass each way on the CPU instead of
+/// candle's chain of elementwise ops, and `silu(gate)` is not kept between the passes.
+/// With `s = sigmoid(g)`: `silu(g) = g s`, `silu'(g) = s (1 + g (1 - s))`, so
+/// `d_gate = dy * up * silu'(g)` and `d_up = dy * silu(g)`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gd, ud) = (gate.detach(), up.detach());
+    let value = swiglu_forward(&gd, &ud)?;
+    if !(gate.track_op() || up.track_op()) {
+        return Ok(value);
+    }
+    let backward: Backward2 = Box::new(move |dy| swiglu_backward(&gd, &ud, dy));
+    gate.apply_op2(up, Tap::new("swiglu", value, backward))
+}
+
+/// `f` on the elements of a contiguous f32 CPU tensor, or `None` for any other tensor.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => Some(f(&v[start..end])),
+        _ => None,
+    }
+}
+
+fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.dims() != u.dims() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", g.dims(), u.dims());
+    }
+    // candle's silu formula, so the fused value is bit-identical to `g.silu() * u`
+    let fused =
+        with_cpu_f32(g, |gs| with_cpu_f32(u, |us| gs.iter().zip(us).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect::<Vec<f32>>()));
+    match fused.flatten() {
+        Some(v) => Tensor::from_vec(v, g.shape(), g.device()),
+        None => g.silu()? * u,
+    }
+}
+
+fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dy = dy.contiguous()?;
+    let fused = with_cpu_f32(g, |gs| {
+        with_cpu_f32(u, |us| {
+            with_cpu_f32(&dy, |dys| {
+                let (mut dg, mut du) = (Vec::with_capacity(gs.len()), Vec::with_capacity(gs.len()));
+                for ((&g, &u), &dy) in gs.iter().zip(us).zip(dys) {
+                    let s = 1.0 / (1.0 + (-g).exp());
+                    dg.push(dy * u * s * (1.0 + g * (1.0 - s)));
+                    du.push(dy * g * s);
+                }
+                (dg, du)
+            })
+        })
+    });
+    match fused.flatten().flatten() {
+        Some((dg, du)) => Ok((Tensor::from_vec(dg, g.shape(), g.device())?, Tensor::from_vec(du, g.shape(), g.device())?)),
+        None => swiglu_backward_candle(g, u, &dy),
+    }
+}
+
+/// [`swiglu`]'s gradients with candle's ops, in f32 (any device and dtype).
+fn swiglu_backward_candle(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (g32, u32, dy32) = (g.to_dtype(DType::F32)?, u.to_dtype(DType::F32)?, dy.to_dtype(DType::F32)?);
+    let s = candle_nn::ops::sigmoid(&g32)?;
+    let du = (&dy32 * (&g32 * &s)?)?;
+    let dsilu = (&s * (&g32 * s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
+    let dg = ((&dy32 * &u32)? * dsilu)?;
+    Ok((dg.to_dtype(g.dtype())?, du.to_dtype(u.dtype())?))
 }
 
 /// Rotary position embedding in the Hugging Face (half-split) layout. `cos`/`sin` are
@@ -332,6 +456,19 @@ mod tests {
         let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
         close(g1.get(xs).unwrap(), g2.get(xs).unwrap(), 1e-4);
 
+        // swiglu against silu(gate) * up
+        let gate = Var::randn(0f32, 2., (2, 3, 7), &dev).unwrap();
+        let up = Var::randn(0f32, 1., (2, 3, 7), &dev).unwrap();
+        let y = swiglu(&gate, &up).unwrap();
+        let y2 = (gate.silu().unwrap() * up.as_tensor()).unwrap();
+        close(&y, &y2, 1e-6);
+        let t = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
+        let g1 = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&gate, &up] {
+            close(g1.get(var).unwrap(), g2.get(var).unwrap(), 1e-5);
+        }
+
         // linear
         let wl = Tensor::randn(0f32, 1., (6, 8), &dev).unwrap();
         let y = linear(xs, &wl, None).unwrap();
@@ -341,6 +478,22 @@ mod tests {
         let g1 = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
         close(g1.get(xs).unwrap(), g2.get(xs).unwrap(), 1e-3);
+    }
+
+    /// The candle formulas that other devices use give the fused CPU passes' gradients.
+    #[test]
+    fn fused_cpu_backwards_match_their_candle_fallbacks() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (3, 4, 8), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.5, (8,), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1., (3, 4, 8), &dev).unwrap();
+        let fused = rms_norm_backward_cpu(&x, &w, &g, 1e-5).expect("f32 on the CPU").unwrap();
+        close(&fused, &rms_norm_backward_candle(&x, &w, &g, 1e-5).unwrap(), 1e-5);
+        let u = Tensor::randn(0f32, 1., (3, 4, 8), &dev).unwrap();
+        let (dg, du) = swiglu_backward(&x, &u, &g).unwrap();
+        let (dg2, du2) = swiglu_backward_candle(&x, &u, &g).unwrap();
+        close(&dg, &dg2, 1e-5);
+        close(&du, &du2, 1e-5);
     }
 
     #[test]
