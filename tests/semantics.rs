@@ -56,16 +56,17 @@ fn presence_penalty_applies_before_temperature() {
 fn adamw_matches_pytorchs_update_rule() {
     // without and with PyTorch's decoupled weight decay (theta *= 1 - lr * wd before the step)
     for wd in [0.0, 0.1] {
-        let x = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5, 0.25], &Device::Cpu).unwrap()).unwrap();
         let mut opt = AdamW::new(vec![x.clone()]).unwrap();
         opt.weight_decay = wd;
-        let grads = [[0.5f64, -1.0, 0.0], [0.5, 0.25, -2.0]];
+        // the last parameter's gradients are so small that eps is half of AdamW's denominator
+        let grads = [[0.5f64, -1.0, 0.0, 1e-8], [0.5, 0.25, -2.0, 1e-8]];
         let lrs = [0.1, 0.05];
         // reference: the textbook loop, in f64
-        let (mut theta, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0.0f64; 3], [0.0f64; 3]);
+        let (mut theta, mut m, mut v) = ([1.0f64, -2.0, 0.5, 0.25], [0.0f64; 4], [0.0f64; 4]);
         for (t, (g, lr)) in grads.iter().zip(lrs).enumerate() {
             let t = (t + 1) as i32;
-            for i in 0..3 {
+            for i in 0..4 {
                 theta[i] *= 1.0 - lr * wd;
                 m[i] = 0.9 * m[i] + 0.1 * g[i];
                 v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
@@ -73,11 +74,11 @@ fn adamw_matches_pytorchs_update_rule() {
                 let v_hat = v[i] / (1.0 - 0.999f64.powi(t));
                 theta[i] -= lr * m_hat / (v_hat.sqrt() + 1e-8);
             }
-            let g = Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &Device::Cpu).unwrap();
+            let g = Tensor::new(&g.map(|x| x as f32), &Device::Cpu).unwrap();
             opt.step(&[g], lr).unwrap();
         }
         let got = x.as_tensor().to_vec1::<f32>().unwrap();
-        for i in 0..3 {
+        for i in 0..4 {
             assert!((got[i] as f64 - theta[i]).abs() < 1e-5, "weight decay {wd}, parameter {i}: {} against {}", got[i], theta[i]);
         }
     }

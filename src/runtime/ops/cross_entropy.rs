@@ -51,9 +51,10 @@ pub fn lm_head_cross_entropy_packed(hidden: &Tensor, weight: &Tensor, targets: &
     while start < n {
         let len = CHUNK.min(n - start);
         let logits = plain_linear(&hd.narrow(0, start, len)?, weight, None)?.to_dtype(DType::F32)?;
+        let chunk_rows = &rows[start..start + len];
         let d = match device {
-            Device::Cpu => rows_cpu(logits, &rows[start..start + len], &counted, &mut totals, grad)?,
-            _ => rows_candle(logits, &rows[start..start + len], &counted, &mut totals, grad)?,
+            Device::Cpu => rows_cpu(logits, chunk_rows, &counted, &mut totals, grad)?,
+            _ => rows_candle(logits, chunk_rows, &counted, &mut totals, grad)?,
         };
         if let Some(d) = d {
             dlogits.push(d.to_dtype(hidden.dtype())?);
