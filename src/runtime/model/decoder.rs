@@ -200,8 +200,10 @@ impl Decoder {
     /// Bytes a training pass of the frozen model keeps per token until its backward pass
     /// ends (an estimate): autograd holds every intermediate of a layer, about 14 × hidden +
     /// 6 × kv width + 4 × intermediate values in the compute dtype (norm outputs,
-    /// projections, their head-split copies, rotary outputs, the SwiGLU terms, residuals),
-    /// and the loss keeps one row of vocabulary gradients. An adapter's own intermediates
+    /// projections, their head-split copies, rotary outputs, residuals; of the SwiGLU terms
+    /// gate, up and their product stay, and the fourth leaves room for transient copies,
+    /// since the estimate already falls short for small groups), and the loss keeps one row
+    /// of vocabulary gradients. An adapter's own intermediates
     /// come on top (`runtime::training::memory_estimate`).
     pub fn training_bytes_per_token(&self) -> u64 {
         let c = &self.cfg;

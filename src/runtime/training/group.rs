@@ -191,7 +191,8 @@ mod tests {
     #[test]
     fn memory_limit_bounds_the_group() {
         let dec = tiny();
-        let one = AdapterRun::new(job(&dec, 0).adapter, &job(&dec, 0).examples, &job(&dec, 0).config).unwrap().memory_estimate(&dec);
+        let j = job(&dec, 0);
+        let one = memory_estimate(&dec, &j.adapter, &j.examples, &j.config);
         // every job has the same shape, so the same estimate: 5 f32 copies of 2 layers ×
         // (A, B) of q (32 -> 32) and v (32 -> 16) at rank 4, and 10 tokens of the frozen
         // model's activations plus the low-rank path's (input, rank, 2 × output per module)

@@ -118,11 +118,6 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
         self.report = report;
     }
 
-    /// [`memory_estimate`] of this run.
-    pub fn memory_estimate(&self, decoder: &Decoder) -> u64 {
-        memory_estimate(decoder, self.adapter(), &self.examples, &self.cfg)
-    }
-
     pub fn adapter(&self) -> &LoraAdapter {
         self.adapter.borrow()
     }
