@@ -6,7 +6,7 @@ CARGO ?= cargo
 FEATURES ?=
 # BLAS=0 builds without OpenBLAS (candle's own matmul; about 1.5x slower training on CPU).
 BLAS ?= 1
-CARGO_FLAGS := --release $(if $(filter 0,$(BLAS)),--no-default-features,) $(if $(FEATURES),--features $(FEATURES),)
+CARGO_FLAGS := --release $(if $(filter 0,$(BLAS)),--no-default-features --features stages,) $(if $(FEATURES),--features $(FEATURES),)
 PYTHON ?= python3
 # OpenBLAS's threads sleep right after each matmul instead of spinning ~0.1 s on the core the
 # rest of the step needs (see .cargo/config.toml; read by OpenBLAS before main runs).
@@ -76,12 +76,17 @@ MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/ex
   src/analysis/collapse.rs src/experiment/tables/columns.rs src/experiment/tables/conform.rs
 MUTANTS_TESTS ?= --lib --test semantics --test sft --test tiny_models --test collapse --test parquet_interop --test bad_input
 MUTANTS_BUDGET ?= 3600
+# Per mutant only the library is rebuilt: no stage binaries (the `stages` feature), and the
+# selfedit crate in 256 codegen units, so a mutant recompiles a smaller share of it.
+MUTANTS_CARGO_ARGS := --no-default-features $(if $(filter 0,$(BLAS)),,--features=openblas) \
+  --config=profile.release.package.selfedit.codegen-units=256
 # Its own target folder: cargo-mutants builds a copy of the tree, and in a shared folder a mutant's
 # binaries look fresh to the next ordinary build (seen: `make test` ran a mutant's library).
 MUTANTS_TARGET ?= $(HOME)/.cache/selfedit-mutants-target
-mutants:  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_BUDGET s)
+mutants: blas $(SMOLLM) $(EMBEDDER)  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_BUDGET s)
 	@command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
-	CARGO_TARGET_DIR=$(MUTANTS_TARGET) timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle $(foreach f,$(MUTANTS_FILES),-f $(f)) \
+	SELFEDIT_MODEL=$(abspath $(SMOLLM)) RAYON_NUM_THREADS=1 CARGO_TARGET_DIR=$(MUTANTS_TARGET) timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle $(foreach f,$(MUTANTS_FILES),-f $(f)) \
+	  $(foreach a,$(MUTANTS_CARGO_ARGS),--cargo-arg=$(a)) \
 	  --output $(OUTPUTS)/mutants -- $(MUTANTS_TESTS); status=$$?; \
 	  echo "mutants: see $(OUTPUTS)/mutants/mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt)"; exit $$status
 

@@ -1,11 +1,10 @@
 //! The collapse analysis: the sentence embedder against Transformers' output (recorded in
-//! tests/data/minilm_reference.json), and the `collapse` binary on the paper's released
-//! templates (../shared/paper/).
+//! tests/data/minilm_reference.json), and the collapse analysis (library and `collapse` binary)
+//! on the paper's released templates (../shared/paper/).
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use selfedit::analysis::collapse::cosine01;
+use selfedit::analysis::collapse::{self, cosine01, TemplateSource};
 use selfedit::experiment::tables::{self, CollapseRow};
 use selfedit::runtime::embedder::Embedder;
 use serde_json::Value;
@@ -38,29 +37,29 @@ fn minilm_embeddings_match_transformers() {
     }
 }
 
-/// The `collapse` binary on the paper's released templates: every similarity and drift of
+fn paper_templates(name: &str) -> PathBuf {
+    root().join(format!("../shared/paper/{name}_train_templates_by_iter.json"))
+}
+
+fn embedder() -> (Embedder, PathBuf) {
+    let path = root().join("models/all-MiniLM-L6-v2");
+    (Embedder::load(&path, &candle_core::Device::Cpu).expect("run `make embedder`"), path)
+}
+
+/// The collapse analysis of the paper's released templates: every similarity and drift of
 /// every iteration equals tests/data/collapse_reference.json, and the archive variant ends
 /// more homogeneous than the no-archive one, as the paper reports.
 #[test]
 fn collapse_reads_the_papers_released_templates() {
-    let paper = root().join("../shared/paper");
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("tests/data/collapse_reference.json")).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let (e, e_path) = embedder();
     let mut results = Vec::new();
     for name in ["archive", "no_archive"] {
-        let input = paper.join(format!("{name}_train_templates_by_iter.json"));
         let out = dir.path().join(format!("{name}.parquet"));
-        let status = Command::new(env!("CARGO_BIN_EXE_collapse"))
-            .current_dir(root())
-            .arg("--templates-json")
-            .arg(&input)
-            .arg("--out")
-            .arg(&out)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let rows: Vec<CollapseRow> = tables::read(&out).unwrap();
+        let rows = collapse::run(TemplateSource::PaperJson(&paper_templates(name)), Some((&e, &e_path)), &out).unwrap();
+        assert_eq!(tables::read::<CollapseRow>(&out).unwrap(), rows, "the table reads back");
         // every figure against scripts/make_collapse_reference.py's own implementation of the
         // paper's definitions (text through Transformers' MiniLM: embeddings agree to 1e-4)
         let want = reference["files"][name]["iterations"].as_array().unwrap();
@@ -91,6 +90,26 @@ fn collapse_reads_the_papers_released_templates() {
     let (archive, no_archive) = (&results[0][4], &results[1][4]);
     assert!(archive.hp_similarity.unwrap() > no_archive.hp_similarity.unwrap(), "{archive:?} vs {no_archive:?}");
     assert!(archive.text_similarity.unwrap() > no_archive.text_similarity.unwrap(), "{archive:?} vs {no_archive:?}");
+}
+
+/// The `collapse` binary (`--templates-json`) writes the table the library computes.
+#[cfg(feature = "stages")]
+#[test]
+fn collapse_binary_writes_the_librarys_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, out) = (paper_templates("archive"), dir.path().join("archive.parquet"));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_collapse"))
+        .current_dir(root())
+        .arg("--templates-json")
+        .arg(&input)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (e, e_path) = embedder();
+    let want = collapse::run(TemplateSource::PaperJson(&input), Some((&e, &e_path)), &dir.path().join("lib.parquet")).unwrap();
+    assert_eq!(tables::read::<CollapseRow>(&out).unwrap(), want);
 }
 
 /// `science-report` on hand-made experiment folders: the passage arm, a Rewrite arm equal to
