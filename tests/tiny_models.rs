@@ -229,6 +229,9 @@ fn training_resumes_from_a_checkpoint_exactly() {
     assert_eq!(rest.steps, 9);
     assert_eq!(rest.step_losses, full.step_losses);
     assert_eq!(values(&resumed), values(&straight));
+    // saved every 2 steps and when stopped, not at the end: the folder holds step 8
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 8);
     // a damaged checkpoint says what to delete
     std::fs::write(ckpt.join("state.json"), "{").unwrap();
     let mut again = LoraAdapter::new(

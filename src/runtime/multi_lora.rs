@@ -81,3 +81,56 @@ impl Adapter for SegmentedAdapters<'_> {
         Ok(Some(Tensor::cat(&parts, dim)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::lora::{LoraAdapter, LoraConfig};
+    use crate::runtime::model::ModelConfig;
+    use candle_core::{DType, Device};
+
+    fn adapter(seed: u64) -> LoraAdapter {
+        let cfg = ModelConfig::tiny_for_tests();
+        let a = LoraAdapter::new(&cfg, LoraConfig::paper(2, 4.0, 0.0), seed, &Device::Cpu).unwrap();
+        let b = &a.pair(0, Proj::QProj).unwrap().b;
+        b.set(&Tensor::randn(0f32, 1.0, b.shape(), &Device::Cpu).unwrap()).unwrap();
+        a
+    }
+
+    /// Runs of items sharing an adapter merge into one segment; the update of each segment
+    /// is its adapter's update of those rows alone, zeros where an item has no adapter.
+    #[test]
+    fn segments_merge_runs_and_apply_each_adapter_to_its_rows() {
+        let (a, b) = (adapter(1), adapter(2));
+        let (a, b): (&dyn Adapter, &dyn Adapter) = (&a, &b);
+        let items = [(2, Some(a)), (1, Some(a)), (3, None), (1, None), (2, Some(b)), (1, None), (2, Some(a))];
+        let seg = SegmentedAdapters::new(SegmentAxis::Tokens, &items);
+        let spans: Vec<(usize, usize, Option<bool>)> = seg
+            .segments
+            .iter()
+            .map(|&(s, l, ad)| (s, l, ad.map(|x| std::ptr::addr_eq(x as *const dyn Adapter, a as *const dyn Adapter))))
+            .collect();
+        assert_eq!(spans, [(0, 3, Some(true)), (3, 4, None), (7, 2, Some(false)), (9, 1, None), (10, 2, Some(true))]);
+        let x = Tensor::randn(0f32, 1.0, (1, 12, 32), &Device::Cpu).unwrap();
+        let got = seg.delta(0, Proj::QProj, &x).unwrap().unwrap();
+        assert_eq!(got.dims(), [1, 12, 32]);
+        for &(start, len, ad) in &seg.segments {
+            let part = got.narrow(1, start, len).unwrap();
+            let want = match ad {
+                Some(ad) => ad.delta(0, Proj::QProj, &x.narrow(1, start, len).unwrap()).unwrap().unwrap(),
+                None => Tensor::zeros((1, len, 32), DType::F32, &Device::Cpu).unwrap(),
+            };
+            let diff: f32 = (part - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert_eq!(diff, 0.0, "segment at {start}");
+        }
+        // rows along the batch axis; a projection no adapter targets has no update
+        let rows = SegmentedAdapters::new(SegmentAxis::Rows, &[(1, Some(b)), (1, None)]);
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32), &Device::Cpu).unwrap();
+        let got = rows.delta(0, Proj::QProj, &x).unwrap().unwrap();
+        let want = b.delta(0, Proj::QProj, &x.narrow(0, 0, 1).unwrap()).unwrap().unwrap();
+        assert_eq!((got.narrow(0, 0, 1).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(got.narrow(0, 1, 1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert!(rows.delta(0, Proj::KProj, &x).unwrap().is_none());
+        assert!(SegmentedAdapters::new(SegmentAxis::Rows, &[(2, None)]).delta(0, Proj::QProj, &x).unwrap().is_none());
+    }
+}

@@ -186,6 +186,44 @@ mod tests {
         TrainJob { key: k, adapter, examples, config: TrainConfig::new(1e-3, 1 + k % 2, 1, k as u64) }
     }
 
+    /// Adapters trained three at a time end where each ends alone: same losses and weights
+    /// (to f32 summation order), with sequences of unequal length in windows of 2, so each
+    /// sequence's loss carries its own token share.
+    #[test]
+    fn grouped_adapters_equal_solo_training() {
+        let dec = tiny();
+        let jobs = || {
+            (0..3usize).map(|k| {
+                let adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(2 + 2 * k, 8.0, 0.0), k as u64, &Device::Cpu).unwrap();
+                let examples = (0..3 + k)
+                    .map(|j| TrainExample { ids: (0..4 + 3 * j).map(|t| ((t * 5 + j + k) % 64) as u32).collect(), loss_from: 1 + j % 2 })
+                    .collect();
+                TrainJob { key: k, adapter, examples, config: TrainConfig::new(3e-3 * (k + 1) as f64, 2, 2, k as u64) }
+            })
+        };
+        let values =
+            |a: &LoraAdapter| -> Vec<f32> { a.vars().iter().flat_map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect() };
+        let mut grouped = Vec::new();
+        train_group(&dec, jobs(), GroupLimits::adapters(3), |k, r| {
+            let (a, report) = r?;
+            grouped.push((k, values(&a), report.step_losses));
+            Ok(())
+        })
+        .unwrap();
+        grouped.sort_by_key(|g| g.0);
+        assert_eq!(grouped.len(), 3);
+        for (job, (k, weights, losses)) in jobs().zip(grouped) {
+            let mut alone = job.adapter;
+            let report = super::super::train_lora(&dec, &mut alone, &job.examples, &job.config, |_, _, _| {}).unwrap();
+            assert_eq!(report.step_losses.len(), losses.len());
+            for (a, b) in report.step_losses.iter().zip(&losses) {
+                assert!((a - b).abs() < 1e-5, "adapter {k}: loss {a} alone, {b} grouped");
+            }
+            let d = values(&alone).iter().zip(&weights).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d < 1e-5, "adapter {k}: weights differ by {d}");
+        }
+    }
+
     /// The memory limit caps the adapters in flight below `adapters`; every job still
     /// finishes, and a job larger than the limit runs alone.
     #[test]
@@ -213,8 +251,14 @@ mod tests {
         };
         let unbounded = run(GroupLimits::adapters(4));
         assert_eq!((unbounded.max_in_flight, unbounded.max_memory_estimate), (4, 4 * one));
+        // every sequence fed once per epoch: jobs 0..6 train 1, 2, 1, 2, 1, 2 epochs of
+        // 2 sequences of 10 tokens
+        assert_eq!(unbounded.tokens, 9 * 2 * 10);
         let bounded = run(GroupLimits { adapters: 4, memory_bytes: Some(2 * one + one / 2) });
         assert_eq!((bounded.max_in_flight, bounded.max_memory_estimate), (2, 2 * one));
+        // a limit is inclusive: exactly two estimates fit two adapters
+        let exact = run(GroupLimits { adapters: 4, memory_bytes: Some(2 * one) });
+        assert_eq!(exact.max_in_flight, 2);
         let tight = run(GroupLimits { adapters: 4, memory_bytes: Some(one / 2) });
         assert_eq!(tight.max_in_flight, 1);
         assert!(tight.passes > bounded.passes && bounded.passes > unbounded.passes);
