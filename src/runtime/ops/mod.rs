@@ -429,6 +429,27 @@ mod tests {
         assert!(d < tol, "max abs diff {d} >= {tol}");
     }
 
+    /// An op whose inputs track a gradient only in part still passes it to the one that
+    /// does (at layer 0 of a q/v adapter, k comes from untracked embeddings while q and v
+    /// track); and SwiGLU of tensors that are not f32 takes candle's formula.
+    #[test]
+    fn one_tracked_input_gets_its_gradient() {
+        let dev = Device::Cpu;
+        let (gate, up) = (Tensor::randn(0f32, 2., (3, 7), &dev).unwrap(), Var::randn(0f32, 1., (3, 7), &dev).unwrap());
+        let g = swiglu(&gate, &up).unwrap().sum_all().unwrap().backward().unwrap();
+        close(g.get(&up).expect("up gets a gradient"), &gate.silu().unwrap(), 1e-6);
+        let (q, v) = (Tensor::randn(0f32, 1., (1, 2, 4, 8), &dev).unwrap(), Tensor::randn(0f32, 1., (1, 2, 4, 8), &dev).unwrap());
+        let k = Var::randn(0f32, 1., (1, 2, 4, 8), &dev).unwrap();
+        let g = attention(&q, &k, &v, None).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let k2 = Var::from_tensor(k.as_tensor()).unwrap();
+        let (qv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&v).unwrap());
+        let g2 = attention(&qv, &k2, &vv, None).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        close(g.get(&k).expect("k gets a gradient"), g2.get(&k2).unwrap(), 1e-6);
+        let (gb, ub) = (gate.to_dtype(DType::BF16).unwrap(), up.to_dtype(DType::BF16).unwrap());
+        let want = (gb.silu().unwrap() * &ub).unwrap().to_dtype(DType::F32).unwrap();
+        close(&swiglu(&gb, &ub).unwrap().to_dtype(DType::F32).unwrap(), &want, 1e-6);
+    }
+
     /// Each tapped op's gradient equals the gradient of the composed reference.
     #[test]
     fn tapped_ops_match_composed_gradients() {
