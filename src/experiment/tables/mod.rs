@@ -402,4 +402,70 @@ mod tests {
         let e = format!("{:#}", read::<TemplateRow>(&p).unwrap_err());
         assert!(e.contains("articles.parquet") && e.contains("iteration"), "{e}");
     }
+
+    /// Booleans, optional strings (set and null), float lists and the hyperparameter
+    /// columns read back as written, values and nulls alike.
+    #[test]
+    fn every_column_kind_roundtrips() {
+        let d = tempfile::tempdir().unwrap();
+        let hp = |r: i64, lr: f64| crate::experiment::template::Hyperparameters {
+            lora_rank: r,
+            lora_alpha: 2 * r,
+            lora_dropout: 0.05,
+            learning_rate: lr,
+            num_epochs: 3,
+            gradient_accumulation_steps: 2,
+        };
+        let template = |id: &str, valid: bool, error: Option<&str>, hyperparameters| TemplateRow {
+            iteration: 1,
+            template_id: id.into(),
+            category: Category::Explore,
+            instruction: "Rewrite".into(),
+            hyperparameters,
+            valid,
+            error: error.map(Into::into),
+            raw_response: "{}".into(),
+            seed: 7,
+            prompt: "p".into(),
+            reasoning: if valid { Some("because".into()) } else { None },
+        };
+        let rows = vec![template("t0", true, None, hp(16, 1e-4)), template("t1", false, Some("lora_rank clamped"), hp(64, 3e-3))];
+        let p = d.path().join("templates.parquet");
+        write(&p, &rows, &Provenance::default()).unwrap();
+        assert_eq!(read::<TemplateRow>(&p).unwrap(), rows);
+        // required columns are declared non-null, optional ones nullable
+        let schema = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&p).unwrap()).unwrap().schema().clone();
+        for (name, nullable) in [("template_id", false), ("valid", false), ("lora_rank", false), ("error", true), ("reasoning", true)] {
+            assert_eq!(schema.field_with_name(name).unwrap().is_nullable(), nullable, "{name}");
+        }
+        let adapters = vec![
+            AdapterRow {
+                self_edit_id: "s0".into(),
+                status: AdapterStatus::Trained,
+                adapter_path: Some("adapters/s0".into()),
+                sequences: 3,
+                tokens: 90,
+                steps: 6,
+                loss_curve: vec![2.5, 1.25, 0.5],
+                seconds: 1.5,
+                error: None,
+                capped: Some("2 sequences".into()),
+            },
+            AdapterRow {
+                self_edit_id: "s1".into(),
+                status: AdapterStatus::Trained,
+                adapter_path: None,
+                sequences: 0,
+                tokens: 0,
+                steps: 0,
+                loss_curve: vec![],
+                seconds: 0.0,
+                error: Some("no usable sequence".into()),
+                capped: None,
+            },
+        ];
+        let p = d.path().join("adapters.parquet");
+        write(&p, &adapters, &Provenance::default()).unwrap();
+        assert_eq!(read::<AdapterRow>(&p).unwrap(), adapters);
+    }
 }
