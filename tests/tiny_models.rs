@@ -223,7 +223,7 @@ fn training_resumes_from_a_checkpoint_exactly() {
     .unwrap();
     assert!(part.stopped_early && part.steps == 5);
     // a new process: a fresh adapter, the same folder
-    let mut resumed = LoraAdapter::new(&cfg, lcfg, 9, &Device::Cpu).unwrap();
+    let mut resumed = LoraAdapter::new(&cfg, lcfg.clone(), 9, &Device::Cpu).unwrap();
     let rest = train_lora_with(&m.decoder, &mut resumed, &examples, &tc, Some(&c), |_, _, _| ControlFlow::Continue(())).unwrap();
     assert!(!rest.stopped_early);
     assert_eq!(rest.steps, 9);
@@ -232,6 +232,21 @@ fn training_resumes_from_a_checkpoint_exactly() {
     // saved every 2 steps and when stopped, not at the end: the folder holds step 8
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 8);
+    // every = 0: saved only when stopped; a stop asked at the last step is a finished run
+    let c0 = Checkpointing { dir: &dir.path().join("ckpt0"), every: 0 };
+    let mut last = LoraAdapter::new(&cfg, lcfg.clone(), 9, &Device::Cpu).unwrap();
+    let ended = train_lora_with(&m.decoder, &mut last, &examples, &tc, Some(&c0), |_, _, _| ControlFlow::Break(())).unwrap();
+    assert_eq!((ended.steps, ended.stopped_early), (1, true));
+    let rest = train_lora_with(&m.decoder, &mut last, &examples, &tc, Some(&c0), |step, total, _| {
+        if step == total {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!((rest.steps, rest.stopped_early), (9, false));
+    assert_eq!(rest.step_losses, full.step_losses);
     // a damaged checkpoint says what to delete
     std::fs::write(ckpt.join("state.json"), "{").unwrap();
     let mut again = LoraAdapter::new(
