@@ -101,3 +101,36 @@ pub fn lora_gradients(decoder: &Decoder, adapter: &LoraAdapter, ex: &TrainExampl
     let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     Ok((value, adapter.vars().iter().map(|v| g.get(v.as_tensor()).cloned()).collect()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::formats::decoder_from_tensors;
+    use crate::runtime::lora::LoraConfig;
+    use crate::runtime::model::{random_weights, ModelConfig};
+    use candle_core::Device;
+
+    /// A window's loss and gradient are the token-share-weighted sums of its sequences'
+    /// own (10 and 4 counted tokens: shares 10/14 and 4/14).
+    #[test]
+    fn window_gradients_weight_each_sequence_by_its_token_share() {
+        let cfg = ModelConfig::tiny_for_tests();
+        let dec = decoder_from_tensors(&cfg, random_weights(&cfg, 1, &Device::Cpu, DType::F32).unwrap(), &Device::Cpu).unwrap();
+        let lora = LoraAdapter::new(&cfg, LoraConfig::paper(2, 4.0, 0.0), 1, &Device::Cpu).unwrap();
+        for v in lora.vars() {
+            v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let a = TrainExample { ids: (0..11).map(|t| (t * 3 % 64) as u32).collect(), loss_from: 0 };
+        let b = TrainExample { ids: (0..7).map(|t| (t * 5 + 1) as u32).collect(), loss_from: 3 };
+        let (la, ga) = lora_gradients(&dec, &lora, &a).unwrap();
+        let (lb, gb) = lora_gradients(&dec, &lora, &b).unwrap();
+        let (loss, grads) = window_gradients(&dec, &lora, &[&a, &b]).unwrap();
+        let (wa, wb) = (10.0 / 14.0, 4.0 / 14.0);
+        assert!((loss - (wa * la as f64 + wb * lb as f64)).abs() < 1e-6, "{loss} against {la}, {lb}");
+        for ((g, a), b) in grads.iter().zip(&ga).zip(&gb) {
+            let want = ((a.as_ref().unwrap() * wa).unwrap() + (b.as_ref().unwrap() * wb).unwrap()).unwrap();
+            let d: f32 = (g - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(d < 1e-6, "gradient differs by {d}");
+        }
+    }
+}
