@@ -69,7 +69,7 @@ test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build a
 	SELFEDIT_MODEL=$(abspath $(SMOLLM)) RAYON_NUM_THREADS=$(if $(filter 0,$(BLAS)),,1) $(CARGO) test $(CARGO_FLAGS) -- --test-threads=1
 
 # Mutation testing (cargo-mutants): every mutant of the numeric modules must fail one of the
-# fast tests that guard them. Not in CI (one library rebuild per mutant: 4-15 s each here).
+# fast tests that guard them. Not in CI (one library rebuild per mutant: median ~7 s here).
 MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/experiment/grading.rs src/experiment/novelty.rs \
   src/runtime/training/run.rs src/runtime/training/mod.rs src/runtime/training/solo.rs src/runtime/training/group.rs \
   src/runtime/ops/cross_entropy.rs src/runtime/ops/mod.rs src/runtime/lora.rs src/runtime/multi_lora.rs \

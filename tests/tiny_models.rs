@@ -230,13 +230,16 @@ fn training_resumes_from_a_checkpoint_exactly() {
     assert_eq!(rest.step_losses, full.step_losses);
     assert_eq!(values(&resumed), values(&straight));
     // saved every 2 steps and when stopped, not at the end: the folder holds step 8
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
-    assert_eq!(state["step"], 8);
+    let saved = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap()).unwrap()
+    };
+    assert_eq!(saved(&ckpt)["step"], 8);
     // every = 0: saved only when stopped; a stop asked at the last step is a finished run
     let c0 = Checkpointing { dir: &dir.path().join("ckpt0"), every: 0 };
     let mut last = LoraAdapter::new(&cfg, lcfg.clone(), 9, &Device::Cpu).unwrap();
     let ended = train_lora_with(&m.decoder, &mut last, &examples, &tc, Some(&c0), |_, _, _| ControlFlow::Break(())).unwrap();
     assert_eq!((ended.steps, ended.stopped_early), (1, true));
+    assert_eq!(saved(c0.dir)["step"], 1);
     let rest = train_lora_with(&m.decoder, &mut last, &examples, &tc, Some(&c0), |step, total, _| {
         if step == total {
             ControlFlow::Break(())
@@ -249,13 +252,7 @@ fn training_resumes_from_a_checkpoint_exactly() {
     assert_eq!(rest.step_losses, full.step_losses);
     // a damaged checkpoint says what to delete
     std::fs::write(ckpt.join("state.json"), "{").unwrap();
-    let mut again = LoraAdapter::new(
-        &cfg,
-        LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Proj::ALL.to_vec(), use_rslora: false },
-        9,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut again = LoraAdapter::new(&cfg, lcfg, 9, &Device::Cpu).unwrap();
     let e = train_lora_with(&m.decoder, &mut again, &examples, &tc, Some(&c), |_, _, _| ControlFlow::Continue(())).unwrap_err();
     assert!(format!("{e:#}").contains("delete"), "{e:#}");
 }

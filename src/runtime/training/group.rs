@@ -169,14 +169,12 @@ fn group_pass<K>(decoder: &Decoder, active: &[(K, AdapterRun<LoraAdapter>, u64)]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::formats::decoder_from_tensors;
     use crate::runtime::lora::LoraConfig;
-    use crate::runtime::model::{random_weights, ModelConfig};
+    use crate::runtime::training::{tiny_decoder, train_lora};
     use candle_core::Device;
 
     fn tiny() -> Decoder {
-        let cfg = ModelConfig::tiny_for_tests();
-        decoder_from_tensors(&cfg, random_weights(&cfg, 0, &Device::Cpu, DType::F32).unwrap(), &Device::Cpu).unwrap()
+        tiny_decoder(0)
     }
 
     fn job(dec: &Decoder, k: usize) -> TrainJob<usize> {
@@ -214,7 +212,7 @@ mod tests {
         assert_eq!(grouped.len(), 3);
         for (job, (k, weights, losses)) in jobs().zip(grouped) {
             let mut alone = job.adapter;
-            let report = super::super::train_lora(&dec, &mut alone, &job.examples, &job.config, |_, _, _| {}).unwrap();
+            let report = train_lora(&dec, &mut alone, &job.examples, &job.config, |_, _, _| {}).unwrap();
             assert_eq!(report.step_losses.len(), losses.len());
             for (a, b) in report.step_losses.iter().zip(&losses) {
                 assert!((a - b).abs() < 1e-5, "adapter {k}: loss {a} alone, {b} grouped");

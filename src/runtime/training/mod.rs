@@ -120,3 +120,11 @@ impl AdamW {
 pub fn linear_lr(base: f64, step: usize, total: usize) -> f64 {
     base * (total.saturating_sub(step)) as f64 / total.max(1) as f64
 }
+
+/// A tiny decoder with random weights (seeded), for the training unit tests.
+#[cfg(test)]
+fn tiny_decoder(seed: u64) -> crate::runtime::model::Decoder {
+    use crate::runtime::model::{random_weights, ModelConfig};
+    let (cfg, dev) = (ModelConfig::tiny_for_tests(), candle_core::Device::Cpu);
+    crate::runtime::formats::decoder_from_tensors(&cfg, random_weights(&cfg, seed, &dev, candle_core::DType::F32).unwrap(), &dev).unwrap()
+}

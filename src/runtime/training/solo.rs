@@ -105,18 +105,16 @@ pub fn lora_gradients(decoder: &Decoder, adapter: &LoraAdapter, ex: &TrainExampl
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::formats::decoder_from_tensors;
     use crate::runtime::lora::LoraConfig;
-    use crate::runtime::model::{random_weights, ModelConfig};
+    use crate::runtime::training::tiny_decoder;
     use candle_core::Device;
 
     /// A window's loss and gradient are the token-share-weighted sums of its sequences'
     /// own (10 and 4 counted tokens: shares 10/14 and 4/14).
     #[test]
     fn window_gradients_weight_each_sequence_by_its_token_share() {
-        let cfg = ModelConfig::tiny_for_tests();
-        let dec = decoder_from_tensors(&cfg, random_weights(&cfg, 1, &Device::Cpu, DType::F32).unwrap(), &Device::Cpu).unwrap();
-        let lora = LoraAdapter::new(&cfg, LoraConfig::paper(2, 4.0, 0.0), 1, &Device::Cpu).unwrap();
+        let dec = tiny_decoder(1);
+        let lora = LoraAdapter::new(&dec.cfg, LoraConfig::paper(2, 4.0, 0.0), 1, &Device::Cpu).unwrap();
         for v in lora.vars() {
             v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap()).unwrap();
         }
