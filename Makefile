@@ -73,11 +73,9 @@ test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build a
 MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/experiment/grading.rs src/experiment/novelty.rs \
   src/runtime/training/run.rs src/runtime/training/mod.rs src/runtime/training/solo.rs src/runtime/training/group.rs \
   src/runtime/ops/cross_entropy.rs src/runtime/ops/mod.rs src/runtime/lora.rs src/runtime/multi_lora.rs \
-  src/experiment/tables/columns.rs src/experiment/tables/conform.rs
-# Not src/analysis/collapse.rs yet: tests/collapse.rs reads ../shared/paper, which is not beside
-# cargo-mutants' copy of the tree (its baseline fails).
+  src/experiment/tables/columns.rs src/experiment/tables/conform.rs src/analysis/collapse.rs
 # passed to the build as well as the run (--cargo-arg), so only these test targets are rebuilt per mutant
-MUTANTS_TESTS ?= --lib --test=semantics --test=sft --test=tiny_models --test=parquet_interop --test=bad_input
+MUTANTS_TESTS ?= --lib --test=semantics --test=sft --test=tiny_models --test=parquet_interop --test=bad_input --test=collapse
 # CUDA arms cannot run on a CPU; an op's name only labels it in errors
 MUTANTS_EXCLUDE ?= cuda_fwd|cuda_value|cuda_bwd|::name -> 
 MUTANTS_BUDGET ?= 3600
@@ -91,7 +89,8 @@ MUTANTS_CARGO_ARGS := --no-default-features $(if $(filter 0,$(BLAS)),,--features
 MUTANTS_TARGET ?= $(HOME)/.cache/selfedit-mutants-target
 mutants: blas $(SMOLLM) $(EMBEDDER)  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_BUDGET s)
 	@command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
-	SELFEDIT_MODEL=$(abspath $(SMOLLM)) RAYON_NUM_THREADS=1 CARGO_TARGET_DIR=$(MUTANTS_TARGET) timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle --iterate $(foreach f,$(MUTANTS_FILES),-f $(f)) \
+	SELFEDIT_MODEL=$(abspath $(SMOLLM)) SELFEDIT_EMBEDDER=$(abspath $(EMBEDDER_DIR)) SELFEDIT_SHARED=$(abspath ../shared) \
+	  RAYON_NUM_THREADS=1 CARGO_TARGET_DIR=$(MUTANTS_TARGET) timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle --iterate $(foreach f,$(MUTANTS_FILES),-f $(f)) \
 	  $(foreach a,$(MUTANTS_CARGO_ARGS) $(MUTANTS_TESTS),--cargo-arg=$(a)) \
 	  --exclude-re '$(MUTANTS_EXCLUDE)' --output $(OUTPUTS)/mutants; status=$$?; \
 	  echo "mutants: see $(OUTPUTS)/mutants/mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt)"; exit $$status

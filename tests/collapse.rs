@@ -1,6 +1,10 @@
 //! The collapse analysis: the sentence embedder against Transformers' output (recorded in
 //! tests/data/minilm_reference.json), and the collapse analysis (library and `collapse` binary)
 //! on the paper's released templates (../shared/paper/).
+//!
+//! `SELFEDIT_SHARED` (the shared folder, default `../shared`) and `SELFEDIT_EMBEDDER` (the
+//! MiniLM folder, default `models/all-MiniLM-L6-v2`) point elsewhere, as `make mutants` does
+//! for cargo-mutants' copy of the tree, which has neither beside it.
 
 use std::path::PathBuf;
 
@@ -13,9 +17,17 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+fn from_env_or(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| root().join(default))
+}
+
+fn embedder_path() -> PathBuf {
+    from_env_or("SELFEDIT_EMBEDDER", "models/all-MiniLM-L6-v2")
+}
+
 #[test]
 fn minilm_embeddings_match_transformers() {
-    let e = Embedder::load(&root().join("models/all-MiniLM-L6-v2"), &candle_core::Device::Cpu).expect("run `make embedder`");
+    let (e, _) = embedder();
     let r: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/data/minilm_reference.json")).unwrap()).unwrap();
     let sentences: Vec<String> = r["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
     for (s, ids) in sentences.iter().zip(r["token_ids"].as_array().unwrap()) {
@@ -38,11 +50,11 @@ fn minilm_embeddings_match_transformers() {
 }
 
 fn paper_templates(name: &str) -> PathBuf {
-    root().join(format!("../shared/paper/{name}_train_templates_by_iter.json"))
+    from_env_or("SELFEDIT_SHARED", "../shared").join(format!("paper/{name}_train_templates_by_iter.json"))
 }
 
 fn embedder() -> (Embedder, PathBuf) {
-    let path = root().join("models/all-MiniLM-L6-v2");
+    let path = embedder_path();
     (Embedder::load(&path, &candle_core::Device::Cpu).expect("run `make embedder`"), path)
 }
 

@@ -96,6 +96,9 @@ mod tests {
         // prediction "eiffel tower paris" vs gold "eiffel tower": p = 2/3, r = 1 → f1 = 0.8
         assert!((f1("Eiffel Tower, Paris", "the Eiffel Tower") - 0.8).abs() < 1e-12);
         assert_eq!(f1("London", "Paris"), 0.0);
+        // a repeated token counts as often as both sides have it (SQuAD's Counter & Counter):
+        // [cat, cat, sat] vs [cat, sat, on, mat] share 2, p = 2/3, r = 1/2 → f1 = 4/7
+        assert!((f1("The cat, the cat sat.", "cat sat on the mat") - 4.0 / 7.0).abs() < 1e-12);
         let golds = vec!["1066".to_string(), "in 1066".to_string()];
         assert_eq!(squad_scores("In 1066.", &golds), (true, 1.0));
         assert!(!exact_match("London", "Paris"));
@@ -128,5 +131,16 @@ mod tests {
         assert_eq!(normalize("A"), "");
         assert_eq!(f1("the", "A"), 0.0);
         assert_eq!(squad_scores("an", &a), (true, 0.0), "EM compares normalized strings (both empty); F1 is v1.1's 0");
+    }
+
+    /// The setting picks the rule: "10" is in "1066" as a substring, not as a word.
+    #[test]
+    fn heuristic_verdict_follows_the_rule() {
+        use crate::experiment::states::HeuristicRule;
+        let golds = ["10".to_string()];
+        assert!(heuristic_verdict(HeuristicRule::Substring, "It was 1066.", &golds));
+        assert!(!heuristic_verdict(HeuristicRule::WordBoundary, "It was 1066.", &golds));
+        assert!(heuristic_verdict(HeuristicRule::WordBoundary, "It was 10.", &golds));
+        assert!(!heuristic_verdict(HeuristicRule::Substring, "It was 9.", &golds));
     }
 }

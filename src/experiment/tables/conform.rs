@@ -90,4 +90,20 @@ mod tests {
         let big: ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![1i64 << 40]));
         assert!(conform(&big, &DataType::Int32, "b").is_err());
     }
+
+    /// Structs conform field by field, by name, and only with the same fields.
+    #[test]
+    fn structs_conform_by_field_name_and_type() {
+        let fields =
+            |f: &[(&str, DataType)]| DataType::Struct(f.iter().map(|(name, t)| Arc::new(Field::new(*name, t.clone(), true))).collect());
+        let want = fields(&[("rank", DataType::Int64), ("name", DataType::Utf8)]);
+        // reordered, narrower integer, another string encoding
+        assert!(conforms(&fields(&[("name", DataType::LargeUtf8), ("rank", DataType::Int32)]), &want));
+        // same field count, a field of another kind
+        assert!(!conforms(&fields(&[("rank", DataType::Int64), ("name", DataType::Float64)]), &want));
+        // a field too many, a field missing, a field renamed
+        assert!(!conforms(&fields(&[("rank", DataType::Int64), ("name", DataType::Utf8), ("x", DataType::Utf8)]), &want));
+        assert!(!conforms(&fields(&[("rank", DataType::Int64)]), &want));
+        assert!(!conforms(&fields(&[("rank", DataType::Int64), ("title", DataType::Utf8)]), &want));
+    }
 }
