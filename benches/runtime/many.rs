@@ -42,6 +42,18 @@ fn self_edit(m: &LoadedModel, k: usize, epochs: usize) -> anyhow::Result<TrainJo
     Ok(TrainJob { key: k, adapter, examples, config })
 }
 
+/// Mean tokens of the sequences the `n` self-edits feed.
+fn mean_sequence_tokens(m: &LoadedModel, n: usize, epochs: usize) -> anyhow::Result<f64> {
+    let (mut tokens, mut count) = (0, 0);
+    for k in 0..n {
+        for e in self_edit(m, k, epochs)?.examples {
+            tokens += e.ids.len();
+            count += 1;
+        }
+    }
+    Ok(tokens as f64 / count as f64)
+}
+
 /// The evaluation of one self-edit: 5 questions × 3 runs with the paper's sampling.
 fn eval_requests(m: &LoadedModel, adapter: usize) -> anyhow::Result<Vec<GenerationRequest>> {
     let mut out = Vec::new();
@@ -74,12 +86,10 @@ fn matmul_peak_gflops() -> anyhow::Result<f64> {
     Ok(2.0 * 1024f64.powi(3) / median(times) / 1e9)
 }
 
-/// The ceiling grouped training can reach on this machine: the frozen-weight products of one
-/// packed pass of `rows` tokens (every projection and the LM head, forward `x @ W^T` and
-/// input gradient `g @ W`), run back to back through the same OpenBLAS and nothing else,
-/// GFLOP/s. Everything else a pass does (norms, attention, low-rank updates, the loss) only
-/// adds time, so training cannot beat this figure.
-fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
+/// The frozen-weight products of one packed pass of `rows` tokens: every projection (and the
+/// LM head if `lm_head`), forward `x @ W^T` and input gradient `g @ W`, run back to back
+/// through the same OpenBLAS and nothing else: (median seconds, FLOPs).
+fn frozen_products(m: &LoadedModel, rows: usize, lm_head: bool) -> anyhow::Result<(f64, f64)> {
     let dec = &m.decoder;
     let mut weights: Vec<&candle_core::Tensor> = Vec::new();
     for layer in 0..dec.cfg.num_hidden_layers {
@@ -87,7 +97,9 @@ fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
             weights.push(&dec.linear(layer, proj).weight);
         }
     }
-    weights.push(&dec.lm_head);
+    if lm_head {
+        weights.push(&dec.lm_head);
+    }
     // inputs made before the clock starts: one `x` [rows, k] and `g` [rows, n] per weight
     let dev = candle_core::Device::Cpu;
     let inputs = weights
@@ -109,7 +121,59 @@ fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
         }
         times.push(t.elapsed().as_secs_f64());
     }
-    Ok(flops / median(times) / 1e9)
+    Ok((median(times), flops))
+}
+
+/// The ceiling grouped training can reach on this machine: [`frozen_products`] of every
+/// frozen weight, GFLOP/s. Everything else a pass does (norms, attention, low-rank updates,
+/// the loss) only adds time, so training cannot beat this figure.
+fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
+    let (seconds, flops) = frozen_products(m, rows, true)?;
+    Ok(flops / seconds / 1e9)
+}
+
+/// Where one packed training pass of `segments` sequences of `len` tokens spends its time,
+/// each part timed alone at that shape (median of 5, forward and backward):
+/// (frozen projections' products, LM head with the loss, attention of every layer), seconds.
+fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f64, f64, f64)> {
+    use candle_core::{Tensor, Var};
+    use selfedit::runtime::{model::causal_mask, ops};
+    let dec = &m.decoder;
+    let dev = candle_core::Device::Cpu;
+    let rows = segments * len;
+    let (projections, _) = frozen_products(m, rows, false)?;
+    // the LM head and the cross-entropy of every position
+    let h = Var::randn(0f32, 1.0, (rows, dec.cfg.hidden_size), &dev)?;
+    let targets: Vec<Vec<Option<u32>>> =
+        (0..segments).map(|s| (0..len).map(|i| Some(((s * 131 + i * 17) % dec.cfg.vocab_size) as u32)).collect()).collect();
+    let targets: Vec<&[Option<u32>]> = targets.iter().map(|t| t.as_slice()).collect();
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let loss = ops::lm_head_cross_entropy_packed(h.as_tensor(), &dec.lm_head, &targets)?;
+        drop(loss.sum_all()?.backward()?);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let lm_head = median(times);
+    // attention of every layer, each segment under its causal mask
+    let (heads, kv, d) = (dec.cfg.num_attention_heads, dec.cfg.kv_heads(), dec.cfg.head_dim());
+    let spans: Vec<(usize, usize)> = (0..segments).map(|s| (s * len, len)).collect();
+    let mask = causal_mask(1, len, 0, &[0], &dev, candle_core::DType::F32)?;
+    let masks = vec![Some(mask); segments];
+    let q = Var::randn(0f32, 1.0, (1, heads, rows, d), &dev)?;
+    let k = Var::randn(0f32, 1.0, (1, kv, rows, d), &dev)?;
+    let v = Var::randn(0f32, 1.0, (1, kv, rows, d), &dev)?;
+    let g = Tensor::randn(0f32, 1.0, (1, heads, rows, d), &dev)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..dec.cfg.num_hidden_layers {
+            let y = ops::segmented_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &spans, &masks)?;
+            drop((y * &g)?.sum_all()?.backward()?);
+        }
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok((projections, lm_head, median(times)))
 }
 
 /// FLOPs of one training token through the frozen weights: forward plus input gradients of
@@ -153,6 +217,8 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
     report("self_edit_seconds_solo", (train_s + eval_s) / solo, "s");
 
     // 2. grouped: all self-edits through one group, then all their answers in shared batches
+    let len = mean_sequence_tokens(m, n, epochs)?;
+    let mut passes = Vec::new();
     for &g in group_sizes {
         let fg = Foreign::new();
         let rss_before = peak_rss_mib();
@@ -179,6 +245,28 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         report(&name("rss_peak_grouped_mib"), peak_rss_mib().max(rss_before), "MiB");
         // what `training.group_memory_mib` is compared with, beside the measured peak above
         report(&name("group_memory_estimate_mib"), rep.max_memory_estimate as f64 / (1u64 << 20) as f64, "MiB");
+        // where the training time went: the passes' phases, then one mean pass's parts
+        // (frozen projections, LM head, attention) timed alone at its shape; the rest of a
+        // pass is norms, rotary, SwiGLU, residuals, the low-rank updates and autograd
+        let t = rep.times;
+        report(&name("train_share_forward"), t.forward / rep.seconds, "");
+        report(&name("train_share_backward"), t.backward / rep.seconds, "");
+        report(&name("train_share_optimizer"), t.optimizer / rep.seconds, "");
+        let pass = (t.forward + t.backward) / rep.passes as f64;
+        let segments = ((rep.tokens as f64 / rep.passes as f64 / len).round() as usize).max(1);
+        report(&name("pass_seconds"), pass, "s");
+        report(&name("pass_segments"), segments as f64, "");
+        passes.push((g, segments, pass));
+    }
+    // the parts of a mean pass (through OpenBLAS, as training), after the groups, since their
+    // inputs would otherwise count in the groups' peak RSS
+    for (g, segments, pass) in passes.into_iter().filter(|_| selfedit::runtime::blas::ENABLED) {
+        let (projections, lm_head, attention) = pass_parts(m, segments, len.round() as usize)?;
+        let name = |s: &str| format!("{s}_group{g}");
+        report(&name("pass_share_frozen_projections"), projections / pass, "");
+        report(&name("pass_share_lm_head"), lm_head / pass, "");
+        report(&name("pass_share_attention"), attention / pass, "");
+        report(&name("pass_share_other"), 1.0 - (projections + lm_head + attention) / pass, "");
     }
 
     // 3. the ceiling: the same frozen-weight products with nothing else (last, since its

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::formats::safetensors::save_safetensors;
-use crate::runtime::model::{Adapter, Decoder, ModelConfig, Proj};
+use crate::runtime::model::{Adapter, Decoder, LowRank, ModelConfig, Proj};
 
 /// Shape of an adapter: PEFT's `r`, `lora_alpha`, `lora_dropout`, `target_modules`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -288,26 +288,40 @@ fn refuse_unsupported(raw: &serde_json::Value, path: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+impl LoraAdapter {
+    /// The dropout mask of `rows` inputs of width `in_dim` (`[rows, in]`, kept inputs scaled
+    /// by `1 / (1 - p)`), drawn from the training stream; `None` at inference or with p = 0.
+    fn dropout_mask(&self, rows: usize, in_dim: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
+        let (Some(rng), true) = (&self.dropout_rng, self.config.dropout > 0.0) else { return Ok(None) };
+        let p = self.config.dropout;
+        let keep = 1.0 / (1.0 - p);
+        let mut rng = rng.lock().map_err(|_| candle_core::Error::Msg("dropout rng poisoned".into()))?;
+        let mask: Vec<f32> = (0..rows * in_dim).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
+        Ok(Some(Tensor::from_vec(mask, (rows, in_dim), device)?))
+    }
+}
+
 impl Adapter for LoraAdapter {
-    /// The low-rank update for `x` (`[.., in]`), or `None` when the module is not targeted.
+    /// The low-rank update for `x` (`[.., in]`), or `None` when the module is not targeted:
+    /// the one-segment case of `runtime::multi_lora::low_rank_update`, so an adapter alone
+    /// and in a packed batch compute the same numbers.
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let Some(pair) = self.pair(layer, proj) else { return Ok(None) };
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap();
         let rows = x.elem_count() / in_dim;
-        let mut h = x.reshape((rows, in_dim))?.to_dtype(DType::F32)?;
-        if let (Some(rng), true) = (&self.dropout_rng, self.config.dropout > 0.0) {
-            let p = self.config.dropout;
-            let keep = 1.0 / (1.0 - p);
-            let mut rng = rng.lock().map_err(|_| candle_core::Error::Msg("dropout rng poisoned".into()))?;
-            let mask: Vec<f32> = (0..rows * in_dim).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
-            h = (h * Tensor::from_vec(mask, (rows, in_dim), x.device())?)?;
-        }
-        let y = h.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
-        let y = (y * self.config.scale())?;
+        let Some(update) = self.low_rank(layer, proj, rows)? else { return Ok(None) };
+        let Some(y) = crate::runtime::multi_lora::low_rank_update(&x.reshape((rows, in_dim))?, vec![(rows, update)])? else {
+            return Ok(None);
+        };
         let mut out = dims;
-        *out.last_mut().unwrap() = pair.b.dim(0)?;
+        *out.last_mut().unwrap() = y.dim(1)?;
         Ok(Some(y.reshape(out)?))
+    }
+
+    fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> candle_core::Result<Option<LowRank>> {
+        let Some(pair) = self.pair(layer, proj) else { return Ok(Some(LowRank::Untouched)) };
+        let mask = self.dropout_mask(rows, pair.a.dim(1)?, pair.a.device())?;
+        Ok(Some(LowRank::Factors { a: pair.a.as_tensor().clone(), b: pair.b.as_tensor().clone(), scale: self.config.scale(), mask }))
     }
 }
 

@@ -6,9 +6,10 @@
 //! the shape it would have alone, so a segment's numbers (and its dropout draws) do not
 //! depend on its neighbours.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use crate::runtime::model::{Adapter, Proj};
+use crate::runtime::model::{Adapter, LowRank, Proj};
+use crate::runtime::ops::{self, LowRankSegment};
 
 /// Which axis of the activations `[b, l, in]` the segments run along.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,17 +58,65 @@ impl Adapter for SegmentedAdapters<'_> {
             SegmentAxis::Rows => 0,
             SegmentAxis::Tokens => 1,
         };
-        let mut parts: Vec<(usize, Option<Tensor>)> = Vec::with_capacity(self.segments.len());
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap();
+        // rows of `x` flattened to [n, in] per unit of the segment axis (a segment's rows are
+        // consecutive there when it runs along the batch, or along the tokens of one row)
+        let per_unit = match (self.axis, dims.len()) {
+            (SegmentAxis::Rows, _) => x.elem_count() / in_dim / dims[0],
+            (SegmentAxis::Tokens, 3) if dims[0] == 1 => 1,
+            _ => candle_core::bail!("segmented adapters along tokens need activations [1, l, in], got {dims:?}"),
+        };
+        // 1. each segment's update, in factored form where its adapter has one (each
+        //    adapter asked once, so its dropout stream advances as it would alone)
+        let mut parts: Vec<(usize, usize, Part)> = Vec::with_capacity(self.segments.len());
         for &(start, len, adapter) in &self.segments {
-            let delta = match adapter {
-                Some(a) => a.delta(layer, proj, &x.narrow(dim, start, len)?)?,
-                None => None,
+            let part = match adapter {
+                None => Part::Factored(LowRank::Untouched),
+                Some(a) => match a.low_rank(layer, proj, len * per_unit)? {
+                    Some(update) => Part::Factored(update),
+                    None => Part::Opaque(a),
+                },
             };
-            parts.push((len, delta));
+            parts.push((start, len, part));
+        }
+        // 2. all factored: one op over every segment
+        if parts.iter().all(|p| matches!(p.2, Part::Factored(_))) {
+            let n = x.elem_count() / in_dim;
+            let updates = parts
+                .into_iter()
+                .map(|(_, len, p)| match p {
+                    Part::Factored(u) => (len * per_unit, u),
+                    Part::Opaque(_) => unreachable!("checked above"),
+                })
+                .collect();
+            let Some(y) = low_rank_update(&x.reshape((n, in_dim))?, updates)? else { return Ok(None) };
+            let mut out = dims;
+            *out.last_mut().unwrap() = y.dim(1)?;
+            return Ok(Some(y.reshape(out)?));
+        }
+        // 3. otherwise segment by segment, zeros where a segment has no update
+        let mut deltas: Vec<(usize, Option<Tensor>)> = Vec::with_capacity(parts.len());
+        for (start, len, part) in parts {
+            let xs = x.narrow(dim, start, len)?;
+            let delta = match part {
+                Part::Opaque(a) => a.delta(layer, proj, &xs)?,
+                Part::Factored(u) => {
+                    let rows = len * per_unit;
+                    low_rank_update(&xs.reshape((rows, in_dim))?, vec![(rows, u)])?
+                        .map(|y| {
+                            let mut out = xs.dims().to_vec();
+                            *out.last_mut().unwrap() = y.dim(1)?;
+                            y.reshape(out)
+                        })
+                        .transpose()?
+                }
+            };
+            deltas.push((len, delta));
         }
         // the output width and dtype come from any segment that has an update
-        let Some(like) = parts.iter().find_map(|(_, d)| d.clone()) else { return Ok(None) };
-        let parts = parts
+        let Some(like) = deltas.iter().find_map(|(_, d)| d.clone()) else { return Ok(None) };
+        let deltas = deltas
             .into_iter()
             .map(|(len, d)| match d {
                 Some(d) => Ok(d),
@@ -78,8 +127,57 @@ impl Adapter for SegmentedAdapters<'_> {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Tensor::cat(&parts, dim)?))
+        Ok(Some(Tensor::cat(&deltas, dim)?))
     }
+}
+
+/// A segment's update: factors, or only the adapter's own `delta`.
+enum Part<'a> {
+    Factored(LowRank),
+    Opaque(&'a dyn Adapter),
+}
+
+/// The low-rank updates of consecutive row segments of `x` `[n, in]`, `(rows, update)` for
+/// each in order, covering `x`: dropout masks applied, then one
+/// [`ops::segmented_low_rank`] over all segments. `[n, out]` in f32, or `None` when no
+/// segment has factors.
+pub fn low_rank_update(x: &Tensor, parts: Vec<(usize, LowRank)>) -> Result<Option<Tensor>> {
+    let (n, in_dim) = x.dims2()?;
+    let any_mask = parts.iter().any(|(_, u)| matches!(u, LowRank::Factors { mask: Some(_), .. }));
+    let ones = |rows: usize| Tensor::ones((rows, in_dim), DType::F32, x.device());
+    let (mut segments, mut a, mut bt, mut masks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut start, mut rank_start) = (0, 0);
+    for (rows, update) in parts {
+        let (rank, scale, mask) = match update {
+            LowRank::Factors { a: fa, b: fb, scale, mask } => {
+                let rank = fa.dim(0)?;
+                a.push(fa);
+                bt.push(fb.t()?);
+                (rank, scale, mask)
+            }
+            LowRank::Untouched => (0, 0.0, None),
+        };
+        if any_mask {
+            masks.push(match mask {
+                Some(m) => m,
+                None => ones(rows)?,
+            });
+        }
+        segments.push(LowRankSegment { start, len: rows, rank_start, rank, scale });
+        start += rows;
+        rank_start += rank;
+    }
+    if a.is_empty() {
+        return Ok(None);
+    }
+    if start != n {
+        candle_core::bail!("low_rank_update: segments of {start} rows for an input of {n}");
+    }
+    let h = x.to_dtype(DType::F32)?;
+    let h = if any_mask { (h * Tensor::cat(&masks, 0)?)? } else { h };
+    let a = Tensor::cat(&a, 0)?.contiguous()?;
+    let bt = Tensor::cat(&bt, 0)?.contiguous()?;
+    ops::segmented_low_rank(&h, &a, &bt, &segments).map(Some)
 }
 
 #[cfg(test)]

@@ -21,6 +21,23 @@ pub trait Adapter: Sync {
     /// The update to add to projection `proj` of layer `layer` for input `x` `[.., in]`:
     /// `[.., out]` in any float dtype, or `None` when the adapter leaves `proj` alone.
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>>;
+
+    /// The update of `proj` for `rows` input rows as scaled low-rank factors, drawing the
+    /// rows' dropout mask as [`Self::delta`] would: what lets the adapters of a packed batch
+    /// share one op (`runtime::multi_lora`). `Ok(None)`, the default: the adapter is not of
+    /// this form, and only `delta` applies.
+    fn low_rank(&self, _layer: usize, _proj: Proj, _rows: usize) -> Result<Option<LowRank>> {
+        Ok(None)
+    }
+}
+
+/// An adapter's update of one projection in factored form ([`Adapter::low_rank`]).
+pub enum LowRank {
+    /// The adapter leaves the projection alone.
+    Untouched,
+    /// `scale · (mask ⊙ x) Aᵀ Bᵀ`: `a` `[r, in]` and `b` `[out, r]` in f32, `mask` `[rows, in]`
+    /// (dropout, kept inputs already scaled by `1 / (1 - p)`) or none.
+    Factors { a: Tensor, b: Tensor, scale: f64, mask: Option<Tensor> },
 }
 
 /// An adapter used for inference: its updates are cut from the autograd graph.
@@ -34,6 +51,13 @@ pub struct Frozen<'a>(pub &'a dyn Adapter);
 impl Adapter for Frozen<'_> {
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
         Ok(self.0.delta(layer, proj, x)?.map(|d| d.detach()))
+    }
+
+    fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> Result<Option<LowRank>> {
+        Ok(self.0.low_rank(layer, proj, rows)?.map(|u| match u {
+            LowRank::Factors { a, b, scale, mask } => LowRank::Factors { a: a.detach(), b: b.detach(), scale, mask },
+            LowRank::Untouched => LowRank::Untouched,
+        }))
     }
 }
 
@@ -78,6 +102,14 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// `[h, ff]`
     pub down_proj: Linear,
+}
+
+/// How the rows of a batch attend: through the batch's own mask (`[b, 1, l, cached + l]`,
+/// or none), or, for a packed batch, each `(start, len)` segment within itself under its
+/// causal mask (`None` for a one-token segment).
+enum Masking<'a> {
+    Rows(Option<&'a Tensor>),
+    Segments(&'a [(usize, usize)], &'a [Option<Tensor>]),
 }
 
 /// One pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
@@ -233,7 +265,7 @@ impl Decoder {
         i: usize,
         x: &Tensor,
         cos_sin: &(Tensor, Tensor),
-        batch: &Batch,
+        masking: &Masking,
         cache: Option<&mut KvCache>,
         lora: Option<&dyn Adapter>,
     ) -> Result<Tensor> {
@@ -267,17 +299,9 @@ impl Decoder {
         };
         // 5. attention, heads merged back: [b, l, heads * d]; a packed batch attends within
         //    each sequence only, at that sequence's own shapes
-        let y = match &batch.segments {
-            None => ops::attention(&q, &k, &v, batch.mask.as_ref())?,
-            Some(segments) => {
-                let mut parts = Vec::with_capacity(segments.len());
-                for &(start, len) in segments {
-                    let part = |t: &Tensor| t.narrow(2, start, len)?.contiguous();
-                    let mask = if len > 1 { Some(causal_mask(1, len, 0, &[0], self.device(), self.dtype())?) } else { None };
-                    parts.push(ops::attention(&part(&q)?, &part(&k)?, &part(&v)?, mask.as_ref())?);
-                }
-                Tensor::cat(&parts, 2)?
-            }
+        let y = match masking {
+            Masking::Rows(mask) => ops::attention(&q, &k, &v, *mask)?,
+            Masking::Segments(segments, masks) => ops::segmented_attention(&q, &k, &v, segments, masks)?,
         };
         let y = y.transpose(1, 2)?.reshape((b, l, nh * d))?;
         // 6. output projection
@@ -297,11 +321,23 @@ impl Decoder {
         let (b, l) = batch.ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, l, ()))?;
         let cos_sin = self.rope.at(&batch.positions)?;
+        // a packed batch: each sequence's causal mask, built once for all layers
+        let segment_masks = match &batch.segments {
+            Some(segments) => segments
+                .iter()
+                .map(|&(_, len)| if len > 1 { causal_mask(1, len, 0, &[0], self.device(), self.dtype()).map(Some) } else { Ok(None) })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let masking = match &batch.segments {
+            Some(segments) => Masking::Segments(segments, &segment_masks),
+            None => Masking::Rows(batch.mask.as_ref()),
+        };
         let eps = self.cfg.rms_norm_eps;
         for i in 0..self.layers.len() {
             let layer = &self.layers[i];
             let h = ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let h = self.attention(i, &h, &cos_sin, batch, cache.as_deref_mut(), lora)?;
+            let h = self.attention(i, &h, &cos_sin, &masking, cache.as_deref_mut(), lora)?;
             x = (x + h)?;
             let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             x = (&x + self.mlp(i, &h, lora)?)?;

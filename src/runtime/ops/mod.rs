@@ -14,13 +14,17 @@
 //! - [`rope`]: fused forward, backward is the inverse rotation;
 //! - [`attention`]: forward discards the probabilities, backward recomputes them (as flash
 //!   attention does), so nothing quadratic in the sequence length is kept between passes;
-//! - [`lm_head_cross_entropy`]: logits are never materialised in the graph.
+//! - [`lm_head_cross_entropy`]: logits are never materialised in the graph;
+//! - [`segmented_attention`] and [`segmented_low_rank`]: one op for all sequences of a
+//!   packed batch, each at its own shapes.
 //!
 //! When the input tracks no gradient (inference), every op is the plain fused forward.
 
 mod cross_entropy;
+mod low_rank;
 
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
+pub use low_rank::{segmented_low_rank, LowRankSegment};
 
 use std::sync::Mutex;
 
@@ -355,6 +359,57 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     q.apply_op3(k, v, Tap::new("attention", value, backward))
 }
 
+/// [`attention`] of sequences packed end to end along `l`: segment `(start, len)` of `q`
+/// (`[1, heads, Σ len, d]`), `k` and `v` (`[1, kv_heads, Σ len, d]`) attends within itself
+/// only, under `masks[i]` (as in [`attention`], broadcastable to `[1, 1, len, len]`).
+/// Returns `[1, heads, Σ len, d]`, each segment equal to [`attention`] of that segment alone.
+///
+/// Errors: `masks` not one per segment, or segments that do not cover `l` in order.
+///
+/// One graph node for all segments: composed of per-segment ops, the backward would expand
+/// every segment's gradient to the full length (the backward of `narrow`) and sum them, for
+/// each of `q`, `k` and `v`; here each segment's gradient is written once, into its place.
+pub fn segmented_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usize, usize)], masks: &[Option<Tensor>]) -> Result<Tensor> {
+    if masks.len() != segments.len() {
+        candle_core::bail!("segmented_attention: {} masks for {} segments", masks.len(), segments.len());
+    }
+    let l = q.dim(2)?;
+    let mut next = 0;
+    for &(start, len) in segments {
+        if start != next {
+            candle_core::bail!("segmented_attention: a segment starts at {start}, expected {next}");
+        }
+        next += len;
+    }
+    if next != l {
+        candle_core::bail!("segmented_attention: segments cover {next} of {l} positions");
+    }
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let segments = segments.to_vec();
+    let masks = masks.to_vec();
+    // each segment's (q, k, v, g) as contiguous copies
+    let part = |t: &Tensor, (start, len): (usize, usize)| t.narrow(2, start, len)?.contiguous();
+    let mut values = Vec::with_capacity(segments.len());
+    for (&s, mask) in segments.iter().zip(&masks) {
+        values.push(attention_forward(&part(&qd, s)?, &part(&kd, s)?, &part(&vd, s)?, mask.as_ref())?);
+    }
+    let value = Tensor::cat(&values, 2)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(value);
+    }
+    let backward: Backward3 = Box::new(move |g| {
+        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+        for (&s, mask) in segments.iter().zip(&masks) {
+            let (a, b, c) = attention_backward(&part(&qd, s)?, &part(&kd, s)?, &part(&vd, s)?, mask.as_ref(), &part(g, s)?)?;
+            dq.push(a);
+            dk.push(b);
+            dv.push(c);
+        }
+        Ok((Tensor::cat(&dq, 2)?, Tensor::cat(&dk, 2)?, Tensor::cat(&dv, 2)?))
+    });
+    q.apply_op3(k, v, Tap::new("segmented_attention", value, backward))
+}
+
 /// Groups the query heads by KV head: `[b, h, l, d]` → `[b, kv, rep * l, d]`, so that one
 /// matmul per KV head serves all its query heads without copying K or V.
 fn group_heads(q: &Tensor, kv_heads: usize) -> Result<Tensor> {
@@ -561,5 +616,42 @@ mod tests {
         let g1 = loss.backward().unwrap();
         let g2 = loss2.backward().unwrap();
         close(g1.get(&h).unwrap(), g2.get(&h).unwrap(), 1e-5);
+    }
+
+    /// The packed op equals per-segment attention composed of candle's own narrow and cat, in
+    /// value and in the gradients of q, k and v (grouped KV heads; a one-token segment
+    /// without a mask); segments that do not tile the row are refused.
+    #[test]
+    fn segmented_attention_equals_attention_per_segment() {
+        let dev = Device::Cpu;
+        let segments = [(0, 5), (5, 1), (6, 3)];
+        let causal = |l: usize| {
+            let m: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
+            Tensor::from_vec(m, (1, 1, l, l), &dev).unwrap()
+        };
+        let masks: Vec<Option<Tensor>> = segments.iter().map(|&(_, l)| (l > 1).then(|| causal(l))).collect();
+        let q = Var::randn(0f32, 1., (1, 4, 9, 8), &dev).unwrap();
+        let k = Var::randn(0f32, 1., (1, 2, 9, 8), &dev).unwrap();
+        let v = Var::randn(0f32, 1., (1, 2, 9, 8), &dev).unwrap();
+        let y = segmented_attention(&q, &k, &v, &segments, &masks).unwrap();
+        let parts: Vec<Tensor> = segments
+            .iter()
+            .zip(&masks)
+            .map(|(&(start, len), m)| {
+                let part = |t: &Tensor| t.narrow(2, start, len).unwrap();
+                attention(&part(&q), &part(&k), &part(&v), m.as_ref()).unwrap()
+            })
+            .collect();
+        let y2 = Tensor::cat(&parts, 2).unwrap();
+        close(&y, &y2, 1e-6);
+        let t = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
+        let g1 = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&q, &k, &v] {
+            close(g1.get(var).unwrap(), g2.get(var).unwrap(), 1e-6);
+        }
+        assert!(segmented_attention(&q, &k, &v, &segments[..2], &masks[..2]).is_err(), "segments cover 6 of 9");
+        assert!(segmented_attention(&q, &k, &v, &[(0, 5), (6, 4)], &masks[..2]).is_err(), "a gap");
+        assert!(segmented_attention(&q, &k, &v, &segments, &masks[..2]).is_err(), "masks");
     }
 }

@@ -56,6 +56,21 @@ pub struct GroupReport {
     pub max_in_flight: usize,
     /// The largest estimated memory of the adapters in flight, bytes.
     pub max_memory_estimate: u64,
+    /// Where the passes' time went.
+    pub times: PassTimes,
+}
+
+/// Seconds a group run spent in each phase of its passes, summed over them; what `seconds`
+/// holds beyond their sum is bookkeeping and the callers' `on_done`. On an asynchronous
+/// device (CUDA) a phase's kernels may still run in the next phase's time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassTimes {
+    /// Packed forward passes: frozen model, low-rank updates, LM head and loss.
+    pub forward: f64,
+    /// Backward passes: every adapter's gradient.
+    pub backward: f64,
+    /// Gradient accumulation, clipping and AdamW steps ([`AdapterRun::add_gradients`]).
+    pub optimizer: f64,
 }
 
 /// Trains every job, as many at a time as `limits` allow, calling `on_done(key, result)` the
@@ -106,12 +121,14 @@ pub fn train_group<K>(
         for (_, run, _) in active.iter_mut() {
             micro.push(run.next_micro_batch().expect("a run in flight has steps left"));
         }
-        match group_pass(decoder, &active, &micro) {
+        match group_pass(decoder, &active, &micro, &mut report.times) {
             Ok((losses, grads)) => {
+                let t = Instant::now();
                 for (((_, run, _), &(i, weight)), (loss, grads)) in active.iter_mut().zip(&micro).zip(losses.into_iter().zip(grads)) {
                     report.tokens += run.example(i).ids.len();
                     run.add_gradients(loss, weight, grads)?;
                 }
+                report.times.optimizer += t.elapsed().as_secs_f64();
             }
             Err(e) => {
                 let message = format!("{e:#}");
@@ -141,7 +158,13 @@ pub fn train_group<K>(
 /// weighted loss with respect to its own adapter's variables.
 type PassOutput = (Vec<f64>, Vec<Vec<Option<Tensor>>>);
 
-fn group_pass<K>(decoder: &Decoder, active: &[(K, AdapterRun<LoraAdapter>, u64)], micro: &[(usize, f64)]) -> anyhow::Result<PassOutput> {
+fn group_pass<K>(
+    decoder: &Decoder,
+    active: &[(K, AdapterRun<LoraAdapter>, u64)],
+    micro: &[(usize, f64)],
+    times: &mut PassTimes,
+) -> anyhow::Result<PassOutput> {
+    let t = Instant::now();
     // 3. one forward pass over the packed sequences [1, Σ len]: frozen weights once, each
     //    sequence's low-rank update from its own adapter
     let seqs: Vec<(&[u32], usize)> = active
@@ -156,11 +179,14 @@ fn group_pass<K>(decoder: &Decoder, active: &[(K, AdapterRun<LoraAdapter>, u64)]
         seqs.iter().zip(active).map(|(s, (_, run, _))| (s.0.len(), Some(run.adapter() as &dyn Adapter))).collect();
     let adapters = SegmentedAdapters::new(SegmentAxis::Tokens, &items);
     let losses = decoder.packed_losses(&seqs, Some(&adapters))?; // [K]
-                                                                 // 4. one backward pass: the adapters share no variable, so the gradient of
-                                                                 //    Σ_k weight_k · loss_k with respect to adapter k is that of its own term
+    times.forward += t.elapsed().as_secs_f64();
+    // 4. one backward pass: the adapters share no variable, so the gradient of
+    //    Σ_k weight_k · loss_k with respect to adapter k is that of its own term
+    let t = Instant::now();
     let weights: Vec<f32> = micro.iter().map(|&(_, w)| w as f32).collect();
     let weights = Tensor::from_vec(weights, micro.len(), decoder.device())?.to_dtype(losses.dtype())?;
     let g = (&losses * &weights)?.sum_all()?.backward()?;
+    times.backward += t.elapsed().as_secs_f64();
     let values: Vec<f64> = losses.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
     let grads = active.iter().map(|(_, run, _)| run.adapter().vars().iter().map(|v| g.get(v.as_tensor()).cloned()).collect()).collect();
     Ok((values, grads))
@@ -249,6 +275,10 @@ mod tests {
         };
         let unbounded = run(GroupLimits::adapters(4));
         assert_eq!((unbounded.max_in_flight, unbounded.max_memory_estimate), (4, 4 * one));
+        // every phase was timed, within the run's own time
+        let t = unbounded.times;
+        assert!(t.forward > 0.0 && t.backward > 0.0 && t.optimizer > 0.0, "{t:?}");
+        assert!(t.forward + t.backward + t.optimizer <= unbounded.seconds, "{t:?} in {} s", unbounded.seconds);
         // every sequence fed once per epoch: jobs 0..6 train 1, 2, 1, 2, 1, 2 epochs of
         // 2 sequences of 10 tokens
         assert_eq!(unbounded.tokens, 9 * 2 * 10);
