@@ -231,4 +231,47 @@ mod tests {
         assert!(rows.delta(0, Proj::KProj, &x).unwrap().is_none());
         assert!(SegmentedAdapters::new(SegmentAxis::Rows, &[(2, None)]).delta(0, Proj::QProj, &x).unwrap().is_none());
     }
+
+    /// With dropout on, a packed batch draws each adapter's mask from its own stream as it
+    /// would alone: the update of each segment equals that adapter's update of those rows,
+    /// computed by a twin with the same seed, and differs from the update without dropout.
+    #[test]
+    fn dropout_in_a_packed_batch_draws_as_alone() {
+        let dev = Device::Cpu;
+        let cfg = ModelConfig::tiny_for_tests();
+        let make = |seed: u64, rank: usize| {
+            let mut a = LoraAdapter::new(&cfg, LoraConfig::paper(rank, 8.0, 0.5), seed, &dev).unwrap();
+            for layer in 0..2 {
+                let b = &a.pair(layer, Proj::QProj).unwrap().b;
+                b.set(&Tensor::randn(0f32, 1.0, b.shape(), &dev).unwrap()).unwrap();
+            }
+            a.set_training(Some(seed + 100));
+            a
+        };
+        let (p, q) = (make(1, 2), make(2, 3));
+        // twins: same initial draws, but the B set above is random, so copy p's and q's
+        let (p2, q2) = (make(1, 2), make(2, 3));
+        for (x, y) in [(&p, &p2), (&q, &q2)] {
+            for layer in 0..2 {
+                y.pair(layer, Proj::QProj).unwrap().b.set(x.pair(layer, Proj::QProj).unwrap().b.as_tensor()).unwrap();
+            }
+        }
+        let seg = SegmentedAdapters::new(SegmentAxis::Tokens, &[(3, Some(&p as &dyn Adapter)), (2, None), (4, Some(&q as &dyn Adapter))]);
+        let x = Tensor::randn(0f32, 1.0, (1, 9, 32), &dev).unwrap();
+        for layer in 0..2 {
+            let got = seg.delta(layer, Proj::QProj, &x).unwrap().unwrap();
+            let alone_p = p2.delta(layer, Proj::QProj, &x.narrow(1, 0, 3).unwrap()).unwrap().unwrap();
+            let alone_q = q2.delta(layer, Proj::QProj, &x.narrow(1, 5, 4).unwrap()).unwrap().unwrap();
+            let diff = |a: &Tensor, b: &Tensor| -> f32 { (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+            assert_eq!(diff(&got.narrow(1, 0, 3).unwrap(), &alone_p), 0.0, "layer {layer}: first adapter");
+            assert_eq!(diff(&got.narrow(1, 5, 4).unwrap(), &alone_q), 0.0, "layer {layer}: second adapter");
+            assert_eq!(got.narrow(1, 3, 2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            // dropout did act: the update without it differs
+            let mut plain = make(1, 2);
+            plain.set_training(None);
+            plain.pair(layer, Proj::QProj).unwrap().b.set(p.pair(layer, Proj::QProj).unwrap().b.as_tensor()).unwrap();
+            let undropped = plain.delta(layer, Proj::QProj, &x.narrow(1, 0, 3).unwrap()).unwrap().unwrap();
+            assert!(diff(&undropped, &alone_p) > 1e-3, "layer {layer}: dropout had no effect");
+        }
+    }
 }
