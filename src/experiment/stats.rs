@@ -116,13 +116,16 @@ pub fn bootstrap_mean(xs: &[f64], resamples: usize, level: f64, seed: u64) -> In
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut means: Vec<f64> = (0..resamples).map(|_| (0..n).map(|_| xs[rng.random_range(0..n)]).sum::<f64>() / n as f64).collect();
     means.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        let pos = p * (means.len() - 1) as f64;
-        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-        means[lo] + (means[hi] - means[lo]) * (pos - lo as f64)
-    };
     let tail = (1.0 - level) / 2.0;
-    Interval { mean: mean(xs), low: q(tail), high: q(1.0 - tail) }
+    Interval { mean: mean(xs), low: percentile(&means, tail), high: percentile(&means, 1.0 - tail) }
+}
+
+/// numpy's default percentile of ascending `sorted` at `p` in [0, 1]: linear interpolation
+/// between the closest ranks (`np.percentile(xs, 100 p)`).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let pos = p * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
 #[cfg(test)]
@@ -205,5 +208,34 @@ mod tests {
         assert_eq!(bootstrap_mean(&xs, 300, 0.95, 3), bootstrap_mean(&xs, 300, 0.95, 3));
         assert_ne!(bootstrap_mean(&xs, 300, 0.95, 3), bootstrap_mean(&xs, 300, 0.95, 4));
         assert!(bootstrap_mean(&[], 10, 0.95, 0).mean.is_nan());
+    }
+
+    /// numpy's percentiles (`np.percentile([1, 2, 3, 4], 25)` = 1.75, `np.percentile([0, 10,
+    /// 20, 30, 40], 97.5)` = 39.0), and the bootstrap's bounds are those percentiles of its
+    /// resampled means at (1 - level) / 2 and 1 - (1 - level) / 2.
+    #[test]
+    fn percentiles_interpolate_as_numpy() {
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.25), 1.75);
+        assert_eq!(percentile(&[0.0, 10.0, 20.0, 30.0, 40.0], 0.975), 39.0);
+        assert_eq!(percentile(&[0.0, 10.0, 20.0, 30.0, 40.0], 0.0), 0.0);
+        assert_eq!(percentile(&[0.0, 10.0, 20.0, 30.0, 40.0], 1.0), 40.0);
+        assert_eq!(percentile(&[5.0], 0.3), 5.0);
+        // the same draws as bootstrap_mean, sorted
+        use rand::{Rng, SeedableRng};
+        let xs = [0.1, 0.9, 0.3, 0.4, 0.0, 1.0, 0.7];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut means: Vec<f64> = (0..200).map(|_| (0..7).map(|_| xs[rng.random_range(0..7)]).sum::<f64>() / 7.0).collect();
+        means.sort_by(f64::total_cmp);
+        let iv = bootstrap_mean(&xs, 200, 0.9, 5);
+        assert!((iv.low - percentile(&means, 0.05)).abs() < 1e-12 && (iv.high - percentile(&means, 0.95)).abs() < 1e-12, "{iv:?}");
+        assert!(iv.low < iv.mean && iv.mean < iv.high);
+    }
+
+    /// An interval excludes the values outside it, on either side, and none inside it.
+    #[test]
+    fn an_interval_excludes_what_lies_outside() {
+        let iv = Interval { mean: 0.15, low: 0.1, high: 0.2 };
+        assert!(iv.excludes(0.05) && iv.excludes(0.5));
+        assert!(!iv.excludes(0.1) && !iv.excludes(0.15) && !iv.excludes(0.2));
     }
 }

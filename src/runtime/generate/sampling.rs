@@ -202,6 +202,71 @@ mod tests {
         assert!((f[1] - 0.25 / z).abs() < 0.015, "{f:?}");
     }
 
+    /// top_k keeps exactly the k most likely tokens out of a large vocabulary (where the
+    /// partial selection does not sort), and 0, -1 or a k at least the vocabulary's size
+    /// leave every token (vLLM: 0 and -1 turn it off).
+    #[test]
+    fn top_k_keeps_exactly_the_k_most_likely() {
+        // 200 tokens in a scrambled order of decreasing probability; the top 3 are 17, 101, 150
+        let mut logits = vec![0f32; 200];
+        for i in 0..200usize {
+            logits[(i * 67 + 17) % 200] = -(i as f32) * 0.05;
+        }
+        let top: Vec<usize> = (0..3).map(|i| (i * 67 + 17) % 200).collect();
+        let f = freq(SamplingParams { temperature: 1.0, top_k: 3, ..SamplingParams::greedy() }, &logits, &[], 6000);
+        let kept: Vec<usize> = (0..200).filter(|&t| f[t] > 0.0).collect();
+        let mut want = top.clone();
+        want.sort();
+        assert_eq!(kept, want, "{:?}", top.iter().map(|&t| f[t]).collect::<Vec<_>>());
+        // weights 1, e^-0.05, e^-0.1
+        let z = 1.0 + (-0.05f64).exp() + (-0.1f64).exp();
+        assert!((f[top[0]] - 1.0 / z).abs() < 0.03, "{}", f[top[0]]);
+        let small = [0.0f32, (0.5f32).ln(), (0.25f32).ln(), (0.125f32).ln()];
+        for k in [0, -1, 4, 50] {
+            let f = freq(SamplingParams { temperature: 1.0, top_k: k, ..SamplingParams::greedy() }, &small, &[], 20000);
+            assert!((f[3] - 0.125 / 1.875).abs() < 0.01, "top_k {k}: {f:?}");
+        }
+    }
+
+    /// Over many random vocabularies and k, every token top_k keeps is among the k most
+    /// likely by a full sort (at a temperature so high that every kept token is drawn).
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(3);
+        for case in 0..60 {
+            let n = rng.random_range(50..2000usize);
+            let k = rng.random_range(1..64i64);
+            // distinct logits 0.01 apart in a random order (weights at T = 100 stay distinct in f32)
+            let mut logits: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+            for i in (1..n).rev() {
+                logits.swap(i, rng.random_range(0..=i));
+            }
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap().then(a.cmp(&b)));
+            let mut in_top = vec![false; n];
+            for &t in &order[..k as usize] {
+                in_top[t] = true;
+            }
+            let mut s = Sampler::new(SamplingParams { temperature: 100.0, top_k: k, ..SamplingParams::greedy() }, case);
+            for _ in 0..20 * k {
+                let t = s.sample(&mut logits.clone()) as usize;
+                assert!(in_top[t], "case {case}: n {n}, k {k}: token {t} is not among the top k");
+            }
+        }
+    }
+
+    /// min_p compares with the most likely token's probability, whatever the logits' offset:
+    /// logits 5 + ln(1, .5, .25, .125) at temperature 0.5 give probabilities ∝ 1, .25,
+    /// .0625, .015625, and min_p 0.1 keeps the first two (0.8 / 0.2).
+    #[test]
+    fn min_p_is_relative_to_the_top_token() {
+        let logits: Vec<f32> = [1.0f32, 0.5, 0.25, 0.125].iter().map(|p| 5.0 + p.ln()).collect();
+        let f = freq(SamplingParams { temperature: 0.5, min_p: 0.1, ..SamplingParams::greedy() }, &logits, &[], 20000);
+        assert_eq!(f[2] + f[3], 0.0, "{f:?}");
+        assert!((f[0] - 0.8).abs() < 0.02, "{f:?}");
+    }
+
     #[test]
     fn presence_penalty_applies_to_generated_tokens_only() {
         let logits = [0.0f32, 0.0];
