@@ -194,6 +194,7 @@ mod tests {
         // top_p 0.6 over {1, .5, .25, .125}/1.875: 0.533 < 0.6, 0.8 >= 0.6 → two tokens
         let f = freq(SamplingParams { temperature: 1.0, top_p: 0.6, ..SamplingParams::greedy() }, &logits, &[], 20000);
         assert_eq!(f[2] + f[3], 0.0);
+        assert!((f[0] - 2.0 / 3.0).abs() < 0.02, "{f:?}");
         // masked token never drawn
         assert_eq!(f[4], 0.0);
         // temperature 0.5 squares the ratios: 1, .25, .0625, ...
