@@ -477,6 +477,48 @@ fn accumulation_windows_group_sequences_and_weight_them_by_tokens() {
     assert_eq!(run.step(), 2);
 }
 
+/// A window's gradients are summed before its step: fed fixed per-sequence gradients (the
+/// caller's losses already carry the token weights), the first AdamW step moves every
+/// weight by -lr · sign(Σ g) (bias-corrected moments: m̂ = g, v̂ = g², eps 1e-8; clipping
+/// only rescales). Entries where both sequences give 1 (sum 2) and where they give -1 and -2
+/// (sum -3) tell the sum from a difference (0: no move) and from a product (2: the wrong way).
+#[test]
+fn a_window_sums_its_sequences_gradients() {
+    let (_d, m) = tiny_model();
+    let adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(2, 4.0, 0.0), 5, &Device::Cpu).unwrap();
+    let vars = adapter.vars();
+    let before: Vec<Vec<f32>> = vars.iter().map(|v| v.flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let ex: Vec<TrainExample> =
+        [vec![2u32, 9, 14], vec![11, 12, 13, 5]].iter().map(|ids| TrainExample { ids: ids.clone(), loss_from: 0 }).collect();
+    let lr = 0.01;
+    let mut run = AdapterRun::new(adapter, &ex, &TrainConfig::new(lr, 1, 2, 0)).unwrap();
+    let mut fed = 0;
+    while let Some((i, weight)) = run.next_micro_batch() {
+        // sequence 0: 1 everywhere; sequence 1: 1 at even entries, -2 at odd ones; at odd
+        // entries sequence 0 gives -1
+        let grads = vars
+            .iter()
+            .map(|v| {
+                let n = v.elem_count();
+                let g: Vec<f32> = (0..n).map(|j| [[1.0, -1.0], [1.0, -2.0]][i][j % 2]).collect();
+                Some(Tensor::from_vec(g, v.shape(), &Device::Cpu).unwrap())
+            })
+            .collect();
+        run.add_gradients(1.0, weight, grads).unwrap();
+        fed += 1;
+    }
+    assert_eq!((fed, run.step()), (2, 1));
+    let (adapter, _) = run.finish(false);
+    for (v, b) in adapter.vars().iter().zip(&before) {
+        let after: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
+        for (j, (a, b)) in after.iter().zip(b).enumerate() {
+            // sums 2 (even) and -3 (odd): the step goes against them
+            let want = if j % 2 == 0 { -lr } else { lr };
+            assert!(((a - b) as f64 - want).abs() < 1e-6, "entry {j}: moved {} instead of {want}", a - b);
+        }
+    }
+}
+
 /// Dropout masks are drawn afresh at each of 128 optimizer steps and differ between
 /// training seeds (seeds 0, 1 and 2 differ in bits that an accidental `|` or `&` between
 /// the seed and the mixing constant would drop); with equal seeds they repeat, so a
