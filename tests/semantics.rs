@@ -508,7 +508,8 @@ fn a_window_sums_its_sequences_gradients() {
         fed += 1;
     }
     assert_eq!((fed, run.step()), (2, 1));
-    let (adapter, _) = run.finish(false);
+    let (adapter, report) = run.finish(false);
+    assert_eq!(report.tokens, 3 + 4, "the window's tokens are counted once each");
     for (v, b) in adapter.vars().iter().zip(&before) {
         let after: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
         for (j, (a, b)) in after.iter().zip(b).enumerate() {
