@@ -520,6 +520,39 @@ fn a_window_sums_its_sequences_gradients() {
     }
 }
 
+/// Clipping follows HF's `max_norm / (norm + 1e-6)`, and `max_grad_norm = 0` turns it off.
+/// Gradients so small that AdamW's eps (1e-8) weighs in make the first step show their
+/// clipped size: every entry a = 1e-5 / sqrt(P) (norm 1e-5) moves by -lr · g / (g + 1e-8),
+/// with g = a · 1e-6 / (1e-5 + 1e-6) under max_grad_norm 1e-6, and g = a with clipping off.
+#[test]
+fn clipping_scales_by_max_norm_over_norm_plus_1e6() {
+    let (_d, m) = tiny_model();
+    let ex = vec![TrainExample { ids: vec![2u32, 9, 14], loss_from: 0 }];
+    let lr = 0.01;
+    for (max_norm, clip) in [(1e-6, 1e-6 / (1e-5 + 1e-6)), (0.0, 1.0)] {
+        let adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(2, 4.0, 0.0), 5, &Device::Cpu).unwrap();
+        let vars = adapter.vars();
+        let p: usize = vars.iter().map(|v| v.elem_count()).sum();
+        let a = 1e-5 / (p as f64).sqrt();
+        let before: Vec<Vec<f32>> = vars.iter().map(|v| v.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        let cfg = TrainConfig { max_grad_norm: max_norm, ..TrainConfig::new(lr, 1, 1, 0) };
+        let mut run = AdapterRun::new(adapter, &ex, &cfg).unwrap();
+        let (_, weight) = run.next_micro_batch().unwrap();
+        let grads = vars.iter().map(|v| Some(Tensor::full(a as f32, v.shape(), &Device::Cpu).unwrap())).collect();
+        run.add_gradients(1.0, weight, grads).unwrap();
+        assert_eq!(run.step(), 1);
+        let g = a * clip;
+        let want = -lr * g / (g + 1e-8);
+        for (v, b) in vars.iter().zip(&before) {
+            let after: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
+            for (x, y) in after.iter().zip(b) {
+                let moved = (x - y) as f64;
+                assert!((moved - want).abs() < 2e-6, "max_grad_norm {max_norm}: moved {moved}, want {want}");
+            }
+        }
+    }
+}
+
 /// Dropout masks are drawn afresh at each of 128 optimizer steps and differ between
 /// training seeds (seeds 0, 1 and 2 differ in bits that an accidental `|` or `&` between
 /// the seed and the mixing constant would drop); with equal seeds they repeat, so a
