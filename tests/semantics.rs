@@ -553,6 +553,25 @@ fn clipping_scales_by_max_norm_over_norm_plus_1e6() {
     }
 }
 
+/// A resumed run's report goes on from the checkpoint's: its seconds and tokens add to the
+/// saved ones at each step, not only when the run ends.
+#[test]
+fn a_resumed_report_adds_to_the_saved_one() {
+    let (_d, m) = tiny_model();
+    let adapter = LoraAdapter::new(&m.decoder.cfg, LoraConfig::paper(2, 4.0, 0.0), 5, &Device::Cpu).unwrap();
+    let vars = adapter.vars();
+    let ex: Vec<TrainExample> =
+        [vec![2u32, 9, 14], vec![11, 12, 13, 5]].iter().map(|ids| TrainExample { ids: ids.clone(), loss_from: 0 }).collect();
+    let mut run = AdapterRun::new(adapter, &ex, &TrainConfig::new(0.01, 1, 1, 0)).unwrap();
+    let saved = selfedit::runtime::training::TrainReport { steps: 1, tokens: 3, seconds: 5.0, ..Default::default() };
+    run.resume_at(1, saved);
+    let (i, weight) = run.next_micro_batch().unwrap();
+    run.add_gradients(1.0, weight, vars.iter().map(|v| Some(v.zeros_like().unwrap())).collect()).unwrap();
+    let r = run.report();
+    assert_eq!((r.steps, r.tokens), (2, 3 + ex[i].ids.len()));
+    assert!(r.seconds >= 5.0 && r.seconds < 65.0, "seconds {}", r.seconds);
+}
+
 /// Dropout masks are drawn afresh at each of 128 optimizer steps and differ between
 /// training seeds (seeds 0, 1 and 2 differ in bits that an accidental `|` or `&` between
 /// the seed and the mixing constant would drop); with equal seeds they repeat, so a
