@@ -570,6 +570,8 @@ fn a_resumed_report_adds_to_the_saved_one() {
     let r = run.report();
     assert_eq!((r.steps, r.tokens), (2, 3 + ex[i].ids.len()));
     assert!(r.seconds >= 5.0 && r.seconds < 65.0, "seconds {}", r.seconds);
+    let (_, r) = run.finish(false);
+    assert!(r.seconds >= 5.0 && r.seconds < 65.0, "seconds {} at the end", r.seconds);
 }
 
 /// Dropout masks are drawn afresh at each of 128 optimizer steps and differ between
