@@ -271,6 +271,11 @@ mod tests {
         m.hyperparameters[0] = None;
         m.hyperparameters[3] = Some(-1.0);
         assert!((hp_similarity(&a, &m) - 4.0 / 6.0).abs() < 1e-12);
+        // zero or negative on a log scale, on either side, also scores 0 (not NaN: log 0 is
+        // -inf, and -inf - -inf is NaN): rank and learning rate 0 on both sides, alpha -2
+        assert_eq!(key_similarity(0, Some(0.0), Some(0.0)), 0.0);
+        assert_eq!(key_similarity(1, Some(-2.0), Some(4.0)), 0.0);
+        assert_eq!(key_similarity(3, Some(0.0), Some(0.0)), 0.0);
         // out of the domain: clipped
         assert_eq!(key_similarity(4, Some(1.0), Some(1000.0)), 0.0);
     }
