@@ -296,8 +296,10 @@ mod tests {
         assert_eq!(r[1].lexical_drift, Some(1.0));
         let cross = hp_similarity(&same, &other);
         assert!((r[1].hp_drift.unwrap() - (1.0 - cross)).abs() < 1e-12);
-        // one template has no pair: no similarity (null), not 0 / 0
-        let r = analyse(&[vec![same.clone()]], None).unwrap();
+        // one template has no pair: no similarity (null), not 0 / 0;
+        // and an empty iteration has no drift from the one before
+        let r = analyse(&[vec![same.clone()], vec![]], None).unwrap();
         assert_eq!((r[0].n_templates, r[0].hp_similarity, r[0].lexical_similarity), (1, None, None));
+        assert_eq!((r[1].n_templates, r[1].hp_drift, r[1].lexical_drift), (0, None, None));
     }
 }
