@@ -72,6 +72,10 @@ fn collapse_reads_the_papers_released_templates() {
         let out = dir.path().join(format!("{name}.parquet"));
         let rows = collapse::run(TemplateSource::PaperJson(&paper_templates(name)), Some((&e, &e_path)), &out).unwrap();
         assert_eq!(tables::read::<CollapseRow>(&out).unwrap(), rows, "the table reads back");
+        let meta = tables::metadata(&out).unwrap();
+        let value = |k: &str| meta.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(value("selfedit.stage").as_deref(), Some("collapse"));
+        assert_eq!(value("selfedit.model"), Some(e_path.display().to_string()), "the embedder is named in the provenance");
         // every figure against scripts/make_collapse_reference.py's own implementation of the
         // paper's definitions (text through Transformers' MiniLM: embeddings agree to 1e-4)
         let want = reference["files"][name]["iterations"].as_array().unwrap();

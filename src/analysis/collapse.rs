@@ -302,4 +302,34 @@ mod tests {
         assert_eq!((r[0].n_templates, r[0].hp_similarity, r[0].lexical_similarity), (1, None, None));
         assert_eq!((r[1].n_templates, r[1].hp_drift, r[1].lexical_drift), (0, None, None));
     }
+
+    /// An experiment's templates table: the valid rows, their instruction and their six
+    /// hyperparameters in `Hyperparameters::NAMES` order; invalid rows are left out.
+    #[test]
+    fn template_rows_keep_the_valid_ones() {
+        let row = |id: &str, valid: bool, instruction: &str, rank: i64| TemplateRow {
+            iteration: 0,
+            template_id: id.into(),
+            category: crate::experiment::states::Category::Explore,
+            instruction: instruction.into(),
+            hyperparameters: Hyperparameters {
+                lora_rank: rank,
+                lora_alpha: 2 * rank,
+                lora_dropout: 0.1,
+                learning_rate: 1e-3,
+                num_epochs: 4,
+                gradient_accumulation_steps: 2,
+            },
+            valid,
+            error: None,
+            raw_response: "{}".into(),
+            seed: 1,
+            prompt: "p".into(),
+            reasoning: None,
+        };
+        let got = from_template_rows(&[row("a", true, "List facts.", 8), row("b", false, "Broken.", 16), row("c", true, "Rewrite.", 32)]);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].instruction.as_str(), got[1].instruction.as_str()), ("List facts.", "Rewrite."));
+        assert_eq!(got[1].hyperparameters, [32.0, 64.0, 0.1, 1e-3, 4.0, 2.0].map(Some).to_vec());
+    }
 }
