@@ -303,14 +303,14 @@ impl LoraAdapter {
 
 impl Adapter for LoraAdapter {
     /// The low-rank update for `x` (`[.., in]`), or `None` when the module is not targeted:
-    /// the one-segment case of `runtime::multi_lora::low_rank_update`, so an adapter alone
+    /// the one-segment case of `runtime::model::low_rank_update`, so an adapter alone
     /// and in a packed batch compute the same numbers.
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap();
         let rows = x.elem_count() / in_dim;
         let Some(update) = self.low_rank(layer, proj, rows)? else { return Ok(None) };
-        let Some(y) = crate::runtime::multi_lora::low_rank_update(&x.reshape((rows, in_dim))?, vec![(rows, update)])? else {
+        let Some(y) = crate::runtime::model::low_rank_update(&x.reshape((rows, in_dim))?, vec![(rows, update)])? else {
             return Ok(None);
         };
         let mut out = dims;

@@ -6,10 +6,9 @@
 //! the shape it would have alone, so a segment's numbers (and its dropout draws) do not
 //! depend on its neighbours.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
-use crate::runtime::model::{Adapter, LowRank, Proj};
-use crate::runtime::ops::{self, LowRankSegment};
+use crate::runtime::model::{low_rank_update, Adapter, LowRank, Proj};
 
 /// Which axis of the activations `[b, l, in]` the segments run along.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,49 +134,6 @@ impl Adapter for SegmentedAdapters<'_> {
 enum Part<'a> {
     Factored(LowRank),
     Opaque(&'a dyn Adapter),
-}
-
-/// The low-rank updates of consecutive row segments of `x` `[n, in]`, `(rows, update)` for
-/// each in order, covering `x`: dropout masks applied, then one
-/// [`ops::segmented_low_rank`] over all segments. `[n, out]` in f32, or `None` when no
-/// segment has factors.
-pub fn low_rank_update(x: &Tensor, parts: Vec<(usize, LowRank)>) -> Result<Option<Tensor>> {
-    let (n, in_dim) = x.dims2()?;
-    let any_mask = parts.iter().any(|(_, u)| matches!(u, LowRank::Factors { mask: Some(_), .. }));
-    let ones = |rows: usize| Tensor::ones((rows, in_dim), DType::F32, x.device());
-    let (mut segments, mut a, mut bt, mut masks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut start, mut rank_start) = (0, 0);
-    for (rows, update) in parts {
-        let (rank, scale, mask) = match update {
-            LowRank::Factors { a: fa, b: fb, scale, mask } => {
-                let rank = fa.dim(0)?;
-                a.push(fa);
-                bt.push(fb.t()?);
-                (rank, scale, mask)
-            }
-            LowRank::Untouched => (0, 0.0, None),
-        };
-        if any_mask {
-            masks.push(match mask {
-                Some(m) => m,
-                None => ones(rows)?,
-            });
-        }
-        segments.push(LowRankSegment { start, len: rows, rank_start, rank, scale });
-        start += rows;
-        rank_start += rank;
-    }
-    if a.is_empty() {
-        return Ok(None);
-    }
-    if start != n {
-        candle_core::bail!("low_rank_update: segments of {start} rows for an input of {n}");
-    }
-    let h = x.to_dtype(DType::F32)?;
-    let h = if any_mask { (h * Tensor::cat(&masks, 0)?)? } else { h };
-    let a = Tensor::cat(&a, 0)?.contiguous()?;
-    let bt = Tensor::cat(&bt, 0)?.contiguous()?;
-    ops::segmented_low_rank(&h, &a, &bt, &segments).map(Some)
 }
 
 #[cfg(test)]

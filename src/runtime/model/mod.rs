@@ -11,5 +11,5 @@ mod weights;
 
 pub use cache::{causal_mask, Batch, KvCache};
 pub use config::{ModelConfig, RopeScaling};
-pub use decoder::{Adapter, Attention, Decoder, DecoderLayer, Frozen, Linear, LowRank, Mlp};
+pub use decoder::{low_rank_update, Adapter, Attention, Decoder, DecoderLayer, Frozen, Linear, LowRank, Mlp};
 pub use weights::{global_tensors, layer_tensors, random_weights, Proj, TensorKind, ROPE_FREQS};
