@@ -478,6 +478,17 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// `y` and `y2` give each of `vars` the same gradient (max abs difference below `tol`)
+    /// under one random cotangent.
+    pub(super) fn same_gradients(y: &Tensor, y2: &Tensor, vars: &[&Tensor], tol: f32) {
+        let t = Tensor::randn(0f32, 1., y.shape(), y.device()).unwrap();
+        let g1 = (y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in vars {
+            close(g1.get(var).unwrap(), g2.get(var).unwrap(), tol);
+        }
+    }
+
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         let d = d.to_scalar::<f32>().unwrap();
@@ -527,10 +538,7 @@ mod tests {
         let y = rope(xs, &cos, &sin).unwrap();
         let y2 = candle_nn::rotary_emb::rope_slow(xs, &cos, &sin).unwrap();
         close(&y, &y2, 1e-4);
-        let t = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
-        let g1 = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        close(g1.get(xs).unwrap(), g2.get(xs).unwrap(), 1e-4);
+        same_gradients(&y, &y2, &[xs], 1e-4);
 
         // swiglu against silu(gate) * up
         let gate = Var::randn(0f32, 2., (2, 3, 7), &dev).unwrap();
@@ -538,22 +546,14 @@ mod tests {
         let y = swiglu(&gate, &up).unwrap();
         let y2 = (gate.silu().unwrap() * up.as_tensor()).unwrap();
         close(&y, &y2, 1e-6);
-        let t = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
-        let g1 = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        for var in [&gate, &up] {
-            close(g1.get(var).unwrap(), g2.get(var).unwrap(), 1e-5);
-        }
+        same_gradients(&y, &y2, &[gate.as_tensor(), up.as_tensor()], 1e-5);
 
         // linear
         let wl = Tensor::randn(0f32, 1., (6, 8), &dev).unwrap();
         let y = linear(xs, &wl, None).unwrap();
         let y2 = xs.broadcast_matmul(&wl.t().unwrap()).unwrap();
         close(&y, &y2, 1e-4);
-        let t = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
-        let g1 = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        close(g1.get(xs).unwrap(), g2.get(xs).unwrap(), 1e-3);
+        same_gradients(&y, &y2, &[xs], 1e-3);
     }
 
     /// The candle formulas that other devices use give the fused CPU passes' gradients.
@@ -592,12 +592,7 @@ mod tests {
         let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
         let y2 = p.matmul(&rep(&v)).unwrap();
         close(&y, &y2, 1e-4);
-        let t = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
-        let g1 = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        for var in [&q, &k, &v] {
-            close(g1.get(var).unwrap(), g2.get(var).unwrap(), 1e-3);
-        }
+        same_gradients(&y, &y2, &[q.as_tensor(), k.as_tensor(), v.as_tensor()], 1e-3);
     }
 
     #[test]
@@ -644,12 +639,7 @@ mod tests {
             .collect();
         let y2 = Tensor::cat(&parts, 2).unwrap();
         close(&y, &y2, 1e-6);
-        let t = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
-        let g1 = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&y2 * &t).unwrap().sum_all().unwrap().backward().unwrap();
-        for var in [&q, &k, &v] {
-            close(g1.get(var).unwrap(), g2.get(var).unwrap(), 1e-6);
-        }
+        same_gradients(&y, &y2, &[q.as_tensor(), k.as_tensor(), v.as_tensor()], 1e-6);
         assert!(segmented_attention(&q, &k, &v, &segments[..2], &masks[..2]).is_err(), "segments cover 6 of 9");
         assert!(segmented_attention(&q, &k, &v, &[(0, 5), (6, 4)], &masks[..2]).is_err(), "a gap");
         assert!(segmented_attention(&q, &k, &v, &segments, &masks[..2]).is_err(), "masks");
