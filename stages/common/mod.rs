@@ -5,8 +5,8 @@
 /// Sizes candle's rayon pool beside OpenBLAS (one thread; see
 /// `selfedit::runtime::blas::rayon_threads_beside_blas`) unless `RAYON_NUM_THREADS` is set,
 /// tells the allocator to keep freed memory, turns file-size-limit signals into write errors,
-/// and logs warnings to stderr (`RUST_LOG`
-/// overrides the level).
+/// logs warnings to stderr (`RUST_LOG` overrides the level), and warns when OpenBLAS runs
+/// kernels older than the CPU.
 pub fn init() {
     keep_freed_memory();
     // A file-size limit (ulimit -f, a full quota) then fails the write with an error naming
@@ -22,6 +22,9 @@ pub fn init() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .try_init();
+    if let Some(warning) = selfedit::runtime::blas::kernel_warning() {
+        tracing::warn!("{warning}");
+    }
 }
 
 /// mimalloc's `purge_delay` (option 15 of mimalloc 2) to -1: freed memory stays with the

@@ -117,42 +117,28 @@ enum Masking<'a> {
 /// [`ops::segmented_low_rank`] over all segments. `[n, out]` in f32, or `None` when no
 /// segment has factors.
 pub fn low_rank_update(x: &Tensor, parts: Vec<(usize, LowRank)>) -> Result<Option<Tensor>> {
-    let (n, in_dim) = x.dims2()?;
+    let (_, in_dim) = x.dims2()?;
     let any_mask = parts.iter().any(|(_, u)| matches!(u, LowRank::Factors { mask: Some(_), .. }));
-    let ones = |rows: usize| Tensor::ones((rows, in_dim), DType::F32, x.device());
-    let (mut segments, mut a, mut bt, mut masks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut start, mut rank_start) = (0, 0);
-    for (rows, update) in parts {
-        let (rank, scale, mask) = match update {
-            LowRank::Factors { a: fa, b: fb, scale, mask } => {
-                let rank = fa.dim(0)?;
-                a.push(fa);
-                bt.push(fb.t()?);
-                (rank, scale, mask)
-            }
-            LowRank::Untouched => (0, 0.0, None),
+    let (mut segments, mut masks) = (Vec::with_capacity(parts.len()), Vec::new());
+    for (len, update) in parts {
+        let (factors, scale, mask) = match update {
+            LowRank::Factors { a, b, scale, mask } => (Some((a, b)), scale, mask),
+            LowRank::Untouched => (None, 0.0, None),
         };
         if any_mask {
             masks.push(match mask {
                 Some(m) => m,
-                None => ones(rows)?,
+                None => Tensor::ones((len, in_dim), DType::F32, x.device())?,
             });
         }
-        segments.push(ops::LowRankSegment { start, len: rows, rank_start, rank, scale });
-        start += rows;
-        rank_start += rank;
+        segments.push(ops::LowRankSegment { len, factors, scale });
     }
-    if a.is_empty() {
+    if segments.iter().all(|s| s.factors.is_none()) {
         return Ok(None);
-    }
-    if start != n {
-        candle_core::bail!("low_rank_update: segments of {start} rows for an input of {n}");
     }
     let h = x.to_dtype(DType::F32)?;
     let h = if any_mask { (h * Tensor::cat(&masks, 0)?)? } else { h };
-    let a = Tensor::cat(&a, 0)?.contiguous()?;
-    let bt = Tensor::cat(&bt, 0)?.contiguous()?;
-    ops::segmented_low_rank(&h, &a, &bt, &segments).map(Some)
+    ops::segmented_low_rank(&h, &segments).map(Some)
 }
 
 /// One pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.

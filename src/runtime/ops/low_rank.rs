@@ -12,87 +12,95 @@ use candle_core::{DType, Tensor};
 
 use super::{bmm, Backward3, Result, Tap};
 
-/// One segment of [`segmented_low_rank`]: rows `start..start + len` of the input use factor
-/// rows `rank_start..rank_start + rank` of `a` and `bt`, times `scale`; a segment of rank 0
-/// gets no update (zeros).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// One segment of [`segmented_low_rank`]: the next `len` rows of the input and their update,
+/// `scale · (h Aᵀ) Bᵀ` with LoRA's `A` `[r, in]` and `B` `[out, r]` in f32, or no update
+/// (zeros) when `factors` is `None`.
+#[derive(Debug, Clone)]
 pub struct LowRankSegment {
-    pub start: usize,
     pub len: usize,
-    pub rank_start: usize,
-    pub rank: usize,
+    pub factors: Option<(Tensor, Tensor)>,
     pub scale: f64,
 }
 
-/// `y_s = scale_s · (h_s A_sᵀ) B_sᵀ` for every segment `s` of the rows of `h` `[n, in]`,
-/// where `A_s` is the segment's rows of `a` `[Σ r, in]` and `B_sᵀ` its rows of `bt`
-/// `[Σ r, out]` (LoRA's A and the transpose of its B), both f32. Returns `[n, out]` in f32;
-/// every segment's value is computed at that segment's own shapes, as it would be alone.
-/// Differentiable with respect to all three inputs (`h`'s gradient in `h`'s dtype).
+/// `y_s = scale_s · (h_s A_sᵀ) B_sᵀ` for every segment `s` of the rows of `h` `[n, in]`, in
+/// order. Returns `[n, out]` in f32; every segment's value is computed from its own factors
+/// at its own shapes, as it would be alone. Differentiable with respect to `h` and every
+/// factor (`h`'s gradient in `h`'s dtype); when nothing tracks a gradient (inference), no
+/// graph is recorded and the factors are used where they lie.
 ///
-/// Errors: segments that do not tile the rows of `h` and the rows of the factors, in order.
-pub fn segmented_low_rank(h: &Tensor, a: &Tensor, bt: &Tensor, segments: &[LowRankSegment]) -> Result<Tensor> {
+/// Errors: segments that do not cover the rows of `h`, factors whose shapes disagree with
+/// `h` or with each other, or no segment with factors.
+pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Tensor> {
     let (n, in_dim) = h.dims2()?;
-    let (total_rank, out) = bt.dims2()?;
-    if a.dims2()? != (total_rank, in_dim) {
-        candle_core::bail!("segmented_low_rank: A is {:?}, expected [{total_rank}, {in_dim}]", a.dims());
+    let Some(out) = segments.iter().find_map(|s| s.factors.as_ref().map(|(_, b)| b.dim(0))).transpose()? else {
+        candle_core::bail!("segmented_low_rank: no segment has factors");
+    };
+    let rows: usize = segments.iter().map(|s| s.len).sum();
+    if rows != n {
+        candle_core::bail!("segmented_low_rank: segments cover {rows} rows of {n}");
     }
-    let (mut row, mut rank) = (0, 0);
-    for s in segments {
-        if s.start != row || s.rank_start != rank {
-            candle_core::bail!("segmented_low_rank: segment {s:?} should start at row {row}, factor row {rank}");
+    for (i, s) in segments.iter().enumerate() {
+        if let Some((a, b)) = &s.factors {
+            let r = a.dim(0)?;
+            if a.dims2()? != (r, in_dim) || b.dims2()? != (out, r) {
+                candle_core::bail!(
+                    "segmented_low_rank: segment {i} has A {:?} and B {:?}, expected [r, {in_dim}] and [{out}, r]",
+                    a.dims(),
+                    b.dims()
+                );
+            }
         }
-        row += s.len;
-        rank += s.rank;
-    }
-    if (row, rank) != (n, total_rank) {
-        candle_core::bail!("segmented_low_rank: segments cover {row} of {n} rows, {rank} of {total_rank} factor rows");
     }
     let h_dtype = h.dtype();
-    let (hd, ad, bd) = (h.detach().to_dtype(DType::F32)?, a.detach(), bt.detach());
-    let segments = segments.to_vec();
-    let parts = move |s: &LowRankSegment| -> Result<(Tensor, Tensor, Tensor)> {
-        Ok((hd.narrow(0, s.start, s.len)?, ad.narrow(0, s.rank_start, s.rank)?, bd.narrow(0, s.rank_start, s.rank)?))
-    };
-    // 1. forward: u = h_s A_sᵀ [len, r], y_s = scale · u Bᵀ_s [len, out]
-    let mut ys = Vec::with_capacity(segments.len());
-    for s in &segments {
-        ys.push(if s.rank == 0 {
-            Tensor::zeros((s.len, out), DType::F32, h.device())?
-        } else {
-            let (hs, a_s, bt_s) = parts(s)?;
-            (bmm(&bmm(&hs, &a_s, false, true)?, &bt_s, false, false)? * s.scale)?
+    let hd = h.detach().to_dtype(DType::F32)?;
+    // (start row, scale, detached A and B) of each segment
+    let mut parts = Vec::with_capacity(segments.len());
+    let mut start = 0;
+    for s in segments {
+        parts.push((start, s.len, s.scale, s.factors.as_ref().map(|(a, b)| (a.detach(), b.detach()))));
+        start += s.len;
+    }
+    // 1. forward: u = h_s A_sᵀ [len, r], y_s = scale · u B_sᵀ [len, out]
+    let mut ys = Vec::with_capacity(parts.len());
+    for (start, len, scale, factors) in &parts {
+        ys.push(match factors {
+            None => Tensor::zeros((*len, out), DType::F32, h.device())?,
+            Some((a, b)) => {
+                let u = bmm(&hd.narrow(0, *start, *len)?, a, false, true)?;
+                (bmm(&u, b, false, true)? * *scale)?
+            }
         });
     }
     let value = Tensor::cat(&ys, 0)?;
-    if !(h.track_op() || a.track_op() || bt.track_op()) {
+    let factored: Vec<&(Tensor, Tensor)> = segments.iter().filter_map(|s| s.factors.as_ref()).collect();
+    if !(h.track_op() || factored.iter().any(|(a, b)| a.track_op() || b.track_op())) {
         return Ok(value);
     }
-    // 2. backward, with g_s = scale · dy_s and u recomputed:
-    //    dBᵀ_s = uᵀ g_s,  du = g_s B_s,  dA_s = duᵀ h_s,  dh_s = du A_s
+    // 2. the graph sees all factors as two inputs: A stacked by rows [Σ r, in], B side by
+    //    side [out, Σ r]
+    let a_all = Tensor::cat(&factored.iter().map(|(a, _)| a).collect::<Vec<_>>(), 0)?;
+    let b_all = Tensor::cat(&factored.iter().map(|(_, b)| b).collect::<Vec<_>>(), 1)?;
+    // 3. backward, with g_s = scale · dy_s and u recomputed:
+    //    dB_s = g_sᵀ u,  du = g_s B_s,  dA_s = duᵀ h_s,  dh_s = du A_s
     let backward: Backward3 = Box::new(move |g| {
         let g = g.to_dtype(DType::F32)?.contiguous()?;
-        let (mut dh, mut da, mut dbt) = (Vec::new(), Vec::new(), Vec::new());
-        for s in &segments {
-            if s.rank == 0 {
-                dh.push(Tensor::zeros((s.len, in_dim), DType::F32, g.device())?);
+        let (mut dh, mut da, mut db) = (Vec::new(), Vec::new(), Vec::new());
+        for (start, len, scale, factors) in &parts {
+            let Some((a, b)) = factors else {
+                dh.push(Tensor::zeros((*len, in_dim), DType::F32, g.device())?);
                 continue;
-            }
-            let (hs, a_s, bt_s) = parts(s)?;
-            let gs = (g.narrow(0, s.start, s.len)? * s.scale)?;
-            let u = bmm(&hs, &a_s, false, true)?;
-            let du = bmm(&gs, &bt_s, false, true)?;
-            dbt.push(bmm(&u, &gs, true, false)?);
+            };
+            let hs = hd.narrow(0, *start, *len)?;
+            let gs = (g.narrow(0, *start, *len)? * *scale)?;
+            let u = bmm(&hs, a, false, true)?;
+            let du = bmm(&gs, b, false, false)?;
+            db.push(bmm(&gs, &u, true, false)?);
             da.push(bmm(&du, &hs, true, false)?);
-            dh.push(bmm(&du, &a_s, false, false)?);
+            dh.push(bmm(&du, a, false, false)?);
         }
-        let cat_or_empty = |v: Vec<Tensor>, width: usize| match v.is_empty() {
-            true => Tensor::zeros((0, width), DType::F32, g.device()),
-            false => Tensor::cat(&v, 0),
-        };
-        Ok((Tensor::cat(&dh, 0)?.to_dtype(h_dtype)?, cat_or_empty(da, in_dim)?, cat_or_empty(dbt, out)?))
+        Ok((Tensor::cat(&dh, 0)?.to_dtype(h_dtype)?, Tensor::cat(&da, 0)?, Tensor::cat(&db, 1)?))
     });
-    h.apply_op3(a, bt, Tap::new("segmented-low-rank", value, backward))
+    h.apply_op3(&a_all, &b_all, Tap::new("segmented-low-rank", value, backward))
 }
 
 #[cfg(test)]
@@ -105,42 +113,49 @@ mod tests {
     }
 
     /// Three segments (rank 2, no update, rank 3) against the same products composed of
-    /// candle's own narrow, matmul and cat: value and the gradients of h, A and Bᵀ.
+    /// candle's own narrow, matmul and cat: value and the gradients of h, both A and both B.
     #[test]
     fn segments_equal_their_products_composed() {
         let dev = Device::Cpu;
         let h = Var::randn(0f32, 1.0, (9, 6), &dev).unwrap();
-        let a = Var::randn(0f32, 1.0, (5, 6), &dev).unwrap();
-        let bt = Var::randn(0f32, 1.0, (5, 4), &dev).unwrap();
-        let segments = [
-            LowRankSegment { start: 0, len: 4, rank_start: 0, rank: 2, scale: 0.5 },
-            LowRankSegment { start: 4, len: 2, rank_start: 2, rank: 0, scale: 0.0 },
-            LowRankSegment { start: 6, len: 3, rank_start: 2, rank: 3, scale: 3.0 },
-        ];
-        let y = segmented_low_rank(&h, &a, &bt, &segments).unwrap();
-        let parts: Vec<Tensor> = segments
-            .iter()
-            .map(|s| match s.rank {
-                0 => Tensor::zeros((s.len, 4), DType::F32, &dev).unwrap(),
-                r => {
-                    let hs = h.narrow(0, s.start, s.len).unwrap();
-                    let u = hs.matmul(&a.narrow(0, s.rank_start, r).unwrap().t().unwrap()).unwrap();
-                    (u.matmul(&bt.narrow(0, s.rank_start, r).unwrap()).unwrap() * s.scale).unwrap()
-                }
-            })
-            .collect();
-        let y2 = Tensor::cat(&parts, 0).unwrap();
+        let (a1, b1) = (Var::randn(0f32, 1.0, (2, 6), &dev).unwrap(), Var::randn(0f32, 1.0, (4, 2), &dev).unwrap());
+        let (a2, b2) = (Var::randn(0f32, 1.0, (3, 6), &dev).unwrap(), Var::randn(0f32, 1.0, (4, 3), &dev).unwrap());
+        let segment = |len, factors: Option<(&Var, &Var)>, scale| LowRankSegment {
+            len,
+            factors: factors.map(|(a, b)| (a.as_tensor().clone(), b.as_tensor().clone())),
+            scale,
+        };
+        let segments = [segment(4, Some((&a1, &b1)), 0.5), segment(2, None, 0.0), segment(3, Some((&a2, &b2)), 3.0)];
+        let y = segmented_low_rank(&h, &segments).unwrap();
+        let composed = |rows: (usize, usize), a: &Var, b: &Var, scale: f64| {
+            let u = h.narrow(0, rows.0, rows.1).unwrap().matmul(&a.t().unwrap()).unwrap();
+            (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()
+        };
+        let zeros = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        let y2 = Tensor::cat(&[composed((0, 4), &a1, &b1, 0.5), zeros.clone(), composed((6, 3), &a2, &b2, 3.0)], 0).unwrap();
         assert!(max_diff(&y, &y2) < 1e-5);
-        assert_eq!(max_diff(&y.narrow(0, 4, 2).unwrap(), &Tensor::zeros((2, 4), DType::F32, &dev).unwrap()), 0.0);
-        super::super::tests::same_gradients(&y, &y2, &[h.as_tensor(), a.as_tensor(), bt.as_tensor()], 1e-4);
+        assert_eq!(max_diff(&y.narrow(0, 4, 2).unwrap(), &zeros), 0.0);
+        let vars = [h.as_tensor(), a1.as_tensor(), b1.as_tensor(), a2.as_tensor(), b2.as_tensor()];
+        super::super::tests::same_gradients(&y, &y2, &vars, 1e-4);
         // the rows of the segment without an update get no gradient through it
-        let g1 = (&y * &Tensor::ones((9, 4), DType::F32, &dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = y.sum_all().unwrap().backward().unwrap();
         assert_eq!(g1.get(&h).unwrap().narrow(0, 4, 2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-        // segments must tile the rows and the factor rows, in order
-        let bad = |s: &[LowRankSegment]| segmented_low_rank(&h, &a, &bt, s).is_err();
+        // without anything to differentiate, the same value and no graph
+        let frozen: Vec<LowRankSegment> = segments
+            .iter()
+            .map(|s| LowRankSegment { factors: s.factors.as_ref().map(|(a, b)| (a.detach(), b.detach())), ..s.clone() })
+            .collect();
+        let y3 = segmented_low_rank(&h.detach(), &frozen).unwrap();
+        assert!(!y3.track_op());
+        assert_eq!(max_diff(&y, &y3), 0.0);
+        // segments must cover the rows, with factors that fit h and each other
+        let bad = |s: &[LowRankSegment]| segmented_low_rank(&h, s).is_err();
         assert!(bad(&segments[..2]), "rows left over");
-        assert!(bad(&[segments[0], LowRankSegment { start: 4, len: 5, rank_start: 1, rank: 4, scale: 1.0 }]), "overlapping factor rows");
-        assert!(bad(&[segments[0], LowRankSegment { start: 5, len: 4, rank_start: 2, rank: 3, scale: 1.0 }]), "a gap");
-        assert!(segmented_low_rank(&h, &a.narrow(1, 0, 5).unwrap(), &bt, &segments).is_err(), "A's width");
+        assert!(bad(&[segment(4, Some((&a1, &b1)), 1.0), segment(6, None, 0.0)]), "too many rows");
+        assert!(bad(&[segment(4, Some((&a1, &b1)), 1.0), segment(5, Some((&a2, &b1)), 1.0)]), "A and B of different ranks");
+        assert!(bad(&[segment(9, Some((&b1, &a1)), 1.0)]), "A's width");
+        let b_wide = Var::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        assert!(bad(&[segment(4, Some((&a1, &b1)), 1.0), segment(5, Some((&a2, &b_wide)), 1.0)]), "two output widths");
+        assert!(bad(&[segment(9, None, 0.0)]), "no factors at all");
     }
 }
