@@ -194,6 +194,16 @@ pub fn kernel_name() -> Option<String> {
 /// neighbours, which grouped training's exactness rests on. `OPENBLAS_CORETYPE`, read when
 /// OpenBLAS loads, names the kernels instead; the Makefile sets it from the CPU's flags.
 pub fn kernel_warning() -> Option<String> {
+    #[cfg(target_arch = "x86_64")]
+    let (avx512, avx2) = (std::arch::is_x86_feature_detected!("avx512bw"), std::arch::is_x86_feature_detected!("avx2"));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (avx512, avx2) = (false, false);
+    kernel_advice(&kernel_name()?, avx512, avx2)
+}
+
+/// [`kernel_warning`] for kernels `name` on a CPU with or without AVX-512 (BW) and AVX2.
+fn kernel_advice(name: &str, avx512: bool, avx2: bool) -> Option<String> {
+    // OpenBLAS's x86 cores older than AVX2, whose kernels an AVX2 CPU outruns
     const PRE_AVX2: [&str; 12] = [
         "Prescott",
         "Core2",
@@ -208,17 +218,11 @@ pub fn kernel_warning() -> Option<String> {
         "Sandybridge",
         "Barcelona",
     ];
-    let name = kernel_name()?;
-    #[cfg(target_arch = "x86_64")]
-    let (avx512, avx2) = (std::arch::is_x86_feature_detected!("avx512bw"), std::arch::is_x86_feature_detected!("avx2"));
-    #[cfg(not(target_arch = "x86_64"))]
-    let (avx512, avx2) = (false, false);
-    let fit = if avx512 { "SkylakeX" } else { "Haswell" };
-    (avx2 && PRE_AVX2.contains(&name.as_str())).then(|| {
+    let (cpu, fit) = if avx512 { ("AVX-512", "SkylakeX") } else { ("AVX2", "Haswell") };
+    (avx2 && PRE_AVX2.contains(&name)).then(|| {
         format!(
-            "OpenBLAS runs its {name} kernels on a CPU with {}: it does not know this CPU, and matmuls run several \
-             times slower. Run through make (which sets OPENBLAS_CORETYPE), or set OPENBLAS_CORETYPE={fit}",
-            if avx512 { "AVX-512" } else { "AVX2" }
+            "OpenBLAS runs its {name} kernels on a CPU with {cpu}: it does not know this CPU, and matmuls run several \
+             times slower. Run through make (which sets OPENBLAS_CORETYPE), or set OPENBLAS_CORETYPE={fit}"
         )
     })
 }
@@ -267,6 +271,48 @@ mod tests {
             let d = (got.unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5);
         }
+    }
+
+    /// The kernels OpenBLAS reports are the ones `OPENBLAS_CORETYPE` named (the Makefile
+    /// sets it), and a process forced onto old kernels is told what to set: run as a child
+    /// of this test binary with `OPENBLAS_CORETYPE=Prescott`, it prints the warning.
+    #[test]
+    fn the_kernels_in_use_are_reported() {
+        if !ENABLED {
+            return;
+        }
+        let name = kernel_name().unwrap();
+        match std::env::var("OPENBLAS_CORETYPE") {
+            Ok(want) if !want.is_empty() => assert_eq!(name.to_lowercase(), want.to_lowercase()),
+            _ => assert!(!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric()), "{name:?}"),
+        }
+        if std::env::var_os("SELFEDIT_BLAS_CHILD").is_some() {
+            println!("warning: {:?}", kernel_warning());
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "runtime::blas::tests::the_kernels_in_use_are_reported", "--nocapture", "--test-threads=1"])
+                .env("OPENBLAS_CORETYPE", "Prescott")
+                .env("SELFEDIT_BLAS_CHILD", "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && stdout.contains("OpenBLAS runs its Prescott kernels"), "{stdout}");
+        }
+    }
+
+    /// Kernels older than the CPU get advice naming the kernels that fit it; fitting kernels,
+    /// or a CPU without AVX2, get none.
+    #[test]
+    fn old_kernels_on_a_new_cpu_are_named() {
+        let advice = kernel_advice("Prescott", true, true).unwrap();
+        assert!(advice.contains("Prescott kernels on a CPU with AVX-512") && advice.ends_with("OPENBLAS_CORETYPE=SkylakeX"), "{advice}");
+        assert!(kernel_advice("Sandybridge", false, true).unwrap().ends_with("OPENBLAS_CORETYPE=Haswell"));
+        assert_eq!(kernel_advice("Haswell", false, true), None);
+        assert_eq!(kernel_advice("SkylakeX", true, true), None);
+        assert_eq!(kernel_advice("Prescott", false, false), None);
     }
 
     /// Rows of a projection come out bit for bit the same alone (2-9 rows) as inside a

@@ -448,5 +448,15 @@ mod tests {
         assert_eq!(diff, 0.0);
         assert!(frozen.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         assert!(Frozen(&lora).delta(1, Proj::KProj, &x).unwrap().is_none());
+        // and in factored form (what a packed batch of adapters takes), cut from the graph too
+        match Frozen(&lora).low_rank(1, Proj::QProj, 3).unwrap() {
+            Some(LowRank::Factors { a, b, scale, mask: None }) => {
+                assert!(!a.track_op() && !b.track_op());
+                assert_eq!(scale, lora.config.scale());
+                assert_eq!(b.to_vec2::<f32>().unwrap(), lora.pair(1, Proj::QProj).unwrap().b.to_vec2::<f32>().unwrap());
+            }
+            _ => panic!("a frozen LoRA adapter has factors"),
+        }
+        assert!(matches!(Frozen(&lora).low_rank(1, Proj::KProj, 3).unwrap(), Some(LowRank::Untouched)));
     }
 }

@@ -229,5 +229,60 @@ mod tests {
             let undropped = plain.delta(layer, Proj::QProj, &x.narrow(1, 0, 3).unwrap()).unwrap().unwrap();
             assert!(diff(&undropped, &alone_p) > 1e-3, "layer {layer}: dropout had no effect");
         }
+        // along the batch axis a segment of one row holds that row's tokens, and its mask
+        // covers them all: as alone, again from twins
+        let (p3, q3) = (make(1, 2), make(2, 3));
+        for (x, y) in [(&p, &p3), (&q, &q3)] {
+            y.pair(0, Proj::QProj).unwrap().b.set(x.pair(0, Proj::QProj).unwrap().b.as_tensor()).unwrap();
+        }
+        let (p4, q4) = (make(1, 2), make(2, 3));
+        for (x, y) in [(&p, &p4), (&q, &q4)] {
+            y.pair(0, Proj::QProj).unwrap().b.set(x.pair(0, Proj::QProj).unwrap().b.as_tensor()).unwrap();
+        }
+        let rows = SegmentedAdapters::new(SegmentAxis::Rows, &[(1, Some(&p3 as &dyn Adapter)), (1, Some(&q3 as &dyn Adapter))]);
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32), &dev).unwrap();
+        let got = rows.delta(0, Proj::QProj, &x).unwrap().unwrap();
+        let alone_p = p4.delta(0, Proj::QProj, &x.narrow(0, 0, 1).unwrap()).unwrap().unwrap();
+        let alone_q = q4.delta(0, Proj::QProj, &x.narrow(0, 1, 1).unwrap()).unwrap().unwrap();
+        assert_eq!((got.narrow(0, 0, 1).unwrap() - alone_p).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!((got.narrow(0, 1, 1).unwrap() - alone_q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    /// An adapter with only a `delta` of its own (no factors), beside LoRA adapters: the
+    /// batch is updated segment by segment, each as alone, along either axis.
+    #[test]
+    fn an_opaque_adapter_mixes_with_factored_ones() {
+        struct Doubling;
+        impl Adapter for Doubling {
+            fn delta(&self, _: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+                (proj == Proj::QProj).then(|| x * 2.0).transpose()
+            }
+        }
+        let (a, d) = (adapter(1), Doubling);
+        let (a, d): (&dyn Adapter, &dyn Adapter) = (&a, &d);
+        let diff = |x: &Tensor, y: &Tensor| -> f32 { (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+        let x = Tensor::randn(0f32, 1.0, (1, 9, 32), &Device::Cpu).unwrap();
+        let got = SegmentedAdapters::new(SegmentAxis::Tokens, &[(4, Some(a)), (3, Some(d)), (2, None)])
+            .delta(0, Proj::QProj, &x)
+            .unwrap()
+            .unwrap();
+        assert_eq!(diff(&got.narrow(1, 0, 4).unwrap(), &a.delta(0, Proj::QProj, &x.narrow(1, 0, 4).unwrap()).unwrap().unwrap()), 0.0);
+        assert_eq!(diff(&got.narrow(1, 4, 3).unwrap(), &(x.narrow(1, 4, 3).unwrap() * 2.0).unwrap()), 0.0);
+        assert_eq!(got.narrow(1, 7, 2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32), &Device::Cpu).unwrap();
+        let got = SegmentedAdapters::new(SegmentAxis::Rows, &[(1, Some(d)), (1, Some(a))]).delta(0, Proj::QProj, &x).unwrap().unwrap();
+        assert_eq!(diff(&got.narrow(0, 0, 1).unwrap(), &(x.narrow(0, 0, 1).unwrap() * 2.0).unwrap()), 0.0);
+        assert_eq!(diff(&got.narrow(0, 1, 1).unwrap(), &a.delta(0, Proj::QProj, &x.narrow(0, 1, 1).unwrap()).unwrap().unwrap()), 0.0);
+    }
+
+    /// Segments along the tokens axis need one packed row: activations of two rows are
+    /// refused, not split as if they were one.
+    #[test]
+    fn segments_along_tokens_refuse_a_batch_of_rows() {
+        let a = adapter(1);
+        let seg = SegmentedAdapters::new(SegmentAxis::Tokens, &[(3, Some(&a as &dyn Adapter))]);
+        let err = seg.delta(0, Proj::QProj, &Tensor::zeros((2, 3, 32), DType::F32, &Device::Cpu).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("activations [1, l, in]"), "{err}");
+        assert!(seg.delta(0, Proj::QProj, &Tensor::zeros((1, 3, 32), DType::F32, &Device::Cpu).unwrap()).is_ok());
     }
 }

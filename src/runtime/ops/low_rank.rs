@@ -148,8 +148,13 @@ mod tests {
         let y3 = segmented_low_rank(&h.detach(), &frozen).unwrap();
         assert!(!y3.track_op());
         assert_eq!(max_diff(&y, &y3), 0.0);
+        // a factor that alone tracks a gradient (a frozen A, a trained B) still gets it
+        let b3 = Var::randn(0f32, 1.0, (4, 2), &dev).unwrap();
+        let half = [LowRankSegment { len: 9, factors: Some((a1.detach(), b3.as_tensor().clone())), scale: 1.0 }];
+        let g3 = segmented_low_rank(&h.detach(), &half).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g3.get(&b3).is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
         // segments must cover the rows, with factors that fit h and each other
-        let bad = |s: &[LowRankSegment]| segmented_low_rank(&h, s).is_err();
+        let bad = |s: &[LowRankSegment]| segmented_low_rank(&h, s).is_err_and(|e| e.to_string().contains("segmented_low_rank: "));
         assert!(bad(&segments[..2]), "rows left over");
         assert!(bad(&[segment(4, Some((&a1, &b1)), 1.0), segment(6, None, 0.0)]), "too many rows");
         assert!(bad(&[segment(4, Some((&a1, &b1)), 1.0), segment(5, Some((&a2, &b1)), 1.0)]), "A and B of different ranks");

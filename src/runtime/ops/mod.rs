@@ -511,6 +511,16 @@ mod tests {
         let (qv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&v).unwrap());
         let g2 = attention(&qv, &k2, &vv, None).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         close(g.get(&k).expect("k gets a gradient"), g2.get(&k2).unwrap(), 1e-6);
+        // the same through the packed form: only k of two segments tracks
+        let g = segmented_attention(&q, &k, &v, &[(0, 1), (1, 3)], &[None, None])
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&k).expect("k gets a gradient through segments").abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         let (gb, ub) = (gate.to_dtype(DType::BF16).unwrap(), up.to_dtype(DType::BF16).unwrap());
         let want = (gb.silu().unwrap() * &ub).unwrap().to_dtype(DType::F32).unwrap();
         close(&swiglu(&gb, &ub).unwrap().to_dtype(DType::F32).unwrap(), &want, 1e-6);
