@@ -318,6 +318,10 @@ impl Adapter for LoraAdapter {
         Ok(Some(y.reshape(out)?))
     }
 
+    fn factored(&self) -> bool {
+        true
+    }
+
     fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> candle_core::Result<Option<LowRank>> {
         let Some(pair) = self.pair(layer, proj) else { return Ok(Some(LowRank::Untouched)) };
         let mask = self.dropout_mask(rows, pair.a.dim(1)?, pair.a.device())?;

@@ -52,6 +52,34 @@ fn same(a: Option<&dyn Adapter>, b: Option<&dyn Adapter>) -> bool {
 }
 
 impl Adapter for SegmentedAdapters<'_> {
+    fn factored(&self) -> bool {
+        self.segments.iter().all(|&(_, _, a)| a.is_none_or(|a| a.factored()))
+    }
+
+    /// Each segment's update at its own rows: a segment of `len` items holds `len` rows of
+    /// one packed row (tokens axis, `b` = 1) or `len` batch rows of `l` tokens each.
+    fn low_rank_parts(&self, layer: usize, proj: Proj, (b, l): (usize, usize)) -> Result<Option<Vec<(usize, LowRank)>>> {
+        let items: usize = self.segments.iter().map(|s| s.1).sum();
+        let per_unit = match self.axis {
+            SegmentAxis::Tokens if b == 1 && items == l => 1,
+            SegmentAxis::Rows if items == b => l,
+            _ => candle_core::bail!("segments of {items} items along {:?} for activations of {b} rows of {l} tokens", self.axis),
+        };
+        let mut parts = Vec::with_capacity(self.segments.len());
+        for &(_, len, adapter) in &self.segments {
+            let rows = len * per_unit;
+            let update = match adapter {
+                None => LowRank::Untouched,
+                Some(a) => match a.low_rank(layer, proj, rows)? {
+                    Some(u) => u,
+                    None => return Ok(None),
+                },
+            };
+            parts.push((rows, update));
+        }
+        Ok(Some(parts))
+    }
+
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
         let dim = match self.axis {
             SegmentAxis::Rows => 0,

@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 
 use super::cache::{causal_mask, Batch, KvCache};
 use super::config::{ModelConfig, RopeScaling};
+use super::layer_grad;
 use super::weights::{global_tensors, Proj, ROPE_FREQS};
 use crate::runtime::ops;
 
@@ -28,6 +29,20 @@ pub trait Adapter: Sync {
     /// this form, and only `delta` applies.
     fn low_rank(&self, _layer: usize, _proj: Proj, _rows: usize) -> Result<Option<LowRank>> {
         Ok(None)
+    }
+
+    /// Whether every update comes in factored form ([`Self::low_rank_parts`] never `None`),
+    /// asked before any mask is drawn: what lets a training pass run each layer as one node
+    /// of the graph (`layer_grad`). Default `false`.
+    fn factored(&self) -> bool {
+        false
+    }
+
+    /// The update of `proj` for activations of `b` rows of `l` tokens (`b · l` input rows)
+    /// as consecutive `(rows, update)` segments covering them, drawing dropout masks as
+    /// [`Self::delta`] would. Default: one segment, [`Self::low_rank`] of all rows.
+    fn low_rank_parts(&self, layer: usize, proj: Proj, (b, l): (usize, usize)) -> Result<Option<Vec<(usize, LowRank)>>> {
+        Ok(self.low_rank(layer, proj, b * l)?.map(|u| vec![(b * l, u)]))
     }
 }
 
@@ -54,10 +69,22 @@ impl Adapter for Frozen<'_> {
     }
 
     fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> Result<Option<LowRank>> {
-        Ok(self.0.low_rank(layer, proj, rows)?.map(|u| match u {
-            LowRank::Factors { a, b, scale, mask } => LowRank::Factors { a: a.detach(), b: b.detach(), scale, mask },
-            LowRank::Untouched => LowRank::Untouched,
-        }))
+        Ok(self.0.low_rank(layer, proj, rows)?.map(detach))
+    }
+
+    fn factored(&self) -> bool {
+        self.0.factored()
+    }
+
+    fn low_rank_parts(&self, layer: usize, proj: Proj, dims: (usize, usize)) -> Result<Option<Vec<(usize, LowRank)>>> {
+        Ok(self.0.low_rank_parts(layer, proj, dims)?.map(|parts| parts.into_iter().map(|(rows, u)| (rows, detach(u))).collect()))
+    }
+}
+
+fn detach(u: LowRank) -> LowRank {
+    match u {
+        LowRank::Factors { a, b, scale, mask } => LowRank::Factors { a: a.detach(), b: b.detach(), scale, mask },
+        LowRank::Untouched => LowRank::Untouched,
     }
 }
 
@@ -107,7 +134,7 @@ pub struct Mlp {
 /// How the rows of a batch attend: through the batch's own mask (`[b, 1, l, cached + l]`,
 /// or none), or, for a packed batch, each `(start, len)` segment within itself under its
 /// causal mask (`None` for a one-token segment).
-enum Masking<'a> {
+pub(super) enum Masking<'a> {
     Rows(Option<&'a Tensor>),
     Segments(&'a [(usize, usize)], &'a [Option<Tensor>]),
 }
@@ -363,7 +390,23 @@ impl Decoder {
             None => Masking::Rows(batch.mask.as_ref()),
         };
         let eps = self.cfg.rms_norm_eps;
+        // an adapter in factored form, no cache (training, scoring): each layer one node
+        let fused = match lora {
+            Some(adapter) if cache.is_none() && adapter.factored() => Some(adapter),
+            _ => None,
+        };
         for i in 0..self.layers.len() {
+            if let Some(adapter) = fused {
+                let mut updates = Vec::with_capacity(layer_grad::PROJECTIONS.len());
+                for proj in layer_grad::PROJECTIONS {
+                    match adapter.low_rank_parts(i, proj, (b, l))? {
+                        Some(parts) => updates.push(parts),
+                        None => candle_core::bail!("an adapter that says it is factored gave no factors for {proj:?} of layer {i}"),
+                    }
+                }
+                x = layer_grad::layer(self, i, &x, &cos_sin, &masking, updates)?;
+                continue;
+            }
             let layer = &self.layers[i];
             let h = ops::rms_norm(&x, &layer.input_layernorm, eps)?;
             let h = self.attention(i, &h, &cos_sin, &masking, cache.as_deref_mut(), lora)?;

@@ -7,6 +7,7 @@
 mod cache;
 mod config;
 mod decoder;
+mod layer_grad;
 mod weights;
 
 pub use cache::{causal_mask, Batch, KvCache};

@@ -53,54 +53,68 @@ pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Ten
     }
     let h_dtype = h.dtype();
     let hd = h.detach().to_dtype(DType::F32)?;
-    // (start row, scale, detached A and B) of each segment
-    let mut parts = Vec::with_capacity(segments.len());
-    let mut start = 0;
-    for s in segments {
-        parts.push((start, s.len, s.scale, s.factors.as_ref().map(|(a, b)| (a.detach(), b.detach()))));
-        start += s.len;
-    }
-    // 1. forward: u = h_s A_sᵀ [len, r], y_s = scale · u B_sᵀ [len, out]
-    let mut ys = Vec::with_capacity(parts.len());
-    for (start, len, scale, factors) in &parts {
-        ys.push(match factors {
-            None => Tensor::zeros((*len, out), DType::F32, h.device())?,
-            Some((a, b)) => {
-                let u = bmm(&hd.narrow(0, *start, *len)?, a, false, true)?;
-                (bmm(&u, b, false, true)? * *scale)?
-            }
-        });
-    }
-    let value = Tensor::cat(&ys, 0)?;
+    let value = segmented_low_rank_forward(&hd, segments, out)?;
     let factored: Vec<&(Tensor, Tensor)> = segments.iter().filter_map(|s| s.factors.as_ref()).collect();
     if !(h.track_op() || factored.iter().any(|(a, b)| a.track_op() || b.track_op())) {
         return Ok(value);
     }
-    // 2. the graph sees all factors as two inputs: A stacked by rows [Σ r, in], B side by
-    //    side [out, Σ r]
+    // the graph sees all factors as two inputs: A stacked by rows [Σ r, in], B side by
+    // side [out, Σ r]
     let a_all = Tensor::cat(&factored.iter().map(|(a, _)| a).collect::<Vec<_>>(), 0)?;
     let b_all = Tensor::cat(&factored.iter().map(|(_, b)| b).collect::<Vec<_>>(), 1)?;
-    // 3. backward, with g_s = scale · dy_s and u recomputed:
-    //    dB_s = g_sᵀ u,  du = g_s B_s,  dA_s = duᵀ h_s,  dh_s = du A_s
+    let detached: Vec<LowRankSegment> = segments
+        .iter()
+        .map(|s| LowRankSegment { factors: s.factors.as_ref().map(|(a, b)| (a.detach(), b.detach())), ..s.clone() })
+        .collect();
     let backward: Backward3 = Box::new(move |g| {
-        let g = g.to_dtype(DType::F32)?.contiguous()?;
-        let (mut dh, mut da, mut db) = (Vec::new(), Vec::new(), Vec::new());
-        for (start, len, scale, factors) in &parts {
-            let Some((a, b)) = factors else {
-                dh.push(Tensor::zeros((*len, in_dim), DType::F32, g.device())?);
-                continue;
-            };
-            let hs = hd.narrow(0, *start, *len)?;
-            let gs = (g.narrow(0, *start, *len)? * *scale)?;
-            let u = bmm(&hs, a, false, true)?;
-            let du = bmm(&gs, b, false, false)?;
-            db.push(bmm(&gs, &u, true, false)?);
-            da.push(bmm(&du, &hs, true, false)?);
-            dh.push(bmm(&du, a, false, false)?);
-        }
-        Ok((Tensor::cat(&dh, 0)?.to_dtype(h_dtype)?, Tensor::cat(&da, 0)?, Tensor::cat(&db, 1)?))
+        let (dh, dfactors) = segmented_low_rank_backward(&hd, &detached, g)?;
+        let (da, db): (Vec<Tensor>, Vec<Tensor>) = dfactors.into_iter().unzip();
+        Ok((dh.to_dtype(h_dtype)?, Tensor::cat(&da, 0)?, Tensor::cat(&db, 1)?))
     });
     h.apply_op3(&a_all, &b_all, Tap::new("segmented-low-rank", value, backward))
+}
+
+/// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
+/// `[n, out]`: u = h_s A_sᵀ `[len, r]`, y_s = scale · u B_sᵀ `[len, out]`.
+pub(crate) fn segmented_low_rank_forward(h: &Tensor, segments: &[LowRankSegment], out: usize) -> Result<Tensor> {
+    let mut ys = Vec::with_capacity(segments.len());
+    let mut start = 0;
+    for s in segments {
+        ys.push(match &s.factors {
+            None => Tensor::zeros((s.len, out), DType::F32, h.device())?,
+            Some((a, b)) => {
+                let u = bmm(&h.narrow(0, start, s.len)?, a, false, true)?;
+                (bmm(&u, b, false, true)? * s.scale)?
+            }
+        });
+        start += s.len;
+    }
+    Tensor::cat(&ys, 0)
+}
+
+/// [`segmented_low_rank`]'s gradients for output gradient `g` `[n, out]`: `h`'s `[n, in]`
+/// in f32, and `(dA, dB)` of each segment that has factors, in order. With g_s = scale ·
+/// dy_s and u recomputed: dB_s = g_sᵀ u, du = g_s B_s, dA_s = duᵀ h_s, dh_s = du A_s.
+pub(crate) fn segmented_low_rank_backward(h: &Tensor, segments: &[LowRankSegment], g: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let in_dim = h.dim(1)?;
+    let (mut dh, mut dfactors) = (Vec::with_capacity(segments.len()), Vec::new());
+    let mut start = 0;
+    for s in segments {
+        match &s.factors {
+            None => dh.push(Tensor::zeros((s.len, in_dim), DType::F32, g.device())?),
+            Some((a, b)) => {
+                let hs = h.narrow(0, start, s.len)?;
+                let gs = (g.narrow(0, start, s.len)? * s.scale)?;
+                let u = bmm(&hs, a, false, true)?;
+                let du = bmm(&gs, b, false, false)?;
+                dfactors.push((bmm(&du, &hs, true, false)?, bmm(&gs, &u, true, false)?));
+                dh.push(bmm(&du, a, false, false)?);
+            }
+        }
+        start += s.len;
+    }
+    Ok((Tensor::cat(&dh, 0)?, dfactors))
 }
 
 #[cfg(test)]

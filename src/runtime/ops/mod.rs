@@ -25,6 +25,7 @@ mod low_rank;
 
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
 pub use low_rank::{segmented_low_rank, LowRankSegment};
+pub(crate) use low_rank::{segmented_low_rank_backward, segmented_low_rank_forward};
 
 use std::sync::Mutex;
 
@@ -33,7 +34,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 
 type Result<T> = candle_core::Result<T>;
 pub(crate) type Backward1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
-type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
+pub(crate) type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
 type Backward3 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync>;
 
 /// A value computed outside the autograd graph, re-attached to its inputs with a custom
@@ -215,13 +216,19 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         Box::new(move |g| {
             // y = x * r * w with r = (mean(x^2) + eps)^-1/2
             // dx = r * (g*w) - x * r^3 * mean((g*w) * x)
-            let g = g.contiguous()?;
-            match rms_norm_backward_cpu(&xd, &w, &g, eps) {
-                Some(dx) => dx,
-                None => rms_norm_backward_candle(&xd, &w, &g, eps),
-            }
+            rms_norm_backward(&xd, &w, g, eps)
         }),
     )
+}
+
+/// [`rms_norm`]'s input gradient for output gradient `g`: one pass per row for f32 on the
+/// CPU, candle's ops otherwise.
+pub(crate) fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    let g = g.contiguous()?;
+    match rms_norm_backward_cpu(x, w, &g, eps) {
+        Some(dx) => dx,
+        None => rms_norm_backward_candle(x, w, &g, eps),
+    }
 }
 
 /// [`rms_norm`]'s input gradient with candle's ops, in f32 (any device and dtype).
@@ -282,7 +289,7 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     }
 }
 
-fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+pub(crate) fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", g.dims(), u.dims());
     }
@@ -295,7 +302,7 @@ fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let dy = dy.contiguous()?;
     let fused = with_cpu_f32(g, |gs| {
         with_cpu_f32(u, |us| {
@@ -385,29 +392,53 @@ pub fn segmented_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usiz
         candle_core::bail!("segmented_attention: segments cover {next} of {l} positions");
     }
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let segments = segments.to_vec();
-    let masks = masks.to_vec();
-    // each segment's (q, k, v, g) as contiguous copies
-    let part = |t: &Tensor, (start, len): (usize, usize)| t.narrow(2, start, len)?.contiguous();
-    let mut values = Vec::with_capacity(segments.len());
-    for (&s, mask) in segments.iter().zip(&masks) {
-        values.push(attention_forward(&part(&qd, s)?, &part(&kd, s)?, &part(&vd, s)?, mask.as_ref())?);
-    }
-    let value = Tensor::cat(&values, 2)?;
+    let value = segmented_attention_forward(&qd, &kd, &vd, segments, masks)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(value);
     }
-    let backward: Backward3 = Box::new(move |g| {
-        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-        for (&s, mask) in segments.iter().zip(&masks) {
-            let (a, b, c) = attention_backward(&part(&qd, s)?, &part(&kd, s)?, &part(&vd, s)?, mask.as_ref(), &part(g, s)?)?;
-            dq.push(a);
-            dk.push(b);
-            dv.push(c);
-        }
-        Ok((Tensor::cat(&dq, 2)?, Tensor::cat(&dk, 2)?, Tensor::cat(&dv, 2)?))
-    });
+    let (segments, masks) = (segments.to_vec(), masks.to_vec());
+    let backward: Backward3 = Box::new(move |g| segmented_attention_backward(&qd, &kd, &vd, &segments, &masks, g));
     q.apply_op3(k, v, Tap::new("segmented_attention", value, backward))
+}
+
+/// A segment's rows of `t` along the sequence axis, as a contiguous copy.
+fn segment_of(t: &Tensor, (start, len): (usize, usize)) -> Result<Tensor> {
+    t.narrow(2, start, len)?.contiguous()
+}
+
+/// [`segmented_attention`]'s value (segments already checked).
+pub(crate) fn segmented_attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+    masks: &[Option<Tensor>],
+) -> Result<Tensor> {
+    let mut values = Vec::with_capacity(segments.len());
+    for (&s, mask) in segments.iter().zip(masks) {
+        values.push(attention_forward(&segment_of(q, s)?, &segment_of(k, s)?, &segment_of(v, s)?, mask.as_ref())?);
+    }
+    Tensor::cat(&values, 2)
+}
+
+/// [`segmented_attention`]'s gradients of `q`, `k` and `v` for output gradient `g`, each
+/// segment's written into its place.
+pub(crate) fn segmented_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+    masks: &[Option<Tensor>],
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+    for (&s, mask) in segments.iter().zip(masks) {
+        let (a, b, c) = attention_backward(&segment_of(q, s)?, &segment_of(k, s)?, &segment_of(v, s)?, mask.as_ref(), &segment_of(g, s)?)?;
+        dq.push(a);
+        dk.push(b);
+        dv.push(c);
+    }
+    Ok((Tensor::cat(&dq, 2)?, Tensor::cat(&dk, 2)?, Tensor::cat(&dv, 2)?))
 }
 
 /// Groups the query heads by KV head: `[b, h, l, d]` → `[b, kv, rep * l, d]`, so that one
@@ -448,14 +479,20 @@ fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> Result<Tens
     probs.to_dtype(q.dtype())?.reshape((b, kvh, rep * lq, lk))
 }
 
-fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let probs = attention_probs(q, k, mask)?;
     // 4. weighted sum of values, back to [b, h, lq, d]
     bmm(&probs, v, false, false)?.reshape((b, h, lq, d))
 }
 
-fn attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, lq, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let scale = 1.0 / (d as f64).sqrt();

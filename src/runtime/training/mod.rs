@@ -128,3 +128,100 @@ fn tiny_decoder(seed: u64) -> crate::runtime::model::Decoder {
     let (cfg, dev) = (ModelConfig::tiny_for_tests(), candle_core::Device::Cpu);
     crate::runtime::formats::decoder_from_tensors(&cfg, random_weights(&cfg, seed, &dev, candle_core::DType::F32).unwrap(), &dev).unwrap()
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::runtime::lora::{LoraAdapter, LoraConfig};
+    use crate::runtime::model::{random_weights, Adapter, Decoder, LowRank, ModelConfig, Proj};
+    use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
+
+    /// An adapter that hides its factored form, so the decoder composes each layer of
+    /// differentiable ops (the path before layers became one node).
+    struct Composed<'a>(&'a dyn Adapter);
+
+    impl Adapter for Composed<'_> {
+        fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            self.0.delta(layer, proj, x)
+        }
+        fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> candle_core::Result<Option<LowRank>> {
+            self.0.low_rank(layer, proj, rows)
+        }
+    }
+
+    fn decoder(model_type: &str) -> Decoder {
+        let dev = Device::Cpu;
+        let mut cfg = ModelConfig::tiny_for_tests();
+        cfg.model_type = model_type.into();
+        crate::runtime::formats::decoder_from_tensors(&cfg, random_weights(&cfg, 3, &dev, DType::F32).unwrap(), &dev).unwrap()
+    }
+
+    /// An adapter on all seven projections with a B drawn from `seed` (PEFT's zero B would
+    /// leave half the gradients trivially zero), dropout drawn from `seed` too: twins alike.
+    fn adapter(dec: &Decoder, rank: usize, seed: u64) -> LoraAdapter {
+        let config = LoraConfig { targets: Proj::ALL.to_vec(), ..LoraConfig::paper(rank, 2.0 * rank as f64, 0.1) };
+        use rand::{Rng, SeedableRng};
+        let mut a = LoraAdapter::new(&dec.cfg, config, seed, &Device::Cpu).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for layer in 0..dec.cfg.num_hidden_layers {
+            for proj in Proj::ALL {
+                let b = &a.pair(layer, proj).unwrap().b;
+                let values: Vec<f32> = (0..b.elem_count()).map(|_| rng.random::<f32>() - 0.5).collect();
+                b.set(&Tensor::from_vec(values, b.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        a.set_training(Some(seed + 10));
+        a
+    }
+
+    /// Largest difference of every factor's gradient, relative to the largest gradient.
+    fn gradient_gap(dec: &Decoder, loss: &Tensor, loss2: &Tensor, pairs: &[(&LoraAdapter, &LoraAdapter)]) -> f32 {
+        let (g, g2) = (loss.backward().unwrap(), loss2.backward().unwrap());
+        let (mut gap, mut scale) = (0f32, 0f32);
+        for (a, a2) in pairs {
+            for layer in 0..dec.cfg.num_hidden_layers {
+                for proj in Proj::ALL {
+                    let (p, p2) = (a.pair(layer, proj).unwrap(), a2.pair(layer, proj).unwrap());
+                    for (v, v2) in [(&p.a, &p2.a), (&p.b, &p2.b)] {
+                        let (x, y) = (g.get(v).expect("a gradient"), g2.get(v2).expect("a gradient"));
+                        gap = gap.max((x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap());
+                        scale = scale.max(y.abs().unwrap().max_all().unwrap().to_scalar().unwrap());
+                    }
+                }
+            }
+        }
+        assert!(scale > 0.0);
+        gap / scale
+    }
+
+    /// A layer as one node of the graph gives the losses of the composed layer bit for bit
+    /// and the same gradients up to float summation order (largest gap 1e-5 of the largest
+    /// gradient), for Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms), with
+    /// dropout on: one sequence alone, and two adapters' sequences packed in one row.
+    #[test]
+    fn a_layer_as_one_node_equals_the_composed_layer() {
+        for model_type in ["llama", "qwen2", "qwen3"] {
+            let dec = decoder(model_type);
+            let ids: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 64).collect();
+            let (a, a2) = (adapter(&dec, 4, 1), adapter(&dec, 4, 1));
+            let loss = dec.sequence_loss(&ids, 3, Some(&a)).unwrap();
+            let loss2 = dec.sequence_loss(&ids, 3, Some(&Composed(&a2))).unwrap();
+            assert_eq!(loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap(), "{model_type}: one sequence");
+            let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
+            assert!(gap < 1e-5, "{model_type}: one sequence, gradient gap {gap}");
+
+            let (p, q, p2, q2) = (adapter(&dec, 2, 5), adapter(&dec, 6, 6), adapter(&dec, 2, 5), adapter(&dec, 6, 6));
+            let seqs: [(&[u32], usize); 2] = [(&ids[..5], 0), (&ids[2..], 2)];
+            let pq: Vec<(usize, Option<&dyn Adapter>)> = vec![(5, Some(&p)), (7, Some(&q))];
+            let pq2: Vec<(usize, Option<&dyn Adapter>)> = vec![(5, Some(&p2)), (7, Some(&q2))];
+            let packed = SegmentedAdapters::new(SegmentAxis::Tokens, &pq);
+            let packed2 = SegmentedAdapters::new(SegmentAxis::Tokens, &pq2);
+            let losses = dec.packed_losses(&seqs, Some(&packed)).unwrap();
+            let losses2 = dec.packed_losses(&seqs, Some(&Composed(&packed2))).unwrap();
+            assert_eq!(losses.to_vec1::<f32>().unwrap(), losses2.to_vec1::<f32>().unwrap(), "{model_type}: packed");
+            let gap = gradient_gap(&dec, &losses.sum_all().unwrap(), &losses2.sum_all().unwrap(), &[(&p, &p2), (&q, &q2)]);
+            assert!(gap < 1e-5, "{model_type}: packed, gradient gap {gap}");
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! A decoder layer's training pass as one autograd node, its backward written by hand.
+//!
+//! Why: composed of differentiable ops, a layer is ~30 nodes of candle's autograd graph,
+//! and candle's backward gives every node's input a fresh zero tensor and adds the
+//! gradient into it, on top of each tapped op's copy of its value: per pass, thousands of
+//! allocations, fills and adds of `[tokens, 576..1536]` tensors on one thread. Here a layer
+//! is one node: the forward keeps what its backward needs, and the backward is the chain
+//! rule step by step in reverse, with the kernels of the ops in [`crate::runtime::ops`].
+//! Only adapters in factored form ([`LowRank`]) take this path; the decoder uses it for
+//! training passes.
+
+use candle_core::{DType, Tensor};
+
+use super::decoder::{Decoder, Linear, LowRank, Masking};
+use super::weights::Proj;
+use crate::runtime::ops::{self, LowRankSegment, Tap};
+
+type Result<T> = candle_core::Result<T>;
+
+/// The projections, in the order the decoder asks an adapter for their updates (so its
+/// dropout masks are drawn in the same order on either path).
+pub(super) const PROJECTIONS: [Proj; 7] =
+    [Proj::QProj, Proj::KProj, Proj::VProj, Proj::OProj, Proj::GateProj, Proj::UpProj, Proj::DownProj];
+
+/// One projection's update over the rows of a pass: each row segment's factors (detached),
+/// and the dropout mask of all rows `[n, in]` when any segment has one.
+struct Update {
+    segments: Vec<LowRankSegment>,
+    mask: Option<Tensor>,
+    out: usize,
+}
+
+impl Update {
+    /// `parts`: `(rows, update)` of consecutive row segments; `in_dim`: the input width.
+    fn new(parts: Vec<(usize, LowRank)>, in_dim: usize, out: usize, device: &candle_core::Device) -> Result<Self> {
+        let any_mask = parts.iter().any(|(_, u)| matches!(u, LowRank::Factors { mask: Some(_), .. }));
+        let (mut segments, mut masks) = (Vec::with_capacity(parts.len()), Vec::new());
+        for (len, u) in parts {
+            let (factors, scale, mask) = match u {
+                LowRank::Factors { a, b, scale, mask } => (Some((a.detach(), b.detach())), scale, mask),
+                LowRank::Untouched => (None, 0.0, None),
+            };
+            if any_mask {
+                masks.push(match mask {
+                    Some(m) => m,
+                    None => Tensor::ones((len, in_dim), DType::F32, device)?,
+                });
+            }
+            segments.push(LowRankSegment { len, factors, scale });
+        }
+        let mask = if any_mask { Some(Tensor::cat(&masks, 0)?) } else { None };
+        Ok(Self { segments, mask, out })
+    }
+
+    fn is_untouched(&self) -> bool {
+        self.segments.iter().all(|s| s.factors.is_none())
+    }
+
+    /// The low-rank path's input: `x` `[n, in]` in f32, dropout applied.
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        match &self.mask {
+            Some(m) => x * m,
+            None => Ok(x),
+        }
+    }
+}
+
+/// `x Wᵀ (+ bias) + update`, `[n, in]` → `[n, out]`.
+fn project(x: &Tensor, lin: &Linear, u: &Update) -> Result<Tensor> {
+    let y = ops::plain_linear(x, &lin.weight, lin.bias.as_ref())?;
+    if u.is_untouched() {
+        return Ok(y);
+    }
+    let delta = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, u.out)?;
+    let dtype = y.dtype();
+    y + delta.to_dtype(dtype)?
+}
+
+/// [`project`]'s input gradient for output gradient `g` `[n, out]`; each factored
+/// segment's `dA`, `dB` go to `grads`, flattened, in order.
+fn project_backward(x: &Tensor, g: &Tensor, lin: &Linear, u: &Update, grads: &mut Vec<Tensor>) -> Result<Tensor> {
+    let dx = ops::plain_linear_t(g, &lin.weight)?;
+    if u.is_untouched() {
+        return Ok(dx);
+    }
+    let (dh, dfactors) = ops::segmented_low_rank_backward(&u.input(x)?, &u.segments, g)?;
+    for (da, db) in dfactors {
+        grads.push(da.flatten_all()?);
+        grads.push(db.flatten_all()?);
+    }
+    let dh = match &u.mask {
+        Some(m) => (dh * m)?,
+        None => dh,
+    };
+    let dtype = dx.dtype();
+    dx + dh.to_dtype(dtype)?
+}
+
+/// Heads of `[n, heads * d]` as `[b, heads, l, d]` (a contiguous copy), and back.
+fn split_heads(t: &Tensor, b: usize, l: usize, heads: usize, d: usize) -> Result<Tensor> {
+    t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()
+}
+fn merge_heads(t: &Tensor) -> Result<Tensor> {
+    let (b, heads, l, d) = t.dims4()?;
+    t.transpose(1, 2)?.contiguous()?.reshape((b * l, heads * d))
+}
+
+/// How the rows attend ([`Masking`]), owned so the backward can keep it.
+enum Attend {
+    Rows(Option<Tensor>),
+    Segments(Vec<(usize, usize)>, Vec<Option<Tensor>>),
+}
+
+impl Attend {
+    fn new(masking: &Masking) -> Self {
+        match masking {
+            Masking::Rows(mask) => Self::Rows(mask.cloned()),
+            Masking::Segments(segments, masks) => Self::Segments(segments.to_vec(), masks.to_vec()),
+        }
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Rows(mask) => ops::attention_forward(q, k, v, mask.as_ref()),
+            Self::Segments(segments, masks) => ops::segmented_attention_forward(q, k, v, segments, masks),
+        }
+    }
+
+    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Self::Rows(mask) => ops::attention_backward(q, k, v, mask.as_ref(), g),
+            Self::Segments(segments, masks) => ops::segmented_attention_backward(q, k, v, segments, masks, g),
+        }
+    }
+}
+
+/// Layer `i` of `dec` on `x` `[b, l, hidden]`, differentiable with respect to `x` and to every
+/// factor in `updates` (one `(rows, update)` list per projection, in [`PROJECTIONS`] order,
+/// whose rows cover the `b · l` rows of `x`). Its value is the decoder's composed layer's,
+/// bit for bit (the same kernels in the same order); its gradients differ from the composed
+/// graph's only in the order of a few sums. Without anything to differentiate it records no
+/// node.
+pub(super) fn layer(
+    dec: &Decoder,
+    i: usize,
+    x: &Tensor,
+    cos_sin: &(Tensor, Tensor),
+    masking: &Masking,
+    updates: Vec<Vec<(usize, LowRank)>>,
+) -> Result<Tensor> {
+    let cfg = &dec.cfg;
+    let layer = &dec.layers[i];
+    let (a, m) = (&layer.self_attn, &layer.mlp);
+    let (b, l, hidden) = x.dims3()?;
+    let n = b * l;
+    let (nh, nkv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+    let eps = cfg.rms_norm_eps;
+    let lins: [&Linear; 7] = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
+    // 0. the trained factors, flattened into one input of the node, in the order their
+    //    gradients come back
+    let mut params = Vec::new();
+    for parts in &updates {
+        for (_, u) in parts {
+            if let LowRank::Factors { a, b, .. } = u {
+                params.push(a.flatten_all()?);
+                params.push(b.flatten_all()?);
+            }
+        }
+    }
+    let mut u = Vec::with_capacity(7);
+    for (parts, lin) in updates.into_iter().zip(lins) {
+        u.push(Update::new(parts, lin.weight.dim(1)?, lin.weight.dim(0)?, x.device())?);
+    }
+    let (cos, sin) = (cos_sin.0.clone(), cos_sin.1.clone());
+
+    // 1. attention block: n1 = norm(x); q, k, v [n, heads·d] → [b, heads, l, d]
+    let xd = x.detach().reshape((n, hidden))?.contiguous()?;
+    let n1 = candle_nn::ops::rms_norm(&xd, &layer.input_layernorm, eps as f32)?;
+    let q = split_heads(&project(&n1, &a.q_proj, &u[0])?, b, l, nh, d)?;
+    let k = split_heads(&project(&n1, &a.k_proj, &u[1])?, b, l, nkv, d)?;
+    let v = split_heads(&project(&n1, &a.v_proj, &u[2])?, b, l, nkv, d)?;
+    // 2. Qwen3: per-head RMSNorm of queries and keys (kept before the norm for its backward)
+    let (qn, kn) = match (&a.q_norm, &a.k_norm) {
+        (Some(wq), Some(wk)) => (candle_nn::ops::rms_norm(&q, wq, eps as f32)?, candle_nn::ops::rms_norm(&k, wk, eps as f32)?),
+        _ => (q.clone(), k.clone()),
+    };
+    // 3. rotary embedding, attention within each sequence, heads merged: y [n, nh·d]
+    let qr = candle_nn::rotary_emb::rope(&qn, &cos, &sin)?;
+    let kr = candle_nn::rotary_emb::rope(&kn, &cos, &sin)?;
+    let attend = Attend::new(masking);
+    let y = merge_heads(&attend.forward(&qr, &kr, &v)?)?;
+    // 4. output projection and residual: x2 = x + o(y)
+    let x2 = (&xd + project(&y, &a.o_proj, &u[3])?)?;
+    // 5. MLP block: out = x2 + down(silu(gate(n2)) · up(n2))
+    let n2 = candle_nn::ops::rms_norm(&x2, &layer.post_attention_layernorm, eps as f32)?;
+    let gate = project(&n2, &m.gate_proj, &u[4])?;
+    let up = project(&n2, &m.up_proj, &u[5])?;
+    let s = ops::swiglu_forward(&gate, &up)?;
+    let out = (&x2 + project(&s, &m.down_proj, &u[6])?)?.reshape((b, l, hidden))?;
+    if !(x.track_op() || params.iter().any(|p| p.track_op())) {
+        return Ok(out);
+    }
+
+    // the backward, steps 5 → 1 in reverse; g: [b, l, hidden]
+    let layer = layer.clone();
+    let backward: ops::Backward2 = Box::new(move |g| {
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        let mut grads: [Vec<Tensor>; 7] = Default::default();
+        let g = g.reshape((n, hidden))?.contiguous()?;
+        // 5. MLP: ds = g Wd (+ low rank), SwiGLU, then both projections of n2, then the norm
+        let ds = project_backward(&s, &g, &m.down_proj, &u[6], &mut grads[6])?;
+        let (dgate, dup) = ops::swiglu_backward(&gate, &up, &ds)?;
+        let dn2 = (project_backward(&n2, &dgate, &m.gate_proj, &u[4], &mut grads[4])?
+            + project_backward(&n2, &dup, &m.up_proj, &u[5], &mut grads[5])?)?;
+        let dx2 = (&g + ops::rms_norm_backward(&x2, &layer.post_attention_layernorm, &dn2, eps)?)?;
+        // 4. output projection
+        let dy = project_backward(&y, &dx2, &a.o_proj, &u[3], &mut grads[3])?;
+        // 3. attention, then the inverse rotation
+        let dy = split_heads(&dy, b, l, nh, d)?;
+        let (dqr, dkr, dv) = attend.backward(&qr, &kr, &v, &dy)?;
+        let dq = candle_nn::rotary_emb::rope(&dqr.contiguous()?, &cos, &sin.neg()?)?;
+        let dk = candle_nn::rotary_emb::rope(&dkr.contiguous()?, &cos, &sin.neg()?)?;
+        // 2. Qwen3's per-head norms
+        let (dq, dk) = match (&a.q_norm, &a.k_norm) {
+            (Some(wq), Some(wk)) => (ops::rms_norm_backward(&q, wq, &dq, eps)?, ops::rms_norm_backward(&k, wk, &dk, eps)?),
+            _ => (dq, dk),
+        };
+        // 1. the three projections of n1, then the norm, plus the residual's dx2
+        let dn1 = ((project_backward(&n1, &merge_heads(&dq)?, &a.q_proj, &u[0], &mut grads[0])?
+            + project_backward(&n1, &merge_heads(&dk)?, &a.k_proj, &u[1], &mut grads[1])?)?
+            + project_backward(&n1, &merge_heads(&dv)?, &a.v_proj, &u[2], &mut grads[2])?)?;
+        let dx = (dx2 + ops::rms_norm_backward(&xd, &layer.input_layernorm, &dn1, eps)?)?.reshape((b, l, hidden))?;
+        let grads: Vec<Tensor> = grads.into_iter().flatten().collect();
+        let dparams = if grads.is_empty() { Tensor::zeros(0, DType::F32, dx.device())? } else { Tensor::cat(&grads, 0)? };
+        Ok((dx, dparams))
+    });
+    let params = if params.is_empty() { Tensor::zeros(0, DType::F32, x.device())? } else { Tensor::cat(&params, 0)? };
+    x.apply_op2(&params, Tap::new("decoder-layer", out, backward))
+}
