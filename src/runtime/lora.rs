@@ -462,5 +462,12 @@ mod tests {
             _ => panic!("a frozen LoRA adapter has factors"),
         }
         assert!(matches!(Frozen(&lora).low_rank(1, Proj::KProj, 3).unwrap(), Some(LowRank::Untouched)));
+        // a pass's parts: one segment of all rows, cut from the graph; so a frozen adapter
+        // still takes the layer-as-one-node path
+        assert!(lora.factored() && Frozen(&lora).factored());
+        match Frozen(&lora).low_rank_parts(1, Proj::QProj, (2, 3)).unwrap().as_deref() {
+            Some([(6, LowRank::Factors { a, b, .. })]) => assert!(!a.track_op() && !b.track_op()),
+            _ => panic!("one segment of 6 rows with factors"),
+        }
     }
 }

@@ -288,6 +288,10 @@ mod tests {
         }
         let (a, d) = (adapter(1), Doubling);
         let (a, d): (&dyn Adapter, &dyn Adapter) = (&a, &d);
+        // an adapter without factors: the decoder must compose the batch's layers of ops
+        assert!(a.factored() && !d.factored() && !crate::runtime::model::Frozen(d).factored());
+        assert!(!SegmentedAdapters::new(SegmentAxis::Tokens, &[(4, Some(a)), (3, Some(d))]).factored());
+        assert!(SegmentedAdapters::new(SegmentAxis::Tokens, &[(4, Some(a)), (3, None)]).factored());
         let diff = |x: &Tensor, y: &Tensor| -> f32 { (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
         let x = Tensor::randn(0f32, 1.0, (1, 9, 32), &Device::Cpu).unwrap();
         let got = SegmentedAdapters::new(SegmentAxis::Tokens, &[(4, Some(a)), (3, Some(d)), (2, None)])
@@ -301,6 +305,30 @@ mod tests {
         let got = SegmentedAdapters::new(SegmentAxis::Rows, &[(1, Some(d)), (1, Some(a))]).delta(0, Proj::QProj, &x).unwrap().unwrap();
         assert_eq!(diff(&got.narrow(0, 0, 1).unwrap(), &(x.narrow(0, 0, 1).unwrap() * 2.0).unwrap()), 0.0);
         assert_eq!(diff(&got.narrow(0, 1, 1).unwrap(), &a.delta(0, Proj::QProj, &x.narrow(0, 1, 1).unwrap()).unwrap().unwrap()), 0.0);
+    }
+
+    /// The factored parts of a pass: a segment of `len` items is `len` rows along the tokens
+    /// of one packed row, or `len` batch rows of `l` tokens each; activations of another
+    /// shape are refused; an adapter without factors makes the whole batch unfactored.
+    #[test]
+    fn parts_follow_the_axis() {
+        let (a, b) = (adapter(1), adapter(2));
+        let (a, b): (&dyn Adapter, &dyn Adapter) = (&a, &b);
+        let rows_of = |parts: Vec<(usize, LowRank)>| -> Vec<(usize, bool)> {
+            parts.into_iter().map(|(rows, u)| (rows, matches!(u, LowRank::Factors { .. }))).collect()
+        };
+        let tokens = SegmentedAdapters::new(SegmentAxis::Tokens, &[(4, Some(a)), (2, None), (3, Some(b))]);
+        assert!(tokens.factored());
+        let parts = tokens.low_rank_parts(0, Proj::QProj, (1, 9)).unwrap().unwrap();
+        assert_eq!(rows_of(parts), [(4, true), (2, false), (3, true)]);
+        for bad in [(2, 9), (1, 8), (3, 3)] {
+            assert!(tokens.low_rank_parts(0, Proj::QProj, bad).is_err(), "{bad:?}");
+        }
+        let rows = SegmentedAdapters::new(SegmentAxis::Rows, &[(1, Some(a)), (2, Some(b))]);
+        let parts = rows.low_rank_parts(0, Proj::QProj, (3, 5)).unwrap().unwrap();
+        assert_eq!(rows_of(parts), [(5, true), (10, true)]);
+        assert!(rows.low_rank_parts(0, Proj::QProj, (2, 5)).is_err());
+        assert!(rows.low_rank_parts(0, Proj::QProj, (1, 15)).is_err());
     }
 
     /// Segments along the tokens axis need one packed row: activations of two rows are

@@ -17,6 +17,17 @@ use crate::runtime::ops::{self, LowRankSegment, Tap};
 
 type Result<T> = candle_core::Result<T>;
 
+#[cfg(test)]
+thread_local! {
+    static LAYERS_AS_NODES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many layers this thread has run through [`layer`]: tests see which path a pass took.
+#[cfg(test)]
+pub(crate) fn layers_as_nodes() -> usize {
+    LAYERS_AS_NODES.with(|n| n.get())
+}
+
 /// The projections, in the order the decoder asks an adapter for their updates (so its
 /// dropout masks are drawn in the same order on either path).
 pub(super) const PROJECTIONS: [Proj; 7] =
@@ -149,6 +160,8 @@ pub(super) fn layer(
     masking: &Masking,
     updates: Vec<Vec<(usize, LowRank)>>,
 ) -> Result<Tensor> {
+    #[cfg(test)]
+    LAYERS_AS_NODES.with(|n| n.set(n.get() + 1));
     let cfg = &dec.cfg;
     let layer = &dec.layers[i];
     let (a, m) = (&layer.self_attn, &layer.mlp);

@@ -13,4 +13,6 @@ mod weights;
 pub use cache::{causal_mask, Batch, KvCache};
 pub use config::{ModelConfig, RopeScaling};
 pub use decoder::{low_rank_update, Adapter, Attention, Decoder, DecoderLayer, Frozen, Linear, LowRank, Mlp};
+#[cfg(test)]
+pub(crate) use layer_grad::layers_as_nodes;
 pub use weights::{global_tensors, layer_tensors, random_weights, Proj, TensorKind, ROPE_FREQS};

@@ -134,7 +134,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use crate::runtime::lora::{LoraAdapter, LoraConfig};
-    use crate::runtime::model::{random_weights, Adapter, Decoder, LowRank, ModelConfig, Proj};
+    use crate::runtime::model::{layers_as_nodes, random_weights, Adapter, Decoder, LowRank, ModelConfig, Proj};
     use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
 
     /// An adapter that hides its factored form, so the decoder composes each layer of
@@ -160,12 +160,17 @@ mod tests {
     /// An adapter on all seven projections with a B drawn from `seed` (PEFT's zero B would
     /// leave half the gradients trivially zero), dropout drawn from `seed` too: twins alike.
     fn adapter(dec: &Decoder, rank: usize, seed: u64) -> LoraAdapter {
-        let config = LoraConfig { targets: Proj::ALL.to_vec(), ..LoraConfig::paper(rank, 2.0 * rank as f64, 0.1) };
+        adapter_on(dec, rank, seed, &Proj::ALL)
+    }
+
+    /// [`adapter`] on `targets` only.
+    fn adapter_on(dec: &Decoder, rank: usize, seed: u64, targets: &[Proj]) -> LoraAdapter {
+        let config = LoraConfig { targets: targets.to_vec(), ..LoraConfig::paper(rank, 2.0 * rank as f64, 0.1) };
         use rand::{Rng, SeedableRng};
         let mut a = LoraAdapter::new(&dec.cfg, config, seed, &Device::Cpu).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for layer in 0..dec.cfg.num_hidden_layers {
-            for proj in Proj::ALL {
+            for &proj in targets {
                 let b = &a.pair(layer, proj).unwrap().b;
                 let values: Vec<f32> = (0..b.elem_count()).map(|_| rng.random::<f32>() - 0.5).collect();
                 b.set(&Tensor::from_vec(values, b.shape(), &Device::Cpu).unwrap()).unwrap();
@@ -182,7 +187,7 @@ mod tests {
         for (a, a2) in pairs {
             for layer in 0..dec.cfg.num_hidden_layers {
                 for proj in Proj::ALL {
-                    let (p, p2) = (a.pair(layer, proj).unwrap(), a2.pair(layer, proj).unwrap());
+                    let (Some(p), Some(p2)) = (a.pair(layer, proj), a2.pair(layer, proj)) else { continue };
                     for (v, v2) in [(&p.a, &p2.a), (&p.b, &p2.b)] {
                         let (x, y) = (g.get(v).expect("a gradient"), g2.get(v2).expect("a gradient"));
                         gap = gap.max((x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap());
@@ -204,12 +209,18 @@ mod tests {
         for model_type in ["llama", "qwen2", "qwen3"] {
             let dec = decoder(model_type);
             let ids: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 64).collect();
-            let (a, a2) = (adapter(&dec, 4, 1), adapter(&dec, 4, 1));
-            let loss = dec.sequence_loss(&ids, 3, Some(&a)).unwrap();
-            let loss2 = dec.sequence_loss(&ids, 3, Some(&Composed(&a2))).unwrap();
-            assert_eq!(loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap(), "{model_type}: one sequence");
-            let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
-            assert!(gap < 1e-5, "{model_type}: one sequence, gradient gap {gap}");
+            // on all seven projections, and on the paper's q and v (the others untouched)
+            for targets in [&Proj::ALL[..], &[Proj::QProj, Proj::VProj]] {
+                let (a, a2) = (adapter_on(&dec, 4, 1, targets), adapter_on(&dec, 4, 1, targets));
+                let nodes = layers_as_nodes();
+                let loss = dec.sequence_loss(&ids, 3, Some(&a)).unwrap();
+                assert_eq!(layers_as_nodes() - nodes, 2, "each layer one node");
+                let loss2 = dec.sequence_loss(&ids, 3, Some(&Composed(&a2))).unwrap();
+                assert_eq!(layers_as_nodes() - nodes, 2, "the composed path");
+                assert_eq!(loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap(), "{model_type}: one sequence");
+                let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
+                assert!(gap < 1e-5, "{model_type}: one sequence on {targets:?}, gradient gap {gap}");
+            }
 
             let (p, q, p2, q2) = (adapter(&dec, 2, 5), adapter(&dec, 6, 6), adapter(&dec, 2, 5), adapter(&dec, 6, 6));
             let seqs: [(&[u32], usize); 2] = [(&ids[..5], 0), (&ids[2..], 2)];
