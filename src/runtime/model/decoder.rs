@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use super::cache::{causal_mask, Batch, KvCache};
 use super::config::{ModelConfig, RopeScaling};
-use super::layer_grad;
+use super::layer_grad::{self, Attention, DecoderLayer, Linear, LowRank, Masking, Mlp};
 use super::weights::{global_tensors, Proj, ROPE_FREQS};
 use crate::runtime::ops;
 
@@ -44,15 +44,6 @@ pub trait Adapter: Sync {
     fn low_rank_parts(&self, layer: usize, proj: Proj, (b, l): (usize, usize)) -> Result<Option<Vec<(usize, LowRank)>>> {
         Ok(self.low_rank(layer, proj, b * l)?.map(|u| vec![(b * l, u)]))
     }
-}
-
-/// An adapter's update of one projection in factored form ([`Adapter::low_rank`]).
-pub enum LowRank {
-    /// The adapter leaves the projection alone.
-    Untouched,
-    /// `scale · (mask ⊙ x) Aᵀ Bᵀ`: `a` `[r, in]` and `b` `[out, r]` in f32, `mask` `[rows, in]`
-    /// (dropout, kept inputs already scaled by `1 / (1 - p)`) or none.
-    Factors { a: Tensor, b: Tensor, scale: f64, mask: Option<Tensor> },
 }
 
 /// An adapter used for inference: its updates are cut from the autograd graph.
@@ -88,57 +79,6 @@ fn detach(u: LowRank) -> LowRank {
     }
 }
 
-/// A projection with a frozen weight `[out, in]` and an optional bias.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
-    }
-}
-
-/// Grouped-query self-attention of one layer (`nh` query heads, `nkv` key/value heads of
-/// `d` dimensions; `h` = hidden size).
-#[derive(Debug, Clone)]
-pub struct Attention {
-    /// `[nh * d, h]` (+ bias `[nh * d]` for Qwen2)
-    pub q_proj: Linear,
-    /// `[nkv * d, h]` (+ bias for Qwen2)
-    pub k_proj: Linear,
-    /// `[nkv * d, h]` (+ bias for Qwen2)
-    pub v_proj: Linear,
-    /// `[h, nh * d]`
-    pub o_proj: Linear,
-    /// Qwen3's per-head RMSNorm weights, `[d]` each.
-    pub q_norm: Option<Tensor>,
-    pub k_norm: Option<Tensor>,
-}
-
-/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`, `ff` = intermediate size.
-#[derive(Debug, Clone)]
-pub struct Mlp {
-    /// `[ff, h]`
-    pub gate_proj: Linear,
-    /// `[ff, h]`
-    pub up_proj: Linear,
-    /// `[h, ff]`
-    pub down_proj: Linear,
-}
-
-/// How the rows of a batch attend: through the batch's own mask (`[b, 1, l, cached + l]`,
-/// or none), or, for a packed batch, each `(start, len)` segment within itself under its
-/// causal mask (`None` for a one-token segment).
-pub(super) enum Masking<'a> {
-    Rows(Option<&'a Tensor>),
-    Segments(&'a [(usize, usize)], &'a [Option<Tensor>]),
-}
-
 /// The low-rank updates of consecutive row segments of `x` `[n, in]`, `(rows, update)` for
 /// each in order, covering `x`: dropout masks applied, then one
 /// [`ops::segmented_low_rank`] over all segments. `[n, out]` in f32, or `None` when no
@@ -166,17 +106,6 @@ pub fn low_rank_update(x: &Tensor, parts: Vec<(usize, LowRank)>) -> Result<Optio
     let h = x.to_dtype(DType::F32)?;
     let h = if any_mask { (h * Tensor::cat(&masks, 0)?)? } else { h };
     ops::segmented_low_rank(&h, &segments).map(Some)
-}
-
-/// One pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
-#[derive(Debug, Clone)]
-pub struct DecoderLayer {
-    pub self_attn: Attention,
-    pub mlp: Mlp,
-    /// RMSNorm weight before attention, `[h]`.
-    pub input_layernorm: Tensor,
-    /// RMSNorm weight before the MLP, `[h]`.
-    pub post_attention_layernorm: Tensor,
 }
 
 /// Rotary tables `cos`, `sin`: `[max_positions, head_dim / 2]`.
@@ -404,7 +333,7 @@ impl Decoder {
                         None => candle_core::bail!("an adapter that says it is factored gave no factors for {proj:?} of layer {i}"),
                     }
                 }
-                x = layer_grad::layer(self, i, &x, &cos_sin, &masking, updates)?;
+                x = layer_grad::layer(&self.cfg, &self.layers[i], &x, &cos_sin, &masking, updates)?;
                 continue;
             }
             let layer = &self.layers[i];

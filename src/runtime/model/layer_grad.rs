@@ -1,4 +1,6 @@
-//! A decoder layer's training pass as one autograd node, its backward written by hand.
+//! A decoder layer: its weights (`DecoderLayer`, `Linear`), the adapter's factored update
+//! of a projection (`LowRank`), and its training pass as one autograd node, its backward
+//! written by hand. (The decoder calls this module, never the other way round.)
 //!
 //! Why: composed of differentiable ops, a layer is ~30 nodes of candle's autograd graph,
 //! and candle's backward gives every node's input a fresh zero tensor and adds the
@@ -11,11 +13,84 @@
 
 use candle_core::{DType, Tensor};
 
-use super::decoder::{Decoder, Linear, LowRank, Masking};
+use candle_nn::VarBuilder;
+
+use super::config::ModelConfig;
 use super::weights::Proj;
 use crate::runtime::ops::{self, LowRankSegment, Tap};
 
 type Result<T> = candle_core::Result<T>;
+
+/// An adapter's update of one projection in factored form ([`Adapter::low_rank`]).
+pub enum LowRank {
+    /// The adapter leaves the projection alone.
+    Untouched,
+    /// `scale · (mask ⊙ x) Aᵀ Bᵀ`: `a` `[r, in]` and `b` `[out, r]` in f32, `mask` `[rows, in]`
+    /// (dropout, kept inputs already scaled by `1 / (1 - p)`) or none.
+    Factors { a: Tensor, b: Tensor, scale: f64, mask: Option<Tensor> },
+}
+
+/// A projection with a frozen weight `[out, in]` and an optional bias.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(super) fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+}
+
+/// Grouped-query self-attention of one layer (`nh` query heads, `nkv` key/value heads of
+/// `d` dimensions; `h` = hidden size).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// `[nh * d, h]` (+ bias `[nh * d]` for Qwen2)
+    pub q_proj: Linear,
+    /// `[nkv * d, h]` (+ bias for Qwen2)
+    pub k_proj: Linear,
+    /// `[nkv * d, h]` (+ bias for Qwen2)
+    pub v_proj: Linear,
+    /// `[h, nh * d]`
+    pub o_proj: Linear,
+    /// Qwen3's per-head RMSNorm weights, `[d]` each.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`, `ff` = intermediate size.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// `[ff, h]`
+    pub gate_proj: Linear,
+    /// `[ff, h]`
+    pub up_proj: Linear,
+    /// `[h, ff]`
+    pub down_proj: Linear,
+}
+
+/// How the rows of a batch attend: through the batch's own mask (`[b, 1, l, cached + l]`,
+/// or none), or, for a packed batch, each `(start, len)` segment within itself under its
+/// causal mask (`None` for a one-token segment).
+pub(super) enum Masking<'a> {
+    Rows(Option<&'a Tensor>),
+    Segments(&'a [(usize, usize)], &'a [Option<Tensor>]),
+}
+
+/// One pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    /// RMSNorm weight before attention, `[h]`.
+    pub input_layernorm: Tensor,
+    /// RMSNorm weight before the MLP, `[h]`.
+    pub post_attention_layernorm: Tensor,
+}
 
 #[cfg(test)]
 thread_local! {
@@ -146,15 +221,15 @@ impl Attend {
     }
 }
 
-/// Layer `i` of `dec` on `x` `[b, l, hidden]`, differentiable with respect to `x` and to every
+/// `layer` of a decoder configured by `cfg` on `x` `[b, l, hidden]`, differentiable with respect to `x` and to every
 /// factor in `updates` (one `(rows, update)` list per projection, in [`PROJECTIONS`] order,
 /// whose rows cover the `b · l` rows of `x`). Its value is the decoder's composed layer's,
 /// bit for bit (the same kernels in the same order); its gradients differ from the composed
 /// graph's only in the order of a few sums. Without anything to differentiate it records no
 /// node.
 pub(super) fn layer(
-    dec: &Decoder,
-    i: usize,
+    cfg: &ModelConfig,
+    layer: &DecoderLayer,
     x: &Tensor,
     cos_sin: &(Tensor, Tensor),
     masking: &Masking,
@@ -162,8 +237,6 @@ pub(super) fn layer(
 ) -> Result<Tensor> {
     #[cfg(test)]
     LAYERS_AS_NODES.with(|n| n.set(n.get() + 1));
-    let cfg = &dec.cfg;
-    let layer = &dec.layers[i];
     let (a, m) = (&layer.self_attn, &layer.mlp);
     let (b, l, hidden) = x.dims3()?;
     let n = b * l;
