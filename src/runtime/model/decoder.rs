@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use super::cache::{causal_mask, Batch, KvCache};
 use super::config::{ModelConfig, RopeScaling};
-use super::layer_grad::{self, Attention, DecoderLayer, Linear, LowRank, Masking, Mlp};
+use super::layer_grad::{self, Attention, DecoderLayer, Linear, LowRank, Masking, Mlp, Update};
 use super::weights::{global_tensors, Proj, ROPE_FREQS};
 use crate::runtime::ops;
 
@@ -60,7 +60,7 @@ impl Adapter for Frozen<'_> {
     }
 
     fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> Result<Option<LowRank>> {
-        Ok(self.0.low_rank(layer, proj, rows)?.map(detach))
+        Ok(self.0.low_rank(layer, proj, rows)?.map(LowRank::detach))
     }
 
     fn factored(&self) -> bool {
@@ -68,14 +68,7 @@ impl Adapter for Frozen<'_> {
     }
 
     fn low_rank_parts(&self, layer: usize, proj: Proj, dims: (usize, usize)) -> Result<Option<Vec<(usize, LowRank)>>> {
-        Ok(self.0.low_rank_parts(layer, proj, dims)?.map(|parts| parts.into_iter().map(|(rows, u)| (rows, detach(u))).collect()))
-    }
-}
-
-fn detach(u: LowRank) -> LowRank {
-    match u {
-        LowRank::Factors { a, b, scale, mask } => LowRank::Factors { a: a.detach(), b: b.detach(), scale, mask },
-        LowRank::Untouched => LowRank::Untouched,
+        Ok(self.0.low_rank_parts(layer, proj, dims)?.map(|parts| parts.into_iter().map(|(rows, u)| (rows, u.detach())).collect()))
     }
 }
 
@@ -85,27 +78,11 @@ fn detach(u: LowRank) -> LowRank {
 /// segment has factors.
 pub fn low_rank_update(x: &Tensor, parts: Vec<(usize, LowRank)>) -> Result<Option<Tensor>> {
     let (_, in_dim) = x.dims2()?;
-    let any_mask = parts.iter().any(|(_, u)| matches!(u, LowRank::Factors { mask: Some(_), .. }));
-    let (mut segments, mut masks) = (Vec::with_capacity(parts.len()), Vec::new());
-    for (len, update) in parts {
-        let (factors, scale, mask) = match update {
-            LowRank::Factors { a, b, scale, mask } => (Some((a, b)), scale, mask),
-            LowRank::Untouched => (None, 0.0, None),
-        };
-        if any_mask {
-            masks.push(match mask {
-                Some(m) => m,
-                None => Tensor::ones((len, in_dim), DType::F32, x.device())?,
-            });
-        }
-        segments.push(ops::LowRankSegment { len, factors, scale });
-    }
-    if segments.iter().all(|s| s.factors.is_none()) {
+    let update = Update::new(parts, in_dim, x.device())?;
+    if update.is_untouched() {
         return Ok(None);
     }
-    let h = x.to_dtype(DType::F32)?;
-    let h = if any_mask { (h * Tensor::cat(&masks, 0)?)? } else { h };
-    ops::segmented_low_rank(&h, &segments).map(Some)
+    ops::segmented_low_rank(&update.input(x)?, &update.segments).map(Some)
 }
 
 /// Rotary tables `cos`, `sin`: `[max_positions, head_dim / 2]`.

@@ -108,22 +108,32 @@ pub(crate) fn layers_as_nodes() -> usize {
 pub(super) const PROJECTIONS: [Proj; 7] =
     [Proj::QProj, Proj::KProj, Proj::VProj, Proj::OProj, Proj::GateProj, Proj::UpProj, Proj::DownProj];
 
-/// One projection's update over the rows of a pass: each row segment's factors (detached),
-/// and the dropout mask of all rows `[n, in]` when any segment has one.
-struct Update {
-    segments: Vec<LowRankSegment>,
+impl LowRank {
+    /// The same update with its factors cut from the autograd graph (the mask never tracks).
+    pub fn detach(self) -> Self {
+        match self {
+            Self::Factors { a, b, scale, mask } => Self::Factors { a: a.detach(), b: b.detach(), scale, mask },
+            Self::Untouched => Self::Untouched,
+        }
+    }
+}
+
+/// One projection's update over the rows of a pass: each row segment's factors, and the
+/// dropout mask of all rows `[n, in]` when any segment has one.
+pub(super) struct Update {
+    pub(super) segments: Vec<LowRankSegment>,
     mask: Option<Tensor>,
-    out: usize,
 }
 
 impl Update {
     /// `parts`: `(rows, update)` of consecutive row segments; `in_dim`: the input width.
-    fn new(parts: Vec<(usize, LowRank)>, in_dim: usize, out: usize, device: &candle_core::Device) -> Result<Self> {
+    /// The factors are kept as given (tracked or not).
+    pub(super) fn new(parts: Vec<(usize, LowRank)>, in_dim: usize, device: &candle_core::Device) -> Result<Self> {
         let any_mask = parts.iter().any(|(_, u)| matches!(u, LowRank::Factors { mask: Some(_), .. }));
         let (mut segments, mut masks) = (Vec::with_capacity(parts.len()), Vec::new());
         for (len, u) in parts {
             let (factors, scale, mask) = match u {
-                LowRank::Factors { a, b, scale, mask } => (Some((a.detach(), b.detach())), scale, mask),
+                LowRank::Factors { a, b, scale, mask } => (Some((a, b)), scale, mask),
                 LowRank::Untouched => (None, 0.0, None),
             };
             if any_mask {
@@ -135,15 +145,15 @@ impl Update {
             segments.push(LowRankSegment { len, factors, scale });
         }
         let mask = if any_mask { Some(Tensor::cat(&masks, 0)?) } else { None };
-        Ok(Self { segments, mask, out })
+        Ok(Self { segments, mask })
     }
 
-    fn is_untouched(&self) -> bool {
+    pub(super) fn is_untouched(&self) -> bool {
         self.segments.iter().all(|s| s.factors.is_none())
     }
 
     /// The low-rank path's input: `x` `[n, in]` in f32, dropout applied.
-    fn input(&self, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn input(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         match &self.mask {
             Some(m) => x * m,
@@ -158,7 +168,7 @@ fn project(x: &Tensor, lin: &Linear, u: &Update) -> Result<Tensor> {
     if u.is_untouched() {
         return Ok(y);
     }
-    let delta = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, u.out)?;
+    let delta = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, lin.weight.dim(0)?)?;
     let dtype = y.dtype();
     y + delta.to_dtype(dtype)?
 }
@@ -254,9 +264,11 @@ pub(super) fn layer(
             }
         }
     }
+    // the node's own forward and backward record nothing: they use the factors detached
     let mut u = Vec::with_capacity(7);
     for (parts, lin) in updates.into_iter().zip(lins) {
-        u.push(Update::new(parts, lin.weight.dim(1)?, lin.weight.dim(0)?, x.device())?);
+        let parts = parts.into_iter().map(|(rows, update)| (rows, update.detach())).collect();
+        u.push(Update::new(parts, lin.weight.dim(1)?, x.device())?);
     }
     let (cos, sin) = (cos_sin.0.clone(), cos_sin.1.clone());
 
