@@ -90,6 +90,8 @@ MUTANTS_TESTS ?= --lib --test=semantics --test=sft --test=tiny_models --test=par
 # CUDA arms cannot run on a CPU; an op's name only labels it in errors
 MUTANTS_EXCLUDE ?= cuda_fwd|cuda_value|cuda_bwd|::name -> 
 MUTANTS_BUDGET ?= 3600
+# a regex: only the mutants whose name matches it (e.g. after a fix, the survivors of the last run)
+MUTANTS_RE ?=
 # Per mutant only the library is rebuilt: no stage binaries (the `stages` feature), and the
 # selfedit crate in 256 codegen units, so a mutant recompiles a smaller share of it.
 MUTANTS_CARGO_ARGS := --no-default-features $(if $(filter 0,$(BLAS)),,--features=openblas) \
@@ -98,12 +100,12 @@ MUTANTS_CARGO_ARGS := --no-default-features $(if $(filter 0,$(BLAS)),,--features
 # Its own target folder: cargo-mutants builds a copy of the tree, and in a shared folder a mutant's
 # binaries look fresh to the next ordinary build (seen: `make test` ran a mutant's library).
 MUTANTS_TARGET ?= $(HOME)/.cache/selfedit-mutants-target
-mutants: blas $(SMOLLM) $(EMBEDDER)  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_BUDGET s)
+mutants: blas $(SMOLLM) $(EMBEDDER)  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_RE, MUTANTS_BUDGET s)
 	@command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
 	SELFEDIT_MODEL=$(abspath $(SMOLLM)) SELFEDIT_EMBEDDER=$(abspath $(EMBEDDER_DIR)) SELFEDIT_SHARED=$(abspath ../shared) \
 	  RAYON_NUM_THREADS=1 CARGO_TARGET_DIR=$(MUTANTS_TARGET) timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle --iterate $(foreach f,$(MUTANTS_FILES),-f $(f)) \
 	  $(foreach a,$(MUTANTS_CARGO_ARGS) $(MUTANTS_TESTS),--cargo-arg=$(a)) \
-	  --exclude-re '$(MUTANTS_EXCLUDE)' --output $(OUTPUTS)/mutants; status=$$?; \
+	  --exclude-re '$(MUTANTS_EXCLUDE)' $(if $(MUTANTS_RE),--re '$(MUTANTS_RE)',) --output $(OUTPUTS)/mutants; status=$$?; \
 	  echo "mutants: see $(OUTPUTS)/mutants/mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt)"; exit $$status
 
 KILLS ?= 20
