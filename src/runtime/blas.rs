@@ -33,6 +33,7 @@ mod ffi {
             ldc: c_int,
         );
         pub fn openblas_get_corename() -> *const std::os::raw::c_char;
+        pub fn openblas_get_num_threads() -> c_int;
     }
 }
 
@@ -225,6 +226,21 @@ fn kernel_advice(name: &str, avx512: bool, avx2: bool) -> Option<String> {
              times slower. Run through make (which sets OPENBLAS_CORETYPE), or set OPENBLAS_CORETYPE={fit}"
         )
     })
+}
+
+/// How many threads OpenBLAS runs a product on (`OPENBLAS_NUM_THREADS`, else the cores);
+/// 1 without BLAS. The cores it uses sit idle between products, which is when
+/// [`crate::runtime::ops`]' elementwise work runs, so that work may use as many.
+pub fn threads() -> usize {
+    #[cfg(feature = "openblas")]
+    {
+        // SAFETY: reads OpenBLAS's thread count; no arguments, no state changed.
+        unsafe { ffi::openblas_get_num_threads() }.max(1) as usize
+    }
+    #[cfg(not(feature = "openblas"))]
+    {
+        1
+    }
 }
 
 /// How many threads candle's rayon pool should have beside BLAS: one, since two pools
