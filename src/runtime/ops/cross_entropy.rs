@@ -180,10 +180,11 @@ mod tests {
     /// totals and gradient rows as candle's ops.
     #[test]
     fn rows_split_over_threads_equal_candle_rows() {
-        let (n, vocab) = (37, 5000);
+        // 60 × 5000 = 2.3 × 2^17 elements: two threads where OpenBLAS has two
+        let (n, vocab) = (60, 5000);
         let rows: Vec<(Option<u32>, usize)> =
-            (0..n).map(|i| (if i % 6 == 2 { None } else { Some((i * 131 % vocab) as u32) }, i / 20)).collect();
-        let counted = [17, 15];
+            (0..n).map(|i| (if i % 6 == 2 { None } else { Some((i * 131 % vocab) as u32) }, i / 30)).collect();
+        let counted = [25, 25];
         let l = logits(n, vocab);
         let (mut t_cpu, mut t_candle) = (vec![0.0f64; 2], vec![0.0f64; 2]);
         let d_cpu = rows_cpu(l.clone(), &rows, &counted, &mut t_cpu, true).unwrap().unwrap();

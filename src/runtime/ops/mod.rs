@@ -712,12 +712,13 @@ mod tests {
         assert_eq!(run(2, 0, 7).0, vec![std::ops::Range { start: 0, end: 0 }], "nothing to do");
 
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (40, 4096), &dev).unwrap();
+        // 80 × 4096 = 2.5 × 2^17 elements: two threads where OpenBLAS has two
+        let x = Tensor::randn(0f32, 1., (80, 4096), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.5, (4096,), &dev).unwrap();
-        let g = Tensor::randn(0f32, 1., (40, 4096), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1., (80, 4096), &dev).unwrap();
         close(&rms_norm_backward_cpu(&x, &w, &g, 1e-5).unwrap().unwrap(), &rms_norm_backward_candle(&x, &w, &g, 1e-5).unwrap(), 1e-5);
-        let (dg, du) = swiglu_backward(&x, &w.broadcast_as((40, 4096)).unwrap().contiguous().unwrap(), &g).unwrap();
-        let (dg2, du2) = swiglu_backward_candle(&x, &w.broadcast_as((40, 4096)).unwrap(), &g).unwrap();
+        let (dg, du) = swiglu_backward(&x, &w.broadcast_as((80, 4096)).unwrap().contiguous().unwrap(), &g).unwrap();
+        let (dg2, du2) = swiglu_backward_candle(&x, &w.broadcast_as((80, 4096)).unwrap(), &g).unwrap();
         close(&dg, &dg2, 1e-5);
         close(&du, &du2, 1e-5);
         let y = swiglu_forward(&x, &g).unwrap();
