@@ -134,8 +134,9 @@ fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
 
 /// Where one packed training pass of `segments` sequences of `len` tokens spends its time,
 /// each part timed alone at that shape (median of 5, forward and backward):
-/// (frozen projections' products, LM head with the loss, attention of every layer), seconds.
-fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f64, f64, f64)> {
+/// (frozen projections' products, LM head with the loss, attention of every layer, the
+/// low-rank updates of q and v at the bench's ranks in every layer), seconds.
+fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
     use candle_core::{Tensor, Var};
     use selfedit::runtime::{model::causal_mask, ops};
     let dec = &m.decoder;
@@ -173,7 +174,33 @@ fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f
         }
         times.push(t.elapsed().as_secs_f64());
     }
-    Ok((projections, lm_head, median(times)))
+    let attention = median(times);
+    // the low-rank updates of q and v, segment s at [`self_edit`]'s rank for adapter s
+    let (hidden, q_out, v_out) = (dec.cfg.hidden_size, heads * d, kv * d);
+    let h = Var::randn(0f32, 1.0, (rows, hidden), &dev)?;
+    let factors = |out: usize| -> anyhow::Result<Vec<ops::LowRankSegment>> {
+        (0..segments)
+            .map(|s| {
+                let r = [16, 32, 32, 64][s % 4];
+                let a = Var::randn(0f32, 0.1, (r, hidden), &dev)?.as_tensor().clone();
+                let b = Var::randn(0f32, 0.1, (out, r), &dev)?.as_tensor().clone();
+                Ok(ops::LowRankSegment { len, factors: Some((a, b)), scale: 2.0 })
+            })
+            .collect()
+    };
+    let (q_seg, v_seg) = (factors(q_out)?, factors(v_out)?);
+    let (gq, gv) = (Tensor::randn(0f32, 1.0, (rows, q_out), &dev)?, Tensor::randn(0f32, 1.0, (rows, v_out), &dev)?);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..dec.cfg.num_hidden_layers {
+            let yq = ops::segmented_low_rank(h.as_tensor(), &q_seg)?;
+            let yv = ops::segmented_low_rank(h.as_tensor(), &v_seg)?;
+            drop(((yq * &gq)?.sum_all()? + (yv * &gv)?.sum_all()?)?.backward()?);
+        }
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok((projections, lm_head, attention, median(times)))
 }
 
 /// FLOPs of one training token through the frozen weights: forward plus input gradients of
@@ -246,8 +273,8 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         // what `training.group_memory_mib` is compared with, beside the measured peak above
         report(&name("group_memory_estimate_mib"), rep.max_memory_estimate as f64 / (1u64 << 20) as f64, "MiB");
         // where the training time went: the passes' phases, then one mean pass's parts
-        // (frozen projections, LM head, attention) timed alone at its shape; the rest of a
-        // pass is norms, rotary, SwiGLU, residuals, the low-rank updates and autograd
+        // (frozen projections, LM head, attention, low-rank updates) timed alone at its shape;
+        // the rest of a pass is norms, rotary, SwiGLU, residuals, copies and autograd
         let t = rep.times;
         report(&name("train_share_forward"), t.forward / rep.seconds, "");
         report(&name("train_share_backward"), t.backward / rep.seconds, "");
@@ -261,12 +288,13 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
     // the parts of a mean pass (through OpenBLAS, as training), after the groups, since their
     // inputs would otherwise count in the groups' peak RSS
     for (g, segments, pass) in passes.into_iter().filter(|_| selfedit::runtime::blas::ENABLED) {
-        let (projections, lm_head, attention) = pass_parts(m, segments, len.round() as usize)?;
+        let (projections, lm_head, attention, low_rank) = pass_parts(m, segments, len.round() as usize)?;
         let name = |s: &str| format!("{s}_group{g}");
         report(&name("pass_share_frozen_projections"), projections / pass, "");
         report(&name("pass_share_lm_head"), lm_head / pass, "");
         report(&name("pass_share_attention"), attention / pass, "");
-        report(&name("pass_share_other"), 1.0 - (projections + lm_head + attention) / pass, "");
+        report(&name("pass_share_low_rank"), low_rank / pass, "");
+        report(&name("pass_share_other"), 1.0 - (projections + lm_head + attention + low_rank) / pass, "");
     }
 
     // 3. the ceiling: the same frozen-weight products with nothing else (last, since its
