@@ -21,6 +21,9 @@ const QUESTIONS: [&str; 5] = [
     "When is it open to visitors?",
 ];
 
+/// LoRA rank of self-edit `k`: `RANKS[k % 4]`, alpha twice the rank (so a scale of 2).
+const RANKS: [usize; 4] = [16, 32, 32, 64];
+
 /// Self-edit `k`: 8-12 sequences of ~25-60 tokens; rank 16/32/64, learning rate and
 /// accumulation varied, `epochs` epochs (the paper's 10 by default).
 fn self_edit(m: &LoadedModel, k: usize, epochs: usize) -> anyhow::Result<TrainJob<usize>> {
@@ -35,7 +38,7 @@ fn self_edit(m: &LoadedModel, k: usize, epochs: usize) -> anyhow::Result<TrainJo
             Ok(TrainExample { ids: m.tokenizer.encode(&text)?, loss_from: 0 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let rank = [16, 32, 32, 64][k % 4];
+    let rank = RANKS[k % 4];
     let lora = LoraConfig::paper(rank, 2.0 * rank as f64, 0.0);
     let adapter = LoraAdapter::new(&m.decoder.cfg, lora, k as u64, m.device())?;
     let config = TrainConfig::new([1e-3, 5e-4, 2e-3][k % 3], epochs, 1 + k % 2, k as u64);
@@ -135,7 +138,9 @@ fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
 /// Where one packed training pass of `segments` sequences of `len` tokens spends its time,
 /// each part timed alone at that shape (median of 5, forward and backward):
 /// (frozen projections' products, LM head with the loss, attention of every layer, the
-/// low-rank updates of q and v at the bench's ranks in every layer), seconds.
+/// low-rank updates of q and v at the bench's ranks in every layer), seconds. Attention and
+/// the low-rank updates run through their public autograd ops with a fixed output gradient,
+/// so their figures also hold the graph's bookkeeping and that product and sum (a few percent).
 fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
     use candle_core::{Tensor, Var};
     use selfedit::runtime::{model::causal_mask, ops};
@@ -175,13 +180,13 @@ fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f
         times.push(t.elapsed().as_secs_f64());
     }
     let attention = median(times);
-    // the low-rank updates of q and v, segment s at [`self_edit`]'s rank for adapter s
+    // the low-rank updates of q and v, segment s at the rank of [`self_edit`] s
     let (hidden, q_out, v_out) = (dec.cfg.hidden_size, heads * d, kv * d);
     let h = Var::randn(0f32, 1.0, (rows, hidden), &dev)?;
     let factors = |out: usize| -> anyhow::Result<Vec<ops::LowRankSegment>> {
         (0..segments)
             .map(|s| {
-                let r = [16, 32, 32, 64][s % 4];
+                let r = RANKS[s % 4];
                 let a = Var::randn(0f32, 0.1, (r, hidden), &dev)?.as_tensor().clone();
                 let b = Var::randn(0f32, 0.1, (out, r), &dev)?.as_tensor().clone();
                 Ok(ops::LowRankSegment { len, factors: Some((a, b)), scale: 2.0 })
