@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use clap::Parser;
+use selfedit::runtime::blas::ComputeDtype;
 use selfedit::runtime::generate::sampling::{argmax, SamplingParams};
 use selfedit::runtime::generate::{generate, GenerationRequest};
 use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
@@ -64,6 +65,10 @@ struct Args {
     /// `cpu` or `cuda:N` (with --synthetic).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision of the frozen weights' products (`model.compute_dtype`): f32, or bf16 on
+    /// Intel AMX.
+    #[arg(long, value_enum, default_value = "f32")]
+    compute_dtype: Dtype,
     // `cargo bench` passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -101,6 +106,21 @@ fn training_text(repeat: usize) -> String {
         }
     }
     s
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl From<Dtype> for ComputeDtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => ComputeDtype::F32,
+            Dtype::Bf16 => ComputeDtype::Bf16,
+        }
+    }
 }
 
 fn report(name: &str, value: f64, unit: &str) {
@@ -169,7 +189,9 @@ fn main() -> anyhow::Result<()> {
         return synthetic(&a);
     }
     let t0 = Instant::now();
-    let m = selfedit::runtime::formats::load(&a.model, &Device::Cpu)?;
+    let mut m = selfedit::runtime::formats::load(&a.model, &Device::Cpu)?;
+    m.decoder.set_compute_dtype(a.compute_dtype.into())?;
+    println!("# compute dtype: {:?}", m.decoder.compute_dtype());
     report("load_s", t0.elapsed().as_secs_f64(), "s");
     report("rss_peak_after_load_mib", peak_rss_mib(), "MiB");
     let dec = &m.decoder;

@@ -156,7 +156,7 @@ fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f
     let mut times = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let loss = ops::lm_head_cross_entropy_packed(h.as_tensor(), &dec.lm_head, &targets)?;
+        let loss = ops::lm_head_cross_entropy_packed(h.as_tensor(), &dec.lm_head, dec.lm_head_bf16.as_ref(), &targets)?;
         drop(loss.sum_all()?.backward()?);
         times.push(t.elapsed().as_secs_f64());
     }

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::Args;
 
 use crate::experiment::config::Experiment;
@@ -109,7 +110,9 @@ impl StageContext {
     /// Loads the model: `--model`, else the config's, on the config's device.
     pub fn load_model(&self, args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         let device = parse_device(&self.exp.config.model.device)?;
-        crate::runtime::formats::load(args.model.as_deref().unwrap_or(&self.exp.config.model.path), &device)
+        let mut model = crate::runtime::formats::load(args.model.as_deref().unwrap_or(&self.exp.config.model.path), &device)?;
+        model.decoder.set_compute_dtype(self.exp.config.model.compute_dtype).context("model.compute_dtype")?;
+        Ok(model)
     }
     pub fn provenance(&self, stage: Stage) -> anyhow::Result<Provenance> {
         Ok(Provenance {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::experiment::states::{BaseRuns, HeuristicRule, Split};
 use crate::experiment::template::{HyperparameterBounds, Hyperparameters};
+use crate::runtime::blas::ComputeDtype;
 use crate::runtime::generate::SamplingParams;
 use crate::runtime::model::Proj;
 
@@ -59,6 +60,11 @@ pub struct ModelSection {
     pub path: PathBuf,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// `f32` (default) or `bf16`: the precision of the frozen weights' products on the CPU
+    /// (`bf16` needs Intel AMX; see `runtime::amx`). Left out of the stage hashes while f32,
+    /// so configs written before it keep their outputs.
+    #[serde(default, skip_serializing_if = "ComputeDtype::is_f32")]
+    pub compute_dtype: ComputeDtype,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -228,6 +228,95 @@ fn kernel_advice(name: &str, avx512: bool, avx2: bool) -> Option<String> {
     })
 }
 
+/// The precision of the frozen weights' products (`model.compute_dtype` in a config). LoRA
+/// factors, their gradients, the optimizer and every other op stay in f32 either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    /// OpenBLAS sgemm (or candle's matmul) on the f32 weights.
+    #[default]
+    F32,
+    /// The weights rounded to bf16 once and multiplied on AMX tiles with f32 accumulation
+    /// ([`Bf16Weight`]); the activations are rounded per product.
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn is_f32(&self) -> bool {
+        *self == Self::F32
+    }
+}
+
+/// A frozen weight `w` `[out, in]` rounded to bf16 and laid out for AMX tiles
+/// (`compute_dtype = "bf16"`, see [`crate::runtime::amx`]), for both products of a linear
+/// layer: `x @ w^T` (forward) and `g @ w` (input gradient). Holds 2 bytes per value for each
+/// product, as much as the f32 weight it sits beside.
+#[derive(Debug)]
+pub struct Bf16Weight {
+    /// `w^T` `[in, out]`.
+    forward: crate::runtime::amx::PackedB,
+    /// `w` `[out, in]`.
+    backward: crate::runtime::amx::PackedB,
+}
+
+/// Products of at least this many multiply-adds run on all of OpenBLAS's threads; smaller ones
+/// on one. Measured here (2 cores): the projections ran faster on one thread (e.g. 440 × 576
+/// -> 576 at 453 against 357 GFLOP/s on two; thread start-up and the shared tile unit), the
+/// LM head (440 × 576 -> 49,152) faster on two (288 against 231).
+const AMX_THREADED_PRODUCT: usize = 1 << 27;
+
+impl Bf16Weight {
+    /// Packs `w` (a contiguous 2-D f32 CPU tensor whose dimensions are multiples of 16).
+    ///
+    /// # Errors
+    /// When AMX was not enabled in this process, or `w` is not of that form.
+    pub fn new(w: &Tensor) -> candle_core::Result<Self> {
+        if !crate::runtime::amx::enabled() {
+            candle_core::bail!("{}", crate::runtime::amx::UNAVAILABLE);
+        }
+        let (out, inp) = w.dims2()?;
+        let packed = with_f32(w, |v| {
+            let forward = crate::runtime::amx::PackedB::transposed(v, out, inp)?;
+            let backward = crate::runtime::amx::PackedB::plain(v, out, inp)?;
+            Some(Self { forward, backward })
+        });
+        match packed {
+            Some(Some(p)) => Ok(p),
+            Some(None) => candle_core::bail!("a bf16 weight needs both dimensions multiples of 16, not {out} x {inp}"),
+            None => candle_core::bail!("a bf16 weight is packed from a contiguous f32 CPU tensor, not {:?} on {:?}", w.dtype(), w.device()),
+        }
+    }
+
+    /// `x @ w^T` for `x` `[m, in]` (contiguous f32 CPU): `[m, out]`.
+    pub fn matmul_nt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Self::product(&self.forward, x)
+    }
+
+    /// `g @ w` for `g` `[m, out]` (contiguous f32 CPU): `[m, in]`.
+    pub fn matmul_nn(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        Self::product(&self.backward, g)
+    }
+
+    /// Bytes held by both layouts.
+    pub fn bytes(&self) -> usize {
+        self.forward.bytes() + self.backward.bytes()
+    }
+
+    fn product(b: &crate::runtime::amx::PackedB, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (k, n) = b.dims();
+        let (m, kx) = x.dims2()?;
+        if kx != k {
+            candle_core::bail!("bf16 matmul: input rows of {kx} values against a weight of {k}");
+        }
+        let threads = if m * k * n >= AMX_THREADED_PRODUCT { threads() } else { 1 };
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        match with_f32(&x, |v| b.matmul(v, m, threads)) {
+            Some(y) => Tensor::from_vec(y, (m, n), &Device::Cpu),
+            None => candle_core::bail!("bf16 matmul: the input is on {:?}, not the CPU", x.device()),
+        }
+    }
+}
+
 /// How many threads OpenBLAS runs a product on (`OPENBLAS_NUM_THREADS`, else the cores);
 /// 1 without BLAS. The cores it uses sit idle between products, which is when
 /// [`crate::runtime::ops`]' elementwise work runs, so that work may use as many.

@@ -228,7 +228,7 @@ impl LoraAdapter {
                 let lin = decoder.linear_mut(i, m);
                 let delta = (pair.b.as_tensor().matmul(pair.a.as_tensor())? * self.config.scale())?;
                 let merged = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;
-                lin.weight = merged;
+                lin.set_weight(merged)?;
             }
         }
         Ok(())

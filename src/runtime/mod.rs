@@ -2,13 +2,14 @@
 //!
 //! - [`model`]: the Llama/Qwen2/Qwen3 decoder (config, weight names, KV cache, forward);
 //! - [`ops`], [`blas`]: its differentiable ops with hand-written backward passes, and the
-//!   OpenBLAS path for frozen-weight matmuls;
+//!   OpenBLAS path for frozen-weight matmuls; [`amx`]: the bf16 path on Intel AMX tiles;
 //! - [`lora`], [`training`]: LoRA adapters (PEFT format) and their trainer;
 //! - [`tokenizer`]: tokenizers + the model's Jinja chat template;
 //! - [`generate`]: vLLM-style sampling, batched generation, JSON-constrained decoding;
 //! - [`formats`]: GGUF files, Hugging Face folders, safetensors writing; [`device`];
 //! - [`embedder`]: a BERT sentence embedder (all-MiniLM-L6-v2) for the collapse analysis.
 
+pub mod amx;
 pub mod blas;
 pub mod device;
 pub mod embedder;

@@ -5,8 +5,8 @@
 /// Sizes candle's rayon pool beside OpenBLAS (one thread; see
 /// `selfedit::runtime::blas::rayon_threads_beside_blas`) unless `RAYON_NUM_THREADS` is set,
 /// tells the allocator to keep freed memory, turns file-size-limit signals into write errors,
-/// logs warnings to stderr (`RUST_LOG` overrides the level), and warns when OpenBLAS runs
-/// kernels older than the CPU.
+/// logs warnings to stderr (`RUST_LOG` overrides the level), warns when OpenBLAS runs
+/// kernels older than the CPU, and asks Linux for AMX (`runtime::amx::enable`).
 pub fn init() {
     keep_freed_memory();
     // A file-size limit (ulimit -f, a full quota) then fails the write with an error naming
@@ -25,6 +25,9 @@ pub fn init() {
     if let Some(warning) = selfedit::runtime::blas::kernel_warning() {
         tracing::warn!("{warning}");
     }
+    // Only grants this process the use of AMX tiles (for `compute_dtype = "bf16"`); whether
+    // anything uses them is the config's choice.
+    selfedit::runtime::amx::enable();
 }
 
 /// mimalloc's `purge_delay` (option 15 of mimalloc 2) to -1: freed memory stays with the

@@ -7,6 +7,8 @@
 //! switches (`qkv_bias`, `qk_norm`, tied embeddings) instead of one file per model; and every
 //! op is differentiable (see [`crate::runtime::ops`]), so the same forward trains adapters.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -14,6 +16,7 @@ use super::cache::{causal_mask, Batch, KvCache};
 use super::config::{ModelConfig, RopeScaling};
 use super::layer_grad::{self, Attention, DecoderLayer, Linear, LowRank, Masking, Mlp, Update};
 use super::weights::{global_tensors, Proj, ROPE_FREQS};
+use crate::runtime::blas::{Bf16Weight, ComputeDtype};
 use crate::runtime::ops;
 
 /// A low-rank (or any additive) update of the projections, applied on top of the frozen
@@ -121,6 +124,8 @@ pub struct Decoder {
     pub norm: Tensor,
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
     pub lm_head: Tensor,
+    /// `lm_head` packed for AMX when the model computes in bf16 ([`Self::set_compute_dtype`]).
+    pub lm_head_bf16: Option<Arc<Bf16Weight>>,
     /// llama.cpp's per-frequency RoPE divisors `[head_dim / 2]` (`rope_freqs.weight`, which
     /// its converter writes for Llama 3.1+ instead of `rope_scaling`); kept so a saved
     /// model carries them.
@@ -181,7 +186,7 @@ impl Decoder {
             None
         };
         let rope = RopeTable::new(cfg, inv_freq, embed_tokens.dtype(), embed_tokens.device())?;
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope_freqs, rope })
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, lm_head_bf16: None, rope_freqs, rope })
     }
 
     pub fn device(&self) -> &Device {
@@ -189,6 +194,42 @@ impl Decoder {
     }
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+
+    /// The precision of the frozen weights' products.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        if self.lm_head_bf16.is_some() {
+            ComputeDtype::Bf16
+        } else {
+            ComputeDtype::F32
+        }
+    }
+
+    /// Runs the frozen weights' products (every projection and the LM head, forward and input
+    /// gradient) in `dtype`. Bf16 packs a bf16 copy of each weight beside the f32 one: for
+    /// SmolLM2-135M, 2 × 2 bytes per weight, ~540 MB.
+    ///
+    /// # Errors
+    /// Bf16 without AMX ([`crate::runtime::amx::enable`] not called or refused), or a model not
+    /// in f32 on the CPU.
+    pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) -> Result<()> {
+        if dtype == self.compute_dtype() {
+            return Ok(());
+        }
+        let pack = |w: &Tensor| -> Result<Option<Arc<Bf16Weight>>> {
+            Ok(match dtype {
+                ComputeDtype::F32 => None,
+                ComputeDtype::Bf16 => Some(Arc::new(Bf16Weight::new(w)?)),
+            })
+        };
+        for i in 0..self.layers.len() {
+            for m in Proj::ALL {
+                let lin = self.linear_mut(i, m);
+                lin.bf16 = pack(&lin.weight)?;
+            }
+        }
+        self.lm_head_bf16 = pack(&self.lm_head)?;
+        Ok(())
     }
 
     /// Bytes a training pass of the frozen model keeps per token until its backward pass
@@ -208,7 +249,7 @@ impl Decoder {
 
     /// A projection of layer `layer`, plus the adapter's low-rank update when it has one.
     fn project(&self, x: &Tensor, lin: &Linear, layer: usize, module: Proj, lora: Option<&dyn Adapter>) -> Result<Tensor> {
-        let y = ops::linear(x, &lin.weight, lin.bias.as_ref())?;
+        let y = ops::linear(x, &lin.weight, lin.bf16.as_ref(), lin.bias.as_ref())?;
         let delta = match lora {
             Some(adapter) => adapter.delta(layer, module, x)?,
             None => None,
@@ -331,13 +372,13 @@ impl Decoder {
         let h = self.forward_hidden(batch, cache, lora)?;
         let l = h.dim(1)?;
         let last = h.narrow(1, l - 1, 1)?.squeeze(1)?;
-        ops::linear(&last, &self.lm_head, None)?.to_dtype(DType::F32)
+        ops::linear(&last, &self.lm_head, self.lm_head_bf16.as_ref(), None)?.to_dtype(DType::F32)
     }
 
     /// Logits of every position, `[b, l, vocab]`, in f32.
     pub fn forward_all(&self, batch: &Batch, cache: Option<&mut KvCache>, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let h = self.forward_hidden(batch, cache, lora)?;
-        ops::linear(&h, &self.lm_head, None)?.to_dtype(DType::F32)
+        ops::linear(&h, &self.lm_head, self.lm_head_bf16.as_ref(), None)?.to_dtype(DType::F32)
     }
 
     /// Mean next-token cross-entropy of one sequence; `loss_from` masks the first positions'
@@ -345,7 +386,7 @@ impl Decoder {
     pub fn sequence_loss(&self, ids: &[u32], loss_from: usize, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let batch = Batch::causal(ids, 0, self.device(), self.dtype())?;
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
-        ops::lm_head_cross_entropy(&h, &self.lm_head, &loss_targets(ids, loss_from))
+        ops::lm_head_cross_entropy(&h, &self.lm_head, self.lm_head_bf16.as_ref(), &loss_targets(ids, loss_from))
     }
 
     /// [`Self::sequence_loss`] of several sequences in one forward pass (packed end to end,
@@ -358,7 +399,7 @@ impl Decoder {
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
         let targets: Vec<Vec<Option<u32>>> = seqs.iter().map(|&(ids, loss_from)| loss_targets(ids, loss_from)).collect();
         let targets: Vec<&[Option<u32>]> = targets.iter().map(|t| t.as_slice()).collect();
-        ops::lm_head_cross_entropy_packed(&h, &self.lm_head, &targets)
+        ops::lm_head_cross_entropy_packed(&h, &self.lm_head, self.lm_head_bf16.as_ref(), &targets)
     }
 
     /// The projection `module` of layer `layer`, for merging adapters into it.

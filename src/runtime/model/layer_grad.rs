@@ -11,12 +11,15 @@
 //! Only adapters in factored form ([`LowRank`]) take this path; the decoder uses it for
 //! training passes.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
 use super::weights::Proj;
+use crate::runtime::blas::Bf16Weight;
 use crate::runtime::ops::{self, LowRankSegment, Tap};
 
 type Result<T> = candle_core::Result<T>;
@@ -35,13 +38,26 @@ pub enum LowRank {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The weight packed for AMX when the model computes in bf16 ([`Decoder::set_compute_dtype`]).
+    ///
+    /// [`Decoder::set_compute_dtype`]: super::Decoder::set_compute_dtype
+    pub bf16: Option<Arc<Bf16Weight>>,
 }
 
 impl Linear {
     pub(super) fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, bf16: None })
+    }
+
+    /// Replaces the weight (merging an adapter), repacking its bf16 copy if it has one.
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        if self.bf16.is_some() {
+            self.bf16 = Some(Arc::new(Bf16Weight::new(&weight)?));
+        }
+        self.weight = weight;
+        Ok(())
     }
 }
 
@@ -164,7 +180,7 @@ impl Update {
 
 /// `x Wᵀ (+ bias) + update`, `[n, in]` → `[n, out]`.
 fn project(x: &Tensor, lin: &Linear, u: &Update) -> Result<Tensor> {
-    let y = ops::plain_linear(x, &lin.weight, lin.bias.as_ref())?;
+    let y = ops::plain_linear(x, &lin.weight, lin.bf16.as_deref(), lin.bias.as_ref())?;
     if u.is_untouched() {
         return Ok(y);
     }
@@ -176,7 +192,7 @@ fn project(x: &Tensor, lin: &Linear, u: &Update) -> Result<Tensor> {
 /// [`project`]'s input gradient for output gradient `g` `[n, out]`; each factored
 /// segment's `dA`, `dB` go to `grads`, flattened, in order.
 fn project_backward(x: &Tensor, g: &Tensor, lin: &Linear, u: &Update, grads: &mut Vec<Tensor>) -> Result<Tensor> {
-    let dx = ops::plain_linear_t(g, &lin.weight)?;
+    let dx = ops::plain_linear_t(g, &lin.weight, lin.bf16.as_deref())?;
     if u.is_untouched() {
         return Ok(dx);
     }

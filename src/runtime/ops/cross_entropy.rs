@@ -8,7 +8,10 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use std::sync::Arc;
+
 use super::{plain_linear, plain_linear_t, Backward1, Tap};
+use crate::runtime::blas::Bf16Weight;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -17,13 +20,14 @@ const CHUNK: usize = 512;
 
 /// Mean next-token cross-entropy of `hidden @ weight^T` against `targets`, counting only
 /// positions where `targets` is `Some`. `hidden` is `[n, d]`, `weight` `[vocab, d]` (frozen).
-/// A 0-d tensor, differentiable with respect to `hidden`.
-pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &[Option<u32>]) -> Result<Tensor> {
+/// A 0-d tensor, differentiable with respect to `hidden`. With `bf16` (the weight packed
+/// for AMX) the LM head's products run in bf16 with f32 accumulation.
+pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, bf16: Option<&Arc<Bf16Weight>>, targets: &[Option<u32>]) -> Result<Tensor> {
     let n = hidden.dim(0)?;
     if targets.len() != n {
         candle_core::bail!("lm_head_cross_entropy: {} targets for {n} rows", targets.len());
     }
-    lm_head_cross_entropy_packed(hidden, weight, &[targets])?.squeeze(0)
+    lm_head_cross_entropy_packed(hidden, weight, bf16, &[targets])?.squeeze(0)
 }
 
 /// [`lm_head_cross_entropy`] of `K` sequences packed end to end in `hidden` `[n, d]`:
@@ -31,7 +35,12 @@ pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &[Option
 /// Returns the `[K]` mean losses, each differentiable with respect to its own rows only.
 ///
 /// Errors: lengths that do not sum to `n`, a sequence with no target.
-pub fn lm_head_cross_entropy_packed(hidden: &Tensor, weight: &Tensor, targets: &[&[Option<u32>]]) -> Result<Tensor> {
+pub fn lm_head_cross_entropy_packed(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bf16: Option<&Arc<Bf16Weight>>,
+    targets: &[&[Option<u32>]],
+) -> Result<Tensor> {
     let (n, _) = hidden.dims2()?;
     if targets.iter().map(|t| t.len()).sum::<usize>() != n {
         candle_core::bail!("lm_head_cross_entropy: the sequences' lengths do not sum to the {n} rows");
@@ -50,7 +59,7 @@ pub fn lm_head_cross_entropy_packed(hidden: &Tensor, weight: &Tensor, targets: &
     let mut start = 0;
     while start < n {
         let len = CHUNK.min(n - start);
-        let logits = plain_linear(&hd.narrow(0, start, len)?, weight, None)?.to_dtype(DType::F32)?;
+        let logits = plain_linear(&hd.narrow(0, start, len)?, weight, bf16.map(|p| &**p), None)?.to_dtype(DType::F32)?;
         let chunk_rows = &rows[start..start + len];
         let d = match device {
             Device::Cpu => rows_cpu(logits, chunk_rows, &counted, &mut totals, grad)?,
@@ -69,7 +78,7 @@ pub fn lm_head_cross_entropy_packed(hidden: &Tensor, weight: &Tensor, targets: &
     let dlogits = if dlogits.len() == 1 { dlogits.pop().unwrap() } else { Tensor::cat(&dlogits, 0)? };
     let row_of: Vec<u32> = rows.iter().map(|&(_, k)| k as u32).collect();
     let row_of = Tensor::from_vec(row_of, n, device)?;
-    let weight = weight.clone();
+    let (weight, bf16) = (weight.clone(), bf16.cloned());
     let value = losses.to_dtype(hidden.dtype())?;
     // The tap maps `hidden` [n, d] to the [K] losses; row r's gradient is its sequence's
     // upstream gradient times its scaled `softmax - onehot`, through the LM head.
@@ -78,7 +87,7 @@ pub fn lm_head_cross_entropy_packed(hidden: &Tensor, weight: &Tensor, targets: &
         value,
         Box::new(move |g: &Tensor| {
             let g_rows = g.index_select(&row_of, 0)?.unsqueeze(1)?; // [n, 1]
-            plain_linear_t(&g_rows.broadcast_mul(&dlogits)?, &weight)
+            plain_linear_t(&g_rows.broadcast_mul(&dlogits)?, &weight, bf16.as_deref())
         }) as Backward1,
     ))?;
     Ok(out)
@@ -206,7 +215,7 @@ mod tests {
         let all: Vec<Option<u32>> = (0..n).map(|i| if i % 5 == 1 { None } else { Some((i * 7 % vocab) as u32) }).collect();
         let bounds = [0, 300, CHUNK + 20, n];
         let parts: Vec<&[Option<u32>]> = bounds.windows(2).map(|b| &all[b[0]..b[1]]).collect();
-        let losses = lm_head_cross_entropy_packed(&h, &w, &parts).unwrap();
+        let losses = lm_head_cross_entropy_packed(&h, &w, None, &parts).unwrap();
         let coeffs = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
         let g1 = (&losses * &coeffs).unwrap().sum_all().unwrap().backward().unwrap();
         // reference: each sequence's mean cross-entropy from the full logits

@@ -27,7 +27,9 @@ pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
 pub use low_rank::{segmented_low_rank, LowRankSegment};
 pub(crate) use low_rank::{segmented_low_rank_backward, segmented_low_rank_forward};
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::runtime::blas::Bf16Weight;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
@@ -158,24 +160,28 @@ fn tap1(x: &Tensor, name: &'static str, value: Tensor, backward: Backward1) -> R
 }
 
 /// `x @ w^T (+ b)` for a frozen `w` of shape `[out, in]`: the backward gives the input's
-/// gradient and never computes the weight's.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let value = plain_linear(&x.detach(), w, b)?;
+/// gradient and never computes the weight's. With `bf16` (the same weight packed for AMX,
+/// `compute_dtype = "bf16"`) both products run in bf16 with f32 accumulation.
+pub fn linear(x: &Tensor, w: &Tensor, bf16: Option<&Arc<Bf16Weight>>, b: Option<&Tensor>) -> Result<Tensor> {
+    let value = plain_linear(&x.detach(), w, bf16.map(|p| &**p), b)?;
     if !x.track_op() {
         return Ok(value);
     }
-    let w = w.clone();
-    tap1(x, "frozen-linear", value, Box::new(move |g| plain_linear_t(g, &w)))
+    let (w, bf16) = (w.clone(), bf16.cloned());
+    tap1(x, "frozen-linear", value, Box::new(move |g| plain_linear_t(g, &w, bf16.as_deref())))
 }
 
-pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, bf16: Option<&Bf16Weight>, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = *dims.last().unwrap();
     let rows = x.elem_count() / in_dim;
     let x2 = x.reshape((rows, in_dim))?;
-    let y = match crate::runtime::blas::matmul_nt(&x2, w) {
-        Some(y) => y?,
-        None => x2.matmul(&w.t()?)?,
+    let y = match bf16 {
+        Some(p) => p.matmul_nt(&x2)?,
+        None => match crate::runtime::blas::matmul_nt(&x2, w) {
+            Some(y) => y?,
+            None => x2.matmul(&w.t()?)?,
+        },
     };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
@@ -186,15 +192,18 @@ pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
     y.reshape(out)
 }
 
-/// `g @ w`: the input gradient of a linear layer.
-pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `g @ w`: the input gradient of a linear layer (in bf16 with `bf16`, as [`linear`]).
+pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor, bf16: Option<&Bf16Weight>) -> Result<Tensor> {
     let dims = g.dims().to_vec();
     let out_dim = *dims.last().unwrap();
     let rows = g.elem_count() / out_dim;
     let g2 = g.reshape((rows, out_dim))?.contiguous()?;
-    let dx = match crate::runtime::blas::matmul_nn(&g2, w) {
-        Some(dx) => dx?,
-        None => g2.matmul(w)?,
+    let dx = match bf16 {
+        Some(p) => p.matmul_nn(&g2)?,
+        None => match crate::runtime::blas::matmul_nn(&g2, w) {
+            Some(dx) => dx?,
+            None => g2.matmul(w)?,
+        },
     };
     let mut shape = dims;
     *shape.last_mut().unwrap() = w.dim(1)?;
@@ -662,7 +671,7 @@ mod tests {
 
         // linear
         let wl = Tensor::randn(0f32, 1., (6, 8), &dev).unwrap();
-        let y = linear(xs, &wl, None).unwrap();
+        let y = linear(xs, &wl, None, None).unwrap();
         let y2 = xs.broadcast_matmul(&wl.t().unwrap()).unwrap();
         close(&y, &y2, 1e-4);
         same_gradients(&y, &y2, &[xs], 1e-3);
@@ -755,7 +764,7 @@ mod tests {
         let h = Var::randn(0f32, 1., (6, 8), &dev).unwrap();
         let w = Tensor::randn(0f32, 1., (11, 8), &dev).unwrap();
         let targets = [Some(1), None, Some(10), Some(0), None, Some(3)];
-        let loss = lm_head_cross_entropy(&h, &w, &targets).unwrap();
+        let loss = lm_head_cross_entropy(&h, &w, None, &targets).unwrap();
         let logits = h.matmul(&w.t().unwrap()).unwrap();
         let keep: Vec<u32> = vec![0, 2, 3, 5];
         let idx = Tensor::new(keep.as_slice(), &dev).unwrap();
