@@ -43,6 +43,9 @@ struct Args {
     /// Skip the 1024-token training figure (the slowest).
     #[arg(long)]
     quick: bool,
+    /// Skip the generation figures (as the peer's `--skip-gen`), for training comparisons.
+    #[arg(long)]
+    skip_gen: bool,
     /// Self-edits of the many-self-edits figure (alone and grouped); 0 skips it.
     #[arg(long, default_value_t = 16)]
     self_edits: usize,
@@ -210,81 +213,86 @@ fn main() -> anyhow::Result<()> {
     let k = a.prompt_tokens - pre_ids.len() - post_ids.len();
     let prompt: Vec<u32> = pre_ids.iter().chain(&content[..k]).chain(&post_ids).copied().collect();
 
-    // (a) greedy generation, batch 1, EOS ignored so exactly gen_tokens are produced
-    let greedy = |n: usize| -> anyhow::Result<Vec<u32>> {
-        let mut cache = KvCache::new(&dec.cfg, 1, prompt.len() + n, dec.dtype(), dec.device())?;
-        let mut out = Vec::with_capacity(n);
-        let mut next = prompt.clone();
-        for _ in 0..n {
-            let b = Batch::causal(&next, cache.len(), dec.device(), dec.dtype())?;
-            let l: Vec<f32> = dec.forward_last(&b, Some(&mut cache), None)?.squeeze(0)?.to_vec1()?;
-            let t = argmax(&l);
-            out.push(t);
-            next = vec![t];
+    if !a.skip_gen {
+        // (a) greedy generation, batch 1, EOS ignored so exactly gen_tokens are produced
+        let greedy = |n: usize| -> anyhow::Result<Vec<u32>> {
+            let mut cache = KvCache::new(&dec.cfg, 1, prompt.len() + n, dec.dtype(), dec.device())?;
+            let mut out = Vec::with_capacity(n);
+            let mut next = prompt.clone();
+            for _ in 0..n {
+                let b = Batch::causal(&next, cache.len(), dec.device(), dec.dtype())?;
+                let l: Vec<f32> = dec.forward_last(&b, Some(&mut cache), None)?.squeeze(0)?.to_vec1()?;
+                let t = argmax(&l);
+                out.push(t);
+                next = vec![t];
+            }
+            Ok(out)
+        };
+        let fg = Foreign::new();
+        let first = greedy(a.gen_tokens)?; // warm-up
+        let mut gen_times = Vec::new();
+        for _ in 0..a.gen_runs {
+            let t = Instant::now();
+            let again = greedy(a.gen_tokens)?;
+            gen_times.push(t.elapsed().as_secs_f64());
+            assert_eq!(again, first, "greedy output not deterministic");
         }
-        Ok(out)
-    };
-    let fg = Foreign::new();
-    let first = greedy(a.gen_tokens)?; // warm-up
-    let mut gen_times = Vec::new();
-    for _ in 0..a.gen_runs {
-        let t = Instant::now();
-        let again = greedy(a.gen_tokens)?;
-        gen_times.push(t.elapsed().as_secs_f64());
-        assert_eq!(again, first, "greedy output not deterministic");
-    }
-    let mut pre_times = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        let b = Batch::causal(&prompt, 0, dec.device(), dec.dtype())?;
-        dec.forward_last(&b, None, None)?;
-        pre_times.push(t.elapsed().as_secs_f64());
-    }
-    let (g, pf) = (median(gen_times), median(pre_times));
-    report("foreign_cores_gen", fg.cores(), "cores");
-    report("gen_seconds_median", g, "s");
-    report("gen_tokens_per_s", a.gen_tokens as f64 / g, "tok/s");
-    report("prefill_seconds_median", pf, "s");
-    report("prefill_tokens_per_s", prompt.len() as f64 / pf, "tok/s");
-    report("decode_tokens_per_s_est", (a.gen_tokens - 1) as f64 / (g - pf).max(1e-9), "tok/s");
+        let mut pre_times = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let b = Batch::causal(&prompt, 0, dec.device(), dec.dtype())?;
+            dec.forward_last(&b, None, None)?;
+            pre_times.push(t.elapsed().as_secs_f64());
+        }
+        let (g, pf) = (median(gen_times), median(pre_times));
+        report("foreign_cores_gen", fg.cores(), "cores");
+        report("gen_seconds_median", g, "s");
+        report("gen_tokens_per_s", a.gen_tokens as f64 / g, "tok/s");
+        report("prefill_seconds_median", pf, "s");
+        report("prefill_tokens_per_s", prompt.len() as f64 / pf, "tok/s");
+        report("decode_tokens_per_s_est", (a.gen_tokens - 1) as f64 / (g - pf).max(1e-9), "tok/s");
 
-    // (a2) batched sampling: 16 prompts (eval regime), tokens per second over the batch
-    let fg = Foreign::new();
-    let questions: Vec<Vec<u32>> = (0..16)
-        .map(|i| tok.encode_chat(&[ChatMessage::user(format!("Question {i}: {}", IMPLICATIONS[i % 12]))], true))
-        .collect::<anyhow::Result<_>>()?;
-    let t = Instant::now();
-    let reqs: Vec<GenerationRequest> =
-        questions.iter().enumerate().map(|(i, q)| GenerationRequest::new(q.clone(), SamplingParams::paper_eval(), i as u64, 64)).collect();
-    let outs = generate(&m, &[], reqs, 16, |_| {})?;
-    let n_tok: usize = outs.iter().map(|o| o.token_ids.len()).sum();
-    report("foreign_cores_batched", fg.cores(), "cores");
-    report("batched16_gen_tokens_per_s", n_tok as f64 / t.elapsed().as_secs_f64(), "tok/s");
-
-    // (a3) JSON-constrained generation (a self-edit template), batch 1
-    let factory = selfedit::runtime::generate::constraint::ConstraintFactory::new(tok)?;
-    let schema = serde_json::json!({"type": "object", "properties": {
-        "data_creation_instruction": {"type": "string"},
-        "hyperparameters": {"type": "object", "properties": {"lora_rank": {"type": "integer"}, "learning_rate": {"type": "number"}},
-            "required": ["lora_rank", "learning_rate"], "additionalProperties": false}},
-        "required": ["data_creation_instruction", "hyperparameters"], "additionalProperties": false});
-    let fg = Foreign::new();
-    let mut rates = Vec::new();
-    for seed in 0..3 {
-        let mut r = GenerationRequest::new(
-            tok.encode_chat(&[ChatMessage::user("Write a learning plan as JSON.")], true)?,
-            SamplingParams::paper_exploit(),
-            seed,
-            a.gen_tokens,
-        );
-        r.constraint = Some(factory.json_schema(&schema)?);
+        // (a2) batched sampling: 16 prompts (eval regime), tokens per second over the batch
+        let fg = Foreign::new();
+        let questions: Vec<Vec<u32>> = (0..16)
+            .map(|i| tok.encode_chat(&[ChatMessage::user(format!("Question {i}: {}", IMPLICATIONS[i % 12]))], true))
+            .collect::<anyhow::Result<_>>()?;
         let t = Instant::now();
-        let out = generate(&m, &[], vec![r], 1, |_| {})?;
-        rates.push(out[0].token_ids.len() as f64 / t.elapsed().as_secs_f64());
+        let reqs: Vec<GenerationRequest> = questions
+            .iter()
+            .enumerate()
+            .map(|(i, q)| GenerationRequest::new(q.clone(), SamplingParams::paper_eval(), i as u64, 64))
+            .collect();
+        let outs = generate(&m, &[], reqs, 16, |_| {})?;
+        let n_tok: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+        report("foreign_cores_batched", fg.cores(), "cores");
+        report("batched16_gen_tokens_per_s", n_tok as f64 / t.elapsed().as_secs_f64(), "tok/s");
+
+        // (a3) JSON-constrained generation (a self-edit template), batch 1
+        let factory = selfedit::runtime::generate::constraint::ConstraintFactory::new(tok)?;
+        let schema = serde_json::json!({"type": "object", "properties": {
+            "data_creation_instruction": {"type": "string"},
+            "hyperparameters": {"type": "object", "properties": {"lora_rank": {"type": "integer"}, "learning_rate": {"type": "number"}},
+                "required": ["lora_rank", "learning_rate"], "additionalProperties": false}},
+            "required": ["data_creation_instruction", "hyperparameters"], "additionalProperties": false});
+        let fg = Foreign::new();
+        let mut rates = Vec::new();
+        for seed in 0..3 {
+            let mut r = GenerationRequest::new(
+                tok.encode_chat(&[ChatMessage::user("Write a learning plan as JSON.")], true)?,
+                SamplingParams::paper_exploit(),
+                seed,
+                a.gen_tokens,
+            );
+            r.constraint = Some(factory.json_schema(&schema)?);
+            let t = Instant::now();
+            let out = generate(&m, &[], vec![r], 1, |_| {})?;
+            rates.push(out[0].token_ids.len() as f64 / t.elapsed().as_secs_f64());
+        }
+        report("foreign_cores_constrained", fg.cores(), "cores");
+        report("constrained_gen_tokens_per_s", median(rates), "tok/s");
+        report("rss_peak_after_gen_mib", peak_rss_mib(), "MiB");
     }
-    report("foreign_cores_constrained", fg.cores(), "cores");
-    report("constrained_gen_tokens_per_s", median(rates), "tok/s");
-    report("rss_peak_after_gen_mib", peak_rss_mib(), "MiB");
 
     // (b) LoRA training: r=32, alpha=64, q_proj+v_proj, lr 1e-3, batch 1
     let train_seqs = |n: usize, len: usize| -> anyhow::Result<Vec<TrainExample>> {

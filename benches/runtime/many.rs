@@ -89,34 +89,56 @@ fn matmul_peak_gflops() -> anyhow::Result<f64> {
     Ok(2.0 * 1024f64.powi(3) / median(times) / 1e9)
 }
 
+/// bf16 matmul peak of this machine on the AMX path: a 1024³ product of a packed weight,
+/// GFLOP/s, with the per-call rounding of the input included.
+fn amx_peak_gflops() -> anyhow::Result<f64> {
+    let dev = candle_core::Device::Cpu;
+    let a = candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?;
+    let w = selfedit::runtime::blas::Bf16Weight::new(&candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?)?;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        drop(w.matmul_nt(&a)?);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 1024f64.powi(3) / median(times) / 1e9)
+}
+
 /// The frozen-weight products of one packed pass of `rows` tokens: every projection (and the
 /// LM head if `lm_head`), forward `x @ W^T` and input gradient `g @ W`, run back to back
-/// through the same OpenBLAS and nothing else: (median seconds, FLOPs).
+/// through the path training takes (OpenBLAS in f32, the AMX tiles in bf16) and nothing
+/// else: (median seconds, FLOPs).
 fn frozen_products(m: &LoadedModel, rows: usize, lm_head: bool) -> anyhow::Result<(f64, f64)> {
+    use selfedit::runtime::blas::Bf16Weight;
     let dec = &m.decoder;
-    let mut weights: Vec<&candle_core::Tensor> = Vec::new();
+    let mut weights: Vec<(&candle_core::Tensor, Option<&Bf16Weight>)> = Vec::new();
     for layer in 0..dec.cfg.num_hidden_layers {
         for proj in selfedit::runtime::model::Proj::ALL {
-            weights.push(&dec.linear(layer, proj).weight);
+            let lin = dec.linear(layer, proj);
+            weights.push((&lin.weight, lin.bf16.as_deref()));
         }
     }
     if lm_head {
-        weights.push(&dec.lm_head);
+        weights.push((&dec.lm_head, dec.lm_head_bf16.as_deref()));
     }
     // inputs made before the clock starts: one `x` [rows, k] and `g` [rows, n] per weight
     let dev = candle_core::Device::Cpu;
     let inputs = weights
         .iter()
-        .map(|w| {
+        .map(|(w, _)| {
             let (n, k) = w.dims2()?;
             Ok((candle_core::Tensor::randn(0f32, 1.0, (rows, k), &dev)?, candle_core::Tensor::randn(0f32, 1.0, (rows, n), &dev)?))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let flops: f64 = weights.iter().map(|w| 4.0 * (rows * w.elem_count()) as f64).sum();
+    let flops: f64 = weights.iter().map(|(w, _)| 4.0 * (rows * w.elem_count()) as f64).sum();
     let mut times = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        for (w, (x, g)) in weights.iter().zip(&inputs) {
+        for ((w, bf16), (x, g)) in weights.iter().zip(&inputs) {
+            if let Some(p) = bf16 {
+                drop((p.matmul_nt(x)?, p.matmul_nn(g)?));
+                continue;
+            }
             let (Some(y), Some(dx)) = (selfedit::runtime::blas::matmul_nt(x, w), selfedit::runtime::blas::matmul_nn(g, w)) else {
                 anyhow::bail!("the BLAS path does not apply (built without openblas?)");
             };
@@ -223,6 +245,9 @@ fn train_flops_per_token(m: &LoadedModel) -> f64 {
 pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epochs: usize) -> anyhow::Result<()> {
     let peak = matmul_peak_gflops()?;
     report("matmul_peak_gflops", peak, "GFLOP/s");
+    if m.decoder.compute_dtype() == selfedit::runtime::blas::ComputeDtype::Bf16 {
+        report("amx_bf16_peak_gflops", amx_peak_gflops()?, "GFLOP/s");
+    }
     let flops = train_flops_per_token(m);
     report("train_gflop_per_token", flops / 1e9, "GFLOP");
     report("self_edits", n as f64, "");

@@ -259,11 +259,11 @@ pub struct Bf16Weight {
     backward: crate::runtime::amx::PackedB,
 }
 
-/// Products of at least this many multiply-adds run on all of OpenBLAS's threads; smaller ones
-/// on one. Measured here (2 cores): the projections ran faster on one thread (e.g. 440 × 576
-/// -> 576 at 453 against 357 GFLOP/s on two; thread start-up and the shared tile unit), the
-/// LM head (440 × 576 -> 49,152) faster on two (288 against 231).
-const AMX_THREADED_PRODUCT: usize = 1 << 27;
+/// Products of at least this many multiply-adds run on as many threads as OpenBLAS uses;
+/// smaller ones on one. Measured here (2 cores, a micro-benchmark, alternating runs): from
+/// 136 × 576 -> 1,536 on, two threads ran 1.3-2.2x one (e.g. 440 × 1,536 -> 576: 420-653
+/// against 279-292 GFLOP/s); at 34 × 576 -> 1,536 (30 million) +8-11%.
+const AMX_THREADED_PRODUCT: usize = 1 << 22;
 
 impl Bf16Weight {
     /// Packs `w` (a contiguous 2-D f32 CPU tensor whose dimensions are multiples of 16).
