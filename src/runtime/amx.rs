@@ -110,7 +110,7 @@ impl PackedB {
     /// Packs `B[i, j] = at(i, j)` for `i < k`, `j < n`; `None` unless `n` is a multiple of 16
     /// (true of every Llama / Qwen width and vocabulary).
     pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Option<Self> {
-        if n % BLOCK_N != 0 || k == 0 || n == 0 {
+        if !n.is_multiple_of(BLOCK_N) || k == 0 || n == 0 {
             return None;
         }
         let k_blocks = k.div_ceil(BLOCK_K);

@@ -259,11 +259,13 @@ pub struct Bf16Weight {
     backward: crate::runtime::amx::PackedB,
 }
 
-/// Products of at least this many multiply-adds run on as many threads as OpenBLAS uses;
-/// smaller ones on one. Measured here (2 cores, a micro-benchmark, alternating runs): from
-/// 136 × 576 -> 1,536 on, two threads ran 1.3-2.2x one (e.g. 440 × 1,536 -> 576: 420-653
-/// against 279-292 GFLOP/s); at 34 × 576 -> 1,536 (30 million) +8-11%.
-const AMX_THREADED_PRODUCT: usize = 1 << 22;
+/// Products of at least this many multiply-adds (33.5 million) run on as many threads as
+/// OpenBLAS uses; smaller ones, every product of a solo step's ~34 rows, on one. Measured
+/// here (2 cores): in a micro-benchmark two threads ran 1.3-2.2x one from 136 × 576 -> 1,536
+/// on (e.g. 440 × 1,536 -> 576: 420-653 against 279-292 GFLOP/s), at 34 × 576 -> 1,536 only
+/// +8-11%; in training, alternating runs with the limit at 2^22 and 2^27 (3 each) were
+/// inside each other's spread (solo 180-254 against 240-248 tokens/s).
+const AMX_THREADED_PRODUCT: usize = 1 << 25;
 
 impl Bf16Weight {
     /// Packs `w` (a contiguous 2-D f32 CPU tensor whose dimensions are multiples of 16).
