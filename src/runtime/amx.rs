@@ -36,8 +36,10 @@ const TILE: usize = BLOCK_N * BLOCK_K;
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Asks Linux for this process's permission to use AMX tiles (`arch_prctl(ARCH_REQ_XCOMP_PERM,
-/// XTILEDATA)`), once; `main` calls it before any thread starts. Returns whether AMX-BF16 can
-/// be used: the CPU has it (Sapphire Rapids or later) and the kernel (5.16+) granted it.
+/// XTILEDATA)`); the permission covers every thread of the process. The binaries' `main` (and
+/// tests) call it; nothing in the library does, since it changes the process. Returns whether
+/// AMX-BF16 can be used: the CPU has it (Sapphire Rapids or later) and the kernel (5.16+)
+/// granted it.
 pub fn enable() -> bool {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
@@ -65,8 +67,8 @@ pub fn enabled() -> bool {
 }
 
 /// What to tell a user who asked for bf16 where AMX cannot run.
-pub const UNAVAILABLE: &str = "compute_dtype \"bf16\" needs Intel AMX-BF16 (Xeon Sapphire Rapids or later, Linux 5.16+), \
-     which this machine does not offer (or the binary did not call runtime::amx::enable() in main); set compute_dtype = \"f32\"";
+pub const UNAVAILABLE: &str = "bf16 compute needs Intel AMX-BF16 (Xeon Sapphire Rapids or later, Linux 5.16+), which this \
+     machine does not offer (or the binary did not call runtime::amx::enable() in main); compute in f32 instead";
 
 #[cfg(target_arch = "x86_64")]
 fn cpu_has_amx_bf16() -> bool {
@@ -79,11 +81,15 @@ fn cpu_has_amx_bf16() -> bool {
     false
 }
 
-/// `f32` → `bf16` bits, rounded to nearest even (as `vcvtneps2bf16`; NaN stays NaN).
+/// `f32` → `bf16` bits as `vcvtneps2bf16` rounds: to nearest even, subnormals to a signed
+/// zero, NaN stays NaN.
 pub fn to_bf16(x: f32) -> u16 {
     let u = x.to_bits();
     if x.is_nan() {
         return ((u >> 16) | 0x40) as u16;
+    }
+    if x.is_subnormal() {
+        return ((u >> 16) & 0x8000) as u16;
     }
     ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
 }
@@ -211,6 +217,9 @@ impl PackedB {
     /// other thread touches in these columns.
     #[cfg(target_arch = "x86_64")]
     unsafe fn kernel(&self, a: &[u16], m16: usize, out: *mut f32, j0: usize, j1: usize) {
+        // The tile registers stay live from one `asm!` block to the next without being declared:
+        // the compiler never allocates them (no Rust code here or elsewhere uses AMX), and
+        // `tilerelease` at the end leaves them as found.
         let cfg = TileConfig::all_full();
         asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
         let a_stride = self.k_blocks * BLOCK_K * 2;
@@ -222,10 +231,12 @@ impl PackedB {
                 let two_n = j + 1 < j1;
                 for i in (0..m_blocks).step_by(2) {
                     let two_m = i + 1 < m_blocks;
+                    // The (i+1, ·) and (·, j+1) pointers are formed even when that block does not
+                    // exist (odd edges), hence wrapping arithmetic; they are used only when it does.
                     let c00 = out.add(i * BLOCK_N * self.n + j * BLOCK_N);
-                    let c01 = c00.add(BLOCK_N);
-                    let c10 = c00.add(BLOCK_N * self.n);
-                    let c11 = c10.add(BLOCK_N);
+                    let c01 = c00.wrapping_add(BLOCK_N);
+                    let c10 = c00.wrapping_add(BLOCK_N * self.n);
+                    let c11 = c10.wrapping_add(BLOCK_N);
                     // Accumulators: tmm0 (i, j), tmm1 (i, j+1), tmm2 (i+1, j), tmm3 (i+1, j+1).
                     if p0 == 0 {
                         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
@@ -242,9 +253,9 @@ impl PackedB {
                         }
                     }
                     let a0 = a.as_ptr().cast::<u8>().add(i * BLOCK_N * a_stride);
-                    let a1 = a0.add(BLOCK_N * a_stride);
+                    let a1 = a0.wrapping_add(BLOCK_N * a_stride);
                     for p in p0..p1 {
-                        let (a0, a1) = (a0.add(p * BLOCK_K * 2), a1.add(p * BLOCK_K * 2));
+                        let (a0, a1) = (a0.add(p * BLOCK_K * 2), a1.wrapping_add(p * BLOCK_K * 2));
                         asm!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) a0, s = in(reg) a_stride, options(nostack, readonly));
                         asm!("tileloadd tmm6, [{p} + {s}*1]", p = in(reg) self.tile(j, p), s = in(reg) 64usize, options(nostack, readonly));
                         asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem));
@@ -315,6 +326,7 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 
 /// `ldtilecfg`'s 64-byte operand: palette 1, every tile 16 rows of 64 bytes.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -324,6 +336,7 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl TileConfig {
     fn all_full() -> Self {
         let mut c = Self { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
@@ -362,8 +375,10 @@ mod tests {
             return;
         }
         // Odd sizes on purpose: k not a multiple of 32, m not of 16, an odd column-block count,
-        // and a k spanning two cache chunks.
-        for (m, k, n, threads) in [(1, 40, 16, 1), (37, 576, 48, 2), (18, 2100, 32, 2), (5, 64, 80, 3), (20, 192, 576, 2)] {
+        // a k spanning two cache chunks, and both odd edges with the chunks' reload.
+        for (m, k, n, threads) in
+            [(1, 40, 16, 1), (37, 576, 48, 2), (18, 2100, 32, 2), (5, 64, 80, 3), (20, 192, 576, 2), (40, 2100, 48, 2)]
+        {
             let x = values(m * k, 7);
             let w = values(n * k, 3);
             let b = PackedB::transposed(&w, n, k).unwrap();

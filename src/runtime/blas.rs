@@ -260,7 +260,8 @@ pub struct Bf16Weight {
 }
 
 /// Products of at least this many multiply-adds (33.5 million) run on as many threads as
-/// OpenBLAS uses; smaller ones, every product of a solo step's ~34 rows, on one. Measured
+/// OpenBLAS uses; smaller ones on one: every projection of a solo step's ~34 rows (its LM
+/// head, 34 × 576 -> 49,152, is above and takes both), none of a group's. Measured
 /// here (2 cores): in a micro-benchmark two threads ran 1.3-2.2x one from 136 × 576 -> 1,536
 /// on (e.g. 440 × 1,536 -> 576: 420-653 against 279-292 GFLOP/s), at 34 × 576 -> 1,536 only
 /// +8-11%; in training, alternating runs with the limit at 2^22 and 2^27 (3 each) were

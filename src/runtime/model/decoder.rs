@@ -210,8 +210,8 @@ impl Decoder {
     /// SmolLM2-135M, 2 × 2 bytes per weight, ~540 MB.
     ///
     /// # Errors
-    /// Bf16 without AMX ([`crate::runtime::amx::enable`] not called or refused), or a model not
-    /// in f32 on the CPU.
+    /// Bf16 without AMX ([`crate::runtime::amx::enable`] not called or refused), a model not in
+    /// f32 on the CPU, or a weight dimension not a multiple of 16; the model is then unchanged.
     pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) -> Result<()> {
         if dtype == self.compute_dtype() {
             return Ok(());
@@ -222,13 +222,21 @@ impl Decoder {
                 ComputeDtype::Bf16 => Some(Arc::new(Bf16Weight::new(w)?)),
             })
         };
+        // Everything packed first, so an error leaves the model as it was.
+        let mut packed = Vec::with_capacity(self.layers.len() * Proj::ALL.len());
         for i in 0..self.layers.len() {
             for m in Proj::ALL {
-                let lin = self.linear_mut(i, m);
-                lin.bf16 = pack(&lin.weight)?;
+                packed.push(pack(&self.linear(i, m).weight)?);
             }
         }
-        self.lm_head_bf16 = pack(&self.lm_head)?;
+        let lm_head = pack(&self.lm_head)?;
+        let mut packed = packed.into_iter();
+        for i in 0..self.layers.len() {
+            for m in Proj::ALL {
+                self.linear_mut(i, m).bf16 = packed.next().flatten();
+            }
+        }
+        self.lm_head_bf16 = lm_head;
         Ok(())
     }
 
