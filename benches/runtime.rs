@@ -70,8 +70,8 @@ struct Args {
     device: String,
     /// Precision of the frozen weights' products (`model.compute_dtype`): f32, or bf16 on
     /// Intel AMX.
-    #[arg(long, value_enum, default_value = "f32")]
-    compute_dtype: Dtype,
+    #[arg(long, default_value = "f32", value_parser = parse_compute_dtype)]
+    compute_dtype: ComputeDtype,
     // `cargo bench` passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -111,19 +111,9 @@ fn training_text(repeat: usize) -> String {
     s
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Dtype {
-    F32,
-    Bf16,
-}
-
-impl From<Dtype> for ComputeDtype {
-    fn from(d: Dtype) -> Self {
-        match d {
-            Dtype::F32 => ComputeDtype::F32,
-            Dtype::Bf16 => ComputeDtype::Bf16,
-        }
-    }
+/// `--compute-dtype`, spelt as in a config (`model.compute_dtype`).
+fn parse_compute_dtype(s: &str) -> Result<ComputeDtype, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
 }
 
 fn report(name: &str, value: f64, unit: &str) {
@@ -193,7 +183,7 @@ fn main() -> anyhow::Result<()> {
     }
     let t0 = Instant::now();
     let mut m = selfedit::runtime::formats::load(&a.model, &Device::Cpu)?;
-    m.decoder.set_compute_dtype(a.compute_dtype.into())?;
+    m.decoder.set_compute_dtype(a.compute_dtype)?;
     println!("# compute dtype: {:?}", m.decoder.compute_dtype());
     report("load_s", t0.elapsed().as_secs_f64(), "s");
     report("rss_peak_after_load_mib", peak_rss_mib(), "MiB");

@@ -22,8 +22,7 @@ use std::sync::OnceLock;
 
 use selfedit::runtime::blas::ComputeDtype;
 use selfedit::runtime::formats::LoadedModel;
-use selfedit::runtime::generate::sampling::{argmax, SamplingParams};
-use selfedit::runtime::generate::{generate, GenerationRequest};
+use selfedit::runtime::generate::sampling::argmax;
 use selfedit::runtime::lora::{LoraAdapter, LoraConfig};
 use selfedit::runtime::model::{Adapter, Batch, Decoder};
 use selfedit::runtime::training::{lora_gradients, train_group, train_lora, GroupLimits, TrainConfig, TrainExample, TrainJob};
@@ -182,11 +181,5 @@ fn bf16_rows_do_not_depend_on_their_neighbours() {
     }
 
     // Generation: a batch of prompts of different lengths equals each prompt alone.
-    let prompts = ["The sky is", "Once upon a time in a small village far away, there lived", "2 + 2 ="];
-    let make = |i: usize| GenerationRequest::new(b.tokenizer.encode(prompts[i]).unwrap(), SamplingParams::paper_eval(), 100 + i as u64, 10);
-    let batched = generate(b, &[], (0..3).map(make).collect(), 8, |_| {}).unwrap();
-    for (i, out) in batched.iter().enumerate() {
-        let single = generate(b, &[], vec![make(i)], 1, |_| {}).unwrap();
-        assert_eq!(out.token_ids, single[0].token_ids, "prompt {i}");
-    }
+    common::assert_batched_generation_matches_alone(b, 10);
 }

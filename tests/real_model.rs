@@ -300,16 +300,7 @@ fn constrained_generation_always_yields_valid_json() {
 
 #[test]
 fn batched_generation_matches_one_by_one() {
-    use selfedit::runtime::generate::sampling::SamplingParams;
-    use selfedit::runtime::generate::{generate, GenerationRequest};
-    let m = common::smollm();
-    let prompts = ["The sky is", "Once upon a time in a small village far away, there lived", "2 + 2 ="];
-    let make = |i: usize| GenerationRequest::new(m.tokenizer.encode(prompts[i]).unwrap(), SamplingParams::paper_eval(), 100 + i as u64, 12);
-    let batched = generate(m, &[], (0..3).map(make).collect(), 8, |_| {}).unwrap();
-    for (i, b) in batched.iter().enumerate() {
-        let single = generate(m, &[], vec![make(i)], 1, |_| {}).unwrap();
-        assert_eq!(b.token_ids, single[0].token_ids, "prompt {i}");
-    }
+    common::assert_batched_generation_matches_alone(common::smollm(), 12);
 }
 
 /// A made-up fact the model cannot know, learned into a rank-32 adapter.

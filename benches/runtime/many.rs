@@ -72,36 +72,40 @@ fn eval_requests(m: &LoadedModel, adapter: usize) -> anyhow::Result<Vec<Generati
     Ok(out)
 }
 
-/// fp32 matmul peak of this machine: a 1024³ sgemm through the same OpenBLAS, GFLOP/s.
-fn matmul_peak_gflops() -> anyhow::Result<f64> {
+/// GFLOP/s of `product` of two random 1024 × 1024 matrices `(a, b)`, median of 7.
+fn peak_1024(product: impl Fn(&candle_core::Tensor, &candle_core::Tensor) -> anyhow::Result<()>) -> anyhow::Result<f64> {
     let dev = candle_core::Device::Cpu;
     let a = candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?;
     let b = candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?;
     let mut times = Vec::new();
     for _ in 0..7 {
         let t = Instant::now();
-        match selfedit::runtime::blas::matmul_nt(&a, &b) {
-            Some(c) => drop(c?),
-            None => drop(a.matmul(&b.t()?)?),
-        }
+        product(&a, &b)?;
         times.push(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * 1024f64.powi(3) / median(times) / 1e9)
 }
 
+/// fp32 matmul peak of this machine: a 1024³ sgemm through the same OpenBLAS, GFLOP/s.
+fn matmul_peak_gflops() -> anyhow::Result<f64> {
+    peak_1024(|a, b| {
+        match selfedit::runtime::blas::matmul_nt(a, b) {
+            Some(c) => drop(c?),
+            None => drop(a.matmul(&b.t()?)?),
+        }
+        Ok(())
+    })
+}
+
 /// bf16 matmul peak of this machine on the AMX path: a 1024³ product of a packed weight,
-/// GFLOP/s, with the per-call rounding of the input included.
+/// GFLOP/s, with the per-call rounding of the input included (the packing is not timed).
 fn amx_peak_gflops() -> anyhow::Result<f64> {
     let dev = candle_core::Device::Cpu;
-    let a = candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?;
     let w = selfedit::runtime::blas::Bf16Weight::new(&candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?)?;
-    let mut times = Vec::new();
-    for _ in 0..7 {
-        let t = Instant::now();
-        drop(w.matmul_nt(&a)?);
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(2.0 * 1024f64.powi(3) / median(times) / 1e9)
+    peak_1024(|a, _| {
+        w.matmul_nt(a)?;
+        Ok(())
+    })
 }
 
 /// The frozen-weight products of one packed pass of `rows` tokens: every projection (and the

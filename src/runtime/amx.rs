@@ -154,11 +154,6 @@ impl PackedB {
         (self.k, self.n)
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.tiles.len() * 2
-    }
-
     fn tile(&self, j: usize, p: usize) -> *const u16 {
         self.tiles[(j * self.k_blocks + p) * TILE..].as_ptr()
     }

@@ -300,11 +300,6 @@ impl Bf16Weight {
         Self::product(&self.backward, g)
     }
 
-    /// Bytes held by both layouts.
-    pub fn bytes(&self) -> usize {
-        self.forward.bytes() + self.backward.bytes()
-    }
-
     fn product(b: &crate::runtime::amx::PackedB, x: &Tensor) -> candle_core::Result<Tensor> {
         let (k, n) = b.dims();
         let (m, kx) = x.dims2()?;

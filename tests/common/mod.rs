@@ -206,3 +206,19 @@ pub const ITER0_TABLES: [&str; 8] = [
     "iter0/template_stats.parquet",
     "iter0/archive.parquet",
 ];
+
+/// A batch of three prompts of different lengths, sampled with the paper's eval settings,
+/// equals each prompt generated alone (`max_new` tokens each): rows do not depend on their
+/// neighbours.
+pub fn assert_batched_generation_matches_alone(m: &LoadedModel, max_new: usize) {
+    use selfedit::runtime::generate::sampling::SamplingParams;
+    use selfedit::runtime::generate::{generate, GenerationRequest};
+    let prompts = ["The sky is", "Once upon a time in a small village far away, there lived", "2 + 2 ="];
+    let make =
+        |i: usize| GenerationRequest::new(m.tokenizer.encode(prompts[i]).unwrap(), SamplingParams::paper_eval(), 100 + i as u64, max_new);
+    let batched = generate(m, &[], (0..3).map(make).collect(), 8, |_| {}).unwrap();
+    for (i, b) in batched.iter().enumerate() {
+        let single = generate(m, &[], vec![make(i)], 1, |_| {}).unwrap();
+        assert_eq!(b.token_ids, single[0].token_ids, "prompt {i}");
+    }
+}
