@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use std::sync::Arc;
 
+use super::simd::{self, simd};
 use super::{plain_linear, plain_linear_t, Backward1, Tap};
 use crate::runtime::blas::Bf16Weight;
 
@@ -102,31 +103,32 @@ fn rows_cpu(logits: Tensor, rows: &[(Option<u32>, usize)], counted: &[usize], to
     // rows on the cores OpenBLAS leaves idle; each row's loss comes back in row order and is
     // added to its sequence's total in that order, so the sums do not depend on the split
     let losses = super::split_rows(buf.len(), vocab, vec![&mut buf], |range, mut chunk| {
-        let mut losses = Vec::with_capacity(range.len() / vocab);
-        for (row, &(target, k)) in chunk[0].chunks_exact_mut(vocab).zip(&rows[range.start / vocab..]) {
-            let Some(t) = target else {
-                if grad {
-                    row.fill(0.0);
+        simd(
+            #[inline(always)]
+            || {
+                let mut losses = Vec::with_capacity(range.len() / vocab);
+                for (row, &(target, k)) in chunk[0].chunks_exact_mut(vocab).zip(&rows[range.start / vocab..]) {
+                    let Some(t) = target else {
+                        if grad {
+                            row.fill(0.0);
+                        }
+                        continue;
+                    };
+                    let picked = row[t as usize];
+                    let max = simd::max(row);
+                    let sum = simd::exp_shifted_sum(row, max);
+                    losses.push((k, max as f64 + sum.ln() - picked as f64));
+                    if grad {
+                        let scale = (1.0 / (sum * counted[k] as f64)) as f32;
+                        for x in row.iter_mut() {
+                            *x *= scale;
+                        }
+                        row[t as usize] -= 1.0 / counted[k] as f32;
+                    }
                 }
-                continue;
-            };
-            let picked = row[t as usize];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f64;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x as f64;
-            }
-            losses.push((k, max as f64 + sum.ln() - picked as f64));
-            if grad {
-                let scale = (1.0 / (sum * counted[k] as f64)) as f32;
-                for x in row.iter_mut() {
-                    *x *= scale;
-                }
-                row[t as usize] -= 1.0 / counted[k] as f32;
-            }
-        }
-        losses
+                losses
+            },
+        )
     });
     for (k, loss) in losses.into_iter().flatten() {
         totals[k] += loss;

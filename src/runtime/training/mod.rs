@@ -93,6 +93,9 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
+            if self.step_cpu(i, g, lr, bc1, bc2)? {
+                continue;
+            }
             self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let theta = self.vars[i].as_tensor();
@@ -102,6 +105,54 @@ impl AdamW {
             self.vars[i].set(&(theta - update)?)?;
         }
         Ok(())
+    }
+
+    /// [`Self::step`] for variable `i` in one pass over its elements, when it and its state
+    /// are contiguous f32 on the CPU (returns `false`, doing nothing, otherwise). The same
+    /// f32 operations in the same order as the candle ops above (candle's `tensor * f64` is
+    /// `x * (f64 as f32) + 0`), so both give the same bits; one pass instead of eleven
+    /// tensors allocated and walked (3% of a training profile).
+    fn step_cpu(&mut self, i: usize, g: &Tensor, lr: f64, bc1: f64, bc2: f64) -> candle_core::Result<bool> {
+        use crate::runtime::ops::with_cpu_f32;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let (b1f, c1, b2f, c2) = (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32);
+        let decay = (self.weight_decay > 0.0).then_some((1.0 - lr * self.weight_decay) as f32);
+        let (inv_bc2, eps, step) = ((1.0 / bc2.sqrt()) as f32, self.eps as f32, (lr / bc1) as f32);
+        let updated = with_cpu_f32(self.vars[i].as_tensor(), |theta| {
+            with_cpu_f32(&self.m[i], |m| {
+                with_cpu_f32(&self.v[i], |v| {
+                    with_cpu_f32(g, |g| {
+                        if [m.len(), v.len(), g.len()] != [theta.len(); 3] {
+                            return None;
+                        }
+                        let (mut m2, mut v2, mut theta2) =
+                            (Vec::with_capacity(g.len()), Vec::with_capacity(g.len()), Vec::with_capacity(g.len()));
+                        for (((&theta, &m), &v), &g) in theta.iter().zip(m).zip(v).zip(g) {
+                            let m = (m * b1f + 0.0) + (g * c1 + 0.0);
+                            let v = (v * b2f + 0.0) + ((g * g) * c2 + 0.0);
+                            let theta = match decay {
+                                Some(d) => theta * d + 0.0,
+                                None => theta,
+                            };
+                            let denom = (v.sqrt() * inv_bc2 + 0.0) * 1.0 + eps;
+                            theta2.push(theta - ((m / denom) * step + 0.0));
+                            m2.push(m);
+                            v2.push(v);
+                        }
+                        Some((m2, v2, theta2))
+                    })
+                })
+            })
+        });
+        let Some((m2, v2, theta2)) = updated.flatten().flatten().flatten().flatten() else {
+            return Ok(false);
+        };
+        let shape = g.shape().clone();
+        let device = g.device().clone();
+        self.m[i] = Tensor::from_vec(m2, shape.clone(), &device)?;
+        self.v[i] = Tensor::from_vec(v2, shape.clone(), &device)?;
+        self.vars[i].set(&Tensor::from_vec(theta2, shape, &device)?)?;
+        Ok(true)
     }
 
     /// Optimizer state for checkpoints: step count, first and second moments.
@@ -198,6 +249,29 @@ mod tests {
         }
         assert!(scale > 0.0);
         gap / scale
+    }
+
+    /// The fused CPU update gives candle's composed AdamW bit for bit (a transposed, hence
+    /// non-contiguous, gradient takes the composed path): three steps, weight decay on,
+    /// zero and negative gradients among the elements.
+    #[test]
+    fn fused_adamw_equals_composed_adamw() {
+        let dev = candle_core::Device::Cpu;
+        let start = Tensor::randn(0f32, 1., (6, 6), &dev).unwrap();
+        let (a, b) = (candle_core::Var::from_tensor(&start).unwrap(), candle_core::Var::from_tensor(&start).unwrap());
+        let (mut fused, mut composed) = (super::AdamW::new(vec![a.clone()]).unwrap(), super::AdamW::new(vec![b.clone()]).unwrap());
+        fused.weight_decay = 0.01;
+        composed.weight_decay = 0.01;
+        for step in 0..3 {
+            let g = (Tensor::randn(0f32, 1e-2, (6, 6), &dev).unwrap() * (step as f64 - 1.0)).unwrap();
+            fused.step(&[g.contiguous().unwrap()], 1e-3).unwrap();
+            composed.step(&[g.t().unwrap().contiguous().unwrap().t().unwrap()], 1e-3).unwrap();
+        }
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(a.as_tensor()), bits(b.as_tensor()), "weights");
+        let ((_, m1, v1), (_, m2, v2)) = (fused.state(), composed.state());
+        assert_eq!((bits(&m1[0]), bits(&v1[0])), (bits(&m2[0]), bits(&v2[0])), "moments");
+        assert_ne!(bits(a.as_tensor()), bits(&start), "the weights moved");
     }
 
     /// A layer as one node of the graph gives the losses of the composed layer bit for bit
