@@ -328,6 +328,12 @@ mod tests {
         let parts = rows.low_rank_parts(0, Proj::QProj, (3, 5)).unwrap().unwrap();
         assert_eq!(rows_of(parts), [(5, true), (10, true)]);
         assert!(rows.low_rank_parts(0, Proj::QProj, (2, 5)).is_err());
+        // for inference (`Frozen`): the update from detached factors, equal and with no graph
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 32), &Device::Cpu).unwrap();
+        let live = rows.delta(0, Proj::QProj, &x).unwrap().unwrap();
+        let frozen = crate::runtime::model::Frozen(&rows).delta(0, Proj::QProj, &x).unwrap().unwrap();
+        assert!(live.track_op() && !frozen.track_op());
+        assert_eq!((live - frozen).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         assert!(rows.low_rank_parts(0, Proj::QProj, (1, 15)).is_err());
     }
 

@@ -58,7 +58,18 @@ pub trait Adapter: Sync {
 pub struct Frozen<'a>(pub &'a dyn Adapter);
 
 impl Adapter for Frozen<'_> {
+    /// A factored adapter's update from its detached factors, so no graph is built at all
+    /// (the adapter's own `delta` would build one over its `Var`s, and for a batch of many
+    /// adapters copy all their factors into one input of it: 2.6% of a grouped run's
+    /// samples, all in evaluation). Otherwise the adapter's update, detached.
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+        if let ([b, l, in_dim], true) = (x.dims(), self.0.factored()) {
+            let (b, l, in_dim) = (*b, *l, *in_dim);
+            if let Some(parts) = self.low_rank_parts(layer, proj, (b, l))? {
+                let y = low_rank_update(&x.reshape((b * l, in_dim))?, parts)?;
+                return y.map(|y| y.reshape((b, l, y.dim(1)?))).transpose();
+            }
+        }
         Ok(self.0.delta(layer, proj, x)?.map(|d| d.detach()))
     }
 

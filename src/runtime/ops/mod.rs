@@ -22,7 +22,7 @@
 
 mod cross_entropy;
 mod low_rank;
-mod simd;
+pub(crate) mod simd;
 
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
 pub use low_rank::{segmented_low_rank, LowRankSegment};
