@@ -351,6 +351,32 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
     }
 }
 
+/// `f` on the elements of a contiguous f32 CPU tensor, mutably: in place, in the storage
+/// every view of it shares (a `Var`'s, for an optimizer step). `None`, `f` not run, for any
+/// other tensor. Nested calls must name distinct tensors (each holds its storage's lock).
+pub(crate) fn with_cpu_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Option<R> {
+    /// candle's hook for in-place CPU work, carrying `f` in and its result out.
+    struct InPlace<F, R>(std::cell::RefCell<(Option<F>, Option<R>)>);
+    impl<F: FnOnce(&mut [f32]) -> R, R> candle_core::InplaceOp1 for InPlace<F, R> {
+        fn name(&self) -> &'static str {
+            "with-cpu-f32-mut"
+        }
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+            let mut cell = self.0.borrow_mut();
+            if let (CpuStorage::F32(v), Some((start, end)), Some(f)) = (storage, layout.contiguous_offsets(), cell.0.take()) {
+                cell.1 = Some(f(&mut v[start..end]));
+            }
+            Ok(())
+        }
+    }
+    if !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous() {
+        return None;
+    }
+    let op = InPlace(std::cell::RefCell::new((Some(f), None)));
+    t.inplace_op1(&op).ok()?;
+    op.0.into_inner().1
+}
+
 pub(crate) fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", g.dims(), u.dims());
