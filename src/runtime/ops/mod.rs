@@ -306,22 +306,22 @@ const ELEMENTS_PER_THREAD: usize = 1 << 17;
 /// Why not rayon: candle's rayon pool is kept to one thread beside OpenBLAS (two spinning
 /// pools slowed training by 40%), while scoped threads end with their work. Every element is
 /// computed from its own range alone, so the numbers do not depend on the split.
-pub(crate) fn split_rows<R: Send>(
+pub(crate) fn split_rows<T: Send, R: Send>(
     len: usize,
     unit: usize,
-    outs: Vec<&mut [f32]>,
-    f: impl Fn(std::ops::Range<usize>, Vec<&mut [f32]>) -> R + Sync,
+    outs: Vec<&mut [T]>,
+    f: impl Fn(std::ops::Range<usize>, Vec<&mut [T]>) -> R + Sync,
 ) -> Vec<R> {
     split_rows_on(crate::runtime::blas::threads().min(len / ELEMENTS_PER_THREAD), len, unit, outs, f)
 }
 
 /// [`split_rows`] on at most `threads` threads.
-fn split_rows_on<R: Send>(
+fn split_rows_on<T: Send, R: Send>(
     threads: usize,
     len: usize,
     unit: usize,
-    outs: Vec<&mut [f32]>,
-    f: impl Fn(std::ops::Range<usize>, Vec<&mut [f32]>) -> R + Sync,
+    outs: Vec<&mut [T]>,
+    f: impl Fn(std::ops::Range<usize>, Vec<&mut [T]>) -> R + Sync,
 ) -> Vec<R> {
     let units = len / unit.max(1);
     let threads = threads.min(units).max(1);
@@ -334,7 +334,7 @@ fn split_rows_on<R: Send>(
         let mut handles = Vec::with_capacity(threads);
         while start < len {
             let end = (start + per).min(len);
-            let (head, tail): (Vec<&mut [f32]>, Vec<&mut [f32]>) = rest.into_iter().map(|o| o.split_at_mut(end - start)).unzip();
+            let (head, tail): (Vec<&mut [T]>, Vec<&mut [T]>) = rest.into_iter().map(|o| o.split_at_mut(end - start)).unzip();
             handles.push(scope.spawn(move || f(start..end, head)));
             (rest, start) = (tail, end);
         }
@@ -384,13 +384,16 @@ pub(crate) fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     // candle's silu formula with a vectorized exp (within a few ulp of `g.silu() * u`)
     let fused = with_cpu_f32(g, |gs| {
         with_cpu_f32(u, |us| {
-            let mut y = vec![0f32; gs.len()];
-            split_rows(gs.len(), 1, vec![&mut y], |range, mut out| {
+            // not zeroed: every element is written once, by the range that holds it
+            let mut y: Vec<f32> = Vec::with_capacity(gs.len());
+            split_rows(gs.len(), 1, vec![&mut y.spare_capacity_mut()[..gs.len()]], |range, mut out| {
                 simd::simd(
                     #[inline(always)]
                     || simd::swiglu(&gs[range.clone()], &us[range.clone()], out[0]),
                 );
             });
+            // SAFETY: the ranges cover 0..len, and `simd::swiglu` writes each of its outputs.
+            unsafe { y.set_len(gs.len()) };
             y
         })
     });
@@ -405,8 +408,11 @@ pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Te
     let fused = with_cpu_f32(g, |gs| {
         with_cpu_f32(u, |us| {
             with_cpu_f32(&dy, |dys| {
-                let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
-                split_rows(gs.len(), 1, vec![&mut dg, &mut du], |range, mut outs| {
+                let n = gs.len();
+                // not zeroed: every element is written once, by the range that holds it
+                let (mut dg, mut du): (Vec<f32>, Vec<f32>) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                let outs = vec![&mut dg.spare_capacity_mut()[..n], &mut du.spare_capacity_mut()[..n]];
+                split_rows(n, 1, outs, |range, mut outs| {
                     let [dg, du] = &mut outs[..] else { unreachable!("two outputs") };
                     let (g, u, dy) = (&gs[range.clone()], &us[range.clone()], &dys[range]);
                     simd::simd(
@@ -414,6 +420,9 @@ pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Te
                         || simd::swiglu_backward(g, u, dy, dg, du),
                     );
                 });
+                // SAFETY: the ranges cover 0..n, and `simd::swiglu_backward` writes each of
+                // its outputs.
+                unsafe { (dg.set_len(n), du.set_len(n)) };
                 (dg, du)
             })
         })

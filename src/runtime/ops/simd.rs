@@ -12,6 +12,8 @@
 //! multiply and an add on its own, so each lane computes the same IEEE operations in the
 //! same order.
 
+use std::mem::MaybeUninit;
+
 /// Partial results kept by the reductions: one AVX-512 register of f32 (two of f64).
 pub(crate) const LANES: usize = 16;
 
@@ -128,22 +130,27 @@ pub(crate) fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f64 {
     sum
 }
 
-/// SwiGLU's gating `silu(g) u = g u / (1 + e^-g)`, element by element into `out`.
+/// SwiGLU's gating `silu(g) u = g u / (1 + e^-g)`, element by element into `out` (which
+/// may be uninitialized: every element of it is written, none read).
 #[inline(always)]
-pub(crate) fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+pub(crate) fn swiglu(g: &[f32], u: &[f32], out: &mut [MaybeUninit<f32>]) {
+    assert!(g.len() == out.len() && u.len() == out.len(), "swiglu: operands of different lengths");
     for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-        *o = g / (1.0 + exp(-g)) * u;
+        o.write(g / (1.0 + exp(-g)) * u);
     }
 }
 
-/// SwiGLU's gradients: with `s = sigmoid(g)`, `dg = dy u s (1 + g (1 - s))`, `du = dy g s`.
+/// SwiGLU's gradients: with `s = sigmoid(g)`, `dg = dy u s (1 + g (1 - s))`, `du = dy g s`
+/// (`dg` and `du` may be uninitialized: every element is written, none read).
 #[inline(always)]
-pub(crate) fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+pub(crate) fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [MaybeUninit<f32>], du: &mut [MaybeUninit<f32>]) {
+    let n = g.len();
+    assert!([u.len(), dy.len(), dg.len(), du.len()] == [n; 4], "swiglu_backward: operands of different lengths");
     let inputs = g.iter().zip(u).zip(dy);
     for (((&g, &u), &dy), (dg, du)) in inputs.zip(dg.iter_mut().zip(du.iter_mut())) {
         let s = 1.0 / (1.0 + exp(-g));
-        *dg = dy * u * s * (1.0 + g * (1.0 - s));
-        *du = dy * g * s;
+        dg.write(dy * u * s * (1.0 + g * (1.0 - s)));
+        du.write(dy * g * s);
     }
 }
 
@@ -196,9 +203,12 @@ mod tests {
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
         assert_eq!(simd(|| max(&xs)), max(&xs));
         assert_eq!(max(&xs), xs.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-        let (mut o1, mut o2) = (vec![0f32; 1000], vec![0f32; 1000]);
+        let (mut o1, mut o2) = (vec![MaybeUninit::new(0f32); 1000], vec![MaybeUninit::new(0f32); 1000]);
         simd(|| swiglu(&xs, &b, &mut o1));
         swiglu(&xs, &b, &mut o2);
+        // SAFETY: initialized above (and overwritten by swiglu)
+        let (o1, o2) =
+            unsafe { (o1.iter().map(|x| x.assume_init()).collect::<Vec<f32>>(), o2.iter().map(|x| x.assume_init()).collect::<Vec<f32>>()) };
         assert!(o1.iter().zip(&o2).all(|(x, y)| x.to_bits() == y.to_bits()));
         // the sum is that of the stored values, to f64 rounding
         let direct: f64 = a.iter().map(|&x| x as f64).sum();
