@@ -177,11 +177,15 @@ fn sgemm(a: &[f32], b: &[f32], c: &mut [MaybeUninit<f32>], m: usize, n: usize, k
 
 #[cfg(not(feature = "openblas"))]
 #[allow(clippy::too_many_arguments)]
-fn gemm_padded(_: &[f32], _: &[f32], _: &mut [MaybeUninit<f32>], _: usize, _: usize, _: usize, _: bool, _: bool) {}
+fn gemm_padded(_: &[f32], _: &[f32], _: &mut [MaybeUninit<f32>], _: usize, _: usize, _: usize, _: bool, _: bool) {
+    unreachable!("no products without OpenBLAS: `product` returns None first")
+}
 
 #[cfg(not(feature = "openblas"))]
 #[allow(clippy::too_many_arguments)]
-fn sgemm(_: &[f32], _: &[f32], _: &mut [MaybeUninit<f32>], _: usize, _: usize, _: usize, _: bool, _: bool) {}
+fn sgemm(_: &[f32], _: &[f32], _: &mut [MaybeUninit<f32>], _: usize, _: usize, _: usize, _: bool, _: bool) {
+    unreachable!("no products without OpenBLAS: `product` returns None first")
+}
 
 /// The kernels OpenBLAS chose for this CPU (`openblas_get_corename`: "SkylakeX",
 /// "Haswell", "Prescott", ...), or `None` without the BLAS path.

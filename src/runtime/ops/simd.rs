@@ -130,7 +130,7 @@ pub(crate) fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f64 {
     sum
 }
 
-/// SwiGLU's gating `silu(g) u = g u / (1 + e^-g)`, element by element into `out` (which
+/// SwiGLU's gating `silu(g) u`, computed as `g / (1 + e^-g) * u`, element by element into `out` (which
 /// may be uninitialized: every element of it is written, none read).
 #[inline(always)]
 pub(crate) fn swiglu(g: &[f32], u: &[f32], out: &mut [MaybeUninit<f32>]) {
@@ -198,18 +198,38 @@ mod tests {
     fn vector_code_gives_the_plain_code_bits() {
         let xs: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 2003) as f32 / 13.0 - 80.0).collect();
         let (mut a, mut b) = (xs.clone(), xs.clone());
-        let (sa, sb) = (simd(|| exp_shifted_sum(&mut a, 3.5)), exp_shifted_sum(&mut b, 3.5));
+        let sa = simd(
+            #[inline(always)]
+            || exp_shifted_sum(&mut a, 3.5),
+        );
+        let sb = exp_shifted_sum(&mut b, 3.5);
         assert_eq!(sa.to_bits(), sb.to_bits());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
-        assert_eq!(simd(|| max(&xs)), max(&xs));
+        let vmax = simd(
+            #[inline(always)]
+            || max(&xs),
+        );
+        assert_eq!(vmax, max(&xs));
         assert_eq!(max(&xs), xs.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-        let (mut o1, mut o2) = (vec![MaybeUninit::new(0f32); 1000], vec![MaybeUninit::new(0f32); 1000]);
-        simd(|| swiglu(&xs, &b, &mut o1));
+        let bits = |v: &[MaybeUninit<f32>]| -> Vec<u32> {
+            // SAFETY: every element was written by the kernel under test (and initialized before)
+            v.iter().map(|x| unsafe { x.assume_init() }.to_bits()).collect()
+        };
+        let fresh = || vec![MaybeUninit::new(0f32); 1000];
+        let (mut o1, mut o2) = (fresh(), fresh());
+        simd(
+            #[inline(always)]
+            || swiglu(&xs, &b, &mut o1),
+        );
         swiglu(&xs, &b, &mut o2);
-        // SAFETY: initialized above (and overwritten by swiglu)
-        let (o1, o2) =
-            unsafe { (o1.iter().map(|x| x.assume_init()).collect::<Vec<f32>>(), o2.iter().map(|x| x.assume_init()).collect::<Vec<f32>>()) };
-        assert!(o1.iter().zip(&o2).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert_eq!(bits(&o1), bits(&o2));
+        let (mut dg1, mut du1, mut dg2, mut du2) = (fresh(), fresh(), fresh(), fresh());
+        simd(
+            #[inline(always)]
+            || swiglu_backward(&xs, &b, &a, &mut dg1, &mut du1),
+        );
+        swiglu_backward(&xs, &b, &a, &mut dg2, &mut du2);
+        assert_eq!((bits(&dg1), bits(&du1)), (bits(&dg2), bits(&du2)));
         // the sum is that of the stored values, to f64 rounding
         let direct: f64 = a.iter().map(|&x| x as f64).sum();
         assert!((sa - direct).abs() <= 1e-12 * direct);
