@@ -1,6 +1,6 @@
 //! Many adapters at once equal one at a time, on the real SmolLM2-135M: grouped training
 //! (packed sequences, one adapter per segment, continuous batching) against solo training,
-//! and grouped generation against one adapter per batch.
+//! and grouped generation against each request alone (one request per batch).
 //!
 //! Tolerance: the grouped pass runs the same per-sequence arithmetic as the solo one (the
 //! frozen matmuls' rows do not depend on the other rows; attention, the low-rank update and
@@ -137,7 +137,8 @@ fn a_batch_of_many_adapters_answers_as_each_adapter_alone() {
             let ids = m.tokenizer.encode_chat(&[ChatMessage::user(*q)], true).unwrap();
             for run in 0..2 {
                 let seed = (model.map_or(9, |a| a) * 100 + qi * 10 + run) as u64;
-                let mut r = GenerationRequest::new(ids.clone(), SamplingParams::paper_eval(), seed, 12);
+                // lengths 4, 8 and 12 side by side: rows leave a batch at different steps
+                let mut r = GenerationRequest::new(ids.clone(), SamplingParams::paper_eval(), seed, 4 + 4 * ((qi + run) % 3));
                 r.adapter = model;
                 out.push(r);
             }
@@ -145,7 +146,7 @@ fn a_batch_of_many_adapters_answers_as_each_adapter_alone() {
         out
     };
     let refs: Vec<&dyn Adapter> = adapters.iter().map(|a| a as &dyn Adapter).collect();
-    // one at a time
+    // one model, one request at a time
     let models = [None, Some(0), Some(1), Some(2)];
     let alone: Vec<Vec<String>> = models
         .iter()
@@ -153,7 +154,8 @@ fn a_batch_of_many_adapters_answers_as_each_adapter_alone() {
             let reqs: Vec<GenerationRequest> =
                 requests(model).into_iter().map(|r| GenerationRequest { adapter: r.adapter.map(|_| 0), ..r }).collect();
             let only: Vec<&dyn Adapter> = model.map(|a| refs[a]).into_iter().collect();
-            generate(m, &only, reqs, 8, |_| {}).unwrap().into_iter().map(|o| o.text).collect()
+            // one request per batch: no shared prefill, no row leaving a batch
+            generate(m, &only, reqs, 1, |_| {}).unwrap().into_iter().map(|o| o.text).collect()
         })
         .collect();
     // all four models' requests interleaved, in batches that mix them

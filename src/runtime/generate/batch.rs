@@ -81,7 +81,7 @@ struct Row {
 /// rows, each run of rows sharing an adapter gets that adapter's update (see
 /// [`SegmentedAdapters`]). A row's output does not depend on the other rows of its batch.
 ///
-/// Errors: an adapter index beyond `adapters`, and what [`generate_batch`] refuses.
+/// Errors: what [`generate_batch`] refuses.
 pub fn generate(
     model: &LoadedModel,
     adapters: &[&dyn Adapter],
@@ -90,11 +90,7 @@ pub fn generate(
     mut on_done: impl FnMut(usize),
 ) -> anyhow::Result<Vec<GenerationOutput>> {
     let n = requests.len();
-    for (i, r) in requests.iter().enumerate() {
-        if let Some(a) = r.adapter {
-            anyhow::ensure!(a < adapters.len(), "request {i}: adapter {a}, but {} adapters were given", adapters.len());
-        }
-    }
+    check_adapters(adapters, &requests)?;
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| requests[i].prompt_ids.len());
     let mut slots: Vec<Option<GenerationRequest>> = requests.into_iter().map(Some).collect();
@@ -104,13 +100,7 @@ pub fn generate(
         let mut chunk = chunk.to_vec();
         chunk.sort_by_key(|&i| slots[i].as_ref().map(|r| r.adapter));
         let batch: Vec<GenerationRequest> = chunk.iter().map(|&i| slots[i].take().unwrap()).collect();
-        let rows: Vec<(usize, Option<&dyn Adapter>)> = batch.iter().map(|r| (1, r.adapter.map(|a| adapters[a]))).collect();
-        let segmented = SegmentedAdapters::new(SegmentAxis::Rows, &rows);
-        let lora: Option<&dyn Adapter> = match segmented.segments.as_slice() {
-            [(_, _, one)] => *one,
-            _ => Some(&segmented),
-        };
-        let outs = generate_batch(model, lora, batch)?;
+        let outs = generate_batch(model, adapters, batch)?;
         for (&i, o) in chunk.iter().zip(outs) {
             outputs[i] = Some(o);
             on_done(1);
@@ -119,11 +109,56 @@ pub fn generate(
     Ok(outputs.into_iter().map(|o| o.unwrap()).collect())
 }
 
-/// Generates for one batch of requests in lockstep, all with `lora` (which may itself be a
-/// [`SegmentedAdapters`]); the requests' own `adapter` fields are not read here.
+fn check_adapters(adapters: &[&dyn Adapter], requests: &[GenerationRequest]) -> anyhow::Result<()> {
+    for (i, r) in requests.iter().enumerate() {
+        if let Some(a) = r.adapter {
+            anyhow::ensure!(a < adapters.len(), "request {i}: adapter {a}, but {} adapters were given", adapters.len());
+        }
+    }
+    Ok(())
+}
+
+/// Last-position logits `[rows, vocab]` of `batch`, each row with its adapter in `of_row`
+/// (indices into `adapters`, `None`: the base model): one adapter's own update when every
+/// row has the same, else one segment per run of rows sharing an adapter. Detached (see
+/// [`Frozen`]): generation never needs gradients.
+fn forward_rows(
+    model: &LoadedModel,
+    batch: &Batch,
+    cache: &mut KvCache,
+    adapters: &[&dyn Adapter],
+    of_row: impl Iterator<Item = Option<usize>>,
+) -> candle_core::Result<Tensor> {
+    let rows: Vec<(usize, Option<&dyn Adapter>)> = of_row.map(|a| (1, a.map(|a| adapters[a]))).collect();
+    let segmented = SegmentedAdapters::new(SegmentAxis::Rows, &rows);
+    let lora: Option<&dyn Adapter> = match segmented.segments.as_slice() {
+        [(_, _, one)] => *one,
+        _ => Some(&segmented),
+    };
+    let frozen = lora.map(Frozen);
+    model.decoder.forward_last(batch, Some(cache), frozen.as_ref().map(|f| f as &dyn Adapter))
+}
+
+/// Drops the finished rows from a decoding batch once a quarter of it has finished: copying
+/// the cache costs about one decode step's memory traffic, and each dropped row saves its
+/// share of every later step. Geometric, so at most a few copies per batch.
+fn worth_compacting(finished: usize, rows: usize) -> bool {
+    finished > 0 && 4 * finished >= rows
+}
+
+/// Generates for one batch of requests in lockstep, each row with its own adapter
+/// (`request.adapter`, an index into `adapters`, or the base model).
+///
+/// Rows whose prompt and adapter repeat an earlier row's (the runs of one question) are
+/// prefilled once and their caches copied; rows that finish leave the batch (see
+/// [`worth_compacting`]). Neither changes a row's numbers: every product a row takes part
+/// in computes its row alone (see `Batch`).
+///
+/// Errors: an adapter index beyond `adapters`, an empty prompt, invalid sampling
+/// parameters, a prompt that fills the model's context.
 pub fn generate_batch(
     model: &LoadedModel,
-    lora: Option<&dyn Adapter>,
+    adapters: &[&dyn Adapter],
     mut requests: Vec<GenerationRequest>,
 ) -> anyhow::Result<Vec<GenerationOutput>> {
     let dec = &model.decoder;
@@ -133,6 +168,7 @@ pub fn generate_batch(
     if b == 0 {
         return Ok(vec![]);
     }
+    check_adapters(adapters, &requests)?;
     for (i, r) in requests.iter().enumerate() {
         anyhow::ensure!(!r.prompt_ids.is_empty(), "request {i}: empty prompt");
         r.params.validate().with_context(|| format!("request {i}: sampling parameters"))?;
@@ -149,44 +185,68 @@ pub fn generate_batch(
     let left_pad: Vec<usize> = requests.iter().map(|r| prompt_len - r.prompt_ids.len()).collect();
     let tok_vocab = tok.vocab_size();
 
-    // Prefill: left-padded prompts, each row's positions starting at 0 after its padding.
-    let mut ids = Vec::with_capacity(b * prompt_len);
-    let mut pos = Vec::with_capacity(b * prompt_len);
-    for (r, req) in requests.iter().enumerate() {
+    // 1. the distinct (adapter, prompt) rows, and which of them each row repeats
+    let (distinct, source) = {
+        let mut first: std::collections::HashMap<(Option<usize>, &[u32]), u32> = std::collections::HashMap::new();
+        let mut distinct: Vec<usize> = Vec::new();
+        let source: Vec<u32> = requests
+            .iter()
+            .enumerate()
+            .map(|(r, req)| {
+                *first.entry((req.adapter, req.prompt_ids.as_slice())).or_insert_with(|| {
+                    distinct.push(r);
+                    distinct.len() as u32 - 1
+                })
+            })
+            .collect();
+        (distinct, source)
+    };
+
+    // 2. prefill of the distinct rows: left-padded prompts, each row's positions starting
+    //    at 0 after its padding
+    let u = distinct.len();
+    let mut ids = Vec::with_capacity(u * prompt_len);
+    let mut pos = Vec::with_capacity(u * prompt_len);
+    for &r in &distinct {
         for i in 0..prompt_len {
             if i < left_pad[r] {
                 ids.push(pad_id);
                 pos.push(0u32);
             } else {
-                ids.push(req.prompt_ids[i - left_pad[r]]);
+                ids.push(requests[r].prompt_ids[i - left_pad[r]]);
                 pos.push((i - left_pad[r]) as u32);
             }
         }
     }
-    let mut cache = KvCache::new(&dec.cfg, b, capacity, dtype, &device)?;
+    let distinct_pad: Vec<usize> = distinct.iter().map(|&r| left_pad[r]).collect();
+    let mut cache = KvCache::new(&dec.cfg, u, capacity, dtype, &device)?;
     let batch = Batch {
-        ids: Tensor::from_vec(ids, (b, prompt_len), &device)?,
-        positions: Tensor::from_vec(pos, (b, prompt_len), &device)?,
-        mask: Some(causal_mask(b, prompt_len, 0, &left_pad, &device, dtype)?),
+        ids: Tensor::from_vec(ids, (u, prompt_len), &device)?,
+        positions: Tensor::from_vec(pos, (u, prompt_len), &device)?,
+        mask: Some(causal_mask(u, prompt_len, 0, &distinct_pad, &device, dtype)?),
         segments: None,
     };
-    // generation never needs gradients: see `Frozen`
-    let frozen = lora.map(Frozen);
-    let lora = frozen.as_ref().map(|f| f as &dyn Adapter);
-    let mut logits = dec.forward_last(&batch, Some(&mut cache), lora)?;
+    let mut logits = forward_rows(model, &batch, &mut cache, adapters, distinct.iter().map(|&r| requests[r].adapter))?;
+    if u < b {
+        let index = Tensor::new(source.as_slice(), &device)?;
+        logits = logits.index_select(&index, 0)?;
+        cache = cache.select_rows(&source)?;
+    }
 
+    // 3. decoding: `live` are the rows still in the batch, in batch order
     let mut rows: Vec<Row> = requests
         .iter()
         .map(|r| Row { sampler: Sampler::new(r.params.clone(), r.seed), generated: vec![], done: None, text: String::new() })
         .collect();
+    let mut live: Vec<usize> = (0..b).collect();
     for step in 0..max_new {
         let mut l: Vec<Vec<f32>> = logits.to_vec2()?;
-        let mut next = vec![pad_id; b];
-        for r in 0..b {
+        let mut next = vec![pad_id; live.len()];
+        for (i, &r) in live.iter().enumerate() {
             if rows[r].done.is_some() {
                 continue;
             }
-            let row_logits = &mut l[r];
+            let row_logits = &mut l[i];
             // Output rows beyond the tokenizer's vocabulary are padding, never sampled.
             for x in row_logits.iter_mut().skip(tok_vocab) {
                 *x = f32::NEG_INFINITY;
@@ -196,7 +256,7 @@ pub fn generate_batch(
             }
             let t = rows[r].sampler.sample(row_logits);
             rows[r].sampler.observe(t);
-            next[r] = t;
+            next[i] = t;
             let req = &mut requests[r];
             let row = &mut rows[r];
             let is_stop_token = tok.stop_ids.contains(&t);
@@ -223,19 +283,28 @@ pub fn generate_batch(
                 row.done = Some(FinishReason::Length);
             }
         }
-        if rows.iter().all(|r| r.done.is_some()) || step + 1 == max_new || prompt_len + step + 1 >= capacity {
+        if live.iter().all(|&r| rows[r].done.is_some()) || step + 1 == max_new || prompt_len + step + 1 >= capacity {
             break;
+        }
+        let finished = live.iter().filter(|&&r| rows[r].done.is_some()).count();
+        if worth_compacting(finished, live.len()) {
+            let keep: Vec<u32> = (0..live.len() as u32).filter(|&i| rows[live[i as usize]].done.is_none()).collect();
+            cache = cache.select_rows(&keep)?;
+            next = keep.iter().map(|&i| next[i as usize]).collect();
+            live = keep.iter().map(|&i| live[i as usize]).collect();
         }
         // Decode step: one new token per row at its next position.
         let cached = cache.len();
-        let positions: Vec<u32> = (0..b).map(|r| (cached - left_pad[r]) as u32).collect();
+        let n = live.len();
+        let pads: Vec<usize> = live.iter().map(|&r| left_pad[r]).collect();
+        let positions: Vec<u32> = pads.iter().map(|&p| (cached - p) as u32).collect();
         let batch = Batch {
-            ids: Tensor::from_vec(next, (b, 1), &device)?,
-            positions: Tensor::from_vec(positions, (b, 1), &device)?,
-            mask: Some(causal_mask(b, 1, cached, &left_pad, &device, dtype)?),
+            ids: Tensor::from_vec(next, (n, 1), &device)?,
+            positions: Tensor::from_vec(positions, (n, 1), &device)?,
+            mask: Some(causal_mask(n, 1, cached, &pads, &device, dtype)?),
             segments: None,
         };
-        logits = dec.forward_last(&batch, Some(&mut cache), lora)?;
+        logits = forward_rows(model, &batch, &mut cache, adapters, live.iter().map(|&r| requests[r].adapter))?;
     }
     let mut out = Vec::with_capacity(b);
     for row in rows {

@@ -96,40 +96,13 @@ impl Sampler {
         }
         let inv_t = 1.0 / p.temperature as f32;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // candidates with unnormalised probabilities exp((l - max)/T)
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().filter(|(_, &l)| l.is_finite()).map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
+        // candidates with unnormalised probabilities exp((l - max)/T): every token that can
+        // pass min_p and top_k, or every finite one without those filters
+        let cand = candidates(logits, max, inv_t, (p.top_k > 0).then_some(p.top_k as usize), p.min_p as f32);
         if cand.is_empty() {
             return argmax(logits);
         }
-        // 3. min_p: keep tokens with prob >= min_p * max prob (the max has weight 1)
-        if p.min_p > 0.0 {
-            let thr = p.min_p as f32;
-            cand.retain(|&(_, w)| w >= thr);
-        }
-        // 4. top_k over the candidates by decreasing probability (ties: lower id first); a
-        //    total order, so selecting the k first and sorting only them gives exactly the
-        //    head of the full sort, without sorting the whole vocabulary at every token
-        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0));
-        if p.top_k > 0 && (p.top_k as usize) < cand.len() {
-            cand.select_nth_unstable_by(p.top_k as usize - 1, order);
-            cand.truncate(p.top_k as usize);
-        }
-        cand.sort_by(order);
-        // 5. top_p over the renormalised remainder
-        let total: f32 = cand.iter().map(|c| c.1).sum();
-        if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            let mut keep = cand.len();
-            for (i, c) in cand.iter().enumerate() {
-                cum += c.1 / total;
-                if cum >= p.top_p as f32 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cand.truncate(keep.max(1));
-        }
+        let cand = filter(cand, p);
         // 6. draw
         let total: f32 = cand.iter().map(|c| c.1).sum();
         let mut u = self.rng.random::<f32>() * total;
@@ -141,6 +114,113 @@ impl Sampler {
         }
         cand.last().unwrap().0
     }
+}
+
+/// Steps 3-5 of [`Sampler::sample`] on the candidates' `(token, weight)`: min_p, top_k,
+/// top_p; what is left, by decreasing weight (ties: lower id first).
+fn filter(mut cand: Vec<(u32, f32)>, p: &SamplingParams) -> Vec<(u32, f32)> {
+    // 3. min_p: keep tokens with prob >= min_p * max prob (the max has weight 1)
+    if p.min_p > 0.0 {
+        let thr = p.min_p as f32;
+        cand.retain(|&(_, w)| w >= thr);
+    }
+    // 4. top_k over the candidates by decreasing probability (ties: lower id first); a
+    //    total order, so selecting the k first and sorting only them gives exactly the
+    //    head of the full sort, without sorting the whole vocabulary at every token
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0));
+    if p.top_k > 0 && (p.top_k as usize) < cand.len() {
+        cand.select_nth_unstable_by(p.top_k as usize - 1, order);
+        cand.truncate(p.top_k as usize);
+    }
+    cand.sort_by(order);
+    // 5. top_p over the renormalised remainder
+    let total: f32 = cand.iter().map(|c| c.1).sum();
+    if p.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = cand.len();
+        for (i, c) in cand.iter().enumerate() {
+            cum += c.1 / total;
+            if cum >= p.top_p as f32 {
+                keep = i + 1;
+                break;
+            }
+        }
+        cand.truncate(keep.max(1));
+    }
+    cand
+}
+
+/// `(token, exp((l - max) · inv_t))` of the finite logits, in token order, leaving out only
+/// tokens that can pass neither min_p nor top_k (`top_k` of k: the k most likely).
+///
+/// Why: at evaluation's top_k 40 over SmolLM2's 49,152 logits, one `exp` per token was ~18%
+/// of an evaluation run. A token's weight is at least the k-th largest logit's only if its
+/// own `(l - max) · inv_t` is within rounding of that logit's, so a scan of those products
+/// (no `exp`) finds the few tokens worth weighing. The filters that follow see the same
+/// weights as over the whole vocabulary, so they draw the same tokens.
+fn candidates(logits: &[f32], max: f32, inv_t: f32, top_k: Option<usize>, min_p: f32) -> Vec<(u32, f32)> {
+    let weight = |l: f32| ((l - max) * inv_t).exp();
+    let all = || logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, weight(l))).collect();
+    if !max.is_finite() {
+        return all();
+    }
+    // `exp` is within an ulp of e^y, so y below a passing token's by 1e-3 (a weight 0.1%
+    // smaller) cannot pass; the exact comparison of weights follows.
+    const MARGIN: f32 = 1e-3;
+    // top_k's floor when it is on (min_p then filters the candidates as it would the whole
+    // vocabulary), else min_p's
+    let (floor, kth) = match top_k {
+        Some(k) => match kth_largest_finite(logits, k) {
+            Some(l_k) => ((l_k - max) * inv_t - MARGIN, Some(l_k)),
+            None => return all(),
+        },
+        None if min_p > 0.0 => ((min_p as f64).ln() as f32 - MARGIN, None),
+        None => return all(),
+    };
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l.is_finite() && (l - max) * inv_t >= floor)
+        .map(|(i, &l)| (i as u32, weight(l)))
+        .collect();
+    if let Some(l_k) = kth {
+        // the weakest weight among the k largest logits: at least k tokens weigh as much,
+        // so the k heaviest all do
+        let w_k = cand.iter().filter(|&&(t, _)| logits[t as usize] >= l_k).map(|c| c.1).fold(f32::INFINITY, f32::min);
+        if w_k <= 0.0 {
+            // underflowed weights tie at 0, where the tie order (lower id first) could reach
+            // any token of the vocabulary
+            return all();
+        }
+        cand.retain(|c| c.1 >= w_k);
+    }
+    cand
+}
+
+/// The k-th largest finite value of `xs` (counting repeats), or `None` when there are at
+/// most k finite values (then top_k keeps them all).
+fn kth_largest_finite(xs: &[f32], k: usize) -> Option<f32> {
+    // the k largest so far, unordered, and the smallest of them once there are k
+    let mut top: Vec<f32> = Vec::with_capacity(k);
+    let mut low = f32::NEG_INFINITY;
+    let mut finite = 0usize;
+    for &x in xs {
+        if !x.is_finite() {
+            continue;
+        }
+        finite += 1;
+        if top.len() < k {
+            top.push(x);
+            if top.len() == k {
+                low = top.iter().copied().fold(f32::INFINITY, f32::min);
+            }
+        } else if x > low {
+            let i = top.iter().position(|&t| t == low).unwrap();
+            top[i] = x;
+            low = top.iter().copied().fold(f32::INFINITY, f32::min);
+        }
+    }
+    (finite > k).then_some(low)
 }
 
 pub fn argmax(xs: &[f32]) -> u32 {
@@ -255,6 +335,62 @@ mod tests {
                 assert!(in_top[t], "case {case}: n {n}, k {k}: token {t} is not among the top k");
             }
         }
+    }
+
+    /// The candidates' shortcut leaves exactly what weighing the whole vocabulary leaves:
+    /// same tokens, same weights (bit for bit), same order, so the same draws. Over
+    /// vocabularies with repeated logits, logits an ulp apart, masked tokens and weights
+    /// that underflow to 0, under each regime's filters and temperatures from 0.01 to 100.
+    #[test]
+    fn candidates_shortcut_equals_the_whole_vocabulary() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(11);
+        let vocab = 4096;
+        let regimes = [
+            SamplingParams::paper_eval(),
+            SamplingParams::paper_exploit(),
+            SamplingParams::paper_explore(),
+            SamplingParams { top_k: 1, ..SamplingParams::paper_eval() },
+            SamplingParams { top_k: 1000, top_p: 1.0, ..SamplingParams::paper_eval() },
+            SamplingParams { top_k: 40, min_p: 0.5, ..SamplingParams::paper_exploit() },
+            SamplingParams { top_k: -1, min_p: 0.3, top_p: 1.0, ..SamplingParams::paper_eval() },
+        ];
+        let (mut shortcuts, mut cases) = (0, 0);
+        for case in 0..120 {
+            let kind = case % 5;
+            let mut logits: Vec<f32> = (0..vocab).map(|_| rng.random_range(-12.0f32..12.0)).collect();
+            match kind {
+                // repeated values: many exact ties in logit and weight
+                1 => logits.iter_mut().for_each(|l| *l = (*l * 2.0).round() / 2.0),
+                // a run of logits an ulp or a few apart at the top
+                2 => {
+                    for (i, l) in logits.iter_mut().take(300).enumerate() {
+                        *l = f32::from_bits(15.0f32.to_bits() - (i as u32 % 7));
+                    }
+                }
+                // one token far above the rest: every other weight underflows to 0
+                3 => logits[rng.random_range(0..vocab)] = 300.0,
+                // masked tokens
+                4 => logits.iter_mut().step_by(3).for_each(|l| *l = f32::NEG_INFINITY),
+                _ => {}
+            }
+            for p in &regimes {
+                for t in [0.01, p.temperature, 100.0] {
+                    let p = SamplingParams { temperature: t, ..p.clone() };
+                    let inv_t = 1.0 / t as f32;
+                    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let top_k = (p.top_k > 0).then_some(p.top_k as usize);
+                    let fast = candidates(&logits, max, inv_t, top_k, p.min_p as f32);
+                    let whole = candidates(&logits, max, inv_t, None, 0.0);
+                    shortcuts += usize::from(fast.len() < whole.len());
+                    cases += 1;
+                    let bits = |c: Vec<(u32, f32)>| filter(c, &p).into_iter().map(|(t, w)| (t, w.to_bits())).collect::<Vec<_>>();
+                    assert_eq!(bits(fast), bits(whole), "case {case} (kind {kind}), {p:?}");
+                }
+            }
+        }
+        // the shortcut was taken in most cases (all but underflow and a k past the vocabulary)
+        assert!(shortcuts * 10 > cases * 7, "{shortcuts} of {cases}");
     }
 
     /// min_p compares with the most likely token's probability, whatever the logits' offset:

@@ -39,6 +39,17 @@ impl KvCache {
     pub(super) fn advance(&mut self, n: usize) {
         self.len += n;
     }
+    /// A cache of the rows `rows` of this one, in that order (a row may repeat): the
+    /// same positions stored, the same capacity. For rows that share a prompt (prefilled
+    /// once, then copied) and for dropping finished rows from a batch.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
+        let Some(first) = self.keys.first() else {
+            return Ok(Self { keys: vec![], values: vec![], len: self.len, capacity: self.capacity });
+        };
+        let index = Tensor::new(rows, first.device())?;
+        let pick = |ts: &[Tensor]| ts.iter().map(|t| t.index_select(&index, 0)).collect::<Result<Vec<_>>>();
+        Ok(Self { keys: pick(&self.keys)?, values: pick(&self.values)?, len: self.len, capacity: self.capacity })
+    }
     /// Writes this step's keys and values of `layer` and returns all of them so far.
     pub(super) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let new = k.dim(2)?;
