@@ -15,5 +15,5 @@ pub use config::{ModelConfig, RopeScaling};
 pub use decoder::{low_rank_update, Adapter, Decoder, Frozen};
 #[cfg(test)]
 pub(crate) use layer_grad::layers_as_nodes;
-pub use layer_grad::{Attention, DecoderLayer, Linear, LowRank, Mlp};
+pub use layer_grad::{backward, Attention, DecoderLayer, Linear, LowRank, Mlp};
 pub use weights::{global_tensors, layer_tensors, random_weights, Proj, TensorKind, ROPE_FREQS};

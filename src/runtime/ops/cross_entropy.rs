@@ -81,14 +81,18 @@ pub fn lm_head_cross_entropy_packed(
     let row_of = Tensor::from_vec(row_of, n, device)?;
     let (weight, bf16) = (weight.clone(), bf16.cloned());
     let value = losses.to_dtype(hidden.dtype())?;
-    // The tap maps `hidden` [n, d] to the [K] losses; row r's gradient is its sequence's
-    // upstream gradient times its scaled `softmax - onehot`, through the LM head.
+    // The tap maps `hidden` [n, d] to the [K] losses; row r's gradient is its scaled
+    // `softmax - onehot` through the LM head, times its sequence's upstream gradient. The
+    // scaling comes after the product, on [n, d] rather than [n, vocab] (the [n, vocab]
+    // product was 2.6% of a grouped training profile); per row either way, so a sequence
+    // gets the same numbers alone and packed.
     let out = hidden.apply_op1(Tap::new(
         "lm-head-cross-entropy",
         value,
         Box::new(move |g: &Tensor| {
             let g_rows = g.index_select(&row_of, 0)?.unsqueeze(1)?; // [n, 1]
-            plain_linear_t(&g_rows.broadcast_mul(&dlogits)?, &weight, bf16.as_deref())
+            let dhidden = plain_linear_t(&dlogits, &weight, bf16.as_deref())?; // [n, d]
+            dhidden.broadcast_mul(&g_rows.to_dtype(dhidden.dtype())?)
         }) as Backward1,
     ))?;
     Ok(out)

@@ -38,7 +38,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 
 type Result<T> = candle_core::Result<T>;
 pub(crate) type Backward1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
-pub(crate) type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
+/// The gradients of both inputs; `None` for the second: delivered outside the graph (see
+/// `model::backward`).
+pub(crate) type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync>;
 type Backward3 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync>;
 
 /// A value computed outside the autograd graph, re-attached to its inputs with a custom
@@ -121,7 +123,7 @@ impl CustomOp2 for Tap<Backward2> {
     }
     fn bwd(&self, _: &Tensor, _: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (a, b) = (self.backward)(grad)?;
-        Ok((Some(a), Some(b)))
+        Ok((Some(a), b))
     }
 }
 
@@ -290,7 +292,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !(gate.track_op() || up.track_op()) {
         return Ok(value);
     }
-    let backward: Backward2 = Box::new(move |dy| swiglu_backward(&gd, &ud, dy));
+    let backward: Backward2 = Box::new(move |dy| swiglu_backward(&gd, &ud, dy).map(|(dg, du)| (dg, Some(du))));
     gate.apply_op2(up, Tap::new("swiglu", value, backward))
 }
 

@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor};
 
 use super::{memory_estimate, AdapterRun, TrainConfig, TrainExample, TrainReport};
 use crate::runtime::lora::LoraAdapter;
-use crate::runtime::model::{Adapter, Decoder};
+use crate::runtime::model::{backward, Adapter, Decoder};
 use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
 
 /// One adapter to train: a fresh (or loaded) adapter, its sequences and its settings.
@@ -185,7 +185,7 @@ fn group_pass<K>(
     let t = Instant::now();
     let weights: Vec<f32> = micro.iter().map(|&(_, w)| w as f32).collect();
     let weights = Tensor::from_vec(weights, micro.len(), decoder.device())?.to_dtype(losses.dtype())?;
-    let g = (&losses * &weights)?.sum_all()?.backward()?;
+    let g = backward(&(&losses * &weights)?.sum_all()?)?;
     times.backward += t.elapsed().as_secs_f64();
     let values: Vec<f64> = losses.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
     let grads = active.iter().map(|(_, run, _)| run.adapter().vars().iter().map(|v| g.get(v.as_tensor()).cloned()).collect()).collect();

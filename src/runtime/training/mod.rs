@@ -198,7 +198,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use crate::runtime::lora::{LoraAdapter, LoraConfig};
-    use crate::runtime::model::{layers_as_nodes, random_weights, Adapter, Decoder, LowRank, ModelConfig, Proj};
+    use crate::runtime::model::{backward, layers_as_nodes, random_weights, Adapter, Decoder, LowRank, ModelConfig, Proj};
     use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
 
     /// An adapter that hides its factored form, so the decoder composes each layer of
@@ -246,7 +246,7 @@ mod tests {
 
     /// Largest difference of every factor's gradient, relative to the largest gradient.
     fn gradient_gap(dec: &Decoder, loss: &Tensor, loss2: &Tensor, pairs: &[(&LoraAdapter, &LoraAdapter)]) -> f32 {
-        let (g, g2) = (loss.backward().unwrap(), loss2.backward().unwrap());
+        let (g, g2) = (backward(loss).unwrap(), backward(loss2).unwrap());
         let (mut gap, mut scale) = (0f32, 0f32);
         for (a, a2) in pairs {
             for layer in 0..dec.cfg.num_hidden_layers {

@@ -9,7 +9,7 @@ use super::checkpoint::{load_checkpoint, save_checkpoint};
 use super::run::{counted, AdapterRun};
 use super::{Checkpointing, TrainConfig, TrainExample, TrainReport};
 use crate::runtime::lora::LoraAdapter;
-use crate::runtime::model::Decoder;
+use crate::runtime::model::{backward, Decoder};
 
 /// Trains `adapter` on `examples`. `on_step(step, total, loss)` is called after each update.
 pub fn train_lora(
@@ -48,7 +48,7 @@ pub fn train_lora_with(
         let ex = run.example(i);
         let loss = decoder.sequence_loss(&ex.ids, ex.loss_from, Some(run.adapter()))?;
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-        let g = (loss * weight)?.backward()?;
+        let g = backward(&(loss * weight)?)?;
         let grads = run.adapter().vars().iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
         // 2. the window's update when it is complete
         let Some(step_loss) = run.add_gradients(value, weight, grads)? else { continue };
@@ -79,7 +79,7 @@ pub fn window_gradients(decoder: &Decoder, adapter: &LoraAdapter, window: &[&Tra
         let loss = decoder.sequence_loss(&ex.ids, ex.loss_from, Some(adapter))?;
         let weight = counted(ex) as f64 / window_tokens as f64;
         window_loss += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64 * weight;
-        let g = (loss * weight)?.backward()?;
+        let g = backward(&(loss * weight)?)?;
         for (acc, var) in grads.iter_mut().zip(&vars) {
             if let Some(gv) = g.get(var.as_tensor()) {
                 *acc = Some(match acc.take() {
@@ -97,7 +97,7 @@ pub fn window_gradients(decoder: &Decoder, adapter: &LoraAdapter, window: &[&Tra
 /// The gradient of a loss with respect to each adapter variable (for tests and checks).
 pub fn lora_gradients(decoder: &Decoder, adapter: &LoraAdapter, ex: &TrainExample) -> anyhow::Result<(f32, Vec<Option<Tensor>>)> {
     let loss = decoder.sequence_loss(&ex.ids, ex.loss_from, Some(adapter))?;
-    let g = loss.backward()?;
+    let g = backward(&loss)?;
     let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     Ok((value, adapter.vars().iter().map(|v| g.get(v.as_tensor()).cloned()).collect()))
 }
