@@ -264,6 +264,39 @@ mod tests {
         gap / scale
     }
 
+    /// An adapter whose factors are derived from its variables (tracked, not variables
+    /// themselves) still trains through one node per layer: their gradients go through
+    /// candle's graph rather than beside it, and equal the variables' own (the derivation
+    /// is `x · 1`, so the two paths' gradients are the same numbers).
+    #[test]
+    fn derived_factors_get_their_gradients_through_the_graph() {
+        struct Derived<'a>(&'a LoraAdapter);
+        impl Adapter for Derived<'_> {
+            fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+                self.0.delta(layer, proj, x)
+            }
+            fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> candle_core::Result<Option<LowRank>> {
+                Ok(match self.0.low_rank(layer, proj, rows)? {
+                    Some(LowRank::Factors { a, b, scale, mask }) => Some(LowRank::Factors { a: (a * 1.0)?, b: (b * 1.0)?, scale, mask }),
+                    other => other,
+                })
+            }
+            fn factored(&self) -> bool {
+                true
+            }
+        }
+        let dec = decoder("llama");
+        let ids: Vec<u32> = (0..9).map(|i| (i * 5 + 1) % 64).collect();
+        let (a, a2) = (adapter(&dec, 4, 2), adapter(&dec, 4, 2));
+        let nodes = layers_as_nodes();
+        let loss = dec.sequence_loss(&ids, 1, Some(&a)).unwrap();
+        let loss2 = dec.sequence_loss(&ids, 1, Some(&Derived(&a2))).unwrap();
+        assert_eq!(layers_as_nodes() - nodes, 4, "each layer one node on both paths");
+        assert_eq!(loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap());
+        let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
+        assert!(gap == 0.0, "gradient gap {gap}");
+    }
+
     /// The fused CPU update gives candle's composed AdamW bit for bit (a transposed, hence
     /// non-contiguous, gradient takes the composed path): three steps, weight decay on,
     /// zero and negative gradients among the elements.
