@@ -141,9 +141,11 @@ fn forward_rows(
 
 /// Drops the finished rows from a decoding batch once a quarter of it has finished: copying
 /// the cache costs about one decode step's memory traffic, and each dropped row saves its
-/// share of every later step. Geometric, so at most a few copies per batch.
+/// share of every later step. Geometric, so at most a few copies per batch. Never down to
+/// one row: a lone row's products take candle's kernel instead of OpenBLAS (see
+/// `runtime::blas`), whose last bits differ.
 fn worth_compacting(finished: usize, rows: usize) -> bool {
-    finished > 0 && 4 * finished >= rows
+    finished > 0 && 4 * finished >= rows && rows - finished >= 2
 }
 
 /// Generates for one batch of requests in lockstep, each row with its own adapter
@@ -151,8 +153,10 @@ fn worth_compacting(finished: usize, rows: usize) -> bool {
 ///
 /// Rows whose prompt and adapter repeat an earlier row's (the runs of one question) are
 /// prefilled once and their caches copied; rows that finish leave the batch (see
-/// [`worth_compacting`]). Neither changes a row's numbers: every product a row takes part
-/// in computes its row alone (see `Batch`).
+/// [`worth_compacting`]). Both keep two rows or more in every product when the batch has
+/// them, so the frozen products stay on OpenBLAS, whose rows do not depend on the other
+/// rows (`runtime::blas`); the adapters' own low-rank products run per adapter at the
+/// segment's height, as they do when the batch is composed differently.
 ///
 /// Errors: an adapter index beyond `adapters`, an empty prompt, invalid sampling
 /// parameters, a prompt that fills the model's context.
@@ -199,7 +203,13 @@ pub fn generate_batch(
                 })
             })
             .collect();
-        (distinct, source)
+        // one distinct row of several: prefilled as they are (a lone row would take
+        // another kernel, see `worth_compacting`)
+        if distinct.len() == 1 && b > 1 {
+            ((0..b).collect(), (0..b as u32).collect())
+        } else {
+            (distinct, source)
+        }
     };
 
     // 2. prefill of the distinct rows: left-padded prompts, each row's positions starting

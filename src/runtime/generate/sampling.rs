@@ -155,7 +155,7 @@ fn filter(mut cand: Vec<(u32, f32)>, p: &SamplingParams) -> Vec<(u32, f32)> {
 ///
 /// Why: at evaluation's top_k 40 over SmolLM2's 49,152 logits, one `exp` per token was ~18%
 /// of an evaluation run. A token's weight is at least the k-th largest logit's only if its
-/// own `(l - max) · inv_t` is within rounding of that logit's, so a scan of those products
+/// own `(l - max) · inv_t` is at most rounding below that logit's, so a scan of those products
 /// (no `exp`) finds the few tokens worth weighing. The filters that follow see the same
 /// weights as over the whole vocabulary, so they draw the same tokens.
 fn candidates(logits: &[f32], max: f32, inv_t: f32, top_k: Option<usize>, min_p: f32) -> Vec<(u32, f32)> {
@@ -165,17 +165,21 @@ fn candidates(logits: &[f32], max: f32, inv_t: f32, top_k: Option<usize>, min_p:
         return all();
     }
     // `exp` is within an ulp of e^y, so y below a passing token's by 1e-3 (a weight 0.1%
-    // smaller) cannot pass; the exact comparison of weights follows.
+    // smaller) cannot pass, as long as the weights compared are normal floats (an ulp of a
+    // subnormal is more than 0.1% of it); the exact comparison of weights follows.
     const MARGIN: f32 = 1e-3;
+    // Past this k the scan for the k-th largest logit (O(vocabulary · k) at worst) would
+    // cost more than weighing every token.
+    const MAX_K: usize = 256;
     // top_k's floor when it is on (min_p then filters the candidates as it would the whole
     // vocabulary), else min_p's
     let (floor, kth) = match top_k {
-        Some(k) => match kth_largest_finite(logits, k) {
+        Some(k) if k <= MAX_K => match kth_largest_finite(logits, k) {
             Some(l_k) => ((l_k - max) * inv_t - MARGIN, Some(l_k)),
             None => return all(),
         },
-        None if min_p > 0.0 => ((min_p as f64).ln() as f32 - MARGIN, None),
-        None => return all(),
+        None if min_p >= f32::MIN_POSITIVE => ((min_p as f64).ln() as f32 - MARGIN, None),
+        _ => return all(),
     };
     let mut cand: Vec<(u32, f32)> = logits
         .iter()
@@ -187,9 +191,9 @@ fn candidates(logits: &[f32], max: f32, inv_t: f32, top_k: Option<usize>, min_p:
         // the weakest weight among the k largest logits: at least k tokens weigh as much,
         // so the k heaviest all do
         let w_k = cand.iter().filter(|&&(t, _)| logits[t as usize] >= l_k).map(|c| c.1).fold(f32::INFINITY, f32::min);
-        if w_k <= 0.0 {
-            // underflowed weights tie at 0, where the tie order (lower id first) could reach
-            // any token of the vocabulary
+        if w_k < f32::MIN_POSITIVE {
+            // a subnormal or underflowed weight: tokens below the floor may round to it and
+            // tie with it, and the tie order (lower id first) could reach any of them
             return all();
         }
         cand.retain(|c| c.1 >= w_k);
@@ -354,10 +358,14 @@ mod tests {
             SamplingParams { top_k: 1000, top_p: 1.0, ..SamplingParams::paper_eval() },
             SamplingParams { top_k: 40, min_p: 0.5, ..SamplingParams::paper_exploit() },
             SamplingParams { top_k: -1, min_p: 0.3, top_p: 1.0, ..SamplingParams::paper_eval() },
+            // a k past every finite logit (and past the scan's limit): the whole vocabulary
+            SamplingParams { top_k: 5000, top_p: 1.0, ..SamplingParams::paper_eval() },
+            // top_p 1, min_p 0: every tie at the k-th weight reaches the draw
+            SamplingParams { top_k: 3, top_p: 1.0, min_p: 0.0, ..SamplingParams::paper_eval() },
         ];
         let (mut shortcuts, mut cases) = (0, 0);
-        for case in 0..120 {
-            let kind = case % 5;
+        for case in 0..140 {
+            let kind = case % 7;
             let mut logits: Vec<f32> = (0..vocab).map(|_| rng.random_range(-12.0f32..12.0)).collect();
             match kind {
                 // repeated values: many exact ties in logit and weight
@@ -372,10 +380,25 @@ mod tests {
                 3 => logits[rng.random_range(0..vocab)] = 300.0,
                 // masked tokens
                 4 => logits.iter_mut().step_by(3).for_each(|l| *l = f32::NEG_INFINITY),
+                // at T = 1 the third weight is subnormal (e^-103 rounds to the smallest
+                // float), and so is a token's 0.3 below it at a lower id, which top_k 3
+                // keeps (ties: lower id first) although it is below the shortcut's floor
+                5 => {
+                    logits.iter_mut().for_each(|l| *l = -200.0);
+                    logits[4000] = 0.0;
+                    logits[3000] = -50.0;
+                    logits[2000] = -103.0;
+                    logits[1000] = -103.3;
+                }
+                // a NaN and a +inf logit
+                6 => {
+                    logits[17] = f32::NAN;
+                    logits[rng.random_range(0..vocab)] = f32::INFINITY;
+                }
                 _ => {}
             }
             for p in &regimes {
-                for t in [0.01, p.temperature, 100.0] {
+                for t in [0.01, p.temperature, 1.0, 100.0] {
                     let p = SamplingParams { temperature: t, ..p.clone() };
                     let inv_t = 1.0 / t as f32;
                     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -389,8 +412,9 @@ mod tests {
                 }
             }
         }
-        // the shortcut was taken in most cases (all but underflow and a k past the vocabulary)
-        assert!(shortcuts * 10 > cases * 7, "{shortcuts} of {cases}");
+        // the shortcut was taken in half the cases (not for underflow, subnormal weights,
+        // +inf, a k past the vocabulary or the scan's limit)
+        assert!(shortcuts * 2 > cases, "{shortcuts} of {cases}");
     }
 
     /// min_p compares with the most likely token's probability, whatever the logits' offset:

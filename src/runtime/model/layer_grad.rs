@@ -394,7 +394,8 @@ thread_local! {
 /// Why: as inputs of the graph, every layer's factors were flattened and concatenated into
 /// one input of its node, and candle's backward gives each input of each op a zeroed
 /// tensor and adds the gradient into it: zeroing and adding every factor's gradient three
-/// times per pass (~8% of a grouped training profile), where it is computed exactly once.
+/// times per pass (7.1% of a grouped bf16 training profile in the adds, 2.5% in the zeroing),
+/// where it is computed exactly once.
 ///
 /// Errors: candle's.
 pub fn backward(loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
