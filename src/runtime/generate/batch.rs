@@ -79,7 +79,8 @@ struct Row {
 /// Each request runs with its own adapter (`request.adapter`, an index into `adapters`) or
 /// the base model, and one batch mixes them freely: the frozen weights run once for all
 /// rows, each run of rows sharing an adapter gets that adapter's update (see
-/// [`SegmentedAdapters`]). A row's output does not depend on the other rows of its batch.
+/// [`SegmentedAdapters`]). A row's frozen products do not depend on the other rows of its
+/// batch; its low-rank products run at its adapter segment's height (see [`generate_batch`]).
 ///
 /// Errors: what [`generate_batch`] refuses.
 pub fn generate(

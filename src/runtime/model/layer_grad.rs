@@ -318,19 +318,15 @@ pub(super) fn layer(
         return Ok(out);
     }
     // the node's second input: one of the variables (only so that the graph records the
-    // node when `x` does not track, at layer 0), or the flattened factors
+    // node when `x` does not track, at layer 0), or the flattened factors (then at least
+    // one of them tracks without being a variable)
     let second = if outside_graph {
         match factors.iter().find(|f| f.track_op()) {
             Some(var) => var.clone(),
             None => Tensor::zeros(0, DType::F32, x.device())?,
         }
     } else {
-        let flat = factors.iter().map(|f| f.flatten_all()).collect::<Result<Vec<_>>>()?;
-        if flat.is_empty() {
-            Tensor::zeros(0, DType::F32, x.device())?
-        } else {
-            Tensor::cat(&flat, 0)?
-        }
+        Tensor::cat(&factors.iter().map(|f| f.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?
     };
 
     // the backward, steps 5 → 1 in reverse; g: [b, l, hidden]
@@ -375,8 +371,7 @@ pub(super) fn layer(
             })?;
             return Ok((dx, None));
         }
-        let dparams = if grads.is_empty() { Tensor::zeros(0, DType::F32, dx.device())? } else { Tensor::cat(&grads, 0)? };
-        Ok((dx, Some(dparams)))
+        Ok((dx, Some(Tensor::cat(&grads, 0)?)))
     });
     x.apply_op2(&second, Tap::new("decoder-layer", out, backward))
 }
