@@ -181,7 +181,9 @@ fn adapter_save_load_merge_roundtrip() {
     let diff = adapted.iter().zip(&merged_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff < 1e-3, "merged differs from adapted by {diff}");
     selfedit::runtime::formats::hf::save_hf(&merged, &m.tokenizer, &dir.path().join("merged")).unwrap();
-    let loaded = selfedit::runtime::formats::load(&dir.path().join("merged"), &Device::Cpu).unwrap();
+    let mut loaded = selfedit::runtime::formats::load(&dir.path().join("merged"), &Device::Cpu).unwrap();
+    // the same products as `merged` (a weight's kernel decides its last bits)
+    loaded.decoder.set_compute_dtype(merged.compute_dtype()).unwrap();
     let l2: Vec<f32> = loaded.decoder.forward_last(&batch, None, None).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     assert_eq!(merged_logits, l2);
     assert_eq!(loaded.tokenizer.encode("Hello world 123").unwrap(), m.tokenizer.encode("Hello world 123").unwrap());

@@ -101,7 +101,10 @@ fn matmul_peak_gflops() -> anyhow::Result<f64> {
 /// GFLOP/s, with the per-call rounding of the input included (the packing is not timed).
 fn amx_peak_gflops() -> anyhow::Result<f64> {
     let dev = candle_core::Device::Cpu;
-    let w = selfedit::runtime::blas::Bf16Weight::new(&candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?)?;
+    let w = selfedit::runtime::blas::PackedWeight::new(
+        &candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?,
+        selfedit::runtime::blas::ComputeDtype::Bf16,
+    )?;
     peak_1024(|a, _| {
         w.matmul_nt(a)?;
         Ok(())
@@ -110,20 +113,20 @@ fn amx_peak_gflops() -> anyhow::Result<f64> {
 
 /// The frozen-weight products of one packed pass of `rows` tokens: every projection (and the
 /// LM head if `lm_head`), forward `x @ W^T` and input gradient `g @ W`, run back to back
-/// through the path training takes (OpenBLAS in f32, the AMX tiles in bf16) and nothing
+/// through the path training takes (the f32 kernel or OpenBLAS in f32, the AMX tiles in bf16) and nothing
 /// else: (median seconds, FLOPs).
 fn frozen_products(m: &LoadedModel, rows: usize, lm_head: bool) -> anyhow::Result<(f64, f64)> {
-    use selfedit::runtime::blas::Bf16Weight;
+    use selfedit::runtime::blas::PackedWeight;
     let dec = &m.decoder;
-    let mut weights: Vec<(&candle_core::Tensor, Option<&Bf16Weight>)> = Vec::new();
+    let mut weights: Vec<(&candle_core::Tensor, Option<&PackedWeight>)> = Vec::new();
     for layer in 0..dec.cfg.num_hidden_layers {
         for proj in selfedit::runtime::model::Proj::ALL {
             let lin = dec.linear(layer, proj);
-            weights.push((&lin.weight, lin.bf16.as_deref()));
+            weights.push((&lin.weight, lin.packed.as_deref()));
         }
     }
     if lm_head {
-        weights.push((&dec.lm_head, dec.lm_head_bf16.as_deref()));
+        weights.push((&dec.lm_head, dec.lm_head_packed.as_deref()));
     }
     // inputs made before the clock starts: one `x` [rows, k] and `g` [rows, n] per weight
     let dev = candle_core::Device::Cpu;
@@ -138,8 +141,8 @@ fn frozen_products(m: &LoadedModel, rows: usize, lm_head: bool) -> anyhow::Resul
     let mut times = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        for ((w, bf16), (x, g)) in weights.iter().zip(&inputs) {
-            if let Some(p) = bf16 {
+        for ((w, packed), (x, g)) in weights.iter().zip(&inputs) {
+            if let Some(p) = packed {
                 drop((p.matmul_nt(x)?, p.matmul_nn(g)?));
                 continue;
             }
@@ -182,7 +185,7 @@ fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f
     let mut times = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let loss = ops::lm_head_cross_entropy_packed(h.as_tensor(), &dec.lm_head, dec.lm_head_bf16.as_ref(), &targets)?;
+        let loss = ops::lm_head_cross_entropy_packed(h.as_tensor(), &dec.lm_head, dec.lm_head_packed.as_ref(), &targets)?;
         drop(loss.sum_all()?.backward()?);
         times.push(t.elapsed().as_secs_f64());
     }

@@ -249,7 +249,7 @@ pub enum ComputeDtype {
     #[default]
     F32,
     /// The weights rounded to bf16 once and multiplied on AMX tiles with f32 accumulation
-    /// ([`Bf16Weight`]); the activations are rounded per product.
+    /// ([`PackedWeight`]); the activations are rounded per product.
     Bf16,
 }
 
@@ -259,16 +259,30 @@ impl ComputeDtype {
     }
 }
 
-/// A frozen weight `w` `[out, in]` rounded to bf16 and laid out for AMX tiles
-/// (`compute_dtype = "bf16"`, see [`crate::runtime::amx`]), for both products of a linear
-/// layer: `x @ w^T` (forward) and `g @ w` (input gradient). Holds 2 bytes per value for each
-/// product, as much as the f32 weight it sits beside.
+/// A frozen weight `w` `[out, in]` laid out once for the products of a linear layer,
+/// `x @ w^T` (forward) and `g @ w` (input gradient), in the model's [`ComputeDtype`]:
+///
+/// - bf16: rounded and laid out for AMX tiles (see [`crate::runtime::amx`]), 2 bytes per
+///   value for each product, as much as the f32 weight it sits beside;
+/// - f32: `w^T` cut into column panels for the AVX-512 kernel ([`crate::runtime::sgemm`]),
+///   4 bytes per value; the input gradient reads `w` itself.
 #[derive(Debug)]
-pub struct Bf16Weight {
-    /// `w^T` `[in, out]`.
-    forward: crate::runtime::amx::PackedB,
-    /// `w` `[out, in]`.
-    backward: crate::runtime::amx::PackedB,
+pub struct PackedWeight(Packed);
+
+#[derive(Debug)]
+enum Packed {
+    Bf16 {
+        /// `w^T` `[in, out]`.
+        forward: crate::runtime::amx::PackedB,
+        /// `w` `[out, in]`.
+        backward: crate::runtime::amx::PackedB,
+    },
+    F32 {
+        /// `w^T` `[in, out]`.
+        forward: crate::runtime::sgemm::Panels,
+        /// `w` `[out, in]` (a handle on the model's own tensor).
+        weight: Tensor,
+    },
 }
 
 /// Products of at least this many multiply-adds (33.5 million) run on as many threads as
@@ -280,49 +294,93 @@ pub struct Bf16Weight {
 /// inside each other's spread (solo 180-254 against 240-248 tokens/s).
 const AMX_THREADED_PRODUCT: usize = 1 << 25;
 
-impl Bf16Weight {
-    /// Packs `w` (a contiguous 2-D f32 CPU tensor whose dimensions are multiples of 16).
+impl PackedWeight {
+    /// Lays out `w` (a contiguous 2-D f32 CPU tensor whose dimensions are multiples of 16)
+    /// for `dtype`.
     ///
     /// # Errors
-    /// When AMX was not enabled in this process, or `w` is not of that form.
-    pub fn new(w: &Tensor) -> candle_core::Result<Self> {
-        if !crate::runtime::amx::enabled() {
-            candle_core::bail!("{}", crate::runtime::amx::UNAVAILABLE);
-        }
+    /// bf16 when AMX was not enabled in this process, f32 on a CPU without AVX-512F, or `w`
+    /// not of that form.
+    pub fn new(w: &Tensor, dtype: ComputeDtype) -> candle_core::Result<Self> {
         let (out, inp) = w.dims2()?;
-        let packed = with_f32(w, |v| {
-            let forward = crate::runtime::amx::PackedB::transposed(v, out, inp)?;
-            let backward = crate::runtime::amx::PackedB::plain(v, out, inp)?;
-            Some(Self { forward, backward })
-        });
+        let packed = match dtype {
+            ComputeDtype::Bf16 => {
+                if !crate::runtime::amx::enabled() {
+                    candle_core::bail!("{}", crate::runtime::amx::UNAVAILABLE);
+                }
+                with_f32(w, |v| {
+                    let forward = crate::runtime::amx::PackedB::transposed(v, out, inp)?;
+                    let backward = crate::runtime::amx::PackedB::plain(v, out, inp)?;
+                    Some(Packed::Bf16 { forward, backward })
+                })
+            }
+            ComputeDtype::F32 => {
+                if !crate::runtime::sgemm::available() {
+                    candle_core::bail!("the f32 kernel needs AVX-512F, which this CPU does not have");
+                }
+                with_f32(w, |v| {
+                    let forward = crate::runtime::sgemm::Panels::transposed(v, out, inp)?;
+                    (inp.is_multiple_of(16)).then(|| Packed::F32 { forward, weight: w.clone() })
+                })
+            }
+        };
         match packed {
-            Some(Some(p)) => Ok(p),
-            Some(None) => candle_core::bail!("a bf16 weight needs both dimensions multiples of 16, not {out} x {inp}"),
-            None => candle_core::bail!("a bf16 weight is packed from a contiguous f32 CPU tensor, not {:?} on {:?}", w.dtype(), w.device()),
+            Some(Some(p)) => Ok(Self(p)),
+            Some(None) => candle_core::bail!("a packed weight needs both dimensions multiples of 16, not {out} x {inp}"),
+            None => candle_core::bail!("a weight is packed from a contiguous f32 CPU tensor, not {:?} on {:?}", w.dtype(), w.device()),
         }
     }
 
-    /// `x @ w^T` for `x` `[m, in]` (contiguous f32 CPU): `[m, out]`.
+    /// The precision of its products.
+    pub fn dtype(&self) -> ComputeDtype {
+        match self.0 {
+            Packed::Bf16 { .. } => ComputeDtype::Bf16,
+            Packed::F32 { .. } => ComputeDtype::F32,
+        }
+    }
+
+    /// `x @ w^T` for `x` `[m, in]` (f32 CPU): `[m, out]`.
     pub fn matmul_nt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Self::product(&self.forward, x)
+        match &self.0 {
+            Packed::Bf16 { forward, .. } => Self::product(forward.dims(), x, AMX_THREADED_PRODUCT, |v, m, t| forward.matmul(v, m, t)),
+            Packed::F32 { forward, .. } => Self::product(forward.dims(), x, 0, |v, m, t| forward.matmul(v, m, t)),
+        }
     }
 
-    /// `g @ w` for `g` `[m, out]` (contiguous f32 CPU): `[m, in]`.
+    /// `g @ w` for `g` `[m, out]` (f32 CPU): `[m, in]`.
     pub fn matmul_nn(&self, g: &Tensor) -> candle_core::Result<Tensor> {
-        Self::product(&self.backward, g)
+        match &self.0 {
+            Packed::Bf16 { backward, .. } => Self::product(backward.dims(), g, AMX_THREADED_PRODUCT, |v, m, t| backward.matmul(v, m, t)),
+            Packed::F32 { weight, .. } => {
+                let (k, n) = weight.dims2()?;
+                let w = weight.clone();
+                Self::product((k, n), g, 0, move |v, m, t| {
+                    with_f32(&w, |wv| crate::runtime::sgemm::matmul_plain(v, m, wv, k, n, t))
+                        .flatten()
+                        .expect("checked at packing: a contiguous f32 CPU weight whose dimensions are multiples of 16")
+                })
+            }
+        }
     }
 
-    fn product(b: &crate::runtime::amx::PackedB, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (k, n) = b.dims();
+    /// `x @ B` for `B` `[k, n]` by `f(x, m, threads)`, on [`threads`] threads from `threaded`
+    /// multiply-adds on.
+    fn product(
+        dims: (usize, usize),
+        x: &Tensor,
+        threaded: usize,
+        f: impl FnOnce(&[f32], usize, usize) -> Vec<f32>,
+    ) -> candle_core::Result<Tensor> {
+        let (k, n) = dims;
         let (m, kx) = x.dims2()?;
         if kx != k {
-            candle_core::bail!("bf16 matmul: input rows of {kx} values against a weight of {k}");
+            candle_core::bail!("packed matmul: input rows of {kx} values against a weight of {k}");
         }
-        let threads = if m * k * n >= AMX_THREADED_PRODUCT { threads() } else { 1 };
+        let threads = if m * k * n >= threaded { threads() } else { 1 };
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        match with_f32(&x, |v| b.matmul(v, m, threads)) {
+        match with_f32(&x, |v| f(v, m, threads)) {
             Some(y) => Tensor::from_vec(y, (m, n), &Device::Cpu),
-            None => candle_core::bail!("bf16 matmul: the input is on {:?}, not the CPU", x.device()),
+            None => candle_core::bail!("packed matmul: the input is on {:?}, not the CPU", x.device()),
         }
     }
 }

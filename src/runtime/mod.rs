@@ -19,5 +19,6 @@ pub mod lora;
 pub mod model;
 pub mod multi_lora;
 pub mod ops;
+pub mod sgemm;
 pub mod tokenizer;
 pub mod training;

@@ -19,12 +19,16 @@ pub fn model_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 }
 
+/// SmolLM2 as the stages run it: the default `model.compute_dtype` (f32) applied, so its
+/// projections take the AVX-512 kernel where the CPU has it ([`selfedit::runtime::sgemm`]).
 pub fn smollm() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
         let path = model_path();
         assert!(path.exists(), "{} is missing: run `make model` (make test does it for you)", path.display());
-        selfedit::runtime::formats::load(&path, &Device::Cpu).expect("loading SmolLM2")
+        let mut m = selfedit::runtime::formats::load(&path, &Device::Cpu).expect("loading SmolLM2");
+        m.decoder.set_compute_dtype(Default::default()).expect("the default compute dtype");
+        m
     })
 }
 

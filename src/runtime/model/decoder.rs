@@ -16,7 +16,7 @@ use super::cache::{causal_mask, Batch, KvCache};
 use super::config::{ModelConfig, RopeScaling};
 use super::layer_grad::{self, Attention, DecoderLayer, Linear, LowRank, Masking, Mlp, Update};
 use super::weights::{global_tensors, Proj, ROPE_FREQS};
-use crate::runtime::blas::{Bf16Weight, ComputeDtype};
+use crate::runtime::blas::{ComputeDtype, PackedWeight};
 use crate::runtime::ops;
 
 /// A low-rank (or any additive) update of the projections, applied on top of the frozen
@@ -136,7 +136,7 @@ pub struct Decoder {
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
     pub lm_head: Tensor,
     /// `lm_head` packed for AMX when the model computes in bf16 ([`Self::set_compute_dtype`]).
-    pub lm_head_bf16: Option<Arc<Bf16Weight>>,
+    pub lm_head_packed: Option<Arc<PackedWeight>>,
     /// llama.cpp's per-frequency RoPE divisors `[head_dim / 2]` (`rope_freqs.weight`, which
     /// its converter writes for Llama 3.1+ instead of `rope_scaling`); kept so a saved
     /// model carries them.
@@ -197,7 +197,7 @@ impl Decoder {
             None
         };
         let rope = RopeTable::new(cfg, inv_freq, embed_tokens.dtype(), embed_tokens.device())?;
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, lm_head_bf16: None, rope_freqs, rope })
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, lm_head_packed: None, rope_freqs, rope })
     }
 
     pub fn device(&self) -> &Device {
@@ -209,29 +209,36 @@ impl Decoder {
 
     /// The precision of the frozen weights' products.
     pub fn compute_dtype(&self) -> ComputeDtype {
-        if self.lm_head_bf16.is_some() {
-            ComputeDtype::Bf16
-        } else {
-            ComputeDtype::F32
-        }
+        self.packed_for().unwrap_or_default()
+    }
+
+    /// The dtype the projections are laid out for, if any ([`Self::set_compute_dtype`]).
+    fn packed_for(&self) -> Option<ComputeDtype> {
+        self.layers.first()?.self_attn.q_proj.packed.as_ref().map(|p| p.dtype())
     }
 
     /// Runs the frozen weights' products (every projection and the LM head, forward and input
-    /// gradient) in `dtype`. Bf16 packs a bf16 copy of each weight beside the f32 one: for
-    /// SmolLM2-135M, 2 × 2 bytes per weight, ~540 MB.
+    /// gradient) in `dtype`, each weight laid out once for them ([`PackedWeight`]):
+    /// - bf16: a bf16 copy of each weight beside the f32 one, for SmolLM2-135M 2 × 2 bytes per
+    ///   weight, ~540 MB;
+    /// - f32: on a CPU with AVX-512F, each projection's `w^T` cut into panels for
+    ///   [`crate::runtime::sgemm`], for SmolLM2-135M ~425 MB beside the f32 weights; the LM
+    ///   head stays with OpenBLAS, faster than the kernel at its shapes (measured: 128-440 rows
+    ///   × 576 -> 49,152). Without AVX-512F, or before this is called, f32 products take
+    ///   OpenBLAS.
     ///
     /// # Errors
     /// Bf16 without AMX ([`crate::runtime::amx::enable`] not called or refused), a model not in
     /// f32 on the CPU, or a weight dimension not a multiple of 16; the model is then unchanged.
     pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) -> Result<()> {
-        if dtype == self.compute_dtype() {
+        if self.packed_for() == Some(dtype) || (dtype.is_f32() && !crate::runtime::sgemm::available() && self.packed_for().is_none()) {
             return Ok(());
         }
-        let pack = |w: &Tensor| -> Result<Option<Arc<Bf16Weight>>> {
-            Ok(match dtype {
-                ComputeDtype::F32 => None,
-                ComputeDtype::Bf16 => Some(Arc::new(Bf16Weight::new(w)?)),
-            })
+        let pack = |w: &Tensor| -> Result<Option<Arc<PackedWeight>>> {
+            if dtype.is_f32() && !crate::runtime::sgemm::available() {
+                return Ok(None);
+            }
+            Ok(Some(Arc::new(PackedWeight::new(w, dtype)?)))
         };
         // Everything packed first, so an error leaves the model as it was.
         let mut packed = Vec::with_capacity(self.layers.len() * Proj::ALL.len());
@@ -240,14 +247,14 @@ impl Decoder {
                 packed.push(pack(&self.linear(i, m).weight)?);
             }
         }
-        let lm_head = pack(&self.lm_head)?;
+        let lm_head = if dtype.is_f32() { None } else { pack(&self.lm_head)? };
         let mut packed = packed.into_iter();
         for i in 0..self.layers.len() {
             for m in Proj::ALL {
-                self.linear_mut(i, m).bf16 = packed.next().flatten();
+                self.linear_mut(i, m).packed = packed.next().flatten();
             }
         }
-        self.lm_head_bf16 = lm_head;
+        self.lm_head_packed = lm_head;
         Ok(())
     }
 
@@ -268,7 +275,7 @@ impl Decoder {
 
     /// A projection of layer `layer`, plus the adapter's low-rank update when it has one.
     fn project(&self, x: &Tensor, lin: &Linear, layer: usize, module: Proj, lora: Option<&dyn Adapter>) -> Result<Tensor> {
-        let y = ops::linear(x, &lin.weight, lin.bf16.as_ref(), lin.bias.as_ref())?;
+        let y = ops::linear(x, &lin.weight, lin.packed.as_ref(), lin.bias.as_ref())?;
         let delta = match lora {
             Some(adapter) => adapter.delta(layer, module, x)?,
             None => None,
@@ -391,13 +398,13 @@ impl Decoder {
         let h = self.forward_hidden(batch, cache, lora)?;
         let l = h.dim(1)?;
         let last = h.narrow(1, l - 1, 1)?.squeeze(1)?;
-        ops::linear(&last, &self.lm_head, self.lm_head_bf16.as_ref(), None)?.to_dtype(DType::F32)
+        ops::linear(&last, &self.lm_head, self.lm_head_packed.as_ref(), None)?.to_dtype(DType::F32)
     }
 
     /// Logits of every position, `[b, l, vocab]`, in f32.
     pub fn forward_all(&self, batch: &Batch, cache: Option<&mut KvCache>, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let h = self.forward_hidden(batch, cache, lora)?;
-        ops::linear(&h, &self.lm_head, self.lm_head_bf16.as_ref(), None)?.to_dtype(DType::F32)
+        ops::linear(&h, &self.lm_head, self.lm_head_packed.as_ref(), None)?.to_dtype(DType::F32)
     }
 
     /// Mean next-token cross-entropy of one sequence; `loss_from` masks the first positions'
@@ -405,7 +412,7 @@ impl Decoder {
     pub fn sequence_loss(&self, ids: &[u32], loss_from: usize, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let batch = Batch::causal(ids, 0, self.device(), self.dtype())?;
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
-        ops::lm_head_cross_entropy(&h, &self.lm_head, self.lm_head_bf16.as_ref(), &loss_targets(ids, loss_from))
+        ops::lm_head_cross_entropy(&h, &self.lm_head, self.lm_head_packed.as_ref(), &loss_targets(ids, loss_from))
     }
 
     /// [`Self::sequence_loss`] of several sequences in one forward pass (packed end to end,
@@ -418,7 +425,7 @@ impl Decoder {
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
         let targets: Vec<Vec<Option<u32>>> = seqs.iter().map(|&(ids, loss_from)| loss_targets(ids, loss_from)).collect();
         let targets: Vec<&[Option<u32>]> = targets.iter().map(|t| t.as_slice()).collect();
-        ops::lm_head_cross_entropy_packed(&h, &self.lm_head, self.lm_head_bf16.as_ref(), &targets)
+        ops::lm_head_cross_entropy_packed(&h, &self.lm_head, self.lm_head_packed.as_ref(), &targets)
     }
 
     /// The projection `module` of layer `layer`, for merging adapters into it.

@@ -19,7 +19,7 @@ use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
 use super::weights::Proj;
-use crate::runtime::blas::Bf16Weight;
+use crate::runtime::blas::PackedWeight;
 use crate::runtime::ops::{self, LowRankSegment, Tap};
 
 type Result<T> = candle_core::Result<T>;
@@ -38,23 +38,23 @@ pub enum LowRank {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    /// The weight packed for AMX when the model computes in bf16 ([`Decoder::set_compute_dtype`]).
+    /// The weight laid out for its products in the model's compute dtype ([`Decoder::set_compute_dtype`]).
     ///
     /// [`Decoder::set_compute_dtype`]: super::Decoder::set_compute_dtype
-    pub bf16: Option<Arc<Bf16Weight>>,
+    pub packed: Option<Arc<PackedWeight>>,
 }
 
 impl Linear {
     pub(super) fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias, bf16: None })
+        Ok(Self { weight, bias, packed: None })
     }
 
-    /// Replaces the weight (merging an adapter), repacking its bf16 copy if it has one.
+    /// Replaces the weight (merging an adapter), repacking it if it was packed.
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
-        if self.bf16.is_some() {
-            self.bf16 = Some(Arc::new(Bf16Weight::new(&weight)?));
+        if let Some(p) = &self.packed {
+            self.packed = Some(Arc::new(PackedWeight::new(&weight, p.dtype())?));
         }
         self.weight = weight;
         Ok(())
@@ -180,7 +180,7 @@ impl Update {
 
 /// `x Wᵀ (+ bias) + update`, `[n, in]` → `[n, out]`.
 fn project(x: &Tensor, lin: &Linear, u: &Update) -> Result<Tensor> {
-    let y = ops::plain_linear(x, &lin.weight, lin.bf16.as_deref(), lin.bias.as_ref())?;
+    let y = ops::plain_linear(x, &lin.weight, lin.packed.as_deref(), lin.bias.as_ref())?;
     if u.is_untouched() {
         return Ok(y);
     }
@@ -192,7 +192,7 @@ fn project(x: &Tensor, lin: &Linear, u: &Update) -> Result<Tensor> {
 /// [`project`]'s input gradient for output gradient `g` `[n, out]`; each factored
 /// segment's `dA`, `dB` go to `grads`, flattened, in order.
 fn project_backward(x: &Tensor, g: &Tensor, lin: &Linear, u: &Update, grads: &mut Vec<Tensor>) -> Result<Tensor> {
-    let dx = ops::plain_linear_t(g, &lin.weight, lin.bf16.as_deref())?;
+    let dx = ops::plain_linear_t(g, &lin.weight, lin.packed.as_deref())?;
     if u.is_untouched() {
         return Ok(dx);
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::simd::{self, simd};
 use super::{plain_linear, plain_linear_t, Backward1, Tap};
-use crate::runtime::blas::Bf16Weight;
+use crate::runtime::blas::PackedWeight;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -23,12 +23,17 @@ const CHUNK: usize = 512;
 /// positions where `targets` is `Some`. `hidden` is `[n, d]`, `weight` `[vocab, d]` (frozen).
 /// A 0-d tensor, differentiable with respect to `hidden`. With `bf16` (the weight packed
 /// for AMX) the LM head's products run in bf16 with f32 accumulation.
-pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, bf16: Option<&Arc<Bf16Weight>>, targets: &[Option<u32>]) -> Result<Tensor> {
+pub fn lm_head_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    packed: Option<&Arc<PackedWeight>>,
+    targets: &[Option<u32>],
+) -> Result<Tensor> {
     let n = hidden.dim(0)?;
     if targets.len() != n {
         candle_core::bail!("lm_head_cross_entropy: {} targets for {n} rows", targets.len());
     }
-    lm_head_cross_entropy_packed(hidden, weight, bf16, &[targets])?.squeeze(0)
+    lm_head_cross_entropy_packed(hidden, weight, packed, &[targets])?.squeeze(0)
 }
 
 /// [`lm_head_cross_entropy`] of `K` sequences packed end to end in `hidden` `[n, d]`:
@@ -39,7 +44,7 @@ pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, bf16: Option<&Arc
 pub fn lm_head_cross_entropy_packed(
     hidden: &Tensor,
     weight: &Tensor,
-    bf16: Option<&Arc<Bf16Weight>>,
+    packed: Option<&Arc<PackedWeight>>,
     targets: &[&[Option<u32>]],
 ) -> Result<Tensor> {
     let (n, _) = hidden.dims2()?;
@@ -60,7 +65,7 @@ pub fn lm_head_cross_entropy_packed(
     let mut start = 0;
     while start < n {
         let len = CHUNK.min(n - start);
-        let logits = plain_linear(&hd.narrow(0, start, len)?, weight, bf16.map(|p| &**p), None)?.to_dtype(DType::F32)?;
+        let logits = plain_linear(&hd.narrow(0, start, len)?, weight, packed.map(|p| &**p), None)?.to_dtype(DType::F32)?;
         let chunk_rows = &rows[start..start + len];
         let d = match device {
             Device::Cpu => rows_cpu(logits, chunk_rows, &counted, &mut totals, grad)?,
@@ -79,7 +84,7 @@ pub fn lm_head_cross_entropy_packed(
     let dlogits = if dlogits.len() == 1 { dlogits.pop().unwrap() } else { Tensor::cat(&dlogits, 0)? };
     let row_of: Vec<u32> = rows.iter().map(|&(_, k)| k as u32).collect();
     let row_of = Tensor::from_vec(row_of, n, device)?;
-    let (weight, bf16) = (weight.clone(), bf16.cloned());
+    let (weight, packed) = (weight.clone(), packed.cloned());
     let value = losses.to_dtype(hidden.dtype())?;
     // The tap maps `hidden` [n, d] to the [K] losses; row r's gradient is its scaled
     // `softmax - onehot` through the LM head, times its sequence's upstream gradient. The
@@ -91,7 +96,7 @@ pub fn lm_head_cross_entropy_packed(
         value,
         Box::new(move |g: &Tensor| {
             let g_rows = g.index_select(&row_of, 0)?.unsqueeze(1)?; // [n, 1]
-            let dhidden = plain_linear_t(&dlogits, &weight, bf16.as_deref())?; // [n, d]
+            let dhidden = plain_linear_t(&dlogits, &weight, packed.as_deref())?; // [n, d]
             dhidden.broadcast_mul(&g_rows.to_dtype(dhidden.dtype())?)
         }) as Backward1,
     ))?;

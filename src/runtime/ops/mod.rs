@@ -31,7 +31,7 @@ pub(crate) use low_rank::{segmented_low_rank_backward, segmented_low_rank_forwar
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
-use crate::runtime::blas::Bf16Weight;
+use crate::runtime::blas::PackedWeight;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
@@ -166,21 +166,21 @@ fn tap1(x: &Tensor, name: &'static str, value: Tensor, backward: Backward1) -> R
 /// `x @ w^T (+ b)` for a frozen `w` of shape `[out, in]`: the backward gives the input's
 /// gradient and never computes the weight's. With `bf16` (the same weight packed for AMX,
 /// `compute_dtype = "bf16"`) both products run in bf16 with f32 accumulation.
-pub fn linear(x: &Tensor, w: &Tensor, bf16: Option<&Arc<Bf16Weight>>, b: Option<&Tensor>) -> Result<Tensor> {
-    let value = plain_linear(&x.detach(), w, bf16.map(|p| &**p), b)?;
+pub fn linear(x: &Tensor, w: &Tensor, packed: Option<&Arc<PackedWeight>>, b: Option<&Tensor>) -> Result<Tensor> {
+    let value = plain_linear(&x.detach(), w, packed.map(|p| &**p), b)?;
     if !x.track_op() {
         return Ok(value);
     }
-    let (w, bf16) = (w.clone(), bf16.cloned());
-    tap1(x, "frozen-linear", value, Box::new(move |g| plain_linear_t(g, &w, bf16.as_deref())))
+    let (w, packed) = (w.clone(), packed.cloned());
+    tap1(x, "frozen-linear", value, Box::new(move |g| plain_linear_t(g, &w, packed.as_deref())))
 }
 
-pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, bf16: Option<&Bf16Weight>, b: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, packed: Option<&PackedWeight>, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = *dims.last().unwrap();
     let rows = x.elem_count() / in_dim;
     let x2 = x.reshape((rows, in_dim))?;
-    let y = match bf16 {
+    let y = match packed {
         Some(p) => p.matmul_nt(&x2)?,
         None => match crate::runtime::blas::matmul_nt(&x2, w) {
             Some(y) => y?,
@@ -197,12 +197,12 @@ pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, bf16: Option<&Bf16Weight>, b:
 }
 
 /// `g @ w`: the input gradient of a linear layer (in bf16 with `bf16`, as [`linear`]).
-pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor, bf16: Option<&Bf16Weight>) -> Result<Tensor> {
+pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor, packed: Option<&PackedWeight>) -> Result<Tensor> {
     let dims = g.dims().to_vec();
     let out_dim = *dims.last().unwrap();
     let rows = g.elem_count() / out_dim;
     let g2 = g.reshape((rows, out_dim))?.contiguous()?;
-    let dx = match bf16 {
+    let dx = match packed {
         Some(p) => p.matmul_nn(&g2)?,
         None => match crate::runtime::blas::matmul_nn(&g2, w) {
             Some(dx) => dx?,

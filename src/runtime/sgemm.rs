@@ -1,0 +1,374 @@
+//! f32 products with the frozen weights on a hand-written AVX-512 kernel, the weights of the
+//! forward product laid out once at load (`compute_dtype = "f32"` on AVX-512 CPUs).
+//!
+//! Why: OpenBLAS packs both operands of every call. The frozen weight is the large one, so a
+//! call of 34-128 rows (one sequence; a solo step) spent a third of its time copying a weight
+//! it had copied the same way on the step before: in a profile of single-adapter f32
+//! training, `sgemm_incopy` and `sgemm_itcopy` were 27% of all samples against 48% in
+//! `sgemm_kernel`. Here the weight of `x @ w^T` is cut into column panels once, at load
+//! ([`Panels`]), and the input gradient `g @ w` reads `w`'s rows where they lie; only the
+//! activations are read per call, and they stay in cache.
+//!
+//! The kernel keeps a block of [`MR`] rows × 32 columns in 24 AVX-512 registers and adds one
+//! rank-1 update per reduction index (a broadcast of each row's value times two vectors of the
+//! weight's row): the textbook register-blocked GEMM (Goto and van de Geijn, "Anatomy of
+//! High-Performance Matrix Multiplication", 2008), minus the packing of the small operand.
+//!
+//! Every output row is computed from its own input row by the same sequence of fused
+//! multiply-adds whatever the number of rows and however they are split between threads: a
+//! sequence packed with others (grouped training, mixed generation batches) gets the same
+//! numbers as alone, bit for bit.
+
+/// Rows of a register block: 12 rows × 2 vectors = 24 accumulators, 2 for the weight's row,
+/// 1 for the broadcast, of AVX-512's 32 registers.
+pub const MR: usize = 12;
+/// Columns of a panel (two AVX-512 vectors of f32).
+pub const NR: usize = 32;
+/// Reduction indices per pass: a panel's slice of `KC × 32` values is 32 KB, within L1,
+/// while every row block of the chunk streams past it; each pass adds its partial sums to the
+/// outputs. (One pass over all of `k` kept the slice in L2 only: 440 × 576 -> 1,536 ran at
+/// 177 against 257 GFLOP/s, weights in cache.)
+const KC: usize = 256;
+/// Rows whose outputs stay in L2 across the reduction passes (the weight streams from memory
+/// once per such chunk of rows). Measured here at 440 × 576 -> 1,536 with weights read from
+/// memory: 120, 240 and all rows at once were within the machine's noise, 240 slightly ahead.
+const MC: usize = 240;
+/// Products of at least this many multiply-adds are split over [`crate::runtime::blas::threads`]
+/// threads by column panels; a scoped thread costs ~20-40 µs to start.
+const THREADED_PRODUCT: usize = 1 << 23;
+
+/// Whether this CPU can run the kernel (AVX-512F).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A matrix `B` `[k, n]` cut into `ceil(n / 32)` column panels of `[k, 32]`, each contiguous
+/// (the last one `[k, 16]` when `n` is an odd multiple of 16): the right-hand side of
+/// `x @ B` for any number of rows of `x`. 4 bytes per value, as the matrix it was cut from.
+#[derive(Clone)]
+pub struct Panels {
+    k: usize,
+    n: usize,
+    values: Vec<f32>,
+}
+
+impl std::fmt::Debug for Panels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Panels {{ k: {}, n: {}, f32 }}", self.k, self.n)
+    }
+}
+
+impl Panels {
+    /// `B = w^T` for a row-major `w` `[n, k]` (a linear layer's weight), so that
+    /// [`Panels::matmul`] gives `x @ w^T`. `None` unless `n` is a multiple of 16 (true of
+    /// every Llama / Qwen width, head layout and vocabulary) and the CPU has AVX-512F.
+    pub fn transposed(w: &[f32], n: usize, k: usize) -> Option<Self> {
+        assert_eq!(w.len(), n * k, "weight of {} values is not {n} x {k}", w.len());
+        if !available() || !n.is_multiple_of(16) || n == 0 || k == 0 {
+            return None;
+        }
+        let mut values = Vec::with_capacity(n * k);
+        for j0 in (0..n).step_by(NR) {
+            let width = NR.min(n - j0);
+            for i in 0..k {
+                values.extend((j0..j0 + width).map(|j| w[j * k + i]));
+            }
+        }
+        Some(Self { k, n, values })
+    }
+
+    /// `[k, n]`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// `x @ B` for row-major `x` `[m, k]`: `[m, n]`.
+    ///
+    /// # Panics
+    /// When `x` is not `m × k`.
+    pub fn matmul(&self, x: &[f32], m: usize, threads: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "input of {} values is not {m} x {}", x.len(), self.k);
+        let (k, n) = (self.k, self.n);
+        // Panel j starts at j * 32 * k and holds rows of `width` values.
+        let b = RhsLayout::Panels { values: &self.values, k };
+        product(x, m, k, n, b, threads)
+    }
+}
+
+/// `g @ w` for row-major `g` `[m, k]` and `w` `[k, n]` read where it lies (no copy): a linear
+/// layer's input gradient, `w` being its weight `[out, in]`. `None` unless `n` is a multiple
+/// of 16 and the CPU has AVX-512F.
+pub fn matmul_plain(g: &[f32], m: usize, w: &[f32], k: usize, n: usize, threads: usize) -> Option<Vec<f32>> {
+    assert_eq!(g.len(), m * k, "input of {} values is not {m} x {k}", g.len());
+    assert_eq!(w.len(), k * n, "weight of {} values is not {k} x {n}", w.len());
+    if !available() || !n.is_multiple_of(16) || n == 0 || k == 0 {
+        return None;
+    }
+    Some(product(g, m, k, n, RhsLayout::RowMajor { values: w, n }, threads))
+}
+
+/// Where column `j` of row `i` of the right-hand side lies.
+#[derive(Clone, Copy)]
+enum RhsLayout<'a> {
+    /// [`Panels`]: panel `p` at `p * 32 * k`, its rows `width` apart.
+    Panels { values: &'a [f32], k: usize },
+    /// Row-major `[k, n]`: rows `n` apart.
+    RowMajor { values: &'a [f32], n: usize },
+}
+
+impl RhsLayout<'_> {
+    /// The first value of panel `p` at reduction index `p0`, and the distance between its rows.
+    fn panel(&self, p: usize, width: usize, p0: usize) -> (*const f32, usize) {
+        match *self {
+            Self::Panels { values, k } => (values[p * NR * k + p0 * width..].as_ptr(), width),
+            Self::RowMajor { values, n } => (values[p0 * n + p * NR..].as_ptr(), n),
+        }
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: shared between the scoped threads of one product, each of which writes only its
+// own columns.
+unsafe impl Sync for SendPtr {}
+
+fn product(a: &[f32], m: usize, k: usize, n: usize, b: RhsLayout, threads: usize) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    if m == 0 {
+        return out;
+    }
+    let panels = n.div_ceil(NR);
+    let threads = if m * k * n >= THREADED_PRODUCT { threads.clamp(1, panels) } else { 1 };
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let work = |from: usize, to: usize| {
+        let out_ptr = &out_ptr;
+        // SAFETY: each call writes only panels [from, to) of `out` (capacity m * n), disjoint
+        // between threads, and reads back only values it stored; `a` is m × k and `b` holds
+        // k × n values in its layout.
+        unsafe { panels_kernel(a, m, k, n, b, out_ptr.0, from, to) }
+    };
+    if threads == 1 {
+        work(0, panels);
+    } else {
+        let per = panels.div_ceil(threads);
+        std::thread::scope(|s| {
+            for t in 1..threads {
+                let work = &work;
+                s.spawn(move || work((t * per).min(panels), ((t + 1) * per).min(panels)));
+            }
+            work(0, per.min(panels));
+        });
+    }
+    // SAFETY: the kernel calls above stored all m × n values (every row block of every panel
+    // at the first reduction pass), and f32 has no invalid bit patterns.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// Panels `[from, to)` of `c` (`[m, n]`, row-major) = `a @ B`.
+///
+/// # Safety
+/// `a` is `m × k`; `b` holds `k × n` values; `c` has room for `m * n` f32 that no other
+/// thread touches in these panels.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_kernel(a: &[f32], m: usize, k: usize, n: usize, b: RhsLayout, c: *mut f32, from: usize, to: usize) {
+    for i0 in (0..m).step_by(MC) {
+        let i1 = (i0 + MC).min(m);
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            let blocks = (i1 - i0).div_ceil(MR);
+            for p in from..to {
+                let width = NR.min(n - p * NR);
+                let (bp, ldb) = b.panel(p, width, p0);
+                // The chunk this thread reads next, fetched into L2 while this one is
+                // computed, its rows spread over this chunk's row blocks: the weight streams
+                // from memory, and a chunk's 256 rows of 128 bytes lie 2-6 KB apart in the
+                // row-major layout, where the hardware prefetchers do not follow.
+                let next = if p + 1 < to {
+                    Some((p + 1, p0))
+                } else if p0 + KC < k {
+                    Some((from, p0 + KC))
+                } else if i1 < m {
+                    Some((from, 0))
+                } else {
+                    None
+                };
+                let (pf, pf_ld, pf_kc) = match next {
+                    Some((q, q0)) => {
+                        let (ptr, ld) = b.panel(q, NR.min(n - q * NR), q0);
+                        (ptr, ld, KC.min(k - q0))
+                    }
+                    None => (std::ptr::null(), 0, 0),
+                };
+                let per_block = pf_kc.div_ceil(blocks);
+                for (blk, i) in (i0..i1).step_by(MR).enumerate() {
+                    let rows = MR.min(i1 - i);
+                    let ap = a.as_ptr().add(i * k + p0);
+                    let cp = c.add(i * n + p * NR);
+                    let first = (blk * per_block).min(pf_kc);
+                    let prefetch = Prefetch { at: pf.wrapping_add(first * pf_ld), ld: pf_ld, rows: per_block.min(pf_kc - first) };
+                    block(rows, width, ap, k, bp, ldb, kc, cp, n, p0 > 0, prefetch);
+                }
+            }
+        }
+    }
+}
+
+/// Rows of the weight to fetch into L2 during a block (two 64-byte lines each, `ld` values
+/// apart, from `at`), one per reduction index.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    at: *const f32,
+    ld: usize,
+    rows: usize,
+}
+
+/// One register block: `C[rows, width] (+)= A[rows, kc] @ B[kc, width]`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    rows: usize,
+    width: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+    pf: Prefetch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match (rows, width) {
+                    $(($r, NR) => kernel::<$r, 2>(a, lda, b, ldb, kc, c, ldc, add, pf),
+                      ($r, 16) => kernel::<$r, 1>(a, lda, b, ldb, kc, c, ldc, add, pf),)*
+                    _ => unreachable!("block of {rows} x {width}"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the f32 kernel needs AVX-512F ({rows} x {width} from {a:?} {lda} {b:?} {ldb} {kc} {c:?} {ldc} {add} {:?})", pf.at)
+}
+
+/// `C[M, 16 V] (+)= A[M, kc] @ B[kc, 16 V]`, the accumulators in registers for the whole
+/// reduction: for each index `p`, `V` vectors of `B`'s row `p` and, for each row, a broadcast
+/// of `A[i, p]` and `V` fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel<const M: usize, const V: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+    pf: Prefetch,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); V]; M];
+    if add {
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(c.add(i * ldc + 16 * v));
+            }
+        }
+    }
+    for p in 0..kc {
+        if p < pf.rows {
+            let line = pf.at.add(p * pf.ld).cast::<i8>();
+            _mm_prefetch::<_MM_HINT_T1>(line);
+            _mm_prefetch::<_MM_HINT_T1>(line.add(64));
+        }
+        let bp = b.add(p * ldb);
+        let mut bv = [_mm512_setzero_ps(); V];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(bp.add(16 * v));
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*a.add(i * lda + p));
+            for (x, bv) in row.iter_mut().zip(&bv) {
+                *x = _mm512_fmadd_ps(ai, *bv, *x);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            _mm512_storeu_ps(c.add(i * ldc + 16 * v), *x);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(a: &[f32], b: impl Fn(usize, usize) -> f32, m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b(p, j) as f64).sum();
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Both layouts against an f64 reference, over shapes with partial row blocks, an odd
+    /// number of 16-column halves and a reduction longer than one pass; then every row of a
+    /// tall product against the same row computed alone, bit for bit.
+    #[test]
+    fn products_match_f64_and_rows_do_not_depend_on_their_neighbours() {
+        if !available() {
+            eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
+            return;
+        }
+        for &(m, k, n, threads) in &[(1, 5, 16, 1), (13, 70, 48, 2), (25, 2100, 80, 2), (12, 33, 32, 3)] {
+            let x = values(m * k, 1);
+            let w = values(n * k, 2);
+            // x @ w^T, w [n, k]
+            let got = Panels::transposed(&w, n, k).unwrap().matmul(&x, m, threads);
+            let want = reference(&x, |p, j| w[j * k + p], m, k, n);
+            for (g, r) in got.iter().zip(&want) {
+                assert!((*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt(), "nt {m}x{k}x{n}: {g} vs {r}");
+            }
+            // g @ w2, w2 [k, n]
+            let w2 = values(k * n, 3);
+            let got = matmul_plain(&x, m, &w2, k, n, threads).unwrap();
+            let want = reference(&x, |p, j| w2[p * n + j], m, k, n);
+            for (g, r) in got.iter().zip(&want) {
+                assert!((*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt(), "nn {m}x{k}x{n}: {g} vs {r}");
+            }
+        }
+        let (m, k, n) = (100, 2100, 48);
+        let (x, w) = (values(m * k, 4), values(k * n, 5));
+        let tall = matmul_plain(&x, m, &w, k, n, 2).unwrap();
+        for i in 0..m {
+            let alone = matmul_plain(&x[i * k..(i + 1) * k], 1, &w, k, n, 1).unwrap();
+            assert_eq!(alone, tall[i * n..(i + 1) * n], "row {i}");
+        }
+        assert!(Panels::transposed(&w, 40, 2100 * 48 / 40).is_none(), "40 columns are not a multiple of 16");
+    }
+}
