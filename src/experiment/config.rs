@@ -61,8 +61,9 @@ pub struct ModelSection {
     /// `cpu` or `cuda:N`.
     pub device: String,
     /// `f32` (default) or `bf16`: the precision of the frozen weights' products on the CPU
-    /// (`bf16` needs Intel AMX; see `runtime::amx`). Left out of the stage hashes while f32,
-    /// so configs written before it keep their outputs.
+    /// (`bf16` needs Intel AMX; see `runtime::amx`; f32 takes `runtime::sgemm` on AVX-512
+    /// CPUs, OpenBLAS elsewhere). Left out of the stage hashes while f32, so configs written
+    /// before it keep their outputs.
     #[serde(default, skip_serializing_if = "ComputeDtype::is_f32")]
     pub compute_dtype: ComputeDtype,
 }

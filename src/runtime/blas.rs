@@ -1,9 +1,13 @@
-//! Frozen-weight matmuls through the system's OpenBLAS (feature `openblas`, on by default).
+//! Frozen-weight matmuls through the system's OpenBLAS (feature `openblas`, on by default),
+//! and [`PackedWeight`], a weight laid out once for the f32 kernel ([`crate::runtime::sgemm`])
+//! or AMX ([`crate::runtime::amx`]).
 //!
 //! Why: on this project's 2-core CPU, candle's built-in GEMM reaches ~50-65 GFLOP/s where
 //! OpenBLAS (and PyTorch's MKL) reach ~135-150 for the shapes of a LoRA training step, and
 //! those matmuls are nearly all of the step's work. Only contiguous f32 CPU tensors take this
-//! path; anything else (GPU, bf16, strided views) uses candle's matmul.
+//! path; anything else (GPU, bf16, strided views) uses candle's matmul. Since the f32 kernel,
+//! OpenBLAS computes the LM head, attention and the low-rank updates, and the projections of
+//! a model whose compute dtype was never set or of a CPU without AVX-512.
 
 use std::mem::MaybeUninit;
 
@@ -444,6 +448,30 @@ mod tests {
             let d = (got.unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5);
         }
+    }
+
+    /// A weight packed for the f32 kernel gives candle's products (forward and input
+    /// gradient) within f32 rounding, rows from 1 to past a register block, and reports its
+    /// dtype; a width that is not a multiple of 16 is refused by name.
+    #[test]
+    fn f32_packed_weight_matches_candle() {
+        if !crate::runtime::sgemm::available() {
+            return;
+        }
+        let w = Tensor::randn(0f32, 1., (48, 80), &Device::Cpu).unwrap();
+        let p = PackedWeight::new(&w, ComputeDtype::F32).unwrap();
+        assert_eq!(p.dtype(), ComputeDtype::F32);
+        for m in [1, 13, 30] {
+            let x = Tensor::randn(0f32, 1., (m, 80), &Device::Cpu).unwrap();
+            let d = (p.matmul_nt(&x).unwrap() - x.matmul(&w.t().unwrap()).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "forward, {m} rows");
+            let g = Tensor::randn(0f32, 1., (m, 48), &Device::Cpu).unwrap();
+            let d = (p.matmul_nn(&g).unwrap() - g.matmul(&w).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "input gradient, {m} rows");
+        }
+        let odd = Tensor::randn(0f32, 1., (40, 80), &Device::Cpu).unwrap();
+        let err = PackedWeight::new(&odd, ComputeDtype::F32).unwrap_err().to_string();
+        assert!(err.contains("multiples of 16, not 40 x 80"), "{err}");
     }
 
     /// The kernels OpenBLAS reports are the ones `OPENBLAS_CORETYPE` named (the Makefile

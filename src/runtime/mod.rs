@@ -2,7 +2,8 @@
 //!
 //! - [`model`]: the Llama/Qwen2/Qwen3 decoder (config, weight names, KV cache, forward);
 //! - [`ops`], [`blas`]: its differentiable ops with hand-written backward passes, and the
-//!   OpenBLAS path for frozen-weight matmuls; [`amx`]: the bf16 path on Intel AMX tiles;
+//!   OpenBLAS path for frozen-weight matmuls; [`sgemm`]: the f32 kernel for the frozen
+//!   projections on AVX-512; [`amx`]: the bf16 path on Intel AMX tiles;
 //! - [`lora`], [`training`]: LoRA adapters (PEFT format) and their trainer;
 //! - [`tokenizer`]: tokenizers + the model's Jinja chat template;
 //! - [`generate`]: vLLM-style sampling, batched generation, JSON-constrained decoding;
