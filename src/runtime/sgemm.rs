@@ -345,7 +345,7 @@ mod tests {
             eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
             return;
         }
-        for &(m, k, n, threads) in &[(1, 5, 16, 1), (13, 70, 48, 2), (25, 2100, 80, 2), (12, 33, 32, 3)] {
+        for &(m, k, n, threads) in &[(1, 5, 16, 1), (13, 70, 48, 2), (25, 2100, 80, 2), (12, 33, 32, 3), (300, 600, 80, 2)] {
             let x = values(m * k, 1);
             let w = values(n * k, 2);
             // x @ w^T, w [n, k]

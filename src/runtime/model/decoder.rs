@@ -135,7 +135,8 @@ pub struct Decoder {
     pub norm: Tensor,
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
     pub lm_head: Tensor,
-    /// `lm_head` packed for AMX when the model computes in bf16 ([`Self::set_compute_dtype`]).
+    /// `lm_head` packed for AMX when the model computes in bf16 ([`Self::set_compute_dtype`]);
+    /// in f32 it stays unpacked (OpenBLAS).
     pub lm_head_packed: Option<Arc<PackedWeight>>,
     /// llama.cpp's per-frequency RoPE divisors `[head_dim / 2]` (`rope_freqs.weight`, which
     /// its converter writes for Llama 3.1+ instead of `rope_scaling`); kept so a saved
@@ -230,13 +231,18 @@ impl Decoder {
     /// # Errors
     /// Bf16 without AMX ([`crate::runtime::amx::enable`] not called or refused), a model not in
     /// f32 on the CPU, or a weight dimension not a multiple of 16; the model is then unchanged.
+    /// F32 never fails: a weight the kernel cannot take (not f32 on the CPU, a width not a
+    /// multiple of 16) keeps the unpacked products.
     pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) -> Result<()> {
-        if self.packed_for() == Some(dtype) || (dtype.is_f32() && !crate::runtime::sgemm::available() && self.packed_for().is_none()) {
+        if self.packed_for() == Some(dtype) || (dtype.is_f32() && self.packed_for().is_none() && !crate::runtime::sgemm::available()) {
             return Ok(());
         }
+        // f32 panels are a speed-up, never a requirement: a model on a GPU, in bf16 weights
+        // or with a width that is not a multiple of 16 keeps OpenBLAS / candle's products.
+        let f32_kernel = crate::runtime::sgemm::available() && self.device().is_cpu() && self.dtype() == DType::F32;
         let pack = |w: &Tensor| -> Result<Option<Arc<PackedWeight>>> {
-            if dtype.is_f32() && !crate::runtime::sgemm::available() {
-                return Ok(None);
+            if dtype.is_f32() {
+                return Ok(if f32_kernel { PackedWeight::new(w, dtype).ok().map(Arc::new) } else { None });
             }
             Ok(Some(Arc::new(PackedWeight::new(w, dtype)?)))
         };

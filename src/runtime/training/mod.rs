@@ -363,3 +363,28 @@ mod tests {
         }
     }
 }
+
+/// `set_compute_dtype(F32)` (which every stage calls) never fails where the f32 kernel cannot
+/// run: weights in bf16 keep their products unpacked, and an f32 model on an AVX-512 CPU
+/// gets its projections packed (widths multiples of 16) or left alone (other widths).
+#[cfg(test)]
+#[test]
+fn f32_compute_dtype_is_optional_where_the_kernel_cannot_run() {
+    use crate::runtime::blas::ComputeDtype;
+    use crate::runtime::model::{random_weights, ModelConfig, Proj};
+    let (cfg, dev) = (ModelConfig::tiny_for_tests(), candle_core::Device::Cpu);
+    let mut bf16 =
+        crate::runtime::formats::decoder_from_tensors(&cfg, random_weights(&cfg, 3, &dev, candle_core::DType::BF16).unwrap(), &dev)
+            .unwrap();
+    bf16.set_compute_dtype(ComputeDtype::F32).unwrap();
+    assert!(bf16.linear(0, Proj::ALL[0]).packed.is_none());
+    let mut f32 = tiny_decoder(3);
+    f32.set_compute_dtype(ComputeDtype::F32).unwrap();
+    assert_eq!(f32.compute_dtype(), ComputeDtype::F32);
+    for p in Proj::ALL {
+        let lin = f32.linear(0, p);
+        let (out, inp) = lin.weight.dims2().unwrap();
+        let packable = crate::runtime::sgemm::available() && out % 16 == 0 && inp % 16 == 0;
+        assert_eq!(lin.packed.is_some(), packable, "{p:?}: {out} x {inp}");
+    }
+}
