@@ -23,6 +23,8 @@
 use std::arch::asm;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::runtime::blas::{split_units, SharedOut};
+
 /// Columns of a tile block (16 f32 accumulators of 64 bytes).
 const BLOCK_N: usize = 16;
 /// Reduction length of a tile block: 16 rows of 32 bf16.
@@ -173,27 +175,14 @@ impl PackedB {
         let n_blocks = self.n / BLOCK_N;
         // Threads take whole pairs of column blocks, so every column gets the same kernel.
         let pairs = n_blocks.div_ceil(2);
-        let threads = threads.clamp(1, pairs);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let work = |from: usize, to: usize| {
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        split_units(pairs, threads, |from, to| {
             let out_ptr = &out_ptr;
             // SAFETY: each call writes only columns [32 from, 32 to) of `out` (capacity
             // m16 * n), disjoint between threads, and reads back only values it stored;
             // `a` holds m16 rows of k_blocks * 32 bf16.
             unsafe { self.kernel(&a, m16, out_ptr.0, 2 * from, (2 * to).min(n_blocks)) }
-        };
-        if threads == 1 {
-            work(0, pairs);
-        } else {
-            let per = pairs.div_ceil(threads);
-            std::thread::scope(|s| {
-                for t in 1..threads {
-                    let work = &work;
-                    s.spawn(move || work((t * per).min(pairs), ((t + 1) * per).min(pairs)));
-                }
-                work(0, per.min(pairs));
-            });
-        }
+        });
         // SAFETY: the kernel calls above stored all m16 x n values (every row block of every
         // column block, at the first chunk), and f32 has no invalid bit patterns.
         unsafe { out.set_len(m16 * self.n) };
@@ -322,10 +311,6 @@ unsafe fn round_slice_avx512(x: &[f32], out: &mut [u16]) {
         out[i] = to_bf16(x[i]);
     }
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: the threads given this pointer write disjoint columns (see `matmul`).
-unsafe impl Sync for SendPtr {}
 
 /// `ldtilecfg`'s 64-byte operand: palette 1, every tile 16 rows of 64 bytes.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]

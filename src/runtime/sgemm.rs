@@ -19,6 +19,8 @@
 //! sequence packed with others (grouped training, mixed generation batches) gets the same
 //! numbers as alone, bit for bit.
 
+use crate::runtime::blas::{split_units, SharedOut};
+
 /// Rows of a register block: 12 rows × 2 vectors = 24 accumulators, 2 for the weight's row,
 /// 1 for the broadcast, of AVX-512's 32 registers.
 pub const MR: usize = 12;
@@ -131,38 +133,21 @@ impl RhsLayout<'_> {
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: shared between the scoped threads of one product, each of which writes only its
-// own columns.
-unsafe impl Sync for SendPtr {}
-
 fn product(a: &[f32], m: usize, k: usize, n: usize, b: RhsLayout, threads: usize) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     if m == 0 {
         return out;
     }
     let panels = n.div_ceil(NR);
-    let threads = if m * k * n >= THREADED_PRODUCT { threads.clamp(1, panels) } else { 1 };
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let work = |from: usize, to: usize| {
+    let threads = if m * k * n >= THREADED_PRODUCT { threads } else { 1 };
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    split_units(panels, threads, |from, to| {
         let out_ptr = &out_ptr;
         // SAFETY: each call writes only panels [from, to) of `out` (capacity m * n), disjoint
         // between threads, and reads back only values it stored; `a` is m × k and `b` holds
         // k × n values in its layout.
         unsafe { panels_kernel(a, m, k, n, b, out_ptr.0, from, to) }
-    };
-    if threads == 1 {
-        work(0, panels);
-    } else {
-        let per = panels.div_ceil(threads);
-        std::thread::scope(|s| {
-            for t in 1..threads {
-                let work = &work;
-                s.spawn(move || work((t * per).min(panels), ((t + 1) * per).min(panels)));
-            }
-            work(0, per.min(panels));
-        });
-    }
+    });
     // SAFETY: the kernel calls above stored all m × n values (every row block of every panel
     // at the first reduction pass), and f32 has no invalid bit patterns.
     unsafe { out.set_len(m * n) };
