@@ -8,9 +8,12 @@
 //! layer: quadratic in the number of segments). Here each segment's gradient is written
 //! once, into its rows.
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Tensor};
 
-use super::{bmm, Backward3, Result, Tap};
+use super::{bmm, par_segments, with_cpu_f32, Backward3, Result, Tap};
+use crate::runtime::{blas, sgemm};
 
 /// One segment of [`segmented_low_rank`]: the next `len` rows of the input and their update,
 /// `scale · (h Aᵀ) Bᵀ` with LoRA's `A` `[r, in]` and `B` `[out, r]` in f32, or no update
@@ -77,44 +80,109 @@ pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Ten
 /// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
 /// `[n, out]`: u = h_s A_sᵀ `[len, r]`, y_s = scale · u B_sᵀ `[len, out]`.
 pub(crate) fn segmented_low_rank_forward(h: &Tensor, segments: &[LowRankSegment], out: usize) -> Result<Tensor> {
-    let mut ys = Vec::with_capacity(segments.len());
-    let mut start = 0;
-    for s in segments {
-        ys.push(match &s.factors {
-            None => Tensor::zeros((s.len, out), DType::F32, h.device())?,
+    let (lens, starts) = lens_and_starts(segments);
+    let ys = par_segments(&lens, |i| {
+        let s = &segments[i];
+        match &s.factors {
+            None => Tensor::zeros((s.len, out), DType::F32, h.device()),
             Some((a, b)) => {
-                let u = bmm(&h.narrow(0, start, s.len)?, a, false, true)?;
-                (bmm(&u, b, false, true)? * s.scale)?
+                let u = mm(&h.narrow(0, starts[i], s.len)?, a, false, true, 1.0)?;
+                mm(&u, b, false, true, s.scale)
             }
-        });
-        start += s.len;
-    }
+        }
+    })?;
     Tensor::cat(&ys, 0)
 }
 
 /// [`segmented_low_rank`]'s gradients for output gradient `g` `[n, out]`: `h`'s `[n, in]`
-/// in f32, and `(dA, dB)` of each segment that has factors, in order. With g_s = scale ·
-/// dy_s and u recomputed: dB_s = g_sᵀ u, du = g_s B_s, dA_s = duᵀ h_s, dh_s = du A_s.
+/// in f32, and `(dA, dB)` of each segment that has factors, in order. With u recomputed:
+/// dB_s = scale · dy_sᵀ u, du = scale · dy_s B_s, dA_s = duᵀ h_s, dh_s = du A_s (the
+/// scale applied to the small `[len, r]` and `[out, r]` results, not to `dy`).
 pub(crate) fn segmented_low_rank_backward(h: &Tensor, segments: &[LowRankSegment], g: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
     let g = g.to_dtype(DType::F32)?.contiguous()?;
     let in_dim = h.dim(1)?;
-    let (mut dh, mut dfactors) = (Vec::with_capacity(segments.len()), Vec::new());
-    let mut start = 0;
-    for s in segments {
+    let (lens, starts) = lens_and_starts(segments);
+    let grads = par_segments(&lens, |i| {
+        let s = &segments[i];
         match &s.factors {
-            None => dh.push(Tensor::zeros((s.len, in_dim), DType::F32, g.device())?),
+            None => Ok((Tensor::zeros((s.len, in_dim), DType::F32, g.device())?, None)),
             Some((a, b)) => {
-                let hs = h.narrow(0, start, s.len)?;
-                let gs = (g.narrow(0, start, s.len)? * s.scale)?;
-                let u = bmm(&hs, a, false, true)?;
-                let du = bmm(&gs, b, false, false)?;
-                dfactors.push((bmm(&du, &hs, true, false)?, bmm(&gs, &u, true, false)?));
-                dh.push(bmm(&du, a, false, false)?);
+                let hs = h.narrow(0, starts[i], s.len)?;
+                let gs = g.narrow(0, starts[i], s.len)?;
+                let u = mm(&hs, a, false, true, 1.0)?;
+                let du = mm(&gs, b, false, false, s.scale)?;
+                let dfactors = (mm(&du, &hs, true, false, 1.0)?, mm(&gs, &u, true, false, s.scale)?);
+                Ok((mm(&du, a, false, false, 1.0)?, Some(dfactors)))
             }
         }
-        start += s.len;
+    })?;
+    let (dh, dfactors): (Vec<Tensor>, Vec<Option<(Tensor, Tensor)>>) = grads.into_iter().unzip();
+    Ok((Tensor::cat(&dh, 0)?, dfactors.into_iter().flatten().collect()))
+}
+
+/// Each segment's rows and first row.
+fn lens_and_starts(segments: &[LowRankSegment]) -> (Vec<usize>, Vec<usize>) {
+    let lens: Vec<usize> = segments.iter().map(|s| s.len).collect();
+    let starts = lens.iter().scan(0, |next, &len| Some(std::mem::replace(next, *next + len))).collect();
+    (lens, starts)
+}
+
+/// `scale · op(a) @ op(b)` for 2-D f32 tensors, `op` transposing when asked. On an AVX-512 CPU, with
+/// the output's width a multiple of 16 (ranks 16-64, every projection's width), the f32
+/// kernel ([`sgemm::matmul_plain`]) computes it after copying a transposed operand into
+/// place (at most rank × 1,536 values); otherwise [`bmm`] (OpenBLAS or candle).
+///
+/// Why: these products are small (a sequence's ~34 rows × 576 × rank 16-64, a few hundred
+/// thousand to a million multiply-adds, ~5,000 of them a grouped pass), and OpenBLAS packs
+/// both operands of each and wakes its second thread for any above 2^18 multiply-adds;
+/// the kernel runs them on the calling thread, unpacked. The scale is applied in place, not
+/// as a candle op (whose worker pool the threads of [`par_segments`] would queue for).
+fn mm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, scale: f64) -> Result<Tensor> {
+    let ((ar, ac), (br, bc)) = (a.dims2()?, b.dims2()?);
+    let (m, k, n) = (if trans_a { ac } else { ar }, if trans_a { ar } else { ac }, if trans_b { br } else { bc });
+    let fits = sgemm::available() && a.device().is_cpu() && b.device().is_cpu() && (a.dtype(), b.dtype()) == (DType::F32, DType::F32);
+    // A transposed right-hand side is copied (k × n values) for m × k × n multiply-adds: below
+    // 16 rows (a decoding step's few rows of one adapter) the copy costs more than OpenBLAS.
+    let worth_it = !trans_b || m >= 16;
+    if fits && worth_it && n.is_multiple_of(16) && m > 0 && k > 0 && k == if trans_b { bc } else { br } {
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let y = with_cpu_f32(&a, |av| {
+            with_cpu_f32(&b, |bv| {
+                let av = if trans_a { Cow::Owned(transpose(av, ar, ac)) } else { Cow::Borrowed(av) };
+                let bv = if trans_b { Cow::Owned(transpose(bv, br, bc)) } else { Cow::Borrowed(bv) };
+                sgemm::matmul_plain(&av, m, &bv, k, n, blas::threads())
+            })
+        });
+        if let Some(mut y) = y.flatten().flatten() {
+            if scale != 1.0 {
+                y.iter_mut().for_each(|v| *v *= scale as f32);
+            }
+            return Tensor::from_vec(y, (m, n), a.device());
+        }
     }
-    Ok((Tensor::cat(&dh, 0)?, dfactors))
+    let y = bmm(a, b, trans_a, trans_b)?;
+    if scale == 1.0 {
+        Ok(y)
+    } else {
+        y * scale
+    }
+}
+
+/// Row-major `[rows, cols]` as row-major `[cols, rows]`, in 16 × 16 tiles (candle's strided
+/// copy computes an index per element, and was slower than the products it fed).
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 16;
+    let mut out = vec![0f32; rows * cols];
+    for i0 in (0..rows).step_by(T) {
+        for j0 in (0..cols).step_by(T) {
+            for i in i0..(i0 + T).min(rows) {
+                for j in j0..(j0 + T).min(cols) {
+                    out[j * rows + i] = v[i * cols + j];
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -124,6 +192,32 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
+    /// Ranks and widths that are multiples of 16 take the f32 kernel on AVX-512 CPUs
+    /// (every product of the forward and backward): value and gradients against candle's
+    /// composed products, 41 and 30 rows (partial register blocks; enough rows for the
+    /// segments to run on two threads), ranks 16 and 32.
+    #[test]
+    fn kernel_sized_segments_equal_their_products_composed() {
+        let dev = Device::Cpu;
+        let h = Var::randn(0f32, 1.0, (71, 48), &dev).unwrap();
+        let (a1, b1) = (Var::randn(0f32, 1.0, (16, 48), &dev).unwrap(), Var::randn(0f32, 1.0, (32, 16), &dev).unwrap());
+        let (a2, b2) = (Var::randn(0f32, 1.0, (32, 48), &dev).unwrap(), Var::randn(0f32, 1.0, (32, 32), &dev).unwrap());
+        let segments = [
+            LowRankSegment { len: 41, factors: Some((a1.as_tensor().clone(), b1.as_tensor().clone())), scale: 2.0 },
+            LowRankSegment { len: 30, factors: Some((a2.as_tensor().clone(), b2.as_tensor().clone())), scale: 0.5 },
+        ];
+        let y = segmented_low_rank(&h, &segments).unwrap();
+        let composed = |rows: (usize, usize), a: &Var, b: &Var, scale: f64| {
+            let u = h.narrow(0, rows.0, rows.1).unwrap().matmul(&a.t().unwrap()).unwrap();
+            (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()
+        };
+        let y2 = Tensor::cat(&[composed((0, 41), &a1, &b1, 2.0), composed((41, 30), &a2, &b2, 0.5)], 0).unwrap();
+        // values of magnitude ~50-100: float32 summation order alone
+        assert!(max_diff(&y, &y2) < 1e-3, "{}", max_diff(&y, &y2));
+        let vars = [h.as_tensor(), a1.as_tensor(), b1.as_tensor(), a2.as_tensor(), b2.as_tensor()];
+        super::super::tests::same_gradients(&y, &y2, &vars, 1e-3);
     }
 
     /// Three segments (rank 2, no update, rank 3) against the same products composed of

@@ -318,6 +318,53 @@ pub(crate) fn split_rows<T: Send, R: Send>(
     split_rows_on(crate::runtime::blas::threads().min(len / ELEMENTS_PER_THREAD), len, unit, outs, f)
 }
 
+/// Rows below which [`par_segments`] keeps every segment on the calling thread: a scoped
+/// thread costs ~20-40 µs to start, a decoding step's few rows much less than that.
+const ROWS_TO_SPLIT_SEGMENTS: usize = 64;
+
+/// `f(i)` for every segment `i` of `lens` (rows each), results in order. With at least two
+/// segments and [`ROWS_TO_SPLIT_SEGMENTS`] rows, the segments are cut into contiguous runs of
+/// about equal rows, one run per [`blas::threads`] scoped thread: the per-sequence work of a
+/// grouped pass (attention, low-rank updates) is small products and elementwise ops that
+/// leave the second core idle. Each segment is computed by the same code whatever thread
+/// runs it, so the numbers do not depend on the split.
+///
+/// Errors: the first segment's error, in order of the runs.
+pub(crate) fn par_segments<T: Send>(lens: &[usize], f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let total: usize = lens.iter().sum();
+    let threads = if total >= ROWS_TO_SPLIT_SEGMENTS { crate::runtime::blas::threads().min(lens.len()) } else { 1 };
+    if threads <= 1 {
+        return (0..lens.len()).map(&f).collect();
+    }
+    // cut t ends the run in which the cumulative rows first reach t / threads of the total
+    let mut cuts = vec![0];
+    let mut rows = 0;
+    for (i, &len) in lens.iter().enumerate() {
+        rows += len;
+        if cuts.len() < threads && rows * threads >= total * cuts.len() {
+            cuts.push(i + 1);
+        }
+    }
+    cuts.push(lens.len());
+    cuts.dedup();
+    std::thread::scope(|scope| {
+        let f = &f;
+        let runs: Vec<_> = cuts[1..]
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+            .map(|(a, b)| scope.spawn(move || (a..b).map(f).collect::<Result<Vec<T>>>()))
+            .collect();
+        let mut out = (0..cuts[1]).map(f).collect::<Result<Vec<T>>>();
+        for run in runs {
+            let run = run.join().expect("a segment worker panicked");
+            if let Ok(out) = &mut out {
+                out.extend(run?);
+            }
+        }
+        out
+    })
+}
+
 /// [`split_rows`] into `N` fresh outputs of `len` elements, not zeroed first (zeroing
 /// SwiGLU's outputs was ~3% of grouped training).
 ///
@@ -542,10 +589,11 @@ pub(crate) fn segmented_attention_forward(
     segments: &[(usize, usize)],
     masks: &[Option<Tensor>],
 ) -> Result<Tensor> {
-    let mut values = Vec::with_capacity(segments.len());
-    for (&s, mask) in segments.iter().zip(masks) {
-        values.push(attention_forward(&segment_of(q, s)?, &segment_of(k, s)?, &segment_of(v, s)?, mask.as_ref())?);
-    }
+    let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
+    let values = par_segments(&lens, |i| {
+        let s = segments[i];
+        attention_forward(&segment_of(q, s)?, &segment_of(k, s)?, &segment_of(v, s)?, masks[i].as_ref())
+    })?;
     Tensor::cat(&values, 2)
 }
 
@@ -559,9 +607,13 @@ pub(crate) fn segmented_attention_backward(
     masks: &[Option<Tensor>],
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-    for (&s, mask) in segments.iter().zip(masks) {
-        let (a, b, c) = attention_backward(&segment_of(q, s)?, &segment_of(k, s)?, &segment_of(v, s)?, mask.as_ref(), &segment_of(g, s)?)?;
+    let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
+    let grads = par_segments(&lens, |i| {
+        let s = segments[i];
+        attention_backward(&segment_of(q, s)?, &segment_of(k, s)?, &segment_of(v, s)?, masks[i].as_ref(), &segment_of(g, s)?)
+    })?;
+    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()));
+    for (a, b, c) in grads {
         dq.push(a);
         dk.push(b);
         dv.push(c);
@@ -832,21 +884,41 @@ mod tests {
         close(g1.get(&h).unwrap(), g2.get(&h).unwrap(), 1e-5);
     }
 
+    /// Segments come back in order, split between threads by rows once there are enough of
+    /// them (when OpenBLAS has more than one thread), and an error in any segment is returned.
+    #[test]
+    fn par_segments_keeps_order_and_errors() {
+        let lens = [30, 5, 40, 1, 50, 0, 20];
+        let ran = par_segments(&lens, |i| Ok((i, std::thread::current().id()))).unwrap();
+        assert_eq!(ran.iter().map(|r| r.0).collect::<Vec<_>>(), (0..lens.len()).collect::<Vec<_>>());
+        let mut threads: Vec<_> = ran.iter().map(|r| r.1).collect();
+        threads.dedup();
+        assert_eq!(threads.len(), crate::runtime::blas::threads().min(lens.len()), "one run of segments per thread");
+        // too few rows: the calling thread alone
+        let small = par_segments(&[10, 20, 3], |_| Ok(std::thread::current().id())).unwrap();
+        assert!(small.iter().all(|&t| t == std::thread::current().id()));
+        for bad in [0, 4, 6] {
+            let e = par_segments(&lens, |i| if i == bad { candle_core::bail!("segment {i}") } else { Ok(i) });
+            assert!(e.unwrap_err().to_string().starts_with(&format!("segment {bad}")), "segment {bad}'s error");
+        }
+    }
+
     /// The packed op equals per-segment attention composed of candle's own narrow and cat, in
     /// value and in the gradients of q, k and v (grouped KV heads; a one-token segment
     /// without a mask); segments that do not tile the row are refused.
     #[test]
     fn segmented_attention_equals_attention_per_segment() {
         let dev = Device::Cpu;
-        let segments = [(0, 5), (5, 1), (6, 3)];
+        // 71 rows: enough for the segments to be split between threads
+        let segments = [(0, 40), (40, 1), (41, 30)];
         let causal = |l: usize| {
             let m: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
             Tensor::from_vec(m, (1, 1, l, l), &dev).unwrap()
         };
         let masks: Vec<Option<Tensor>> = segments.iter().map(|&(_, l)| (l > 1).then(|| causal(l))).collect();
-        let q = Var::randn(0f32, 1., (1, 4, 9, 8), &dev).unwrap();
-        let k = Var::randn(0f32, 1., (1, 2, 9, 8), &dev).unwrap();
-        let v = Var::randn(0f32, 1., (1, 2, 9, 8), &dev).unwrap();
+        let q = Var::randn(0f32, 1., (1, 4, 71, 8), &dev).unwrap();
+        let k = Var::randn(0f32, 1., (1, 2, 71, 8), &dev).unwrap();
+        let v = Var::randn(0f32, 1., (1, 2, 71, 8), &dev).unwrap();
         let y = segmented_attention(&q, &k, &v, &segments, &masks).unwrap();
         let parts: Vec<Tensor> = segments
             .iter()
@@ -859,8 +931,8 @@ mod tests {
         let y2 = Tensor::cat(&parts, 2).unwrap();
         close(&y, &y2, 1e-6);
         same_gradients(&y, &y2, &[q.as_tensor(), k.as_tensor(), v.as_tensor()], 1e-6);
-        assert!(segmented_attention(&q, &k, &v, &segments[..2], &masks[..2]).is_err(), "segments cover 6 of 9");
-        assert!(segmented_attention(&q, &k, &v, &[(0, 5), (6, 4)], &masks[..2]).is_err(), "a gap");
+        assert!(segmented_attention(&q, &k, &v, &segments[..2], &masks[..2]).is_err(), "segments cover 41 of 71");
+        assert!(segmented_attention(&q, &k, &v, &[(0, 40), (41, 30)], &masks[..2]).is_err(), "a gap");
         assert!(segmented_attention(&q, &k, &v, &segments, &masks[..2]).is_err(), "masks");
     }
 }
