@@ -138,6 +138,10 @@ pub struct Decoder {
     /// `lm_head` packed for AMX when the model computes in bf16 ([`Self::set_compute_dtype`]);
     /// in f32 it stays unpacked (OpenBLAS).
     pub lm_head_packed: Option<Arc<PackedWeight>>,
+    /// In f32 on AVX-512, `lm_head` in the f32 kernel's panels for the last-position logits
+    /// of generation only ([`Self::forward_last`]: a batch's 1-64 rows, where the kernel ran
+    /// ~1.8x OpenBLAS), while the loss's 440-row products keep OpenBLAS; `None` otherwise.
+    pub lm_head_sampling: Option<Arc<PackedWeight>>,
     /// llama.cpp's per-frequency RoPE divisors `[head_dim / 2]` (`rope_freqs.weight`, which
     /// its converter writes for Llama 3.1+ instead of `rope_scaling`); kept so a saved
     /// model carries them.
@@ -198,7 +202,7 @@ impl Decoder {
             None
         };
         let rope = RopeTable::new(cfg, inv_freq, embed_tokens.dtype(), embed_tokens.device())?;
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, lm_head_packed: None, rope_freqs, rope })
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, lm_head_packed: None, lm_head_sampling: None, rope_freqs, rope })
     }
 
     pub fn device(&self) -> &Device {
@@ -224,9 +228,10 @@ impl Decoder {
     ///   weight, ~540 MB;
     /// - f32: on a CPU with AVX-512F, each projection's `w^T` cut into panels for
     ///   [`crate::runtime::sgemm`], for SmolLM2-135M ~425 MB beside the f32 weights; the LM
-    ///   head stays with OpenBLAS, faster than the kernel at its shapes (measured: 128-440 rows
-    ///   × 576 -> 49,152). Without AVX-512F, or before this is called, f32 products take
-    ///   OpenBLAS.
+    ///   head's loss stays with OpenBLAS, faster than the kernel at its shapes (measured:
+    ///   128-440 rows × 576 -> 49,152), and generation's last-position logits take the kernel
+    ///   ([`Self::lm_head_sampling`], +113 MB). Without AVX-512F, or before this is called,
+    ///   f32 products take OpenBLAS.
     ///
     /// # Errors
     /// Bf16 without AMX ([`crate::runtime::amx::enable`] not called or refused), a model not in
@@ -254,6 +259,7 @@ impl Decoder {
             }
         }
         let lm_head = if dtype.is_f32() { None } else { pack(&self.lm_head)? };
+        let lm_head_sampling = if dtype.is_f32() { pack(&self.lm_head)? } else { None };
         let mut packed = packed.into_iter();
         for i in 0..self.layers.len() {
             for m in Proj::ALL {
@@ -261,6 +267,7 @@ impl Decoder {
             }
         }
         self.lm_head_packed = lm_head;
+        self.lm_head_sampling = lm_head_sampling;
         Ok(())
     }
 
@@ -404,7 +411,8 @@ impl Decoder {
         let h = self.forward_hidden(batch, cache, lora)?;
         let l = h.dim(1)?;
         let last = h.narrow(1, l - 1, 1)?.squeeze(1)?;
-        ops::linear(&last, &self.lm_head, self.lm_head_packed.as_ref(), None)?.to_dtype(DType::F32)
+        let packed = self.lm_head_packed.as_ref().or(self.lm_head_sampling.as_ref());
+        ops::linear(&last, &self.lm_head, packed, None)?.to_dtype(DType::F32)
     }
 
     /// Logits of every position, `[b, l, vocab]`, in f32.

@@ -16,7 +16,8 @@
 //!   attention does), so nothing quadratic in the sequence length is kept between passes;
 //! - [`lm_head_cross_entropy`]: logits are never materialised in the graph;
 //! - [`segmented_attention`] and [`segmented_low_rank`]: one op for all sequences of a
-//!   packed batch, each at its own shapes.
+//!   packed batch, each at its own shapes, the sequences split between the cores
+//!   ([`par_segments`]).
 //!
 //! When the input tracks no gradient (inference), every op is the plain fused forward.
 
