@@ -143,8 +143,9 @@ fn forward_rows(
 /// Drops the finished rows from a decoding batch once a quarter of it has finished: copying
 /// the cache costs about one decode step's memory traffic, and each dropped row saves its
 /// share of every later step. Geometric, so at most a few copies per batch. Never down to
-/// one row: a lone row's products take candle's kernel instead of OpenBLAS (see
-/// `runtime::blas`), whose last bits differ.
+/// one row: a lone row's OpenBLAS products (the low-rank updates; the frozen products too
+/// without the f32 kernel) take candle's kernel instead (see `runtime::blas`), whose last
+/// bits differ.
 fn worth_compacting(finished: usize, rows: usize) -> bool {
     finished > 0 && 4 * finished >= rows && rows - finished >= 2
 }
@@ -155,9 +156,10 @@ fn worth_compacting(finished: usize, rows: usize) -> bool {
 /// Rows whose prompt and adapter repeat an earlier row's (the runs of one question) are
 /// prefilled once and their caches copied; rows that finish leave the batch (see
 /// [`worth_compacting`]). Both keep two rows or more in every product when the batch has
-/// them, so the frozen products stay on OpenBLAS, whose rows do not depend on the other
-/// rows (`runtime::blas`); the adapters' own low-rank products run per adapter at the
-/// segment's height, as they do when the batch is composed differently.
+/// them, so the frozen products stay on the f32 kernel or OpenBLAS, whose rows do not depend
+/// on the other rows (`runtime::sgemm`, `runtime::blas`); the adapters' own low-rank
+/// products run per adapter at the segment's height, as they do when the batch is composed
+/// differently.
 ///
 /// Errors: an adapter index beyond `adapters`, an empty prompt, invalid sampling
 /// parameters, a prompt that fills the model's context.

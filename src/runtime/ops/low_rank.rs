@@ -128,9 +128,10 @@ fn lens_and_starts(segments: &[LowRankSegment]) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// `scale · op(a) @ op(b)` for 2-D f32 tensors, `op` transposing when asked. On an AVX-512 CPU, with
-/// the output's width a multiple of 16 (ranks 16-64, every projection's width), the f32
-/// kernel ([`sgemm::matmul_plain`]) computes it after copying a transposed operand into
-/// place (at most rank × 1,536 values); otherwise [`bmm`] (OpenBLAS or candle).
+/// `b` not transposed and the output's width a multiple of 16 (ranks 16-64, every
+/// projection's width), the f32 kernel ([`sgemm::matmul_plain`]) computes it, a transposed
+/// `a` copied into place first (at most a sequence's rows × the projection's width);
+/// otherwise [`bmm`] (OpenBLAS or candle).
 ///
 /// Why: these products are small (a sequence's ~34 rows × 576 × rank 16-64, a few hundred
 /// thousand to a million multiply-adds, ~5,000 of them a grouped pass), and OpenBLAS packs
@@ -141,9 +142,12 @@ fn mm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, scale: f64) -> Resul
     let ((ar, ac), (br, bc)) = (a.dims2()?, b.dims2()?);
     let (m, k, n) = (if trans_a { ac } else { ar }, if trans_a { ar } else { ac }, if trans_b { br } else { bc });
     let fits = sgemm::available() && a.device().is_cpu() && b.device().is_cpu() && (a.dtype(), b.dtype()) == (DType::F32, DType::F32);
-    // A transposed right-hand side is copied (k × n values) for m × k × n multiply-adds: below
-    // 16 rows (a decoding step's few rows of one adapter) the copy costs more than OpenBLAS.
-    let worth_it = !trans_b || m >= 16;
+    // A transposed right-hand side would be copied (k × n values) for m × k × n multiply-adds,
+    // more than OpenBLAS costs at a decoding step's few rows; and a choice made on `m` would
+    // make a generated row's numbers depend on how many rows of its adapter share the batch.
+    // So the forward's two products (and the backward's recomputation of h Aᵀ) keep
+    // OpenBLAS, and the kernel takes the backward's other four.
+    let worth_it = !trans_b;
     if fits && worth_it && n.is_multiple_of(16) && m > 0 && k > 0 && k == if trans_b { bc } else { br } {
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let y = with_cpu_f32(&a, |av| {
