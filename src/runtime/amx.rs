@@ -23,7 +23,7 @@
 use std::arch::asm;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::runtime::blas::{split_units, SharedOut};
+use crate::runtime::parallel::{split_units, SharedOut};
 
 /// Columns of a tile block (16 f32 accumulators of 64 bytes).
 const BLOCK_N: usize = 16;

@@ -19,7 +19,7 @@
 //! sequence packed with others (grouped training, mixed generation batches) gets the same
 //! numbers as alone, bit for bit.
 
-use crate::runtime::blas::{split_units, SharedOut};
+use crate::runtime::parallel::{split_units, SharedOut};
 
 /// Rows of a register block: 12 rows × 2 vectors = 24 accumulators, 2 for the weight's row,
 /// 1 for the broadcast, of AVX-512's 32 registers.
