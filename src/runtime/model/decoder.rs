@@ -136,7 +136,7 @@ pub struct Decoder {
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
     pub lm_head: Tensor,
     /// `lm_head` packed for AMX when the model computes in bf16 ([`Self::set_compute_dtype`]);
-    /// in f32 it stays unpacked (OpenBLAS).
+    /// in f32 it stays unpacked (OpenBLAS) for the loss and [`Self::forward_all`].
     pub lm_head_packed: Option<Arc<PackedWeight>>,
     /// In f32 on AVX-512, `lm_head` in the f32 kernel's panels for the last-position logits
     /// of generation only ([`Self::forward_last`]: a batch's 1-64 rows, where the kernel ran

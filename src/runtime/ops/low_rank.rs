@@ -147,14 +147,12 @@ fn mm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, scale: f64) -> Resul
     // make a generated row's numbers depend on how many rows of its adapter share the batch.
     // So the forward's two products (and the backward's recomputation of h Aᵀ) keep
     // OpenBLAS, and the kernel takes the backward's other four.
-    let worth_it = !trans_b;
-    if fits && worth_it && n.is_multiple_of(16) && m > 0 && k > 0 && k == if trans_b { bc } else { br } {
+    if fits && !trans_b && n.is_multiple_of(16) && m > 0 && k > 0 && k == br {
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let y = with_cpu_f32(&a, |av| {
             with_cpu_f32(&b, |bv| {
                 let av = if trans_a { Cow::Owned(transpose(av, ar, ac)) } else { Cow::Borrowed(av) };
-                let bv = if trans_b { Cow::Owned(transpose(bv, br, bc)) } else { Cow::Borrowed(bv) };
-                sgemm::matmul_plain(&av, m, &bv, k, n, blas::threads())
+                sgemm::matmul_plain(&av, m, bv, k, n, blas::threads())
             })
         });
         if let Some(mut y) = y.flatten().flatten() {
@@ -198,8 +196,8 @@ mod tests {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
     }
 
-    /// Ranks and widths that are multiples of 16 take the f32 kernel on AVX-512 CPUs
-    /// (every product of the forward and backward): value and gradients against candle's
+    /// Ranks and widths that are multiples of 16 take the f32 kernel on AVX-512 CPUs (the
+    /// backward's four products; the forward keeps OpenBLAS): value and gradients against candle's
     /// composed products, 41 and 30 rows (partial register blocks; enough rows for the
     /// segments to run on two threads), ranks 16 and 32.
     #[test]
