@@ -139,6 +139,8 @@ impl LowRank {
 pub(super) struct Update {
     pub(super) segments: Vec<LowRankSegment>,
     mask: Option<Tensor>,
+    /// Each segment's `h Aᵀ` from the forward ([`project`]), for the backward.
+    kept: Vec<Option<Tensor>>,
 }
 
 impl Update {
@@ -161,7 +163,7 @@ impl Update {
             segments.push(LowRankSegment { len, factors, scale });
         }
         let mask = if any_mask { Some(Tensor::cat(&masks, 0)?) } else { None };
-        Ok(Self { segments, mask })
+        Ok(Self { segments, mask, kept: Vec::new() })
     }
 
     pub(super) fn is_untouched(&self) -> bool {
@@ -178,13 +180,16 @@ impl Update {
     }
 }
 
-/// `x Wᵀ (+ bias) + update`, `[n, in]` → `[n, out]`.
-fn project(x: &Tensor, lin: &Linear, u: &Update) -> Result<Tensor> {
+/// `x Wᵀ (+ bias) + update`, `[n, in]` → `[n, out]`; the update's `h Aᵀ` is kept in `u`
+/// for [`project_backward`]. Its products take the f32 kernel where they fit
+/// ([`ops::Products::Kernel`]): a training pass's segments are whole sequences.
+fn project(x: &Tensor, lin: &Linear, u: &mut Update) -> Result<Tensor> {
     let y = ops::plain_linear(x, &lin.weight, lin.packed.as_deref(), lin.bias.as_ref())?;
     if u.is_untouched() {
         return Ok(y);
     }
-    let delta = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, lin.weight.dim(0)?)?;
+    let (delta, kept) = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, lin.weight.dim(0)?, ops::Products::Kernel)?;
+    u.kept = kept;
     let dtype = y.dtype();
     y + delta.to_dtype(dtype)?
 }
@@ -196,7 +201,7 @@ fn project_backward(x: &Tensor, g: &Tensor, lin: &Linear, u: &Update, grads: &mu
     if u.is_untouched() {
         return Ok(dx);
     }
-    let (dh, dfactors) = ops::segmented_low_rank_backward(&u.input(x)?, &u.segments, g)?;
+    let (dh, dfactors) = ops::segmented_low_rank_backward(&u.input(x)?, &u.segments, &u.kept, g)?;
     for (da, db) in dfactors {
         grads.push(da.flatten_all()?);
         grads.push(db.flatten_all()?);
@@ -293,9 +298,9 @@ pub(super) fn layer(
     // 1. attention block: n1 = norm(x); q, k, v [n, heads·d] → [b, heads, l, d]
     let xd = x.detach().reshape((n, hidden))?.contiguous()?;
     let n1 = candle_nn::ops::rms_norm(&xd, &layer.input_layernorm, eps as f32)?;
-    let q = split_heads(&project(&n1, &a.q_proj, &u[0])?, b, l, nh, d)?;
-    let k = split_heads(&project(&n1, &a.k_proj, &u[1])?, b, l, nkv, d)?;
-    let v = split_heads(&project(&n1, &a.v_proj, &u[2])?, b, l, nkv, d)?;
+    let q = split_heads(&project(&n1, &a.q_proj, &mut u[0])?, b, l, nh, d)?;
+    let k = split_heads(&project(&n1, &a.k_proj, &mut u[1])?, b, l, nkv, d)?;
+    let v = split_heads(&project(&n1, &a.v_proj, &mut u[2])?, b, l, nkv, d)?;
     // 2. Qwen3: per-head RMSNorm of queries and keys (kept before the norm for its backward)
     let (qn, kn) = match (&a.q_norm, &a.k_norm) {
         (Some(wq), Some(wk)) => (candle_nn::ops::rms_norm(&q, wq, eps as f32)?, candle_nn::ops::rms_norm(&k, wk, eps as f32)?),
@@ -307,13 +312,13 @@ pub(super) fn layer(
     let attend = Attend::new(masking);
     let y = merge_heads(&attend.forward(&qr, &kr, &v)?)?;
     // 4. output projection and residual: x2 = x + o(y)
-    let x2 = (&xd + project(&y, &a.o_proj, &u[3])?)?;
+    let x2 = (&xd + project(&y, &a.o_proj, &mut u[3])?)?;
     // 5. MLP block: out = x2 + down(silu(gate(n2)) · up(n2))
     let n2 = candle_nn::ops::rms_norm(&x2, &layer.post_attention_layernorm, eps as f32)?;
-    let gate = project(&n2, &m.gate_proj, &u[4])?;
-    let up = project(&n2, &m.up_proj, &u[5])?;
+    let gate = project(&n2, &m.gate_proj, &mut u[4])?;
+    let up = project(&n2, &m.up_proj, &mut u[5])?;
     let s = ops::swiglu_forward(&gate, &up)?;
-    let out = (&x2 + project(&s, &m.down_proj, &u[6])?)?.reshape((b, l, hidden))?;
+    let out = (&x2 + project(&s, &m.down_proj, &mut u[6])?)?.reshape((b, l, hidden))?;
     if !(x.track_op() || factors.iter().any(|f| f.track_op())) {
         return Ok(out);
     }

@@ -56,7 +56,7 @@ pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Ten
     }
     let h_dtype = h.dtype();
     let hd = h.detach().to_dtype(DType::F32)?;
-    let value = segmented_low_rank_forward(&hd, segments, out)?;
+    let (value, u) = segmented_low_rank_forward(&hd, segments, out, Products::Library)?;
     let factored: Vec<&(Tensor, Tensor)> = segments.iter().filter_map(|s| s.factors.as_ref()).collect();
     if !(h.track_op() || factored.iter().any(|(a, b)| a.track_op() || b.track_op())) {
         return Ok(value);
@@ -70,50 +70,86 @@ pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Ten
         .map(|s| LowRankSegment { factors: s.factors.as_ref().map(|(a, b)| (a.detach(), b.detach())), ..s.clone() })
         .collect();
     let backward: Backward3 = Box::new(move |g| {
-        let (dh, dfactors) = segmented_low_rank_backward(&hd, &detached, g)?;
+        let (dh, dfactors) = segmented_low_rank_backward(&hd, &detached, &u, g)?;
         let (da, db): (Vec<Tensor>, Vec<Tensor>) = dfactors.into_iter().unzip();
         Ok((dh.to_dtype(h_dtype)?, Tensor::cat(&da, 0)?, Tensor::cat(&db, 1)?))
     });
     h.apply_op3(&a_all, &b_all, Tap::new("segmented-low-rank", value, backward))
 }
 
+/// Which code computes a low-rank forward's two products, `h Aᵀ` and `u Bᵀ`.
+///
+/// The choice is the caller's, never the shape's: a generated row must get the same numbers
+/// however many rows of its adapter share the batch, and a trained sequence the same
+/// numbers alone as in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Products {
+    /// OpenBLAS (or candle) with the factors where they lie: inference, where a decoding
+    /// step has a few rows per adapter and transposing a factor would cost more than its
+    /// product.
+    Library,
+    /// The f32 kernel ([`sgemm::matmul_plain`]) where the rank is a multiple of 16, each
+    /// factor transposed per call (`[r, in]` and `[out, r]`, small beside a sequence's
+    /// product with them): training passes, tens of rows per segment and factors that change
+    /// every step. Other ranks, other dtypes and CPUs without AVX-512 take the library.
+    Kernel,
+}
+
 /// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
-/// `[n, out]`: u = h_s A_sᵀ `[len, r]`, y_s = scale · u B_sᵀ `[len, out]`.
-pub(crate) fn segmented_low_rank_forward(h: &Tensor, segments: &[LowRankSegment], out: usize) -> Result<Tensor> {
+/// `[n, out]`: u = h_s A_sᵀ `[len, r]`, y_s = scale · u B_sᵀ `[len, out]`. Also returns each
+/// factored segment's `u` (unscaled, `None` for a segment without factors), which
+/// [`segmented_low_rank_backward`] needs.
+pub(crate) fn segmented_low_rank_forward(
+    h: &Tensor,
+    segments: &[LowRankSegment],
+    out: usize,
+    products: Products,
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
     let (lens, starts) = lens_and_starts(segments);
-    let ys = par_segments(&lens, |i| {
+    let product = |a: &Tensor, b: &Tensor, scale: f64| match products {
+        Products::Library => scaled(bmm(a, b, false, true)?, scale),
+        Products::Kernel => mm(a, b, false, true, scale),
+    };
+    let parts = par_segments(&lens, |i| {
         let s = &segments[i];
         match &s.factors {
-            None => Tensor::zeros((s.len, out), DType::F32, h.device()),
+            None => Ok((Tensor::zeros((s.len, out), DType::F32, h.device())?, None)),
             Some((a, b)) => {
-                let u = mm(&h.narrow(0, starts[i], s.len)?, a, false, true, 1.0)?;
-                mm(&u, b, false, true, s.scale)
+                let u = product(&h.narrow(0, starts[i], s.len)?, a, 1.0)?;
+                Ok((product(&u, b, s.scale)?, Some(u)))
             }
         }
     })?;
-    Tensor::cat(&ys, 0)
+    let (ys, us): (Vec<Tensor>, Vec<Option<Tensor>>) = parts.into_iter().unzip();
+    Ok((Tensor::cat(&ys, 0)?, us))
 }
 
-/// [`segmented_low_rank`]'s gradients for output gradient `g` `[n, out]`: `h`'s `[n, in]`
-/// in f32, and `(dA, dB)` of each segment that has factors, in order. With u recomputed:
-/// dB_s = scale · dy_sᵀ u, du = scale · dy_s B_s, dA_s = duᵀ h_s, dh_s = du A_s (the
-/// scale applied to the small `[len, r]` and `[out, r]` results, not to `dy`).
-pub(crate) fn segmented_low_rank_backward(h: &Tensor, segments: &[LowRankSegment], g: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+/// [`segmented_low_rank`]'s gradients for output gradient `g` `[n, out]`, given each
+/// segment's `u` from [`segmented_low_rank_forward`]: `h`'s `[n, in]` in f32, and `(dA, dB)`
+/// of each segment that has factors, in order: dB_s = scale · dy_sᵀ u, du = scale · dy_s B_s,
+/// dA_s = duᵀ h_s, dh_s = du A_s (the scale applied to the small `[len, r]` and `[out, r]`
+/// results, not to `dy`).
+pub(crate) fn segmented_low_rank_backward(
+    h: &Tensor,
+    segments: &[LowRankSegment],
+    u: &[Option<Tensor>],
+    g: &Tensor,
+) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
     let g = g.to_dtype(DType::F32)?.contiguous()?;
     let in_dim = h.dim(1)?;
     let (lens, starts) = lens_and_starts(segments);
     let grads = par_segments(&lens, |i| {
         let s = &segments[i];
-        match &s.factors {
-            None => Ok((Tensor::zeros((s.len, in_dim), DType::F32, g.device())?, None)),
-            Some((a, b)) => {
+        match (&s.factors, &u[i]) {
+            (Some((a, b)), Some(u)) => {
                 let hs = h.narrow(0, starts[i], s.len)?;
                 let gs = g.narrow(0, starts[i], s.len)?;
-                let u = mm(&hs, a, false, true, 1.0)?;
                 let du = mm(&gs, b, false, false, s.scale)?;
-                let dfactors = (mm(&du, &hs, true, false, 1.0)?, mm(&gs, &u, true, false, s.scale)?);
+                let dfactors = (mm(&du, &hs, true, false, 1.0)?, mm(&gs, u, true, false, s.scale)?);
                 Ok((mm(&du, a, false, false, 1.0)?, Some(dfactors)))
             }
+            (None, None) => Ok((Tensor::zeros((s.len, in_dim), DType::F32, g.device())?, None)),
+            _ => candle_core::bail!("segmented_low_rank_backward: segment {i}'s u does not match its factors"),
         }
     })?;
     let (dh, dfactors): (Vec<Tensor>, Vec<Option<(Tensor, Tensor)>>) = grads.into_iter().unzip();
@@ -127,32 +163,29 @@ fn lens_and_starts(segments: &[LowRankSegment]) -> (Vec<usize>, Vec<usize>) {
     (lens, starts)
 }
 
-/// `scale · op(a) @ op(b)` for 2-D f32 tensors, `op` transposing when asked. On an AVX-512 CPU, with
-/// `b` not transposed and the output's width a multiple of 16 (ranks 16-64, every
-/// projection's width), the f32 kernel ([`sgemm::matmul_plain`]) computes it, a transposed
-/// `a` copied into place first (at most a sequence's rows × the projection's width);
-/// otherwise [`bmm`] (OpenBLAS or candle).
+/// `scale · op(a) @ op(b)` for 2-D f32 tensors, `op` transposing when asked. On an AVX-512
+/// CPU, with the output's width a multiple of 16 (ranks 16-64, every projection's width), the
+/// f32 kernel ([`sgemm::matmul_plain`]) computes it, a transposed operand copied into place
+/// first (a sequence's rows × the projection's width, or a factor); otherwise [`bmm`]
+/// (OpenBLAS or candle).
 ///
 /// Why: these products are small (a sequence's ~34 rows × 576 × rank 16-64, a few hundred
-/// thousand to a million multiply-adds, ~5,000 of them a grouped pass), and OpenBLAS packs
+/// thousand to a million multiply-adds, thousands of them a grouped pass), and OpenBLAS packs
 /// both operands of each and wakes its second thread for any above 2^18 multiply-adds;
 /// the kernel runs them on the calling thread, unpacked. The scale is applied in place, not
 /// as a candle op (whose worker pool the threads of [`par_segments`] would queue for).
 fn mm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, scale: f64) -> Result<Tensor> {
     let ((ar, ac), (br, bc)) = (a.dims2()?, b.dims2()?);
-    let (m, k, n) = (if trans_a { ac } else { ar }, if trans_a { ar } else { ac }, if trans_b { br } else { bc });
+    let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
+    let (kb, n) = if trans_b { (bc, br) } else { (br, bc) };
     let fits = sgemm::available() && a.device().is_cpu() && b.device().is_cpu() && (a.dtype(), b.dtype()) == (DType::F32, DType::F32);
-    // A transposed right-hand side would be copied (k × n values) for m × k × n multiply-adds,
-    // more than OpenBLAS costs at a decoding step's few rows; and a choice made on `m` would
-    // make a generated row's numbers depend on how many rows of its adapter share the batch.
-    // So the forward's two products (and the backward's recomputation of h Aᵀ) keep
-    // OpenBLAS, and the kernel takes the backward's other four.
-    if fits && !trans_b && n.is_multiple_of(16) && m > 0 && k > 0 && k == br {
+    if fits && n.is_multiple_of(16) && m > 0 && k > 0 && k == kb {
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let y = with_cpu_f32(&a, |av| {
             with_cpu_f32(&b, |bv| {
                 let av = if trans_a { Cow::Owned(transpose(av, ar, ac)) } else { Cow::Borrowed(av) };
-                sgemm::matmul_plain(&av, m, bv, k, n, blas::threads())
+                let bv = if trans_b { Cow::Owned(transpose(bv, br, bc)) } else { Cow::Borrowed(bv) };
+                sgemm::matmul_plain(&av, m, &bv, k, n, blas::threads())
             })
         });
         if let Some(mut y) = y.flatten().flatten() {
@@ -162,7 +195,11 @@ fn mm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, scale: f64) -> Resul
             return Tensor::from_vec(y, (m, n), a.device());
         }
     }
-    let y = bmm(a, b, trans_a, trans_b)?;
+    scaled(bmm(a, b, trans_a, trans_b)?, scale)
+}
+
+/// `scale · y`, `y` itself when the scale is 1.
+fn scaled(y: Tensor, scale: f64) -> Result<Tensor> {
     if scale == 1.0 {
         Ok(y)
     } else {
@@ -220,6 +257,41 @@ mod tests {
         assert!(max_diff(&y, &y2) < 1e-3, "{}", max_diff(&y, &y2));
         let vars = [h.as_tensor(), a1.as_tensor(), b1.as_tensor(), a2.as_tensor(), b2.as_tensor()];
         super::super::tests::same_gradients(&y, &y2, &vars, 1e-3);
+    }
+
+    /// The training forward ([`Products::Kernel`]) against the library's: the same values to
+    /// float32 summation order, the `u` each keeps giving the same gradients, and a row's
+    /// values independent of how many rows its segment has (bit for bit: a sequence alone and
+    /// packed with others), at ranks 16 and 32 and at rank 8, which the kernel cannot take.
+    #[test]
+    fn training_forward_on_the_kernel_equals_the_library() {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1.0, (71, 48), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (71, 32), &dev).unwrap();
+        let factors = |r: usize| (Tensor::randn(0f32, 1.0, (r, 48), &dev).unwrap(), Tensor::randn(0f32, 1.0, (32, r), &dev).unwrap());
+        let segments = [
+            LowRankSegment { len: 30, factors: Some(factors(16)), scale: 2.0 },
+            LowRankSegment { len: 5, factors: None, scale: 0.0 },
+            LowRankSegment { len: 21, factors: Some(factors(32)), scale: 0.5 },
+            LowRankSegment { len: 15, factors: Some(factors(8)), scale: 1.5 },
+        ];
+        let (yk, uk) = segmented_low_rank_forward(&h, &segments, 32, Products::Kernel).unwrap();
+        let (yl, ul) = segmented_low_rank_forward(&h, &segments, 32, Products::Library).unwrap();
+        assert!(max_diff(&yk, &yl) < 1e-3, "{}", max_diff(&yk, &yl));
+        assert!(uk[1].is_none() && ul[1].is_none());
+        let (dhk, dfk) = segmented_low_rank_backward(&h, &segments, &uk, &g).unwrap();
+        let (dhl, dfl) = segmented_low_rank_backward(&h, &segments, &ul, &g).unwrap();
+        assert!(max_diff(&dhk, &dhl) < 1e-3, "{}", max_diff(&dhk, &dhl));
+        for ((dak, dbk), (dal, dbl)) in dfk.iter().zip(&dfl) {
+            assert!(max_diff(dak, dal) < 1e-2 && max_diff(dbk, dbl) < 1e-2);
+        }
+        // the first 7 rows of the 30-row segment, alone: the same bits
+        let alone = [LowRankSegment { len: 7, ..segments[0].clone() }];
+        let (y7, _) = segmented_low_rank_forward(&h.narrow(0, 0, 7).unwrap(), &alone, 32, Products::Kernel).unwrap();
+        assert_eq!(max_diff(&y7, &yk.narrow(0, 0, 7).unwrap()), 0.0);
+        // a u that does not match the segments is an error, not a wrong gradient
+        let e = segmented_low_rank_backward(&h, &segments, &[None, None, None, None], &g).unwrap_err();
+        assert!(e.to_string().contains("segment 0's u"), "{e}");
     }
 
     /// Three segments (rank 2, no update, rank 3) against the same products composed of
