@@ -58,6 +58,10 @@ struct Args {
     /// Epochs of each self-edit (the paper: 10).
     #[arg(long, default_value_t = 10)]
     self_edit_epochs: usize,
+    /// Rows per generation batch of the grouped evaluation (`eval.batch_size`; the paper
+    /// configs' 64).
+    #[arg(long, default_value_t = 64)]
+    eval_batch_size: usize,
     /// Only the many-self-edits figure.
     #[arg(long)]
     only_many: bool,
@@ -190,7 +194,7 @@ fn main() -> anyhow::Result<()> {
     let dec = &m.decoder;
     let tok = &m.tokenizer;
     if a.only_many {
-        many::run(&m, a.self_edits, a.solo_self_edits, &a.group_sizes, a.self_edit_epochs)?;
+        many::run(&m, a.self_edits, a.solo_self_edits, &a.group_sizes, a.self_edit_epochs, a.eval_batch_size)?;
         report("rss_peak_mib", peak_rss_mib(), "MiB");
         return Ok(());
     }
@@ -385,7 +389,7 @@ fn main() -> anyhow::Result<()> {
     }
     // (f) many self-edits, alone and grouped
     if a.self_edits > 0 {
-        many::run(&m, a.self_edits, a.solo_self_edits, &a.group_sizes, a.self_edit_epochs)?;
+        many::run(&m, a.self_edits, a.solo_self_edits, &a.group_sizes, a.self_edit_epochs, a.eval_batch_size)?;
     }
     report("rss_peak_mib", peak_rss_mib(), "MiB");
     Ok(())

@@ -249,7 +249,7 @@ fn train_flops_per_token(m: &LoadedModel) -> f64 {
     4.0 * per_token as f64
 }
 
-pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epochs: usize) -> anyhow::Result<()> {
+pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epochs: usize, eval_batch: usize) -> anyhow::Result<()> {
     let peak = matmul_peak_gflops()?;
     report("matmul_peak_gflops", peak, "GFLOP/s");
     if m.decoder.compute_dtype() == selfedit::runtime::blas::ComputeDtype::Bf16 {
@@ -296,7 +296,7 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         let requests: Vec<GenerationRequest> =
             (0..n).map(|k| eval_requests(m, k)).collect::<anyhow::Result<Vec<_>>>()?.into_iter().flatten().collect();
         let t = Instant::now();
-        generate(m, &adapters, requests, 64, |_| {})?;
+        generate(m, &adapters, requests, eval_batch, |_| {})?;
         let eval = t.elapsed().as_secs_f64();
         let name = |s: &str| format!("{s}_group{g}");
         report(&name("foreign_cores"), fg.cores(), "cores");
