@@ -29,9 +29,9 @@ pub struct LowRankSegment {
 /// order. Returns `[n, out]` in f32; every segment's value is computed from its own factors
 /// at its own shapes, as it would be alone. Differentiable with respect to `h` and every
 /// factor (`h`'s gradient in `h`'s dtype), its products then those of training
-/// ([`Products::Kernel`]); when nothing tracks a gradient (inference), no graph is recorded
+/// (`Products::Kernel`); when nothing tracks a gradient (inference), no graph is recorded
 /// and the library computes the products with the factors where they lie
-/// ([`Products::Library`]).
+/// (`Products::Library`).
 ///
 /// Errors: segments that do not cover the rows of `h`, factors whose shapes disagree with
 /// `h` or with each other, or no segment with factors.
