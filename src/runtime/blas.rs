@@ -7,9 +7,9 @@
 //! those matmuls are nearly all of the step's work. Only contiguous f32 CPU tensors take this
 //! path; anything else (GPU, bf16, strided views) uses candle's matmul. Since the f32 kernel,
 //! OpenBLAS computes the LM head's loss (generation's last-position logits take the
-//! kernel), attention, the low-rank updates of generation (training's take the kernel at
-//! ranks that are multiples of 16, see `ops::Products`), and the projections of a model whose
-//! compute dtype was never set or of a CPU without AVX-512.
+//! kernel), attention, the low-rank updates of generation (training's take the kernel where
+//! a product's output width is a multiple of 16, see `ops::Products`), and the projections of
+//! a model whose compute dtype was never set or of a CPU without AVX-512.
 
 use std::mem::MaybeUninit;
 

@@ -54,7 +54,9 @@ pub trait Adapter: Sync {
 /// Why: LoRA weights are `Var`s, so without this every activation downstream of the first
 /// update tracks its ops, the decoder takes its training path, and the whole forward
 /// graph stays alive until the logits are dropped (measured: a 64-row generation prefill
-/// held 3.6 GB, against ~0.1 GB with the updates detached). The values are unchanged.
+/// held 3.6 GB, against ~0.1 GB with the updates detached). The values are equal to float
+/// summation order: detached factors take inference's low-rank products, tracked ones
+/// training's (`ops::Products`).
 pub struct Frozen<'a>(pub &'a dyn Adapter);
 
 impl Adapter for Frozen<'_> {

@@ -181,14 +181,14 @@ impl Update {
 }
 
 /// `x Wᵀ (+ bias) + update`, `[n, in]` → `[n, out]`; the update's `h Aᵀ` is kept in `u`
-/// for [`project_backward`]. Its products take the f32 kernel where they fit
-/// ([`ops::Products::Kernel`]): a training pass's segments are whole sequences.
-fn project(x: &Tensor, lin: &Linear, u: &mut Update) -> Result<Tensor> {
+/// for [`project_backward`]. `products`: the kernel when something trains (as
+/// [`ops::segmented_low_rank`] chooses), so the node's value stays the composed layer's.
+fn project(x: &Tensor, lin: &Linear, u: &mut Update, products: ops::Products) -> Result<Tensor> {
     let y = ops::plain_linear(x, &lin.weight, lin.packed.as_deref(), lin.bias.as_ref())?;
     if u.is_untouched() {
         return Ok(y);
     }
-    let (delta, kept) = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, lin.weight.dim(0)?, ops::Products::Kernel)?;
+    let (delta, kept) = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, lin.weight.dim(0)?, products)?;
     u.kept = kept;
     let dtype = y.dtype();
     y + delta.to_dtype(dtype)?
@@ -287,6 +287,8 @@ pub(super) fn layer(
         }
     }
     let outside_graph = factors.iter().all(|f| f.is_variable() || !f.track_op());
+    let trains = x.track_op() || factors.iter().any(|f| f.track_op());
+    let products = if trains { ops::Products::Kernel } else { ops::Products::Library };
     // the node's own forward and backward record nothing: they use the factors detached
     let mut u = Vec::with_capacity(7);
     for (parts, lin) in updates.into_iter().zip(lins) {
@@ -298,9 +300,9 @@ pub(super) fn layer(
     // 1. attention block: n1 = norm(x); q, k, v [n, heads·d] → [b, heads, l, d]
     let xd = x.detach().reshape((n, hidden))?.contiguous()?;
     let n1 = candle_nn::ops::rms_norm(&xd, &layer.input_layernorm, eps as f32)?;
-    let q = split_heads(&project(&n1, &a.q_proj, &mut u[0])?, b, l, nh, d)?;
-    let k = split_heads(&project(&n1, &a.k_proj, &mut u[1])?, b, l, nkv, d)?;
-    let v = split_heads(&project(&n1, &a.v_proj, &mut u[2])?, b, l, nkv, d)?;
+    let q = split_heads(&project(&n1, &a.q_proj, &mut u[0], products)?, b, l, nh, d)?;
+    let k = split_heads(&project(&n1, &a.k_proj, &mut u[1], products)?, b, l, nkv, d)?;
+    let v = split_heads(&project(&n1, &a.v_proj, &mut u[2], products)?, b, l, nkv, d)?;
     // 2. Qwen3: per-head RMSNorm of queries and keys (kept before the norm for its backward)
     let (qn, kn) = match (&a.q_norm, &a.k_norm) {
         (Some(wq), Some(wk)) => (candle_nn::ops::rms_norm(&q, wq, eps as f32)?, candle_nn::ops::rms_norm(&k, wk, eps as f32)?),
@@ -312,14 +314,14 @@ pub(super) fn layer(
     let attend = Attend::new(masking);
     let y = merge_heads(&attend.forward(&qr, &kr, &v)?)?;
     // 4. output projection and residual: x2 = x + o(y)
-    let x2 = (&xd + project(&y, &a.o_proj, &mut u[3])?)?;
+    let x2 = (&xd + project(&y, &a.o_proj, &mut u[3], products)?)?;
     // 5. MLP block: out = x2 + down(silu(gate(n2)) · up(n2))
     let n2 = candle_nn::ops::rms_norm(&x2, &layer.post_attention_layernorm, eps as f32)?;
-    let gate = project(&n2, &m.gate_proj, &mut u[4])?;
-    let up = project(&n2, &m.up_proj, &mut u[5])?;
+    let gate = project(&n2, &m.gate_proj, &mut u[4], products)?;
+    let up = project(&n2, &m.up_proj, &mut u[5], products)?;
     let s = ops::swiglu_forward(&gate, &up)?;
-    let out = (&x2 + project(&s, &m.down_proj, &mut u[6])?)?.reshape((b, l, hidden))?;
-    if !(x.track_op() || factors.iter().any(|f| f.track_op())) {
+    let out = (&x2 + project(&s, &m.down_proj, &mut u[6], products)?)?.reshape((b, l, hidden))?;
+    if !trains {
         return Ok(out);
     }
     // the node's second input: one of the variables (only so that the graph records the
