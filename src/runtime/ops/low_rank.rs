@@ -242,6 +242,19 @@ mod tests {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
     }
 
+    /// `a` equals `b` within `tol` relative to `b`'s largest magnitude (absolute below 1):
+    /// random inputs give values of tens to hundreds, where an absolute bound is flaky.
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let largest: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(max_diff(a, b) <= tol * largest.max(1.0), "{} of {largest}", max_diff(a, b));
+    }
+
+    /// The reference: `scale · (h Aᵀ) Bᵀ` of `rows` (first, count) composed of candle's ops.
+    fn composed(h: &Var, rows: (usize, usize), a: &Var, b: &Var, scale: f64) -> Tensor {
+        let u = h.narrow(0, rows.0, rows.1).unwrap().matmul(&a.t().unwrap()).unwrap();
+        (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()
+    }
+
     /// Ranks and widths that are multiples of 16 take the f32 kernel on AVX-512 CPUs (all
     /// six products, as something trains): value and gradients against candle's composed
     /// products, 41 and 30 rows (partial register blocks; enough rows for the segments to run
@@ -257,11 +270,7 @@ mod tests {
             LowRankSegment { len: 30, factors: Some((a2.as_tensor().clone(), b2.as_tensor().clone())), scale: 0.5 },
         ];
         let y = segmented_low_rank(&h, &segments).unwrap();
-        let composed = |rows: (usize, usize), a: &Var, b: &Var, scale: f64| {
-            let u = h.narrow(0, rows.0, rows.1).unwrap().matmul(&a.t().unwrap()).unwrap();
-            (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()
-        };
-        let y2 = Tensor::cat(&[composed((0, 41), &a1, &b1, 2.0), composed((41, 30), &a2, &b2, 0.5)], 0).unwrap();
+        let y2 = Tensor::cat(&[composed(&h, (0, 41), &a1, &b1, 2.0), composed(&h, (41, 30), &a2, &b2, 0.5)], 0).unwrap();
         // values of magnitude ~50-100: float32 summation order alone
         assert!(max_diff(&y, &y2) < 1e-3, "{}", max_diff(&y, &y2));
         let vars = [h.as_tensor(), a1.as_tensor(), b1.as_tensor(), a2.as_tensor(), b2.as_tensor()];
@@ -286,10 +295,7 @@ mod tests {
             LowRankSegment { len: 15, factors: Some(factors(8)), scale: 1.5 },
         ];
         // random values of up to a few hundred: float32 summation order, relative to the largest
-        let close = |a: &Tensor, b: &Tensor| {
-            let largest: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            assert!(max_diff(a, b) <= 1e-5 * largest.max(1.0), "{} of {largest}", max_diff(a, b));
-        };
+        let close = |a: &Tensor, b: &Tensor| close(a, b, 1e-5);
         let (yk, uk) = segmented_low_rank_forward(&h, &segments, 32, Products::Kernel).unwrap();
         let (yl, ul) = segmented_low_rank_forward(&h, &segments, 32, Products::Library).unwrap();
         close(&yk, &yl);
@@ -330,15 +336,10 @@ mod tests {
         };
         let segments = [segment(4, Some((&a1, &b1)), 0.5), segment(2, None, 0.0), segment(3, Some((&a2, &b2)), 3.0)];
         let y = segmented_low_rank(&h, &segments).unwrap();
-        let composed = |rows: (usize, usize), a: &Var, b: &Var, scale: f64| {
-            let u = h.narrow(0, rows.0, rows.1).unwrap().matmul(&a.t().unwrap()).unwrap();
-            (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()
-        };
         let zeros = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
-        let y2 = Tensor::cat(&[composed((0, 4), &a1, &b1, 0.5), zeros.clone(), composed((6, 3), &a2, &b2, 3.0)], 0).unwrap();
+        let y2 = Tensor::cat(&[composed(&h, (0, 4), &a1, &b1, 0.5), zeros.clone(), composed(&h, (6, 3), &a2, &b2, 3.0)], 0).unwrap();
         // random values up to ~30: float32 summation order, relative to the largest
-        let largest: f32 = y2.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        assert!(max_diff(&y, &y2) < 1e-6 * largest.max(1.0), "{} of {largest}", max_diff(&y, &y2));
+        close(&y, &y2, 1e-6);
         assert_eq!(max_diff(&y.narrow(0, 4, 2).unwrap(), &zeros), 0.0);
         let vars = [h.as_tensor(), a1.as_tensor(), b1.as_tensor(), a2.as_tensor(), b2.as_tensor()];
         super::super::tests::same_gradients(&y, &y2, &vars, 1e-4);
