@@ -425,8 +425,12 @@ impl Decoder {
 
     /// Mean next-token cross-entropy of one sequence; `loss_from` masks the first positions'
     /// targets (0 = loss on every token). Differentiable with respect to the adapter.
+    ///
+    /// The sequence runs as a packed batch of one, so its attention takes the same code as
+    /// in [`Self::packed_losses`], and an adapter trained alone gets the numbers it gets in
+    /// a group.
     pub fn sequence_loss(&self, ids: &[u32], loss_from: usize, lora: Option<&dyn Adapter>) -> Result<Tensor> {
-        let batch = Batch::causal(ids, 0, self.device(), self.dtype())?;
+        let batch = Batch::packed(&[ids], self.device())?;
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
         ops::lm_head_cross_entropy(&h, &self.lm_head, self.lm_head_packed.as_ref(), &loss_targets(ids, loss_from))
     }

@@ -17,12 +17,14 @@
 //! - [`lm_head_cross_entropy`]: logits are never materialised in the graph;
 //! - [`segmented_attention`] and [`segmented_low_rank`]: one op for all sequences of a
 //!   packed batch, each at its own shapes, the sequences split between the cores
-//!   ([`par_segments`]).
+//!   ([`par_segments`]); a short sequence's attention in f32 on the CPU is computed one
+//!   query row at a time (`short_attention`).
 //!
 //! When the input tracks no gradient (inference), every op is the plain fused forward.
 
 mod cross_entropy;
 mod low_rank;
+mod short_attention;
 pub(crate) mod simd;
 
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
@@ -582,7 +584,39 @@ fn segment_of(t: &Tensor, (start, len): (usize, usize)) -> Result<Tensor> {
     t.narrow(2, start, len)?.contiguous()
 }
 
-/// [`segmented_attention`]'s value (segments already checked).
+/// The shapes of `q` `[1, heads, l, d]`, `k` and `v` `[1, kv_heads, l, d]` when
+/// [`short_attention`] can compute their sequences: f32 on the CPU. (On the contiguous
+/// copies the callers make, so that the choice never depends on a layout.)
+fn short_heads(q: &Tensor, k: &Tensor) -> Result<Option<short_attention::Heads>> {
+    let (b, heads, rows, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32;
+    Ok((b == 1 && cpu_f32 && kv_heads > 0 && heads % kv_heads == 0).then_some(short_attention::Heads { heads, kv_heads, d, rows }))
+}
+
+/// Runs `f` on segment `i`'s [`short_attention::Sequence`] when the kernel applies to it
+/// (`heads` known, at most [`short_attention::MAX_LEN`] rows, an f32 CPU mask or none);
+/// `None` otherwise. The choice depends on the segment alone, never on its neighbours.
+fn with_short<R>(
+    heads: Option<short_attention::Heads>,
+    segment: (usize, usize),
+    mask: Option<&Tensor>,
+    f: impl FnOnce(short_attention::Sequence) -> R,
+) -> Option<R> {
+    let (start, len) = segment;
+    if heads.is_none() || len > short_attention::MAX_LEN {
+        return None;
+    }
+    match mask {
+        None => Some(f(short_attention::Sequence { start, len, mask: None })),
+        Some(m) if m.elem_count() == len * len => with_cpu_f32(m, |m| f(short_attention::Sequence { start, len, mask: Some(m) })),
+        Some(_) => None,
+    }
+}
+
+/// [`segmented_attention`]'s value (segments already checked). Segments of up to
+/// [`short_attention::MAX_LEN`] rows in f32 on the CPU take [`short_attention`], the others
+/// the batched products of [`attention_forward`].
 pub(crate) fn segmented_attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -590,16 +624,36 @@ pub(crate) fn segmented_attention_forward(
     segments: &[(usize, usize)],
     masks: &[Option<Tensor>],
 ) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let heads = short_heads(&q, &k)?;
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
-    let values = par_segments(&lens, |i| {
+    let batched = |i: usize| {
         let s = segments[i];
-        attention_forward(&segment_of(q, s)?, &segment_of(k, s)?, &segment_of(v, s)?, masks[i].as_ref())
-    })?;
+        attention_forward(&segment_of(&q, s)?, &segment_of(&k, s)?, &segment_of(&v, s)?, masks[i].as_ref())
+    };
+    let values = with_cpu_f32(&q, |qs| {
+        with_cpu_f32(&k, |ks| {
+            with_cpu_f32(&v, |vs| {
+                par_segments(&lens, |i| {
+                    let s = segments[i];
+                    let short = with_short(heads, s, masks[i].as_ref(), |seq| {
+                        let h = heads.expect("checked by with_short");
+                        Tensor::from_vec(short_attention::forward(qs, ks, vs, h, &seq), (1, h.heads, s.1, h.d), q.device())
+                    });
+                    short.unwrap_or_else(|| batched(i))
+                })
+            })
+        })
+    });
+    let values = match values.flatten().flatten() {
+        Some(values) => values?,
+        None => par_segments(&lens, batched)?,
+    };
     Tensor::cat(&values, 2)
 }
 
 /// [`segmented_attention`]'s gradients of `q`, `k` and `v` for output gradient `g`, each
-/// segment's written into its place.
+/// segment's written into its place (by the same code as the segment's value).
 pub(crate) fn segmented_attention_backward(
     q: &Tensor,
     k: &Tensor,
@@ -608,11 +662,39 @@ pub(crate) fn segmented_attention_backward(
     masks: &[Option<Tensor>],
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, g.contiguous()?);
+    let heads = short_heads(&q, &k)?;
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
-    let grads = par_segments(&lens, |i| {
+    let batched = |i: usize| {
         let s = segments[i];
-        attention_backward(&segment_of(q, s)?, &segment_of(k, s)?, &segment_of(v, s)?, masks[i].as_ref(), &segment_of(g, s)?)
-    })?;
+        attention_backward(&segment_of(&q, s)?, &segment_of(&k, s)?, &segment_of(&v, s)?, masks[i].as_ref(), &segment_of(&g, s)?)
+    };
+    let grads = with_cpu_f32(&q, |qs| {
+        with_cpu_f32(&k, |ks| {
+            with_cpu_f32(&v, |vs| {
+                with_cpu_f32(&g, |gs| {
+                    par_segments(&lens, |i| {
+                        let s = segments[i];
+                        let short = with_short(heads, s, masks[i].as_ref(), |seq| -> Result<(Tensor, Tensor, Tensor)> {
+                            let h = heads.expect("checked by with_short");
+                            let [dq, dk, dv] = short_attention::backward(qs, ks, vs, gs, h, &seq);
+                            let dev = q.device();
+                            Ok((
+                                Tensor::from_vec(dq, (1, h.heads, s.1, h.d), dev)?,
+                                Tensor::from_vec(dk, (1, h.kv_heads, s.1, h.d), dev)?,
+                                Tensor::from_vec(dv, (1, h.kv_heads, s.1, h.d), dev)?,
+                            ))
+                        });
+                        short.unwrap_or_else(|| batched(i))
+                    })
+                })
+            })
+        })
+    });
+    let grads = match grads.flatten().flatten().flatten() {
+        Some(grads) => grads?,
+        None => par_segments(&lens, batched)?,
+    };
     let (mut dq, mut dk, mut dv) = (Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()));
     for (a, b, c) in grads {
         dq.push(a);
@@ -917,7 +999,8 @@ mod tests {
 
     /// The packed op equals per-segment attention composed of candle's own narrow and cat, in
     /// value and in the gradients of q, k and v (grouped KV heads; a one-token segment
-    /// without a mask); segments that do not tile the row are refused.
+    /// without a mask), and a segment alone equals itself among others bit for bit;
+    /// segments that do not tile the row are refused.
     #[test]
     fn segmented_attention_equals_attention_per_segment() {
         let dev = Device::Cpu;
@@ -942,6 +1025,11 @@ mod tests {
             .collect();
         let y2 = Tensor::cat(&parts, 2).unwrap();
         close(&y, &y2, 1e-6);
+        // a sequence gets the same bits alone as among others (the row-at-a-time kernel)
+        let part = |t: &Var| t.narrow(2, 41, 30).unwrap();
+        let alone = segmented_attention(&part(&q), &part(&k), &part(&v), &[(0, 30)], &masks[2..]).unwrap();
+        let among: Vec<f32> = y.narrow(2, 41, 30).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(), among);
         same_gradients(&y, &y2, &[q.as_tensor(), k.as_tensor(), v.as_tensor()], 1e-6);
         assert!(segmented_attention(&q, &k, &v, &segments[..2], &masks[..2]).is_err(), "segments cover 41 of 71");
         assert!(segmented_attention(&q, &k, &v, &[(0, 40), (41, 30)], &masks[..2]).is_err(), "a gap");
