@@ -320,6 +320,22 @@ impl Decoder {
         let q = self.project(x, &a.q_proj, i, Proj::QProj, lora)?;
         let k = self.project(x, &a.k_proj, i, Proj::KProj, lora)?;
         let v = self.project(x, &a.v_proj, i, Proj::VProj, lora)?;
+        // packed sequences without Qwen3's norms: rotary embedding and attention straight from
+        // the projections (as the training path's layer node does), heads merged
+        if let (Masking::Segments(segments, masks), None, None, true) = (masking, &a.q_norm, &a.k_norm, cache.is_none()) {
+            let rows = |t: &Tensor, width: usize| t.reshape((b * l, width));
+            let (cos, sin) = (&cos_sin.0, &cos_sin.1);
+            let y = ops::segmented_rope_attention(
+                &rows(&q, nh * d)?,
+                &rows(&k, nkv * d)?,
+                &rows(&v, nkv * d)?,
+                (cos, sin),
+                (nh, nkv, d),
+                segments,
+                masks,
+            )?;
+            return self.project(&y.reshape((b, l, nh * d))?, &a.o_proj, i, Proj::OProj, lora);
+        }
         let q = q.reshape((b, l, nh, d))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, l, nkv, d))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, l, nkv, d))?.transpose(1, 2)?.contiguous()?;

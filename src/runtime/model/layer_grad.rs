@@ -252,6 +252,15 @@ impl Attend {
     }
 }
 
+/// What the attention step keeps for its backward.
+enum Kept {
+    /// The projections' outputs `q` `[n, heads·d]`, `k`, `v` `[n, kv_heads·d]`, attended
+    /// straight from there within each segment ([`ops::segmented_rope_attention`]).
+    Projections { q: Tensor, k: Tensor, v: Tensor, segments: Vec<(usize, usize)>, masks: Vec<Option<Tensor>> },
+    /// The heads `[b, heads, l, d]`: `q`, `k` before Qwen3's norms, `qr`, `kr` rotated, `v`.
+    Heads { q: Tensor, k: Tensor, qr: Tensor, kr: Tensor, v: Tensor, attend: Attend },
+}
+
 /// `layer` of a decoder configured by `cfg` on `x` `[b, l, hidden]`, differentiable with respect to `x` and to every
 /// factor in `updates` (one `(rows, update)` list per projection, in [`PROJECTIONS`] order,
 /// whose rows cover the `b · l` rows of `x`). Its value is the decoder's composed layer's,
@@ -297,22 +306,35 @@ pub(super) fn layer(
     }
     let (cos, sin) = (cos_sin.0.clone(), cos_sin.1.clone());
 
-    // 1. attention block: n1 = norm(x); q, k, v [n, heads·d] → [b, heads, l, d]
+    // 1. attention block: n1 = norm(x); q, k, v [n, heads·d]
     let xd = x.detach().reshape((n, hidden))?.contiguous()?;
     let n1 = candle_nn::ops::rms_norm(&xd, &layer.input_layernorm, eps as f32)?;
-    let q = split_heads(&project(&n1, &a.q_proj, &mut u[0], products)?, b, l, nh, d)?;
-    let k = split_heads(&project(&n1, &a.k_proj, &mut u[1], products)?, b, l, nkv, d)?;
-    let v = split_heads(&project(&n1, &a.v_proj, &mut u[2], products)?, b, l, nkv, d)?;
-    // 2. Qwen3: per-head RMSNorm of queries and keys (kept before the norm for its backward)
-    let (qn, kn) = match (&a.q_norm, &a.k_norm) {
-        (Some(wq), Some(wk)) => (candle_nn::ops::rms_norm(&q, wq, eps as f32)?, candle_nn::ops::rms_norm(&k, wk, eps as f32)?),
-        _ => (q.clone(), k.clone()),
+    let q = project(&n1, &a.q_proj, &mut u[0], products)?;
+    let k = project(&n1, &a.k_proj, &mut u[1], products)?;
+    let v = project(&n1, &a.v_proj, &mut u[2], products)?;
+    let (y, kept) = match (masking, &a.q_norm, &a.k_norm) {
+        // 2-3. packed sequences without Qwen3's norms: rotary embedding and attention within
+        //      each sequence, straight from the projections: y [n, nh·d]
+        (Masking::Segments(segments, masks), None, None) => {
+            let y = ops::segmented_rope_attention_forward(&q, &k, &v, (&cos, &sin), (nh, nkv, d), segments, masks)?;
+            (y, Kept::Projections { q, k, v, segments: segments.to_vec(), masks: masks.to_vec() })
+        }
+        (_, q_norm, k_norm) => {
+            // 2. heads [b, heads, l, d]; Qwen3: per-head RMSNorm of queries and keys (kept
+            //    before the norm for its backward)
+            let (q, k, v) = (split_heads(&q, b, l, nh, d)?, split_heads(&k, b, l, nkv, d)?, split_heads(&v, b, l, nkv, d)?);
+            let (qn, kn) = match (q_norm, k_norm) {
+                (Some(wq), Some(wk)) => (candle_nn::ops::rms_norm(&q, wq, eps as f32)?, candle_nn::ops::rms_norm(&k, wk, eps as f32)?),
+                _ => (q.clone(), k.clone()),
+            };
+            // 3. rotary embedding, attention within each sequence, heads merged: y [n, nh·d]
+            let qr = candle_nn::rotary_emb::rope(&qn, &cos, &sin)?;
+            let kr = candle_nn::rotary_emb::rope(&kn, &cos, &sin)?;
+            let attend = Attend::new(masking);
+            let y = merge_heads(&attend.forward(&qr, &kr, &v)?)?;
+            (y, Kept::Heads { q, k, qr, kr, v, attend })
+        }
     };
-    // 3. rotary embedding, attention within each sequence, heads merged: y [n, nh·d]
-    let qr = candle_nn::rotary_emb::rope(&qn, &cos, &sin)?;
-    let kr = candle_nn::rotary_emb::rope(&kn, &cos, &sin)?;
-    let attend = Attend::new(masking);
-    let y = merge_heads(&attend.forward(&qr, &kr, &v)?)?;
     // 4. output projection and residual: x2 = x + o(y)
     let x2 = (&xd + project(&y, &a.o_proj, &mut u[3], products)?)?;
     // 5. MLP block: out = x2 + down(silu(gate(n2)) · up(n2))
@@ -350,20 +372,27 @@ pub(super) fn layer(
         let dx2 = (&g + ops::rms_norm_backward(&x2, &layer.post_attention_layernorm, &dn2, eps)?)?;
         // 4. output projection
         let dy = project_backward(&y, &dx2, &a.o_proj, &u[3], &mut grads[3])?;
-        // 3. attention, then the inverse rotation
-        let dy = split_heads(&dy, b, l, nh, d)?;
-        let (dqr, dkr, dv) = attend.backward(&qr, &kr, &v, &dy)?;
-        let dq = candle_nn::rotary_emb::rope(&dqr.contiguous()?, &cos, &sin.neg()?)?;
-        let dk = candle_nn::rotary_emb::rope(&dkr.contiguous()?, &cos, &sin.neg()?)?;
-        // 2. Qwen3's per-head norms
-        let (dq, dk) = match (&a.q_norm, &a.k_norm) {
-            (Some(wq), Some(wk)) => (ops::rms_norm_backward(&q, wq, &dq, eps)?, ops::rms_norm_backward(&k, wk, &dk, eps)?),
-            _ => (dq, dk),
+        // 3-2. attention, the inverse rotation, Qwen3's per-head norms
+        let (dq, dk, dv) = match &kept {
+            Kept::Projections { q, k, v, segments, masks } => {
+                ops::segmented_rope_attention_backward(q, k, v, (&cos, &sin), (nh, nkv, d), segments, masks, &dy)?
+            }
+            Kept::Heads { q, k, qr, kr, v, attend } => {
+                let dy = split_heads(&dy, b, l, nh, d)?;
+                let (dqr, dkr, dv) = attend.backward(qr, kr, v, &dy)?;
+                let dq = candle_nn::rotary_emb::rope(&dqr.contiguous()?, &cos, &sin.neg()?)?;
+                let dk = candle_nn::rotary_emb::rope(&dkr.contiguous()?, &cos, &sin.neg()?)?;
+                let (dq, dk) = match (&a.q_norm, &a.k_norm) {
+                    (Some(wq), Some(wk)) => (ops::rms_norm_backward(q, wq, &dq, eps)?, ops::rms_norm_backward(k, wk, &dk, eps)?),
+                    _ => (dq, dk),
+                };
+                (merge_heads(&dq)?, merge_heads(&dk)?, merge_heads(&dv)?)
+            }
         };
         // 1. the three projections of n1, then the norm, plus the residual's dx2
-        let dn1 = ((project_backward(&n1, &merge_heads(&dq)?, &a.q_proj, &u[0], &mut grads[0])?
-            + project_backward(&n1, &merge_heads(&dk)?, &a.k_proj, &u[1], &mut grads[1])?)?
-            + project_backward(&n1, &merge_heads(&dv)?, &a.v_proj, &u[2], &mut grads[2])?)?;
+        let dn1 = ((project_backward(&n1, &dq, &a.q_proj, &u[0], &mut grads[0])?
+            + project_backward(&n1, &dk, &a.k_proj, &u[1], &mut grads[1])?)?
+            + project_backward(&n1, &dv, &a.v_proj, &u[2], &mut grads[2])?)?;
         let dx = (dx2 + ops::rms_norm_backward(&xd, &layer.input_layernorm, &dn1, eps)?)?.reshape((b, l, hidden))?;
         let grads: Vec<Tensor> = grads.into_iter().flatten().collect();
         if outside_graph {

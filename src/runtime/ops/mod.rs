@@ -584,27 +584,18 @@ fn segment_of(t: &Tensor, (start, len): (usize, usize)) -> Result<Tensor> {
     t.narrow(2, start, len)?.contiguous()
 }
 
-/// The shapes of `q` `[1, heads, l, d]`, `k` and `v` `[1, kv_heads, l, d]` when
-/// [`short_attention`] can compute their sequences: f32 on the CPU. (On the contiguous
-/// copies the callers make, so that the choice never depends on a layout.)
-fn short_heads(q: &Tensor, k: &Tensor) -> Result<Option<short_attention::Heads>> {
-    let (b, heads, rows, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32;
-    Ok((b == 1 && cpu_f32 && kv_heads > 0 && heads % kv_heads == 0).then_some(short_attention::Heads { heads, kv_heads, d, rows }))
+/// Whether [`short_attention`] can compute attention over these tensors: f32 on the CPU.
+/// (A property of the device and dtype alone, never of the sequences' neighbours.)
+fn short_applies(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-/// Runs `f` on segment `i`'s [`short_attention::Sequence`] when the kernel applies to it
-/// (`heads` known, at most [`short_attention::MAX_LEN`] rows, an f32 CPU mask or none);
-/// `None` otherwise. The choice depends on the segment alone, never on its neighbours.
-fn with_short<R>(
-    heads: Option<short_attention::Heads>,
-    segment: (usize, usize),
-    mask: Option<&Tensor>,
-    f: impl FnOnce(short_attention::Sequence) -> R,
-) -> Option<R> {
+/// Runs `f` on segment `segment`'s [`short_attention::Sequence`] when the kernel takes it (at
+/// most [`short_attention::MAX_LEN`] rows, an f32 CPU mask of `[len, len]` or none); `None`
+/// otherwise. The choice depends on the segment alone.
+fn with_short<R>(segment: (usize, usize), mask: Option<&Tensor>, f: impl FnOnce(short_attention::Sequence) -> R) -> Option<R> {
     let (start, len) = segment;
-    if heads.is_none() || len > short_attention::MAX_LEN {
+    if len > short_attention::MAX_LEN {
         return None;
     }
     match mask {
@@ -614,9 +605,32 @@ fn with_short<R>(
     }
 }
 
-/// [`segmented_attention`]'s value (segments already checked). Segments of up to
-/// [`short_attention::MAX_LEN`] rows in f32 on the CPU take [`short_attention`], the others
-/// the batched products of [`attention_forward`].
+/// `f(&inputs)` over contiguous f32 CPU copies of `q`, `k`, `v` (and the rotary tables).
+fn with_inputs<R>(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    rotary: Option<(&Tensor, &Tensor)>,
+    layout: short_attention::Layout,
+    f: impl FnOnce(&short_attention::Inputs) -> R,
+) -> Option<R> {
+    with_cpu_f32(q, |q| {
+        with_cpu_f32(k, |k| {
+            with_cpu_f32(v, |v| match rotary {
+                None => Some(f(&short_attention::Inputs { q, k, v, layout, rotary: None })),
+                Some((cos, sin)) => with_cpu_f32(cos, |cos| {
+                    with_cpu_f32(sin, |sin| f(&short_attention::Inputs { q, k, v, layout, rotary: Some((cos, sin)) }))
+                })
+                .flatten(),
+            })
+        })
+    })
+    .flatten()
+    .flatten()
+    .flatten()
+}
+
+/// [`segmented_attention`]'s value (segments already checked). In f32 on the CPU, segments
+/// of up to [`short_attention::MAX_LEN`] rows take [`short_attention`]; the others, and
+/// every segment elsewhere, the batched products of [`attention_forward`].
 pub(crate) fn segmented_attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -625,27 +639,27 @@ pub(crate) fn segmented_attention_forward(
     masks: &[Option<Tensor>],
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let heads = short_heads(&q, &k)?;
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let batched = |i: usize| {
         let s = segments[i];
         attention_forward(&segment_of(&q, s)?, &segment_of(&k, s)?, &segment_of(&v, s)?, masks[i].as_ref())
     };
-    let values = with_cpu_f32(&q, |qs| {
-        with_cpu_f32(&k, |ks| {
-            with_cpu_f32(&v, |vs| {
-                par_segments(&lens, |i| {
-                    let s = segments[i];
-                    let short = with_short(heads, s, masks[i].as_ref(), |seq| {
-                        let h = heads.expect("checked by with_short");
-                        Tensor::from_vec(short_attention::forward(qs, ks, vs, h, &seq), (1, h.heads, s.1, h.d), q.device())
-                    });
-                    short.unwrap_or_else(|| batched(i))
+    let (_, heads, rows, d) = q.dims4()?;
+    let h = short_attention::Heads { heads, kv_heads: k.dim(1)?, d, rows };
+    let values = if short_applies(&[&q, &k, &v]) && q.dim(0)? == 1 {
+        with_inputs((&q, &k, &v), None, short_attention::Layout::HeadMajor, |x| {
+            par_segments(&lens, |i| {
+                let s = segments[i];
+                with_short(s, masks[i].as_ref(), |seq| {
+                    Tensor::from_vec(short_attention::forward(x, h, &seq), (1, heads, s.1, d), q.device())
                 })
+                .unwrap_or_else(|| batched(i))
             })
         })
-    });
-    let values = match values.flatten().flatten() {
+    } else {
+        None
+    };
+    let values = match values {
         Some(values) => values?,
         None => par_segments(&lens, batched)?,
     };
@@ -653,7 +667,7 @@ pub(crate) fn segmented_attention_forward(
 }
 
 /// [`segmented_attention`]'s gradients of `q`, `k` and `v` for output gradient `g`, each
-/// segment's written into its place (by the same code as the segment's value).
+/// segment's written into its place (by the code that computed the segment's value).
 pub(crate) fn segmented_attention_backward(
     q: &Tensor,
     k: &Tensor,
@@ -663,35 +677,37 @@ pub(crate) fn segmented_attention_backward(
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, g.contiguous()?);
-    let heads = short_heads(&q, &k)?;
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let batched = |i: usize| {
         let s = segments[i];
         attention_backward(&segment_of(&q, s)?, &segment_of(&k, s)?, &segment_of(&v, s)?, masks[i].as_ref(), &segment_of(&g, s)?)
     };
-    let grads = with_cpu_f32(&q, |qs| {
-        with_cpu_f32(&k, |ks| {
-            with_cpu_f32(&v, |vs| {
-                with_cpu_f32(&g, |gs| {
-                    par_segments(&lens, |i| {
-                        let s = segments[i];
-                        let short = with_short(heads, s, masks[i].as_ref(), |seq| -> Result<(Tensor, Tensor, Tensor)> {
-                            let h = heads.expect("checked by with_short");
-                            let [dq, dk, dv] = short_attention::backward(qs, ks, vs, gs, h, &seq);
-                            let dev = q.device();
-                            Ok((
-                                Tensor::from_vec(dq, (1, h.heads, s.1, h.d), dev)?,
-                                Tensor::from_vec(dk, (1, h.kv_heads, s.1, h.d), dev)?,
-                                Tensor::from_vec(dv, (1, h.kv_heads, s.1, h.d), dev)?,
-                            ))
-                        });
-                        short.unwrap_or_else(|| batched(i))
-                    })
+    let (_, heads, rows, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let h = short_attention::Heads { heads, kv_heads, d, rows };
+    let grads = if short_applies(&[&q, &k, &v, &g]) && q.dim(0)? == 1 {
+        with_cpu_f32(&g, |gs| {
+            with_inputs((&q, &k, &v), None, short_attention::Layout::HeadMajor, |x| {
+                par_segments(&lens, |i| {
+                    let s = segments[i];
+                    let short = with_short(s, masks[i].as_ref(), |seq| -> Result<(Tensor, Tensor, Tensor)> {
+                        let [dq, dk, dv] = short_attention::backward(x, gs, h, &seq);
+                        let dev = q.device();
+                        Ok((
+                            Tensor::from_vec(dq, (1, heads, s.1, d), dev)?,
+                            Tensor::from_vec(dk, (1, kv_heads, s.1, d), dev)?,
+                            Tensor::from_vec(dv, (1, kv_heads, s.1, d), dev)?,
+                        ))
+                    });
+                    short.unwrap_or_else(|| batched(i))
                 })
             })
         })
-    });
-    let grads = match grads.flatten().flatten().flatten() {
+        .flatten()
+    } else {
+        None
+    };
+    let grads = match grads {
         Some(grads) => grads?,
         None => par_segments(&lens, batched)?,
     };
@@ -702,6 +718,191 @@ pub(crate) fn segmented_attention_backward(
         dv.push(c);
     }
     Ok((Tensor::cat(&dq, 2)?, Tensor::cat(&dk, 2)?, Tensor::cat(&dv, 2)?))
+}
+
+/// The query, key and value heads of an attention layer: `(heads, kv_heads, d)`.
+pub type HeadCounts = (usize, usize, usize);
+
+/// [`segmented_attention`] straight from the projections, with the rotary embedding:
+/// `q` `[n, heads · d]`, `k` and `v` `[n, kv_heads · d]` (the outputs of `q_proj`, `k_proj`
+/// and `v_proj` over `n` packed rows), `cos` and `sin` `[1, n, d / 2]` (the rotary tables
+/// at each row's position). Returns `[n, heads · d]`, the heads merged: the same as
+/// splitting `q`, `k` and `v` into heads, rotating `q` and `k` ([`rope`]), attending within
+/// each segment and merging the heads, to float summation order.
+///
+/// Why: in f32 on the CPU, [`short_attention`] reads each head's rows where the
+/// projection left them and rotates them as it loads them, and writes its output and
+/// gradients in the same token-major layout: no split, rotation or merge copies of the
+/// whole `[n, heads · d]` tensors each way, 6% of a grouped training pass before.
+///
+/// Errors: shapes that disagree with `heads`, and [`segmented_attention`]'s.
+pub fn segmented_rope_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: HeadCounts,
+    segments: &[(usize, usize)],
+    masks: &[Option<Tensor>],
+) -> Result<Tensor> {
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let value = segmented_rope_attention_forward(&qd, &kd, &vd, (cos, sin), heads, segments, masks)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(value);
+    }
+    let (cos, sin, segments, masks) = (cos.clone(), sin.clone(), segments.to_vec(), masks.to_vec());
+    let backward: Backward3 =
+        Box::new(move |g| segmented_rope_attention_backward(&qd, &kd, &vd, (&cos, &sin), heads, &segments, &masks, g));
+    q.apply_op3(k, v, Tap::new("segmented_rope_attention", value, backward))
+}
+
+/// `[n, count · d]` → `[1, count, n, d]`, a contiguous copy.
+fn to_heads(t: &Tensor, count: usize, d: usize) -> Result<Tensor> {
+    let n = t.dim(0)?;
+    t.reshape((1, n, count, d))?.transpose(1, 2)?.contiguous()
+}
+
+/// `[1, count, n, d]` → `[n, count · d]`.
+fn from_heads(t: &Tensor) -> Result<Tensor> {
+    let (_, count, n, d) = t.dims4()?;
+    t.transpose(1, 2)?.contiguous()?.reshape((n, count * d))
+}
+
+/// Checks [`segmented_rope_attention`]'s shapes; returns `n`.
+fn rope_attention_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (nh, nkv, d): HeadCounts,
+    segments: &[(usize, usize)],
+    masks: &[Option<Tensor>],
+) -> Result<usize> {
+    let n = q.dim(0)?;
+    if q.dims() != [n, nh * d] || k.dims() != [n, nkv * d] || v.dims() != [n, nkv * d] || nkv == 0 || nh % nkv != 0 || d % 2 != 0 {
+        candle_core::bail!(
+            "segmented_rope_attention: q {:?}, k {:?}, v {:?} do not hold {nh} query and {nkv} key/value heads of {d} dimensions",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if masks.len() != segments.len() {
+        candle_core::bail!("segmented_rope_attention: {} masks for {} segments", masks.len(), segments.len());
+    }
+    Ok(n)
+}
+
+/// [`segmented_rope_attention`]'s value.
+pub(crate) fn segmented_rope_attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: HeadCounts,
+    segments: &[(usize, usize)],
+    masks: &[Option<Tensor>],
+) -> Result<Tensor> {
+    let n = rope_attention_rows(q, k, v, heads, segments, masks)?;
+    let (nh, nkv, d) = heads;
+    let (q, k, v, cos, sin) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    if !short_applies(&[&q, &k, &v, &cos, &sin]) {
+        // elsewhere (GPUs): split, rotate, attend per segment, merge, each over all rows
+        let (qr, kr) = (
+            candle_nn::rotary_emb::rope(&to_heads(&q, nh, d)?, &cos, &sin)?,
+            candle_nn::rotary_emb::rope(&to_heads(&k, nkv, d)?, &cos, &sin)?,
+        );
+        return from_heads(&segmented_attention_forward(&qr, &kr, &to_heads(&v, nkv, d)?, segments, masks)?);
+    }
+    let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
+    let h = short_attention::Heads { heads: nh, kv_heads: nkv, d, rows: n };
+    let values = with_inputs((&q, &k, &v), Some((&cos, &sin)), short_attention::Layout::TokenMajor, |x| {
+        par_segments(&lens, |i| {
+            let s = segments[i];
+            match with_short(s, masks[i].as_ref(), |seq| short_attention::forward(x, h, &seq)) {
+                Some(y) => Tensor::from_vec(y, (s.1, nh * d), q.device()),
+                None => {
+                    let (qr, kr, vs) = rope_segment(&q, &k, &v, (&cos, &sin), heads, s)?;
+                    from_heads(&attention_forward(&qr, &kr, &vs, masks[i].as_ref())?)
+                }
+            }
+        })
+    })
+    .ok_or_else(|| candle_core::Error::Msg("segmented_rope_attention: inputs not on the CPU in f32".into()))??;
+    Tensor::cat(&values, 0)
+}
+
+/// A segment's heads for the batched products: `q` and `k` rotated, `[1, heads, len, d]`.
+fn rope_segment(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (nh, nkv, d): HeadCounts,
+    (start, len): (usize, usize),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (c, s) = (cos.narrow(1, start, len)?.contiguous()?, sin.narrow(1, start, len)?.contiguous()?);
+    let rows = |t: &Tensor, count| to_heads(&t.narrow(0, start, len)?, count, d);
+    Ok((candle_nn::rotary_emb::rope(&rows(q, nh)?, &c, &s)?, candle_nn::rotary_emb::rope(&rows(k, nkv)?, &c, &s)?, rows(v, nkv)?))
+}
+
+/// [`segmented_rope_attention`]'s gradients of `q`, `k` and `v` (before the rotation) for
+/// output gradient `g` `[n, heads · d]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn segmented_rope_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: HeadCounts,
+    segments: &[(usize, usize)],
+    masks: &[Option<Tensor>],
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = rope_attention_rows(q, k, v, heads, segments, masks)?;
+    let (nh, nkv, d) = heads;
+    let (q, k, v, cos, sin, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, cos.contiguous()?, sin.contiguous()?, g.contiguous()?);
+    let nsin = sin.neg()?;
+    if !short_applies(&[&q, &k, &v, &cos, &sin, &g]) {
+        let (qr, kr) = (
+            candle_nn::rotary_emb::rope(&to_heads(&q, nh, d)?, &cos, &sin)?,
+            candle_nn::rotary_emb::rope(&to_heads(&k, nkv, d)?, &cos, &sin)?,
+        );
+        let (dq, dk, dv) = segmented_attention_backward(&qr, &kr, &to_heads(&v, nkv, d)?, segments, masks, &to_heads(&g, nh, d)?)?;
+        let unrotate = |t: &Tensor| from_heads(&candle_nn::rotary_emb::rope(&t.contiguous()?, &cos, &nsin)?);
+        return Ok((unrotate(&dq)?, unrotate(&dk)?, from_heads(&dv)?));
+    }
+    let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
+    let h = short_attention::Heads { heads: nh, kv_heads: nkv, d, rows: n };
+    let dev = q.device().clone();
+    let grads = with_cpu_f32(&g, |gs| {
+        with_inputs((&q, &k, &v), Some((&cos, &sin)), short_attention::Layout::TokenMajor, |x| {
+            par_segments(&lens, |i| {
+                let s = segments[i];
+                if let Some([dq, dk, dv]) = with_short(s, masks[i].as_ref(), |seq| short_attention::backward(x, gs, h, &seq)) {
+                    return Ok((
+                        Tensor::from_vec(dq, (s.1, nh * d), &dev)?,
+                        Tensor::from_vec(dk, (s.1, nkv * d), &dev)?,
+                        Tensor::from_vec(dv, (s.1, nkv * d), &dev)?,
+                    ));
+                }
+                let (qr, kr, vs) = rope_segment(&q, &k, &v, (&cos, &sin), heads, s)?;
+                let gh = to_heads(&g.narrow(0, s.0, s.1)?, nh, d)?;
+                let (dq, dk, dv) = attention_backward(&qr, &kr, &vs, masks[i].as_ref(), &gh)?;
+                let (c, ns) = (cos.narrow(1, s.0, s.1)?.contiguous()?, nsin.narrow(1, s.0, s.1)?.contiguous()?);
+                let unrotate = |t: &Tensor| from_heads(&candle_nn::rotary_emb::rope(&t.contiguous()?, &c, &ns)?);
+                Ok((unrotate(&dq)?, unrotate(&dk)?, from_heads(&dv)?))
+            })
+        })
+    })
+    .flatten()
+    .ok_or_else(|| candle_core::Error::Msg("segmented_rope_attention: inputs not on the CPU in f32".into()))??;
+    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()));
+    for (a, b, c) in grads {
+        dq.push(a);
+        dk.push(b);
+        dv.push(c);
+    }
+    Ok((Tensor::cat(&dq, 0)?, Tensor::cat(&dk, 0)?, Tensor::cat(&dv, 0)?))
 }
 
 /// Groups the query heads by KV head: `[b, h, l, d]` → `[b, kv, rep * l, d]`, so that one
@@ -995,6 +1196,43 @@ mod tests {
             let e = par_segments(&lens, |i| if i == bad { candle_core::bail!("segment {i}") } else { Ok(i) });
             assert!(e.unwrap_err().to_string().starts_with(&format!("segment {bad}")), "segment {bad}'s error");
         }
+    }
+
+    /// The attention from the projections equals splitting into heads, rotating ([`rope`]),
+    /// attending per segment and merging, composed of the tapped ops, in value and in the
+    /// gradients of q, k and v; a segment past the kernel's length takes the batched
+    /// products and agrees too; shapes that do not hold the heads are refused.
+    #[test]
+    fn rope_attention_equals_split_rotate_attend_merge() {
+        let dev = Device::Cpu;
+        let (nh, nkv, d) = (6, 2, 8);
+        let long = short_attention::MAX_LEN + 4;
+        let segments = [(0, 40), (40, 1), (41, long), (41 + long, 30)];
+        let n = 71 + long;
+        let causal = |l: usize| {
+            let m: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
+            Tensor::from_vec(m, (1, 1, l, l), &dev).unwrap()
+        };
+        let masks: Vec<Option<Tensor>> = segments.iter().map(|&(_, l)| (l > 1).then(|| causal(l))).collect();
+        // each segment's positions from 0, as in a packed batch
+        let angles: Vec<f32> = segments
+            .iter()
+            .flat_map(|&(_, l)| (0..l).flat_map(|p| (0..d / 2).map(move |c| p as f32 / 10f32.powf(c as f32 / 2.0))))
+            .collect();
+        let angles = Tensor::from_vec(angles, (1, n, d / 2), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let q = Var::randn(0f32, 1., (n, nh * d), &dev).unwrap();
+        let k = Var::randn(0f32, 1., (n, nkv * d), &dev).unwrap();
+        let v = Var::randn(0f32, 1., (n, nkv * d), &dev).unwrap();
+        let y = segmented_rope_attention(&q, &k, &v, (&cos, &sin), (nh, nkv, d), &segments, &masks).unwrap();
+        let heads = |t: &Tensor, count: usize| t.reshape((1, n, count, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let (qr, kr) = (rope(&heads(&q, nh), &cos, &sin).unwrap(), rope(&heads(&k, nkv), &cos, &sin).unwrap());
+        let y2 = segmented_attention(&qr, &kr, &heads(&v, nkv), &segments, &masks).unwrap();
+        let y2 = y2.transpose(1, 2).unwrap().contiguous().unwrap().reshape((n, nh * d)).unwrap();
+        close(&y, &y2, 1e-5);
+        same_gradients(&y, &y2, &[q.as_tensor(), k.as_tensor(), v.as_tensor()], 1e-5);
+        let wrong = segmented_rope_attention(&q, &k, &v, (&cos, &sin), (nh, nkv, 2 * d), &segments, &masks);
+        assert!(wrong.is_err(), "heads of 16 dimensions in rows of 48");
     }
 
     /// The packed op equals per-segment attention composed of candle's own narrow and cat, in

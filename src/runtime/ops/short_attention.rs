@@ -11,6 +11,11 @@
 //! every inner loop runs along a row of keys or of the head dimension and vectorizes
 //! without a horizontal sum.
 //!
+//! The inputs lie either split into heads (`[heads, rows, d]`) or as the projections left
+//! them (`[rows, heads · d]`, with the rotary tables): then each head's rows are rotated as
+//! they are loaded and the outputs and gradients written back in the same layout, so the
+//! training pass never splits, rotates or merges whole tensors (another 6% of it).
+//!
 //! Every row is computed from its own sequence alone by the same code, so a sequence gets
 //! the same numbers whichever sequences share its pass (what lets a group train as its
 //! adapters would alone).
@@ -21,14 +26,45 @@ use super::simd;
 /// `O(len² · d)` per head either way, and OpenBLAS's blocked products pull ahead as it grows.
 pub(crate) const MAX_LEN: usize = 256;
 
-/// The heads of one batch row: `q` is `[heads, rows, d]`, `k` and `v` `[kv_heads, rows, d]`
-/// (contiguous f32), the query heads of KV head `j` being `j · heads / kv_heads ..`.
+/// The heads of one batch row of `rows` positions: `heads` query heads, `kv_heads` key and
+/// value heads of `d` dimensions, the query heads of KV head `j` being `j · heads / kv_heads ..`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Heads {
     pub heads: usize,
     pub kv_heads: usize,
     pub d: usize,
     pub rows: usize,
+}
+
+/// How a tensor of `heads` heads over `rows` positions lies in memory (contiguous f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// `[heads, rows, d]`: split into heads, as attention's usual inputs.
+    HeadMajor,
+    /// `[rows, heads · d]`: a projection's output, before the split into heads.
+    TokenMajor,
+}
+
+impl Layout {
+    /// Where head `head`'s row `i` starts.
+    fn at(self, heads: usize, rows: usize, d: usize, head: usize, i: usize) -> usize {
+        match self {
+            Self::HeadMajor => (head * rows + i) * d,
+            Self::TokenMajor => (i * heads + head) * d,
+        }
+    }
+}
+
+/// A batch row's queries, keys and values in one layout, and, for queries and keys not yet
+/// rotated, the rotary tables `cos`, `sin` `[rows, d / 2]` (each row at its own position;
+/// rotated on load with candle's `rope` formula, so the rotated values are its values).
+#[derive(Clone, Copy)]
+pub(crate) struct Inputs<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub layout: Layout,
+    pub rotary: Option<(&'a [f32], &'a [f32])>,
 }
 
 /// One sequence's rows `start .. start + len` of the row, and its additive mask `[len, len]`
@@ -51,10 +87,68 @@ impl Sequence<'_> {
     }
 }
 
-/// `t`'s rows `start .. start + len` of head `head` (`[heads, rows, d]`), as `[len, d]`.
-fn rows_of<'t>(t: &'t [f32], h: Heads, head: usize, s: &Sequence) -> &'t [f32] {
-    let at = (head * h.rows + s.start) * h.d;
-    &t[at..at + s.len * h.d]
+/// One head of a tensor: head `index` of `count`, laid out as `layout`, rotated on load by
+/// `rotary` when given.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    count: usize,
+    index: usize,
+    layout: Layout,
+    rotary: Option<(&'a [f32], &'a [f32])>,
+}
+
+impl<'a> Inputs<'a> {
+    /// Head `index` of `count` in these inputs' layout; `rotated`: queries and keys (rotated
+    /// when the inputs carry rotary tables), not values or gradients of the output.
+    fn head(&self, count: usize, index: usize, rotated: bool) -> Head<'a> {
+        Head { count, index, layout: self.layout, rotary: if rotated { self.rotary } else { None } }
+    }
+}
+
+/// Head `head`'s rows of sequence `s` from `t` into `out` `[len, d]`, rotated when the
+/// head says so.
+fn load(t: &[f32], head: Head, h: Heads, s: &Sequence, out: &mut [f32]) {
+    let (d, half) = (h.d, h.d / 2);
+    for (i, o) in out.chunks_exact_mut(d).enumerate() {
+        let at = head.layout.at(head.count, h.rows, d, head.index, s.start + i);
+        let x = &t[at..at + d];
+        match head.rotary {
+            Some((cos, sin)) => {
+                let (c, sn) = (&cos[(s.start + i) * half..][..half], &sin[(s.start + i) * half..][..half]);
+                let (x1, x2) = x.split_at(half);
+                let (o1, o2) = o.split_at_mut(half);
+                for t in 0..half {
+                    o1[t] = x1[t] * c[t] - x2[t] * sn[t];
+                    o2[t] = x1[t] * sn[t] + x2[t] * c[t];
+                }
+            }
+            None => o.copy_from_slice(x),
+        }
+    }
+}
+
+/// The inverse of [`load`]: `x` `[len, d]` (a gradient with respect to the loaded rows) into
+/// head `head`'s rows of `out` (the sequence's own rows), rotated back by the opposite angle
+/// when the head was rotated (as the backward of candle's `rope`: `rope(g, cos, -sin)`).
+fn store(x: &[f32], head: Head, h: Heads, s: &Sequence, out: &mut [f32]) {
+    let (d, half) = (h.d, h.d / 2);
+    for (i, x) in x.chunks_exact(d).enumerate() {
+        let at = head.layout.at(head.count, s.len, d, head.index, i);
+        let o = &mut out[at..at + d];
+        match head.rotary {
+            Some((cos, sin)) => {
+                let (c, sn) = (&cos[(s.start + i) * half..][..half], &sin[(s.start + i) * half..][..half]);
+                let (x1, x2) = x.split_at(half);
+                let (o1, o2) = o.split_at_mut(half);
+                for t in 0..half {
+                    let ns = -sn[t];
+                    o1[t] = x1[t] * c[t] - x2[t] * ns;
+                    o2[t] = x1[t] * ns + x2[t] * c[t];
+                }
+            }
+            None => o.copy_from_slice(x),
+        }
+    }
 }
 
 /// `len` rounded up to whole vectors of [`simd::LANES`].
@@ -146,25 +240,29 @@ fn probabilities(qi: &[f32], kt: &[f32], s: &Sequence, i: usize, keys: usize, sc
     p.iter_mut().for_each(|pj| *pj *= inv);
 }
 
-/// `softmax(q kᵀ / √d + mask) v` of sequence `s`: `[heads, len, d]`.
-pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], h: Heads, s: &Sequence) -> Vec<f32> {
-    let (d, len) = (h.d, s.len);
+/// `softmax(q kᵀ / √d + mask) v` of sequence `s`, its `len` rows laid out as the inputs
+/// (`[heads, len, d]` or `[len, heads · d]`).
+pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence) -> Vec<f32> {
+    let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let mut out = vec![0f32; h.heads * len * d];
-    let (mut kt, mut p) = (vec![0f32; d * padded(len)], vec![0f32; padded(len)]);
+    let (mut ks, mut vs, mut qs) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
+    let (mut kt, mut p) = (vec![0f32; d * lp], vec![0f32; lp]);
     simd::simd(
         #[inline(always)]
         || {
             for kv in 0..h.kv_heads {
-                transpose(rows_of(k, h, kv, s), len, d, &mut kt);
-                let vs = rows_of(v, h, kv, s);
+                load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
+                load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
+                transpose(&ks, len, d, &mut kt);
                 for head in kv * rep..(kv + 1) * rep {
-                    let qs = rows_of(q, h, head, s);
-                    let outs = &mut out[head * len * d..(head + 1) * len * d];
-                    for (i, (qi, oi)) in qs.chunks_exact(d).zip(outs.chunks_exact_mut(d)).enumerate() {
+                    load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
+                    for (i, qi) in qs.chunks_exact(d).enumerate() {
                         let keys = s.keys(i);
                         probabilities(qi, &kt, s, i, keys, scale, &mut p);
+                        let at = x.layout.at(h.heads, len, d, head, i);
+                        let oi = &mut out[at..at + d];
                         for (&pj, vj) in p[..keys].iter().zip(vs.chunks_exact(d)) {
                             axpy(oi, pj, vj);
                         }
@@ -176,39 +274,41 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], h: Heads, s: &Sequence) -
     out
 }
 
-/// [`forward`]'s gradients for output gradient `g` (`[heads, rows, d]`, like `q`):
-/// `dq` `[heads, len, d]`, `dk` and `dv` `[kv_heads, len, d]`. With `P` the probabilities:
-/// `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = dS K / √d`,
-/// `dK = dSᵀ Q / √d`.
-pub(crate) fn backward(q: &[f32], k: &[f32], v: &[f32], g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3] {
-    let (d, len) = (h.d, s.len);
+/// [`forward`]'s gradients for output gradient `g` (laid out as `q`): `dq`, `dk` and `dv`
+/// of the sequence's rows, laid out as the inputs, with respect to `q` and `k` before their
+/// rotation. With `P` the probabilities: `dV = Pᵀ dO`, `dP = dO Vᵀ`,
+/// `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = dS K / √d`, `dK = dSᵀ Q / √d`.
+pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3] {
+    let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let mut dq = vec![0f32; h.heads * len * d];
     let (mut dk, mut dv) = (vec![0f32; h.kv_heads * len * d], vec![0f32; h.kv_heads * len * d]);
-    let lp = padded(len);
+    let (mut ks, mut vs, mut qs, mut gs) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
+    let (mut dks, mut dvs, mut dqs) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
     let (mut kt, mut vt) = (vec![0f32; d * lp], vec![0f32; d * lp]);
     let (mut p, mut dp) = (vec![0f32; lp], vec![0f32; lp]);
     simd::simd(
         #[inline(always)]
         || {
             for kv in 0..h.kv_heads {
-                let (ks, vs) = (rows_of(k, h, kv, s), rows_of(v, h, kv, s));
-                transpose(ks, len, d, &mut kt);
-                transpose(vs, len, d, &mut vt);
-                let dks = &mut dk[kv * len * d..(kv + 1) * len * d];
-                let dvs = &mut dv[kv * len * d..(kv + 1) * len * d];
+                load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
+                load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
+                transpose(&ks, len, d, &mut kt);
+                transpose(&vs, len, d, &mut vt);
+                dks.fill(0.0);
+                dvs.fill(0.0);
                 for head in kv * rep..(kv + 1) * rep {
-                    let (qs, gs) = (rows_of(q, h, head, s), rows_of(g, h, head, s));
-                    let dqs = &mut dq[head * len * d..(head + 1) * len * d];
+                    load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
+                    load(g, x.head(h.heads, head, false), h, s, &mut gs);
                     for (i, ((qi, gi), dqi)) in qs.chunks_exact(d).zip(gs.chunks_exact(d)).zip(dqs.chunks_exact_mut(d)).enumerate() {
                         let keys = s.keys(i);
                         probabilities(qi, &kt, s, i, keys, scale, &mut p);
                         // dP = dO_i Vᵀ over the row's keys, and its rowsum with P
                         row_products(gi, &vt, lp, padded(keys), &mut dp);
                         let dpi = &mut dp[..keys];
-                        let mut lanes = [0f32; simd::LANES];
-                        for (pc, dc) in p[..keys].chunks(simd::LANES).zip(dpi.chunks(simd::LANES)) {
+                        let mut lanes = [0f32; L];
+                        for (pc, dc) in p[..keys].chunks(L).zip(dpi.chunks(L)) {
                             for ((l, &a), &b) in lanes.iter_mut().zip(pc).zip(dc) {
                                 *l += a * b;
                             }
@@ -220,11 +320,14 @@ pub(crate) fn backward(q: &[f32], k: &[f32], v: &[f32], g: &[f32], h: Heads, s: 
                             axpy(&mut dks[j * d..(j + 1) * d], *dsj, qi);
                             axpy(&mut dvs[j * d..(j + 1) * d], pj, gi);
                         }
-                        row_products(dpi, ks, d, d, dqi);
+                        row_products(dpi, &ks, d, d, dqi);
                         dqi.iter_mut().for_each(|x| *x *= scale);
                     }
+                    store(&dqs, x.head(h.heads, head, true), h, s, &mut dq);
                 }
                 dks.iter_mut().for_each(|x| *x *= scale);
+                store(&dks, x.head(h.kv_heads, kv, true), h, s, &mut dk);
+                store(&dvs, x.head(h.kv_heads, kv, false), h, s, &mut dv);
             }
         },
     );
@@ -252,8 +355,9 @@ mod tests {
             let m: Vec<f32> = (0..len * len).map(|i| if i % len > i / len { f32::NEG_INFINITY } else { 0.0 }).collect();
             let s = Sequence { start, len, mask: causal.then_some(m.as_slice()) };
             let h = Heads { heads, kv_heads, d, rows };
-            let y = forward(&q, &k, &v, h, &s);
-            let [dq, dk, dv] = backward(&q, &k, &v, &g, h, &s);
+            let x = Inputs { q: &q, k: &k, v: &v, layout: Layout::HeadMajor, rotary: None };
+            let y = forward(&x, h, &s);
+            let [dq, dk, dv] = backward(&x, &g, h, &s);
             // the reference on the same rows
             let part = |x: &[f32], n: usize| {
                 Tensor::from_slice(x, (1, n, rows, d), &dev).unwrap().narrow(2, start, len).unwrap().contiguous().unwrap()
