@@ -18,7 +18,9 @@
 //! - [`segmented_attention`] and [`segmented_low_rank`]: one op for all sequences of a
 //!   packed batch, each at its own shapes, the sequences split between the cores
 //!   ([`par_segments`]); a short sequence's attention in f32 on the CPU is computed one
-//!   query row at a time (`short_attention`).
+//!   query row at a time (`short_attention`);
+//! - [`segmented_rope_attention`]: the same straight from the q, k and v projections, with
+//!   the rotary embedding, heads split and merged on the fly.
 //!
 //! When the input tracks no gradient (inference), every op is the plain fused forward.
 
@@ -555,20 +557,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// every segment's gradient to the full length (the backward of `narrow`) and sum them, for
 /// each of `q`, `k` and `v`; here each segment's gradient is written once, into its place.
 pub fn segmented_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usize, usize)], masks: &[Option<Tensor>]) -> Result<Tensor> {
-    if masks.len() != segments.len() {
-        candle_core::bail!("segmented_attention: {} masks for {} segments", masks.len(), segments.len());
-    }
-    let l = q.dim(2)?;
-    let mut next = 0;
-    for &(start, len) in segments {
-        if start != next {
-            candle_core::bail!("segmented_attention: a segment starts at {start}, expected {next}");
-        }
-        next += len;
-    }
-    if next != l {
-        candle_core::bail!("segmented_attention: segments cover {next} of {l} positions");
-    }
+    check_segments("segmented_attention", segments, masks, q.dim(2)?)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let value = segmented_attention_forward(&qd, &kd, &vd, segments, masks)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
@@ -577,6 +566,24 @@ pub fn segmented_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usiz
     let (segments, masks) = (segments.to_vec(), masks.to_vec());
     let backward: Backward3 = Box::new(move |g| segmented_attention_backward(&qd, &kd, &vd, &segments, &masks, g));
     q.apply_op3(k, v, Tap::new("segmented_attention", value, backward))
+}
+
+/// Checks that `segments` tile `0..rows` in order, one mask each.
+fn check_segments(op: &str, segments: &[(usize, usize)], masks: &[Option<Tensor>], rows: usize) -> Result<()> {
+    if masks.len() != segments.len() {
+        candle_core::bail!("{op}: {} masks for {} segments", masks.len(), segments.len());
+    }
+    let mut next = 0;
+    for &(start, len) in segments {
+        if start != next {
+            candle_core::bail!("{op}: a segment starts at {start}, expected {next}");
+        }
+        next += len;
+    }
+    if next != rows {
+        candle_core::bail!("{op}: segments cover {next} of {rows} positions");
+    }
+    Ok(())
 }
 
 /// A segment's rows of `t` along the sequence axis, as a contiguous copy.
@@ -590,6 +597,15 @@ fn short_applies(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// Whether head-major `q` `[1, heads, rows, d]`, `k` and `v` `[1, kv_heads, rows, d]` have
+/// shapes [`short_attention`] takes (any others go to the batched products, which say
+/// what is wrong).
+fn short_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
+    let (b, heads, rows, d) = q.dims4()?;
+    let (kb, kv_heads, k_rows, kd) = k.dims4()?;
+    Ok(b == 1 && kb == 1 && kv_heads > 0 && heads % kv_heads == 0 && (k_rows, kd) == (rows, d) && v.dims() == k.dims())
+}
+
 /// Runs `f` on segment `segment`'s [`short_attention::Sequence`] when the kernel takes it (at
 /// most [`short_attention::MAX_LEN`] rows, an f32 CPU mask of `[len, len]` or none); `None`
 /// otherwise. The choice depends on the segment alone.
@@ -600,7 +616,12 @@ fn with_short<R>(segment: (usize, usize), mask: Option<&Tensor>, f: impl FnOnce(
     }
     match mask {
         None => Some(f(short_attention::Sequence { start, len, mask: None })),
-        Some(m) if m.elem_count() == len * len => with_cpu_f32(m, |m| f(short_attention::Sequence { start, len, mask: Some(m) })),
+        // a row masked whole is NaN through the batched products: left to them
+        Some(m) if m.elem_count() == len * len => with_cpu_f32(m, |m| {
+            let open = m.chunks_exact(len).all(|row| row.iter().any(|&x| x != f32::NEG_INFINITY));
+            open.then(|| f(short_attention::Sequence { start, len, mask: Some(m) }))
+        })
+        .flatten(),
         Some(_) => None,
     }
 }
@@ -646,7 +667,7 @@ pub(crate) fn segmented_attention_forward(
     };
     let (_, heads, rows, d) = q.dims4()?;
     let h = short_attention::Heads { heads, kv_heads: k.dim(1)?, d, rows };
-    let values = if short_applies(&[&q, &k, &v]) && q.dim(0)? == 1 {
+    let values = if short_applies(&[&q, &k, &v]) && short_shapes(&q, &k, &v)? {
         with_inputs((&q, &k, &v), None, short_attention::Layout::HeadMajor, |x| {
             par_segments(&lens, |i| {
                 let s = segments[i];
@@ -685,7 +706,7 @@ pub(crate) fn segmented_attention_backward(
     let (_, heads, rows, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let h = short_attention::Heads { heads, kv_heads, d, rows };
-    let grads = if short_applies(&[&q, &k, &v, &g]) && q.dim(0)? == 1 {
+    let grads = if short_applies(&[&q, &k, &v, &g]) && short_shapes(&q, &k, &v)? && g.dims() == q.dims() {
         with_cpu_f32(&g, |gs| {
             with_inputs((&q, &k, &v), None, short_attention::Layout::HeadMajor, |x| {
                 par_segments(&lens, |i| {
@@ -735,7 +756,8 @@ pub type HeadCounts = (usize, usize, usize);
 /// gradients in the same token-major layout: no split, rotation or merge copies of the
 /// whole `[n, heads · d]` tensors each way, 6% of a grouped training pass before.
 ///
-/// Errors: shapes that disagree with `heads`, and [`segmented_attention`]'s.
+/// Errors: shapes that disagree with `heads` or `n`, masks not one per segment, or segments
+/// that do not cover the `n` rows in order.
 pub fn segmented_rope_attention(
     q: &Tensor,
     k: &Tensor,
@@ -768,11 +790,12 @@ fn from_heads(t: &Tensor) -> Result<Tensor> {
     t.transpose(1, 2)?.contiguous()?.reshape((n, count * d))
 }
 
-/// Checks [`segmented_rope_attention`]'s shapes; returns `n`.
+/// Checks [`segmented_rope_attention`]'s shapes and segments; returns `n`.
 fn rope_attention_rows(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
     (nh, nkv, d): HeadCounts,
     segments: &[(usize, usize)],
     masks: &[Option<Tensor>],
@@ -786,9 +809,12 @@ fn rope_attention_rows(
             v.dims()
         );
     }
-    if masks.len() != segments.len() {
-        candle_core::bail!("segmented_rope_attention: {} masks for {} segments", masks.len(), segments.len());
+    for (t, name) in [(cos, "cos"), (sin, "sin")] {
+        if t.dims() != [1, n, d / 2] {
+            candle_core::bail!("segmented_rope_attention: {name} is {:?}, expected [1, {n}, {}]", t.dims(), d / 2);
+        }
     }
+    check_segments("segmented_rope_attention", segments, masks, n)?;
     Ok(n)
 }
 
@@ -802,7 +828,7 @@ pub(crate) fn segmented_rope_attention_forward(
     segments: &[(usize, usize)],
     masks: &[Option<Tensor>],
 ) -> Result<Tensor> {
-    let n = rope_attention_rows(q, k, v, heads, segments, masks)?;
+    let n = rope_attention_rows(q, k, v, (cos, sin), heads, segments, masks)?;
     let (nh, nkv, d) = heads;
     let (q, k, v, cos, sin) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, cos.contiguous()?, sin.contiguous()?);
     if !short_applies(&[&q, &k, &v, &cos, &sin]) {
@@ -858,7 +884,7 @@ pub(crate) fn segmented_rope_attention_backward(
     masks: &[Option<Tensor>],
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let n = rope_attention_rows(q, k, v, heads, segments, masks)?;
+    let n = rope_attention_rows(q, k, v, (cos, sin), heads, segments, masks)?;
     let (nh, nkv, d) = heads;
     let (q, k, v, cos, sin, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, cos.contiguous()?, sin.contiguous()?, g.contiguous()?);
     let nsin = sin.neg()?;
@@ -1200,26 +1226,23 @@ mod tests {
 
     /// The attention from the projections equals splitting into heads, rotating ([`rope`]),
     /// attending per segment and merging, composed of the tapped ops, in value and in the
-    /// gradients of q, k and v; a segment past the kernel's length takes the batched
-    /// products and agrees too; shapes that do not hold the heads are refused.
+    /// gradients of q, k and v (a segment past the kernel's length included), and so does the
+    /// path of other dtypes; a sequence alone equals itself among others bit for bit; bad
+    /// shapes and segments are refused.
     #[test]
     fn rope_attention_equals_split_rotate_attend_merge() {
         let dev = Device::Cpu;
         let (nh, nkv, d) = (6, 2, 8);
         let long = short_attention::MAX_LEN + 4;
-        let segments = [(0, 40), (40, 1), (41, long), (41 + long, 30)];
-        let n = 71 + long;
+        let segments = [(0, 5), (5, 40), (45, 1), (46, long), (46 + long, 30)];
+        let n = 76 + long;
         let causal = |l: usize| {
             let m: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
             Tensor::from_vec(m, (1, 1, l, l), &dev).unwrap()
         };
         let masks: Vec<Option<Tensor>> = segments.iter().map(|&(_, l)| (l > 1).then(|| causal(l))).collect();
-        // each segment's positions from 0, as in a packed batch
-        let angles: Vec<f32> = segments
-            .iter()
-            .flat_map(|&(_, l)| (0..l).flat_map(|p| (0..d / 2).map(move |c| p as f32 / 10f32.powf(c as f32 / 2.0))))
-            .collect();
-        let angles = Tensor::from_vec(angles, (1, n, d / 2), &dev).unwrap();
+        // a different angle at every row, so that a row read at another row's angle shows
+        let angles = Tensor::rand(0f32, std::f32::consts::TAU, (1, n, d / 2), &dev).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         let q = Var::randn(0f32, 1., (n, nh * d), &dev).unwrap();
         let k = Var::randn(0f32, 1., (n, nkv * d), &dev).unwrap();
@@ -1231,8 +1254,29 @@ mod tests {
         let y2 = y2.transpose(1, 2).unwrap().contiguous().unwrap().reshape((n, nh * d)).unwrap();
         close(&y, &y2, 1e-5);
         same_gradients(&y, &y2, &[q.as_tensor(), k.as_tensor(), v.as_tensor()], 1e-5);
+        // a sequence alone equals itself among others bit for bit, on the kernel (5, 40) and
+        // past its length (46, long)
+        for (i, &(start, len)) in segments.iter().enumerate().filter(|(_, s)| s.1 > 5) {
+            let rows = |t: &Tensor| t.narrow(0, start, len).unwrap();
+            let (c, s) = (cos.narrow(1, start, len).unwrap(), sin.narrow(1, start, len).unwrap());
+            let alone =
+                segmented_rope_attention(&rows(&q), &rows(&k), &rows(&v), (&c, &s), (nh, nkv, d), &[(0, len)], &masks[i..=i]).unwrap();
+            let among = y.narrow(0, start, len).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(), among, "segment {start}+{len}");
+        }
+        // the path other dtypes and devices take (here f64 on the CPU) agrees
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let masks64: Vec<Option<Tensor>> = masks.iter().map(|m| m.as_ref().map(f64s)).collect();
+        let y64 = segmented_rope_attention(&f64s(&q), &f64s(&k), &f64s(&v), (&f64s(&cos), &f64s(&sin)), (nh, nkv, d), &segments, &masks64)
+            .unwrap();
+        close(&y64.to_dtype(DType::F32).unwrap(), &y, 1e-5);
+        // refused: heads that do not fit the rows, tables of another length, a gap
         let wrong = segmented_rope_attention(&q, &k, &v, (&cos, &sin), (nh, nkv, 2 * d), &segments, &masks);
         assert!(wrong.is_err(), "heads of 16 dimensions in rows of 48");
+        let short = cos.narrow(1, 0, n - 1).unwrap();
+        assert!(segmented_rope_attention(&q, &k, &v, (&short, &short), (nh, nkv, d), &segments, &masks).is_err(), "tables");
+        let gap = [(0, 5), (6, n - 6)];
+        assert!(segmented_rope_attention(&q, &k, &v, (&cos, &sin), (nh, nkv, d), &gap, &masks[..2]).is_err(), "a gap");
     }
 
     /// The packed op equals per-segment attention composed of candle's own narrow and cat, in

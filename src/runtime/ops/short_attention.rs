@@ -68,7 +68,9 @@ pub(crate) struct Inputs<'a> {
 }
 
 /// One sequence's rows `start .. start + len` of the row, and its additive mask `[len, len]`
-/// (0 or `-inf`; none: every position attends to every other).
+/// (0 or `-inf`; none: every position attends to every other). Every row of the mask must
+/// leave a key unmasked, as a causal mask does (a row masked whole gets zeros here, NaN from
+/// the batched products).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Sequence<'a> {
     pub start: usize,

@@ -330,7 +330,8 @@ mod tests {
     /// A layer as one node of the graph gives the losses of the composed layer bit for bit
     /// and the same gradients up to float summation order (largest gap 1e-5 of the largest
     /// gradient), for Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms), with
-    /// dropout on: one sequence alone, and two adapters' sequences packed in one row.
+    /// dropout on: one sequence alone, one under a causal mask (not packed), and two
+    /// adapters' sequences packed in one row.
     #[test]
     fn a_layer_as_one_node_equals_the_composed_layer() {
         for model_type in ["llama", "qwen2", "qwen3"] {
@@ -347,6 +348,14 @@ mod tests {
                 assert_eq!(loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap(), "{model_type}: one sequence");
                 let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
                 assert!(gap < 1e-5, "{model_type}: one sequence on {targets:?}, gradient gap {gap}");
+                // a batch under its own mask (not packed), through every position's logits
+                let batch = crate::runtime::model::Batch::causal(&ids, 0, dec.device(), dec.dtype()).unwrap();
+                let logits =
+                    |adapter: &dyn Adapter| dec.forward_all(&batch, None, Some(adapter)).unwrap().sqr().unwrap().mean_all().unwrap();
+                let (y, y2) = (logits(&a), logits(&Composed(&a2)));
+                assert_eq!(y.to_scalar::<f32>().unwrap(), y2.to_scalar::<f32>().unwrap(), "{model_type}: masked rows");
+                let gap = gradient_gap(&dec, &y, &y2, &[(&a, &a2)]);
+                assert!(gap < 1e-5, "{model_type}: masked rows on {targets:?}, gradient gap {gap}");
             }
 
             let (p, q, p2, q2) = (adapter(&dec, 2, 5), adapter(&dec, 6, 6), adapter(&dec, 2, 5), adapter(&dec, 6, 6));
