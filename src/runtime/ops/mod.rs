@@ -732,13 +732,18 @@ pub(crate) fn segmented_attention_backward(
         Some(grads) => grads?,
         None => par_segments(&lens, batched)?,
     };
+    cat_grads(grads, 2)
+}
+
+/// Each segment's `(dq, dk, dv)`, in order, joined along `dim`.
+fn cat_grads(grads: Vec<(Tensor, Tensor, Tensor)>, dim: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (mut dq, mut dk, mut dv) = (Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()));
     for (a, b, c) in grads {
         dq.push(a);
         dk.push(b);
         dv.push(c);
     }
-    Ok((Tensor::cat(&dq, 2)?, Tensor::cat(&dk, 2)?, Tensor::cat(&dv, 2)?))
+    Ok((Tensor::cat(&dq, dim)?, Tensor::cat(&dk, dim)?, Tensor::cat(&dv, dim)?))
 }
 
 /// The query, key and value heads of an attention layer: `(heads, kv_heads, d)`.
@@ -887,13 +892,13 @@ pub(crate) fn segmented_rope_attention_backward(
     let n = rope_attention_rows(q, k, v, (cos, sin), heads, segments, masks)?;
     let (nh, nkv, d) = heads;
     let (q, k, v, cos, sin, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, cos.contiguous()?, sin.contiguous()?, g.contiguous()?);
-    let nsin = sin.neg()?;
     if !short_applies(&[&q, &k, &v, &cos, &sin, &g]) {
         let (qr, kr) = (
             candle_nn::rotary_emb::rope(&to_heads(&q, nh, d)?, &cos, &sin)?,
             candle_nn::rotary_emb::rope(&to_heads(&k, nkv, d)?, &cos, &sin)?,
         );
         let (dq, dk, dv) = segmented_attention_backward(&qr, &kr, &to_heads(&v, nkv, d)?, segments, masks, &to_heads(&g, nh, d)?)?;
+        let nsin = sin.neg()?;
         let unrotate = |t: &Tensor| from_heads(&candle_nn::rotary_emb::rope(&t.contiguous()?, &cos, &nsin)?);
         return Ok((unrotate(&dq)?, unrotate(&dk)?, from_heads(&dv)?));
     }
@@ -914,7 +919,7 @@ pub(crate) fn segmented_rope_attention_backward(
                 let (qr, kr, vs) = rope_segment(&q, &k, &v, (&cos, &sin), heads, s)?;
                 let gh = to_heads(&g.narrow(0, s.0, s.1)?, nh, d)?;
                 let (dq, dk, dv) = attention_backward(&qr, &kr, &vs, masks[i].as_ref(), &gh)?;
-                let (c, ns) = (cos.narrow(1, s.0, s.1)?.contiguous()?, nsin.narrow(1, s.0, s.1)?.contiguous()?);
+                let (c, ns) = (cos.narrow(1, s.0, s.1)?.contiguous()?, sin.narrow(1, s.0, s.1)?.neg()?);
                 let unrotate = |t: &Tensor| from_heads(&candle_nn::rotary_emb::rope(&t.contiguous()?, &c, &ns)?);
                 Ok((unrotate(&dq)?, unrotate(&dk)?, from_heads(&dv)?))
             })
@@ -922,13 +927,7 @@ pub(crate) fn segmented_rope_attention_backward(
     })
     .flatten()
     .ok_or_else(|| candle_core::Error::Msg("segmented_rope_attention: inputs not on the CPU in f32".into()))??;
-    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()), Vec::with_capacity(grads.len()));
-    for (a, b, c) in grads {
-        dq.push(a);
-        dk.push(b);
-        dv.push(c);
-    }
-    Ok((Tensor::cat(&dq, 0)?, Tensor::cat(&dk, 0)?, Tensor::cat(&dv, 0)?))
+    cat_grads(grads, 0)
 }
 
 /// Groups the query heads by KV head: `[b, h, l, d]` → `[b, kv, rep * l, d]`, so that one
