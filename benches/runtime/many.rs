@@ -166,7 +166,8 @@ fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
 
 /// Where one packed training pass of `segments` sequences of `len` tokens spends its time,
 /// each part timed alone at that shape (median of 5, forward and backward):
-/// (frozen projections' products, LM head with the loss, attention of every layer, the
+/// (frozen projections' products, LM head with the loss, attention of every layer from the
+/// projections' outputs with the rotary embedding, as the pass runs it, the
 /// low-rank updates of q and v at the bench's ranks in every layer), seconds. Attention and
 /// the low-rank updates run through their public autograd ops with a fixed output gradient,
 /// so their figures also hold the graph's bookkeeping and that product and sum (a few percent).
@@ -190,20 +191,24 @@ fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f
         times.push(t.elapsed().as_secs_f64());
     }
     let lm_head = median(times);
-    // attention of every layer, each segment under its causal mask
+    // attention of every layer as a training pass runs it: from the projections' outputs, the
+    // rotary embedding included, each segment under its causal mask
     let (heads, kv, d) = (dec.cfg.num_attention_heads, dec.cfg.kv_heads(), dec.cfg.head_dim());
     let spans: Vec<(usize, usize)> = (0..segments).map(|s| (s * len, len)).collect();
     let mask = causal_mask(1, len, 0, &[0], &dev, candle_core::DType::F32)?;
     let masks = vec![Some(mask); segments];
-    let q = Var::randn(0f32, 1.0, (1, heads, rows, d), &dev)?;
-    let k = Var::randn(0f32, 1.0, (1, kv, rows, d), &dev)?;
-    let v = Var::randn(0f32, 1.0, (1, kv, rows, d), &dev)?;
-    let g = Tensor::randn(0f32, 1.0, (1, heads, rows, d), &dev)?;
+    let q = Var::randn(0f32, 1.0, (rows, heads * d), &dev)?;
+    let k = Var::randn(0f32, 1.0, (rows, kv * d), &dev)?;
+    let v = Var::randn(0f32, 1.0, (rows, kv * d), &dev)?;
+    let g = Tensor::randn(0f32, 1.0, (rows, heads * d), &dev)?;
+    let angles = Tensor::rand(0f32, std::f32::consts::TAU, (1, rows, d / 2), &dev)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
     let mut times = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
         for _ in 0..dec.cfg.num_hidden_layers {
-            let y = ops::segmented_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &spans, &masks)?;
+            let (qkv, rotary) = ((q.as_tensor(), k.as_tensor(), v.as_tensor()), (&cos, &sin));
+            let y = ops::segmented_rope_attention(qkv.0, qkv.1, qkv.2, rotary, (heads, kv, d), &spans, &masks)?;
             drop((y * &g)?.sum_all()?.backward()?);
         }
         times.push(t.elapsed().as_secs_f64());
