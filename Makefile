@@ -33,7 +33,7 @@ EMBEDDER_DIR := $(MODELS)/all-MiniLM-L6-v2
 EMBEDDER_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 EMBEDDER := $(EMBEDDER_DIR)/model.safetensors
 
-.PHONY: help build blas model embedder test bench bench-slurm mutants soak run science clean-outputs
+.PHONY: help build blas model embedder test bench bench-peer bench-slurm mutants soak run science clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -118,6 +118,11 @@ bench-slurm: $(SMOLLM) build  ## scale-out on a throw-away single-node Slurm: an
 
 bench: blas $(SMOLLM)  ## measure speed and memory (prints RESULT lines like ../shared/bench/peer_bench.py)
 	$(CARGO) bench $(if $(filter 0,$(BLAS)),--no-default-features,) $(if $(FEATURES),--features $(FEATURES),) --bench runtime -- --model $(SMOLLM) $(BENCH_ARGS)
+
+PAIRS ?= 3
+bench-peer: blas $(SMOLLM)  ## single-adapter training against the Python peer (../shared/bench), PAIRS alternating runs; installs it in .peer/ (~5.6 GB) once
+	MODEL=$(SMOLLM) CARGO=$(CARGO) PAIRS=$(PAIRS) SHARED=../shared \
+	  BENCH_FLAGS="$(if $(filter 0,$(BLAS)),--no-default-features,) $(if $(FEATURES),--features $(FEATURES),)" scripts/bench_peer.sh
 
 SELFEDIT := $(CARGO) run $(CARGO_FLAGS) --quiet --bin selfedit -- --model $(SMOLLM)
 
