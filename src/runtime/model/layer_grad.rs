@@ -323,10 +323,12 @@ pub(super) fn layer(
             // 2. heads [b, heads, l, d]; Qwen3: per-head RMSNorm of queries and keys (kept
             //    before the norm for its backward)
             let (q, k, v) = (split_heads(&q, b, l, nh, d)?, split_heads(&k, b, l, nkv, d)?, split_heads(&v, b, l, nkv, d)?);
-            let (qn, kn) = match (q_norm, k_norm) {
-                (Some(wq), Some(wk)) => (candle_nn::ops::rms_norm(&q, wq, eps as f32)?, candle_nn::ops::rms_norm(&k, wk, eps as f32)?),
-                _ => (q.clone(), k.clone()),
+            // each norm on its own, as the composed path applies them
+            let norm = |t: &Tensor, w: &Option<Tensor>| match w {
+                Some(w) => candle_nn::ops::rms_norm(t, w, eps as f32),
+                None => Ok(t.clone()),
             };
+            let (qn, kn) = (norm(&q, q_norm)?, norm(&k, k_norm)?);
             // 3. rotary embedding, attention within each sequence, heads merged: y [n, nh·d]
             let qr = candle_nn::rotary_emb::rope(&qn, &cos, &sin)?;
             let kr = candle_nn::rotary_emb::rope(&kn, &cos, &sin)?;
@@ -382,10 +384,11 @@ pub(super) fn layer(
                 let (dqr, dkr, dv) = attend.backward(qr, kr, v, &dy)?;
                 let dq = candle_nn::rotary_emb::rope(&dqr.contiguous()?, &cos, &sin.neg()?)?;
                 let dk = candle_nn::rotary_emb::rope(&dkr.contiguous()?, &cos, &sin.neg()?)?;
-                let (dq, dk) = match (&a.q_norm, &a.k_norm) {
-                    (Some(wq), Some(wk)) => (ops::rms_norm_backward(q, wq, &dq, eps)?, ops::rms_norm_backward(k, wk, &dk, eps)?),
-                    _ => (dq, dk),
+                let norm_backward = |t: &Tensor, w: &Option<Tensor>, g: Tensor| match w {
+                    Some(w) => ops::rms_norm_backward(t, w, &g, eps),
+                    None => Ok(g),
                 };
+                let (dq, dk) = (norm_backward(q, &a.q_norm, dq)?, norm_backward(k, &a.k_norm, dk)?);
                 (merge_heads(&dq)?, merge_heads(&dk)?, merge_heads(&dv)?)
             }
         };

@@ -331,11 +331,20 @@ mod tests {
     /// and the same gradients up to float summation order (largest gap 1e-5 of the largest
     /// gradient), for Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms), with
     /// dropout on: one sequence alone, one under a causal mask (not packed), and two
-    /// adapters' sequences packed in one row.
+    /// adapters' sequences packed in one row. Also a Qwen3 whose layers have a query norm
+    /// and no key norm (no checkpoint has that, but the layers' fields allow it): each
+    /// path applies the one norm.
     #[test]
     fn a_layer_as_one_node_equals_the_composed_layer() {
-        for model_type in ["llama", "qwen2", "qwen3"] {
-            let dec = decoder(model_type);
+        for model_type in ["llama", "qwen2", "qwen3", "qwen3, q_norm only"] {
+            let dec = match model_type.split_once(',') {
+                Some((base, _)) => {
+                    let mut dec = decoder(base);
+                    dec.layers.iter_mut().for_each(|l| l.self_attn.k_norm = None);
+                    dec
+                }
+                None => decoder(model_type),
+            };
             let ids: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 64).collect();
             // on all seven projections, and on the paper's q and v (the others untouched)
             for targets in [&Proj::ALL[..], &[Proj::QProj, Proj::VProj]] {
