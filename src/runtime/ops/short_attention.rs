@@ -346,15 +346,25 @@ mod tests {
     }
 
     /// Forward and backward against the batched products' attention (`ops::attention`
-    /// with a causal mask, or none), for one-token, odd-width and GQA sequences.
+    /// with a causal mask, or none), for one-token, odd-width and GQA sequences; and a
+    /// causal mask that also hides the first key from every later row, so that masked keys
+    /// lie before a row's last unmasked one (a causal mask's all lie after it).
     #[test]
     fn matches_the_batched_products() {
-        for (heads, kv_heads, d, len, causal) in [(4, 2, 8, 1, false), (9, 3, 64, 34, true), (2, 2, 20, 17, true), (3, 1, 16, 5, false)] {
+        let cases = [
+            (4, 2, 8, 1, false, false),
+            (9, 3, 64, 34, true, false),
+            (2, 2, 20, 17, true, false),
+            (3, 1, 16, 5, false, false),
+            (2, 1, 16, 6, true, true),
+        ];
+        for (heads, kv_heads, d, len, causal, first_hidden) in cases {
             let rows = len + 3; // the sequence sits inside a longer row
             let start = 2;
             let dev = Device::Cpu;
             let (q, k, v, g) = (randn(heads * rows * d), randn(kv_heads * rows * d), randn(kv_heads * rows * d), randn(heads * rows * d));
-            let m: Vec<f32> = (0..len * len).map(|i| if i % len > i / len { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let hidden = |i: usize, j: usize| j > i || (first_hidden && i > 0 && j == 0);
+            let m: Vec<f32> = (0..len * len).map(|x| if hidden(x / len, x % len) { f32::NEG_INFINITY } else { 0.0 }).collect();
             let s = Sequence { start, len, mask: causal.then_some(m.as_slice()) };
             let h = Heads { heads, kv_heads, d, rows };
             let x = Inputs { q: &q, k: &k, v: &v, layout: Layout::HeadMajor, rotary: None };
@@ -371,6 +381,8 @@ mod tests {
             for (got, want, what) in [(&y, &want, "value"), (&dq, &wq, "dq"), (&dk, &wk, "dk"), (&dv, &wv, "dv")] {
                 let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
                 let largest = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+                // f32::max drops a NaN, so a non-finite value fails here rather than passing
+                assert!(got.iter().all(|x| x.is_finite()), "{what} of heads {heads}/{kv_heads}, d {d}, len {len}: not finite");
                 let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 assert!(diff < 1e-5 * largest, "{what} of heads {heads}/{kv_heads}, d {d}, len {len}: differs by {diff}");
             }
