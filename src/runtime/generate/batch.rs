@@ -392,3 +392,53 @@ pub fn generate_batch(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The split draws against each row's own sampler run alone: the same tokens, in the
+    /// rows' places, for the live rows that are not finished; nothing for the others. 40 live
+    /// rows of 48, so the draws split whenever OpenBLAS has two threads; the logits' last 5
+    /// columns are padding beyond the tokenizer's vocabulary.
+    #[test]
+    fn split_draws_equal_each_row_drawn_alone() {
+        let (vocab, tok_vocab) = (300, 295);
+        let params = SamplingParams::paper_eval();
+        let requests: Vec<GenerationRequest> =
+            (0..48).map(|r| GenerationRequest::new(vec![1], params.clone(), 1000 + r as u64, 8)).collect();
+        let new_rows = || -> Vec<Row> {
+            requests
+                .iter()
+                .map(|r| Row { sampler: Sampler::new(r.params.clone(), r.seed), generated: vec![], done: None, text: String::new() })
+                .collect()
+        };
+        let mut rows = new_rows();
+        rows[6].done = Some(FinishReason::Eos);
+        let live: Vec<usize> = (0..48).filter(|r| r % 6 != 1).collect();
+        // logits whose largest values sit on the padding, so a draw that skipped its mask shows
+        let logits: Vec<Vec<f32>> = live
+            .iter()
+            .map(|&r| (0..vocab).map(|t| if t >= tok_vocab { 50.0 } else { ((t * 7 + r * 13) % 31) as f32 / 4.0 }).collect())
+            .collect();
+        let mut split = logits.clone();
+        // two steps, so each sampler's state (its draws so far, its RNG) carries over
+        let mut reference = new_rows();
+        for _ in 0..2 {
+            let drawn = draw_unconstrained(&mut rows, &requests, &live, &mut split, tok_vocab);
+            for (i, &r) in live.iter().enumerate() {
+                if r == 6 {
+                    assert_eq!(drawn[i], None, "a finished row is not drawn");
+                    continue;
+                }
+                let mut row_logits = logits[i].clone();
+                mask_padding(&mut row_logits, tok_vocab);
+                let t = reference[r].sampler.sample(&mut row_logits);
+                reference[r].sampler.observe(t);
+                assert_eq!(drawn[i], Some(t), "row {r}");
+                assert!((t as usize) < tok_vocab, "row {r} drew padding");
+            }
+            split = logits.clone();
+        }
+    }
+}
