@@ -370,6 +370,17 @@ pub(crate) fn par_segments<T: Send>(lens: &[usize], f: impl Fn(usize) -> Result<
     })
 }
 
+/// Threads for the attention of a pass's sequences (`lens`) within each sequence: with one
+/// sequence of at least [`ROWS_TO_SPLIT_SEGMENTS`] rows (an adapter trained alone), its KV
+/// heads split between the [`blas::threads`] cores, which [`par_segments`] leaves to the
+/// calling thread; one otherwise (the sequences themselves are split, or too short).
+fn lone_sequence_threads(lens: &[usize]) -> usize {
+    match lens {
+        [len] if *len >= ROWS_TO_SPLIT_SEGMENTS => crate::runtime::blas::threads(),
+        _ => 1,
+    }
+}
+
 /// [`split_rows`] into `N` fresh outputs of `len` elements, not zeroed first (zeroing
 /// SwiGLU's outputs was ~3% of grouped training).
 ///
@@ -672,7 +683,7 @@ pub(crate) fn segmented_attention_forward(
             par_segments(&lens, |i| {
                 let s = segments[i];
                 with_short(s, masks[i].as_ref(), |seq| {
-                    Tensor::from_vec(short_attention::forward(x, h, &seq), (1, heads, s.1, d), q.device())
+                    Tensor::from_vec(short_attention::forward(x, h, &seq, lone_sequence_threads(&lens)), (1, heads, s.1, d), q.device())
                 })
                 .unwrap_or_else(|| batched(i))
             })
@@ -712,7 +723,7 @@ pub(crate) fn segmented_attention_backward(
                 par_segments(&lens, |i| {
                     let s = segments[i];
                     let short = with_short(s, masks[i].as_ref(), |seq| -> Result<(Tensor, Tensor, Tensor)> {
-                        let [dq, dk, dv] = short_attention::backward(x, gs, h, &seq);
+                        let [dq, dk, dv] = short_attention::backward(x, gs, h, &seq, lone_sequence_threads(&lens));
                         let dev = q.device();
                         Ok((
                             Tensor::from_vec(dq, (1, heads, s.1, d), dev)?,
@@ -849,7 +860,7 @@ pub(crate) fn segmented_rope_attention_forward(
     let values = with_inputs((&q, &k, &v), Some((&cos, &sin)), short_attention::Layout::TokenMajor, |x| {
         par_segments(&lens, |i| {
             let s = segments[i];
-            match with_short(s, masks[i].as_ref(), |seq| short_attention::forward(x, h, &seq)) {
+            match with_short(s, masks[i].as_ref(), |seq| short_attention::forward(x, h, &seq, lone_sequence_threads(&lens))) {
                 Some(y) => Tensor::from_vec(y, (s.1, nh * d), q.device()),
                 None => {
                     let (qr, kr, vs) = rope_segment(&q, &k, &v, (&cos, &sin), heads, s)?;
@@ -909,7 +920,9 @@ pub(crate) fn segmented_rope_attention_backward(
         with_inputs((&q, &k, &v), Some((&cos, &sin)), short_attention::Layout::TokenMajor, |x| {
             par_segments(&lens, |i| {
                 let s = segments[i];
-                if let Some([dq, dk, dv]) = with_short(s, masks[i].as_ref(), |seq| short_attention::backward(x, gs, h, &seq)) {
+                if let Some([dq, dk, dv]) =
+                    with_short(s, masks[i].as_ref(), |seq| short_attention::backward(x, gs, h, &seq, lone_sequence_threads(&lens)))
+                {
                     return Ok((
                         Tensor::from_vec(dq, (s.1, nh * d), &dev)?,
                         Tensor::from_vec(dk, (s.1, nkv * d), &dev)?,

@@ -242,9 +242,58 @@ fn probabilities(qi: &[f32], kt: &[f32], s: &Sequence, i: usize, keys: usize, sc
     p.iter_mut().for_each(|pj| *pj *= inv);
 }
 
+/// The KV heads `0..kv_heads` in at most `threads` contiguous ranges, `f` on each: the
+/// first on the calling thread, the others on scoped threads. Results in order.
+///
+/// Why: a sequence trained alone is the only segment of its pass, so nothing else shares the
+/// second core while its attention runs (a 128-token sequence's attention costs ~1 ms a
+/// layer, a scoped thread ~20-40 µs to start). KV heads, not query heads: a KV head's
+/// gradients sum over its query heads, and a split inside that sum would change its order.
+fn split_kv_heads<R: Send>(
+    kv_heads: usize,
+    threads: usize,
+    f: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<(std::ops::Range<usize>, R)> {
+    let per = kv_heads.div_ceil(threads.clamp(1, kv_heads.max(1))).max(1);
+    let ranges: Vec<std::ops::Range<usize>> = (0..kv_heads).step_by(per).map(|a| a..(a + per).min(kv_heads)).collect();
+    if ranges.len() <= 1 {
+        return vec![(0..kv_heads, f(0..kv_heads))];
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        let others: Vec<_> = ranges[1..].iter().cloned().map(|r| scope.spawn(move || (r.clone(), f(r)))).collect();
+        let mut out = vec![(ranges[0].clone(), f(ranges[0].clone()))];
+        out.extend(others.into_iter().map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
+        out
+    })
+}
+
+/// Copies the rows of heads `heads` (of `count`, sequence of `len` rows) from `from` into
+/// `to`, both laid out as `layout`.
+fn copy_heads(from: &[f32], to: &mut [f32], layout: Layout, count: usize, len: usize, d: usize, heads: std::ops::Range<usize>) {
+    for head in heads {
+        for i in 0..len {
+            let at = layout.at(count, len, d, head, i);
+            to[at..at + d].copy_from_slice(&from[at..at + d]);
+        }
+    }
+}
+
 /// `softmax(q kᵀ / √d + mask) v` of sequence `s`, its `len` rows laid out as the inputs
-/// (`[heads, len, d]` or `[len, heads · d]`).
-pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence) -> Vec<f32> {
+/// (`[heads, len, d]` or `[len, heads · d]`), the KV heads split over up to `threads`
+/// threads (each head computed by the same code whatever the split: the same numbers).
+pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> Vec<f32> {
+    let rep = h.heads / h.kv_heads;
+    let mut parts = split_kv_heads(h.kv_heads, threads, |kvs| forward_heads(x, h, s, kvs)).into_iter();
+    let (_, mut out) = parts.next().expect("at least one range of KV heads");
+    for (kvs, part) in parts {
+        copy_heads(&part, &mut out, x.layout, h.heads, s.len, h.d, kvs.start * rep..kvs.end * rep);
+    }
+    out
+}
+
+/// [`forward`] for the KV heads `kvs` and their query heads; the other heads' outputs zero.
+fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, kvs: std::ops::Range<usize>) -> Vec<f32> {
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
@@ -254,7 +303,7 @@ pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence) -> Vec<f32> {
     simd::simd(
         #[inline(always)]
         || {
-            for kv in 0..h.kv_heads {
+            for kv in kvs.clone() {
                 load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
                 load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
                 transpose(&ks, len, d, &mut kt);
@@ -280,7 +329,21 @@ pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence) -> Vec<f32> {
 /// of the sequence's rows, laid out as the inputs, with respect to `q` and `k` before their
 /// rotation. With `P` the probabilities: `dV = Pᵀ dO`, `dP = dO Vᵀ`,
 /// `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = dS K / √d`, `dK = dSᵀ Q / √d`.
-pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3] {
+/// The KV heads are split over up to `threads` threads, as [`forward`]'s.
+pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize) -> [Vec<f32>; 3] {
+    let rep = h.heads / h.kv_heads;
+    let mut parts = split_kv_heads(h.kv_heads, threads, |kvs| backward_heads(x, g, h, s, kvs)).into_iter();
+    let (_, [mut dq, mut dk, mut dv]) = parts.next().expect("at least one range of KV heads");
+    for (kvs, [pq, pk, pv]) in parts {
+        copy_heads(&pq, &mut dq, x.layout, h.heads, s.len, h.d, kvs.start * rep..kvs.end * rep);
+        copy_heads(&pk, &mut dk, x.layout, h.kv_heads, s.len, h.d, kvs.clone());
+        copy_heads(&pv, &mut dv, x.layout, h.kv_heads, s.len, h.d, kvs);
+    }
+    [dq, dk, dv]
+}
+
+/// [`backward`] for the KV heads `kvs` and their query heads; the other heads' gradients zero.
+fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, kvs: std::ops::Range<usize>) -> [Vec<f32>; 3] {
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
@@ -293,7 +356,7 @@ pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f3
     simd::simd(
         #[inline(always)]
         || {
-            for kv in 0..h.kv_heads {
+            for kv in kvs.clone() {
                 load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
                 load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
                 transpose(&ks, len, d, &mut kt);
@@ -368,8 +431,16 @@ mod tests {
             let s = Sequence { start, len, mask: causal.then_some(m.as_slice()) };
             let h = Heads { heads, kv_heads, d, rows };
             let x = Inputs { q: &q, k: &k, v: &v, layout: Layout::HeadMajor, rotary: None };
-            let y = forward(&x, h, &s);
-            let [dq, dk, dv] = backward(&x, &g, h, &s);
+            let y = forward(&x, h, &s, 1);
+            let [dq, dk, dv] = backward(&x, &g, h, &s, 1);
+            // the KV heads split between threads: the same bits, in both layouts
+            for threads in [2, 3] {
+                assert_eq!(forward(&x, h, &s, threads), y, "value, {threads} threads");
+                assert_eq!(backward(&x, &g, h, &s, threads), [dq.clone(), dk.clone(), dv.clone()], "gradients, {threads} threads");
+                let t = Inputs { layout: Layout::TokenMajor, ..x };
+                assert_eq!(forward(&t, h, &s, threads), forward(&t, h, &s, 1), "token-major value, {threads} threads");
+                assert_eq!(backward(&t, &g, h, &s, threads), backward(&t, &g, h, &s, 1), "token-major gradients, {threads} threads");
+            }
             // the reference on the same rows
             let part = |x: &[f32], n: usize| {
                 Tensor::from_slice(x, (1, n, rows, d), &dev).unwrap().narrow(2, start, len).unwrap().contiguous().unwrap()
