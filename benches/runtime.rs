@@ -59,9 +59,10 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     self_edit_epochs: usize,
     /// Rows per generation batch of the grouped evaluation (`eval.batch_size`). 128: a
-    /// decoding step reads every frozen weight once whatever its rows, so on this CPU 128 rows
-    /// cost 13% less per self-edit than the paper configs' 64 (1.03-1.04 against 1.18-1.21 s)
-    /// at the same peak RSS, and 256 rows no less than 128 at +700 MiB.
+    /// decoding step reads every frozen weight once whatever its rows, so on this CPU
+    /// evaluation per self-edit costs 13% less at 128 rows than at the paper configs' 64
+    /// (1.03-1.04 against 1.18-1.21 s) with the same peak RSS, and 256 rows no less than 128
+    /// at +700 MiB.
     #[arg(long, default_value_t = 128)]
     eval_batch_size: usize,
     /// Only the many-self-edits figure.

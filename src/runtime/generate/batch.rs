@@ -147,17 +147,19 @@ fn mask_padding(row_logits: &mut [f32], tok_vocab: usize) {
     }
 }
 
-/// Live rows from which [`draw_unconstrained`] splits the draws between the cores: a draw
-/// scans the row's ~49k logits (~50-100 µs), a scoped thread costs ~20-40 µs to start.
-const ROWS_TO_SPLIT_DRAWS: usize = 8;
+/// Rows to draw per thread below which [`draw_unconstrained`] keeps the draws on fewer
+/// threads: a draw scans the row's ~49k logits (~50-100 µs), a scoped thread costs ~20-40 µs
+/// to start.
+const ROWS_PER_DRAW_THREAD: usize = 4;
 
 /// The next token of every live row that is not finished and has no constraint, drawn by
 /// its own sampler from its logits (`logits[i]` is row `live[i]`'s) and observed, the rows
-/// split between [`crate::runtime::blas::threads`] scoped threads; `None` for the other
-/// rows, which the caller draws after applying their constraint. Each row's draw uses only
-/// its own logits and sampler, so the tokens do not depend on the split.
+/// split between up to `threads` scoped threads (at least [`ROWS_PER_DRAW_THREAD`] rows
+/// each); `None` for the other rows, which the caller draws after applying their
+/// constraint. Each row's draw uses only its own logits and sampler, so the tokens do not
+/// depend on the split.
 ///
-/// Why: drawn one after another on one thread, the draws of a 64-row batch were ~5% of a
+/// Why: drawn one after another on one thread, the draws of a 64-row batch were ~6% of a
 /// decoding step while the second core waited.
 fn draw_unconstrained(
     rows: &mut [Row],
@@ -165,6 +167,7 @@ fn draw_unconstrained(
     live: &[usize],
     logits: &mut [Vec<f32>],
     tok_vocab: usize,
+    threads: usize,
 ) -> Vec<Option<u32>> {
     let mut drawn = vec![None; live.len()];
     // `live` is in batch order, so each row is taken once
@@ -184,7 +187,7 @@ fn draw_unconstrained(
             **slot = Some(t);
         }
     };
-    let threads = if work.len() >= ROWS_TO_SPLIT_DRAWS { crate::runtime::blas::threads().max(1) } else { 1 };
+    let threads = threads.min(work.len() / ROWS_PER_DRAW_THREAD).max(1);
     let per = work.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {
         let mut parts = work.chunks_mut(per);
@@ -316,7 +319,7 @@ pub fn generate_batch(
         let mut l: Vec<Vec<f32>> = logits.to_vec2()?;
         let mut next = vec![pad_id; live.len()];
         // the draws of the rows without a constraint, split between the cores
-        let drawn = draw_unconstrained(&mut rows, &requests, &live, &mut l, tok_vocab);
+        let drawn = draw_unconstrained(&mut rows, &requests, &live, &mut l, tok_vocab, crate::runtime::blas::threads());
         for (i, &r) in live.iter().enumerate() {
             if rows[r].done.is_some() {
                 continue;
@@ -399,8 +402,8 @@ mod tests {
 
     /// The split draws against each row's own sampler run alone: the same tokens, in the
     /// rows' places, for the live rows that are not finished; nothing for the others. 40 live
-    /// rows of 48, so the draws split whenever OpenBLAS has two threads; the logits' last 5
-    /// columns are padding beyond the tokenizer's vocabulary.
+    /// rows of 48 on 1, 2 and 3 threads; the logits' last 5 columns are padding beyond the
+    /// tokenizer's vocabulary.
     #[test]
     fn split_draws_equal_each_row_drawn_alone() {
         let (vocab, tok_vocab) = (300, 295);
@@ -413,32 +416,34 @@ mod tests {
                 .map(|r| Row { sampler: Sampler::new(r.params.clone(), r.seed), generated: vec![], done: None, text: String::new() })
                 .collect()
         };
-        let mut rows = new_rows();
-        rows[6].done = Some(FinishReason::Eos);
-        let live: Vec<usize> = (0..48).filter(|r| r % 6 != 1).collect();
-        // logits whose largest values sit on the padding, so a draw that skipped its mask shows
-        let logits: Vec<Vec<f32>> = live
-            .iter()
-            .map(|&r| (0..vocab).map(|t| if t >= tok_vocab { 50.0 } else { ((t * 7 + r * 13) % 31) as f32 / 4.0 }).collect())
-            .collect();
-        let mut split = logits.clone();
-        // two steps, so each sampler's state (its draws so far, its RNG) carries over
-        let mut reference = new_rows();
-        for _ in 0..2 {
-            let drawn = draw_unconstrained(&mut rows, &requests, &live, &mut split, tok_vocab);
-            for (i, &r) in live.iter().enumerate() {
-                if r == 6 {
-                    assert_eq!(drawn[i], None, "a finished row is not drawn");
-                    continue;
+        for threads in [1, 2, 3] {
+            let mut rows = new_rows();
+            rows[6].done = Some(FinishReason::Eos);
+            let live: Vec<usize> = (0..48).filter(|r| r % 6 != 1).collect();
+            // logits whose largest values sit on the padding, so a draw that skipped its mask shows
+            let logits: Vec<Vec<f32>> = live
+                .iter()
+                .map(|&r| (0..vocab).map(|t| if t >= tok_vocab { 50.0 } else { ((t * 7 + r * 13) % 31) as f32 / 4.0 }).collect())
+                .collect();
+            let mut split = logits.clone();
+            // two steps, so each sampler's state (its draws so far, its RNG) carries over
+            let mut reference = new_rows();
+            for _ in 0..2 {
+                let drawn = draw_unconstrained(&mut rows, &requests, &live, &mut split, tok_vocab, threads);
+                for (i, &r) in live.iter().enumerate() {
+                    if r == 6 {
+                        assert_eq!(drawn[i], None, "a finished row is not drawn");
+                        continue;
+                    }
+                    let mut row_logits = logits[i].clone();
+                    mask_padding(&mut row_logits, tok_vocab);
+                    let t = reference[r].sampler.sample(&mut row_logits);
+                    reference[r].sampler.observe(t);
+                    assert_eq!(drawn[i], Some(t), "row {r}, {threads} threads");
+                    assert!((t as usize) < tok_vocab, "row {r} drew padding");
                 }
-                let mut row_logits = logits[i].clone();
-                mask_padding(&mut row_logits, tok_vocab);
-                let t = reference[r].sampler.sample(&mut row_logits);
-                reference[r].sampler.observe(t);
-                assert_eq!(drawn[i], Some(t), "row {r}");
-                assert!((t as usize) < tok_vocab, "row {r} drew padding");
+                split = logits.clone();
             }
-            split = logits.clone();
         }
     }
 }
