@@ -408,6 +408,27 @@ mod tests {
         Tensor::randn(0f32, 1., n, &Device::Cpu).unwrap().to_vec1().unwrap()
     }
 
+    /// The KV heads' ranges: contiguous, in order, covering every head, at most `threads`
+    /// of them (the merged result cannot show a split that did not happen).
+    #[test]
+    fn kv_heads_split_into_contiguous_ranges() {
+        let ranges = |kv_heads: usize, threads: usize| -> Vec<std::ops::Range<usize>> {
+            split_kv_heads(kv_heads, threads, |r| r.len())
+                .into_iter()
+                .map(|(r, len)| {
+                    assert_eq!(r.len(), len);
+                    r
+                })
+                .collect()
+        };
+        assert_eq!(ranges(3, 2), [0..2, 2..3]);
+        assert_eq!(ranges(4, 3), [0..2, 2..4]);
+        assert_eq!(ranges(4, 4), [0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(ranges(3, 1), [0..3]);
+        assert_eq!(ranges(1, 2), [0..1]);
+        assert_eq!(ranges(2, 0), [0..2]);
+    }
+
     /// Forward and backward against the batched products' attention (`ops::attention`
     /// with a causal mask, or none), for one-token, odd-width and GQA sequences; and a
     /// causal mask that also hides the first key from every later row, so that masked keys
