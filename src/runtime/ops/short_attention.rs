@@ -424,9 +424,9 @@ mod tests {
         assert_eq!(ranges(3, 2), [0..2, 2..3]);
         assert_eq!(ranges(4, 3), [0..2, 2..4]);
         assert_eq!(ranges(4, 4), [0..1, 1..2, 2..3, 3..4]);
-        assert_eq!(ranges(3, 1), [0..3]);
-        assert_eq!(ranges(1, 2), [0..1]);
-        assert_eq!(ranges(2, 0), [0..2]);
+        assert_eq!(ranges(3, 1), vec![std::ops::Range { start: 0, end: 3 }]);
+        assert_eq!(ranges(1, 2), vec![std::ops::Range { start: 0, end: 1 }]);
+        assert_eq!(ranges(2, 0), vec![std::ops::Range { start: 0, end: 2 }]);
     }
 
     /// Forward and backward against the batched products' attention (`ops::attention`
