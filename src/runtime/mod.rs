@@ -20,7 +20,7 @@ pub mod lora;
 pub mod model;
 pub mod multi_lora;
 pub mod ops;
-pub(crate) mod parallel;
+pub mod parallel;
 pub mod sgemm;
 pub mod tokenizer;
 pub mod training;

@@ -1,8 +1,24 @@
-//! Column splits of the hand-written products ([`crate::runtime::sgemm`],
-//! [`crate::runtime::amx`]) over scoped threads: one place for the split both kernels use,
-//! below [`crate::runtime::blas`], which packs weights for them.
+//! Work split over the cores: contiguous ranges of a job, the first on the calling thread,
+//! the others on the worker threads a binary's `main` started ([`start_workers`]), or on
+//! scoped threads where none were started (tests, library users). One place for the splits
+//! of the hand-written products ([`crate::runtime::sgemm`], [`crate::runtime::amx`]), the
+//! per-sequence work of a grouped pass and the elementwise ops ([`crate::runtime::ops`]),
+//! and a decoding step's draws ([`crate::runtime::generate`]).
+//!
+//! Why workers: a grouped training run split its work ~500 times a second, and a scoped
+//! thread costs ~20-40 µs to start before its share can begin, on the critical path of every
+//! split. A worker already running picks its part up within a few microseconds.
 
-/// An output buffer shared by the scoped threads of one hand-written product
+use std::any::Any;
+use std::cell::UnsafeCell;
+use std::ops::Range;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// An output buffer shared by the threads of one hand-written product
 /// ([`crate::runtime::sgemm`], [`crate::runtime::amx`]), each of which writes only its own
 /// columns.
 pub(crate) struct SharedOut(pub(crate) *mut f32);
@@ -10,20 +26,285 @@ pub(crate) struct SharedOut(pub(crate) *mut f32);
 // range of columns, and no thread reads what another wrote.
 unsafe impl Sync for SharedOut {}
 
-/// `work(from, to)` over `0..units` in at most `threads` contiguous ranges, the first on the
-/// calling thread and the others on scoped threads: the products split their columns this
-/// way, so a row's arithmetic does not depend on the split.
-pub(crate) fn split_units(units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
-    let threads = threads.clamp(1, units.max(1));
-    if threads == 1 {
-        return work(0, units);
+/// The workers of this process, once [`start_workers`] ran.
+static WORKERS: OnceLock<Workers> = OnceLock::new();
+
+/// Starts `count` worker threads that every split of this process runs its parts on from
+/// then on (a split of `t` parts uses the caller and `t - 1` workers). For a binary's `main`,
+/// once, before any work: a library never starts threads that outlive its call. `count` is
+/// usually [`crate::runtime::blas::threads`] minus one, the caller being the other core.
+///
+/// Errors: workers were already started, or the system refused a thread.
+pub fn start_workers(count: usize) -> anyhow::Result<()> {
+    let workers = Workers::new(count)?;
+    WORKERS.set(workers).map_err(|_| anyhow::anyhow!("start_workers: the workers of this process were already started"))
+}
+
+/// `f(item)` for every item, results in order: the first item on the calling thread, the
+/// others at once on the workers of [`start_workers`]; where none were started, or there are
+/// more items than workers plus one, on scoped threads; where the workers are busy (a split
+/// within a part of another, or another thread's split), one after another on the calling
+/// thread, since the cores are taken. A panic in any part is resumed on the caller once every
+/// part has finished.
+///
+/// Callers make each part's numbers independent of which thread computes it, so results
+/// never depend on where the parts ran.
+pub(crate) fn run_parts<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    match WORKERS.get() {
+        Some(workers) => workers.run(items, f),
+        None => run_scoped(items, f),
     }
-    let per = units.div_ceil(threads);
-    std::thread::scope(|s| {
-        for t in 1..threads {
-            let work = &work;
-            s.spawn(move || work((t * per).min(units), ((t + 1) * per).min(units)));
+}
+
+/// `0..units` in at most `threads` contiguous, non-empty ranges of `units.div_ceil(threads)`
+/// (the last shorter), in order; one empty range for no units.
+pub(crate) fn even_ranges(units: usize, threads: usize) -> Vec<Range<usize>> {
+    let per = units.div_ceil(threads.max(1)).max(1);
+    let ranges: Vec<Range<usize>> = (0..units).step_by(per).map(|a| a..(a + per).min(units)).collect();
+    if ranges.is_empty() {
+        vec![Range { start: 0, end: 0 }]
+    } else {
+        ranges
+    }
+}
+
+/// `work(from, to)` over `0..units` in at most `threads` contiguous ranges ([`even_ranges`],
+/// [`run_parts`]): the products split their columns this way, so a row's arithmetic does not
+/// depend on the split.
+pub(crate) fn split_units(units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
+    run_parts(even_ranges(units, threads), |r| work(r.start, r.end));
+}
+
+/// [`run_parts`] on scoped threads, one per item after the first.
+fn run_scoped<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let mut items = items.into_iter();
+    let first = items.next().expect("two items or more");
+    thread::scope(|scope| {
+        let f = &f;
+        let others: Vec<_> = items.map(|item| scope.spawn(move || f(item))).collect();
+        let mut out = Vec::with_capacity(others.len() + 1);
+        out.push(f(first));
+        out.extend(others.into_iter().map(|t| t.join().unwrap_or_else(|panic| resume_unwind(panic))));
+        out
+    })
+}
+
+/// How long a worker checks for its next part before it parks. A grouped pass's splits come
+/// closer together than that, while a parked worker costs a futex wake (~5-50 µs) to resume;
+/// and it is short enough that a worker idle beside OpenBLAS's own threads gives the core
+/// back soon.
+const WORKER_SPIN: Duration = Duration::from_micros(50);
+
+/// How long a caller checks that the workers finished before it yields its core instead.
+const CALLER_SPIN: Duration = Duration::from_micros(200);
+
+/// Checks `ready` (with a `pause` between checks) for up to `budget`; whether it came true.
+fn spin(budget: Duration, ready: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
         }
-        work(0, per.min(units));
-    });
+        if start.elapsed() >= budget {
+            return ready();
+        }
+    }
+}
+
+/// A part posted to one worker: the job (its lifetime erased, see [`Workers::run`]) and
+/// which part of it.
+type Posted = (*const (dyn Fn(usize) + Sync + 'static), usize);
+
+/// One worker's mailbox. The caller writes `posted` then bumps `sequence`; the worker runs
+/// it, then sets `finished` to that sequence.
+struct Slot {
+    sequence: AtomicUsize,
+    finished: AtomicUsize,
+    posted: UnsafeCell<Option<Posted>>,
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+// SAFETY: `posted` is written only by the caller that holds `Workers::busy`, while its
+// worker is idle (`finished == sequence`), and read by the worker only after it saw the
+// bumped `sequence` (release / acquire); the job it points to outlives the wait for
+// `finished` in `Workers::run`.
+unsafe impl Sync for Slot {}
+// SAFETY: as above; the raw pointer is only dereferenced under that protocol.
+unsafe impl Send for Slot {}
+
+struct Shared {
+    slots: Vec<Slot>,
+    stop: AtomicBool,
+}
+
+/// Worker threads parked between splits (after a short spin), each with its own mailbox.
+struct Workers {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    /// A split is using the workers.
+    busy: AtomicBool,
+}
+
+impl Workers {
+    fn new(count: usize) -> anyhow::Result<Self> {
+        let slots = (0..count)
+            .map(|_| Slot {
+                sequence: AtomicUsize::new(0),
+                finished: AtomicUsize::new(0),
+                posted: UnsafeCell::new(None),
+                panic: Mutex::new(None),
+            })
+            .collect();
+        let shared = Arc::new(Shared { slots, stop: AtomicBool::new(false) });
+        let threads = (0..count)
+            .map(|i| {
+                let shared = Arc::clone(&shared);
+                thread::Builder::new().name(format!("selfedit-worker-{i}")).spawn(move || work(&shared, i))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| anyhow::anyhow!("start_workers: could not start a worker thread: {e}"))?;
+        Ok(Self { shared, threads, busy: AtomicBool::new(false) })
+    }
+
+    /// [`run_parts`] on these workers.
+    fn run<T: Send, R: Send>(&self, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+        let parts = items.len();
+        if parts <= 1 {
+            return items.into_iter().map(f).collect();
+        }
+        if parts - 1 > self.threads.len() {
+            return run_scoped(items, f);
+        }
+        if self.busy.swap(true, Ordering::Acquire) {
+            return items.into_iter().map(f).collect();
+        }
+        // Each part takes its item and leaves its result in its own cell.
+        let cells: Vec<Mutex<(Option<T>, Option<R>)>> = items.into_iter().map(|item| Mutex::new((Some(item), None))).collect();
+        let part = |i: usize| {
+            let item = cells[i].lock().unwrap_or_else(|p| p.into_inner()).0.take().expect("each part runs once");
+            let result = f(item);
+            cells[i].lock().unwrap_or_else(|p| p.into_inner()).1 = Some(result);
+        };
+        let job: &(dyn Fn(usize) + Sync) = &part;
+        // SAFETY: only the lifetime is erased; this function waits below for every worker it
+        // posted to, panics included, before `part` goes out of scope.
+        let job: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(job) };
+        let slots = &self.shared.slots[..parts - 1];
+        let mut targets = Vec::with_capacity(slots.len());
+        for (i, (slot, thread)) in slots.iter().zip(&self.threads).enumerate() {
+            // SAFETY: this caller holds `busy` and the worker finished its last part
+            // (`finished == sequence`, waited for by the previous holder), so nothing reads
+            // `posted` now.
+            unsafe { *slot.posted.get() = Some((job, i + 1)) };
+            targets.push(slot.sequence.fetch_add(1, Ordering::Release) + 1);
+            thread.thread().unpark();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| part(0)));
+        for (slot, &target) in slots.iter().zip(&targets) {
+            let done = || slot.finished.load(Ordering::Acquire) == target;
+            if !spin(CALLER_SPIN, done) {
+                while !done() {
+                    thread::yield_now();
+                }
+            }
+        }
+        self.busy.store(false, Ordering::Release);
+        if let Err(panic) = mine {
+            resume_unwind(panic);
+        }
+        for slot in slots {
+            if let Some(panic) = slot.panic.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                resume_unwind(panic);
+            }
+        }
+        cells.into_iter().map(|c| c.into_inner().unwrap_or_else(|p| p.into_inner()).1.expect("every part ran")).collect()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Worker `index`'s loop: wait for a part (spinning, then parked), run it, report it.
+fn work(shared: &Shared, index: usize) {
+    let slot = &shared.slots[index];
+    let mut seen = 0;
+    loop {
+        let ready = || slot.sequence.load(Ordering::Acquire) != seen || shared.stop.load(Ordering::Acquire);
+        if !spin(WORKER_SPIN, ready) {
+            while !ready() {
+                thread::park();
+            }
+        }
+        let sequence = slot.sequence.load(Ordering::Acquire);
+        if sequence == seen {
+            return; // stopped
+        }
+        // SAFETY: the caller wrote `posted` before bumping `sequence` (acquired above) and
+        // does not touch it again until `finished` reaches `sequence`; the job outlives that.
+        let (job, part) = unsafe { (*slot.posted.get()).expect("a part is posted with its sequence") };
+        // SAFETY: as above, the job is alive until `finished` is set.
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(part) })) {
+            *slot.panic.lock().unwrap_or_else(|p| p.into_inner()) = Some(panic);
+        }
+        seen = sequence;
+        slot.finished.store(sequence, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn even_ranges_cover_in_order() {
+        assert_eq!(even_ranges(10, 3), [0..4, 4..8, 8..10]);
+        assert_eq!(even_ranges(5, 4), [0..2, 2..4, 4..5]);
+        assert_eq!(even_ranges(3, 8), [0..1, 1..2, 2..3]);
+        assert_eq!(even_ranges(7, 1), vec![Range { start: 0, end: 7 }]);
+        assert_eq!(even_ranges(0, 2), vec![Range { start: 0, end: 0 }]);
+    }
+
+    /// Parts run on the caller and the workers, results in order, many times over (each
+    /// split reusing the mailboxes); more parts than workers, and a split within a part,
+    /// still run every part once.
+    #[test]
+    fn workers_run_every_part_once_in_order() {
+        let workers = Workers::new(2).unwrap();
+        let caller = thread::current().id();
+        for round in 0..2000 {
+            let items: Vec<usize> = (0..3).map(|i| round * 3 + i).collect();
+            let out = workers.run(items, |x| (x * x, thread::current().id()));
+            assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), (0..3).map(|i| (round * 3 + i) * (round * 3 + i)).collect::<Vec<_>>());
+            assert_eq!(out[0].1, caller);
+            assert!(out[1..].iter().all(|o| o.1 != caller), "round {round}: a worker's part ran on the caller");
+        }
+        let many = workers.run((0..7).collect(), |x: usize| x + 1);
+        assert_eq!(many, (1..8).collect::<Vec<_>>());
+        let nested = workers.run(vec![10usize, 20], |x| workers.run(vec![x, x + 1], |y| y * 2));
+        assert_eq!(nested, [vec![20, 22], vec![40, 42]]);
+    }
+
+    /// A panic in a worker's part reaches the caller after the split, and the workers serve
+    /// the next split.
+    #[test]
+    fn a_part_that_panics_is_resumed_on_the_caller() {
+        let workers = Workers::new(1).unwrap();
+        let got = catch_unwind(AssertUnwindSafe(|| workers.run(vec![0, 1], |x: i32| if x == 1 { panic!("part {x}") } else { x })));
+        let message = got.unwrap_err();
+        assert_eq!(message.downcast_ref::<String>().map(String::as_str), Some("part 1"));
+        assert_eq!(workers.run(vec![3, 4], |x: i32| x * 10), [30, 40]);
+    }
 }

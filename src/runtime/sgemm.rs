@@ -36,7 +36,7 @@ const KC: usize = 256;
 /// memory: 120, 240 and all rows at once were within the machine's noise, 240 slightly ahead.
 const MC: usize = 240;
 /// Products of at least this many multiply-adds are split over [`crate::runtime::blas::threads`]
-/// threads by column panels; a scoped thread costs ~20-40 µs to start.
+/// threads by column panels ([`crate::runtime::parallel::split_units`]).
 const THREADED_PRODUCT: usize = 1 << 23;
 
 /// Whether this CPU can run the kernel (AVX-512F).

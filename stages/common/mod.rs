@@ -4,6 +4,8 @@
 
 /// Sizes candle's rayon pool beside OpenBLAS (one thread; see
 /// `selfedit::runtime::blas::rayon_threads_beside_blas`) unless `RAYON_NUM_THREADS` is set,
+/// starts the workers the runtime splits its work over (one fewer than OpenBLAS's threads;
+/// `selfedit::runtime::parallel::start_workers`),
 /// tells the allocator to keep freed memory, turns file-size-limit signals into write errors,
 /// logs warnings to stderr (`RUST_LOG` overrides the level), warns when OpenBLAS runs
 /// kernels older than the CPU, and asks Linux for AMX (`runtime::amx::enable`).
@@ -28,6 +30,10 @@ pub fn init() {
     // Only grants this process the use of AMX tiles (for `compute_dtype = "bf16"`); whether
     // anything uses them is the config's choice.
     selfedit::runtime::amx::enable();
+    if let Err(e) = selfedit::runtime::parallel::start_workers(selfedit::runtime::blas::threads() - 1) {
+        // The splits then start scoped threads, as in tests: slower, the same numbers.
+        tracing::warn!("{e}");
+    }
 }
 
 /// mimalloc's `purge_delay` (option 15 of mimalloc 2) to -1: freed memory stays with the

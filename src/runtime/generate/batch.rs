@@ -148,13 +148,13 @@ fn mask_padding(row_logits: &mut [f32], tok_vocab: usize) {
 }
 
 /// Rows to draw per thread below which [`draw_unconstrained`] keeps the draws on fewer
-/// threads: a draw scans the row's ~49k logits (~50-100 µs), a scoped thread costs ~20-40 µs
-/// to start.
+/// threads: a draw scans the row's ~49k logits (~50-100 µs), a thread takes a few to
+/// ~40 µs to pick its part up (a worker or a scoped thread, see `runtime::parallel`).
 const ROWS_PER_DRAW_THREAD: usize = 4;
 
 /// The next token of every live row that is not finished and has no constraint, drawn by
 /// its own sampler from its logits (`logits[i]` is row `live[i]`'s) and observed, the rows
-/// split between up to `threads` scoped threads (at least [`ROWS_PER_DRAW_THREAD`] rows
+/// split between up to `threads` threads ([`crate::runtime::parallel::run_parts`], at least [`ROWS_PER_DRAW_THREAD`] rows
 /// each); `None` for the other rows, which the caller draws after applying their
 /// constraint. Each row's draw uses only its own logits and sampler, so the tokens do not
 /// depend on the split.
@@ -189,17 +189,7 @@ fn draw_unconstrained(
     };
     let threads = threads.min(work.len() / ROWS_PER_DRAW_THREAD).max(1);
     let per = work.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let mut parts = work.chunks_mut(per);
-        let first = parts.next();
-        let draw = &draw;
-        for part in parts {
-            s.spawn(move || draw(part));
-        }
-        if let Some(first) = first {
-            draw(first);
-        }
-    });
+    crate::runtime::parallel::run_parts(work.chunks_mut(per).collect(), draw);
     drawn
 }
 

@@ -308,12 +308,14 @@ const ELEMENTS_PER_THREAD: usize = 1 << 17;
 
 /// Runs `f(range, chunks)` over disjoint ranges of whole `unit`s (rows) covering `0..len`,
 /// `chunks` being each of `outs` (every one `len` long) cut to that range, on up to
-/// [`blas::threads`] scoped threads: the cores OpenBLAS computes products on sit idle while
-/// the elementwise work between products runs. Returns each range's result, in order.
+/// [`blas::threads`] threads ([`crate::runtime::parallel::run_parts`]): the cores OpenBLAS
+/// computes products on sit idle while the elementwise work between products runs. Returns
+/// each range's result, in order.
 ///
 /// Why not rayon: candle's rayon pool is kept to one thread beside OpenBLAS (two spinning
-/// pools slowed training by 40%), while scoped threads end with their work. Every element is
-/// computed from its own range alone, so the numbers do not depend on the split.
+/// pools slowed training by 40%), while `runtime::parallel`'s workers park within ~50 µs of
+/// their last part. Every element is computed from its own range alone, so the numbers do not
+/// depend on the split.
 pub(crate) fn split_rows<T: Send, R: Send>(
     len: usize,
     unit: usize,
@@ -323,13 +325,14 @@ pub(crate) fn split_rows<T: Send, R: Send>(
     split_rows_on(crate::runtime::blas::threads().min(len / ELEMENTS_PER_THREAD), len, unit, outs, f)
 }
 
-/// Rows below which [`par_segments`] keeps every segment on the calling thread: a scoped
-/// thread costs ~20-40 µs to start, a decoding step's few rows much less than that.
+/// Rows below which [`par_segments`] keeps every segment on the calling thread: a thread
+/// takes a few to ~40 µs to pick its part up, a decoding step's few rows much less than
+/// that.
 const ROWS_TO_SPLIT_SEGMENTS: usize = 64;
 
 /// `f(i)` for every segment `i` of `lens` (rows each), results in order. With at least two
 /// segments and [`ROWS_TO_SPLIT_SEGMENTS`] rows, the segments are cut into contiguous runs of
-/// about equal rows, one run per [`blas::threads`] scoped thread: the per-sequence work of a
+/// about equal rows, one run per [`blas::threads`] thread ([`crate::runtime::parallel::run_parts`]): the per-sequence work of a
 /// grouped pass (attention, low-rank updates) is small products and elementwise ops that
 /// leave the second core idle. Each segment is computed by the same code whatever thread
 /// runs it, so the numbers do not depend on the split.
@@ -352,22 +355,12 @@ pub(crate) fn par_segments<T: Send>(lens: &[usize], f: impl Fn(usize) -> Result<
     }
     cuts.push(lens.len());
     cuts.dedup();
-    std::thread::scope(|scope| {
-        let f = &f;
-        let runs: Vec<_> = cuts[1..]
-            .windows(2)
-            .map(|w| (w[0], w[1]))
-            .map(|(a, b)| scope.spawn(move || (a..b).map(f).collect::<Result<Vec<T>>>()))
-            .collect();
-        let mut out = (0..cuts[1]).map(f).collect::<Result<Vec<T>>>();
-        for run in runs {
-            let run = run.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            if let Ok(out) = &mut out {
-                out.extend(run?);
-            }
-        }
-        out
-    })
+    let runs: Vec<std::ops::Range<usize>> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
+    let mut out = Vec::with_capacity(lens.len());
+    for run in crate::runtime::parallel::run_parts(runs, |run| run.map(&f).collect::<Result<Vec<T>>>()) {
+        out.extend(run?);
+    }
+    Ok(out)
 }
 
 /// Threads for the attention of a pass's sequences (`lens`) within each sequence: with one
@@ -413,18 +406,15 @@ fn split_rows_on<T: Send, R: Send>(
     if threads == 1 {
         return vec![f(0..len, outs)];
     }
-    let per = units.div_ceil(threads) * unit;
-    std::thread::scope(|scope| {
-        let (f, mut rest, mut start) = (&f, outs, 0);
-        let mut handles = Vec::with_capacity(threads);
-        while start < len {
-            let end = (start + per).min(len);
-            let (head, tail): (Vec<&mut [T]>, Vec<&mut [T]>) = rest.into_iter().map(|o| o.split_at_mut(end - start)).unzip();
-            handles.push(scope.spawn(move || f(start..end, head)));
-            (rest, start) = (tail, end);
-        }
-        handles.into_iter().map(|h| h.join().expect("an elementwise worker panicked")).collect()
-    })
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = outs;
+    for range in crate::runtime::parallel::even_ranges(units, threads) {
+        let (start, end) = (range.start * unit, if range.end == units { len } else { range.end * unit });
+        let (head, tail): (Vec<&mut [T]>, Vec<&mut [T]>) = rest.into_iter().map(|o| o.split_at_mut(end - start)).unzip();
+        parts.push((start..end, head));
+        rest = tail;
+    }
+    crate::runtime::parallel::run_parts(parts, |(range, chunks)| f(range, chunks))
 }
 
 /// `f` on the elements of a contiguous f32 CPU tensor, or `None` for any other tensor.

@@ -242,30 +242,20 @@ fn probabilities(qi: &[f32], kt: &[f32], s: &Sequence, i: usize, keys: usize, sc
     p.iter_mut().for_each(|pj| *pj *= inv);
 }
 
-/// The KV heads `0..kv_heads` in at most `threads` contiguous ranges, `f` on each: the
-/// first on the calling thread, the others on scoped threads. Results in order.
+/// The KV heads `0..kv_heads` in at most `threads` contiguous ranges, `f` on each
+/// ([`crate::runtime::parallel::run_parts`]). Results in order.
 ///
 /// Why: a sequence trained alone is the only segment of its pass, so nothing else shares the
 /// second core while its attention runs (a 128-token sequence's attention costs ~1 ms a
-/// layer, a scoped thread ~20-40 µs to start). KV heads, not query heads: a KV head's
+/// layer). KV heads, not query heads: a KV head's
 /// gradients sum over its query heads, and a split inside that sum would change its order.
 fn split_kv_heads<R: Send>(
     kv_heads: usize,
     threads: usize,
     f: impl Fn(std::ops::Range<usize>) -> R + Sync,
 ) -> Vec<(std::ops::Range<usize>, R)> {
-    let per = kv_heads.div_ceil(threads.clamp(1, kv_heads.max(1))).max(1);
-    let ranges: Vec<std::ops::Range<usize>> = (0..kv_heads).step_by(per).map(|a| a..(a + per).min(kv_heads)).collect();
-    if ranges.len() <= 1 {
-        return vec![(0..kv_heads, f(0..kv_heads))];
-    }
-    std::thread::scope(|scope| {
-        let f = &f;
-        let others: Vec<_> = ranges[1..].iter().cloned().map(|r| scope.spawn(move || (r.clone(), f(r)))).collect();
-        let mut out = vec![(ranges[0].clone(), f(ranges[0].clone()))];
-        out.extend(others.into_iter().map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
-        out
-    })
+    let ranges = crate::runtime::parallel::even_ranges(kv_heads, threads);
+    crate::runtime::parallel::run_parts(ranges, |r| (r.clone(), f(r)))
 }
 
 /// Copies the rows of heads `heads` (of `count`, sequence of `len` rows) from `from` into
