@@ -41,11 +41,10 @@ pub fn start_workers(count: usize) -> anyhow::Result<()> {
 }
 
 /// `f(item)` for every item, results in order: the first item on the calling thread, the
-/// others at once on the workers of [`start_workers`]; where none were started, or there are
-/// more items than workers plus one, on scoped threads; where the workers are busy (a split
-/// within a part of another, or another thread's split), one after another on the calling
-/// thread, since the cores are taken. A panic in any part is resumed on the caller once every
-/// part has finished.
+/// others at once on the workers of [`start_workers`]; on scoped threads where none were
+/// started, where there are more items than workers plus one, or where the workers are busy
+/// (a split within a part of another split, or another thread's split). A panic in any part
+/// is resumed on the caller once every part has finished.
 ///
 /// Callers make each part's numbers independent of which thread computes it, so results
 /// never depend on where the parts ran.
@@ -178,11 +177,8 @@ impl Workers {
         if parts <= 1 {
             return items.into_iter().map(f).collect();
         }
-        if parts - 1 > self.threads.len() {
+        if parts - 1 > self.threads.len() || self.busy.swap(true, Ordering::Acquire) {
             return run_scoped(items, f);
-        }
-        if self.busy.swap(true, Ordering::Acquire) {
-            return items.into_iter().map(f).collect();
         }
         // Each part takes its item and leaves its result in its own cell.
         let cells: Vec<Mutex<(Option<T>, Option<R>)>> = items.into_iter().map(|item| Mutex::new((Some(item), None))).collect();
@@ -278,23 +274,48 @@ mod tests {
     }
 
     /// Parts run on the caller and the workers, results in order, many times over (each
-    /// split reusing the mailboxes); more parts than workers, and a split within a part,
-    /// still run every part once.
+    /// split reusing the mailboxes); more parts than workers, and a split within a part
+    /// (on scoped threads), still run every part once.
     #[test]
     fn workers_run_every_part_once_in_order() {
         let workers = Workers::new(2).unwrap();
         let caller = thread::current().id();
+        let on_worker = || thread::current().name().is_some_and(|n| n.starts_with("selfedit-worker-"));
         for round in 0..2000 {
             let items: Vec<usize> = (0..3).map(|i| round * 3 + i).collect();
-            let out = workers.run(items, |x| (x * x, thread::current().id()));
+            let out = workers.run(items, |x| (x * x, thread::current().id(), on_worker()));
             assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), (0..3).map(|i| (round * 3 + i) * (round * 3 + i)).collect::<Vec<_>>());
             assert_eq!(out[0].1, caller);
-            assert!(out[1..].iter().all(|o| o.1 != caller), "round {round}: a worker's part ran on the caller");
+            assert!(out[1..].iter().all(|o| o.2), "round {round}: a part after the first ran off the workers");
+            assert_ne!(out[1].1, out[2].1, "round {round}: two parts on one worker");
         }
         let many = workers.run((0..7).collect(), |x: usize| x + 1);
         assert_eq!(many, (1..8).collect::<Vec<_>>());
         let nested = workers.run(vec![10usize, 20], |x| workers.run(vec![x, x + 1], |y| y * 2));
         assert_eq!(nested, [vec![20, 22], vec![40, 42]]);
+    }
+
+    /// Dropping the workers stops and joins their threads (each holds the shared mailboxes).
+    #[test]
+    fn dropped_workers_stop() {
+        let workers = Workers::new(2).unwrap();
+        assert_eq!(workers.run(vec![1, 2, 3], |x: i32| -x), [-1, -2, -3]);
+        let shared = Arc::downgrade(&workers.shared);
+        drop(workers);
+        assert!(shared.upgrade().is_none(), "a worker thread still holds the mailboxes");
+    }
+
+    /// The process's workers: started once (a second start is refused), then every split
+    /// runs its later parts on them.
+    #[test]
+    fn started_workers_take_the_splits() {
+        // another test of this process may have started them first; either way they run
+        let _ = start_workers(1);
+        assert!(start_workers(1).is_err(), "a second start is refused");
+        // a test running beside this one may hold the workers for a moment (then scoped threads)
+        let on_worker =
+            || run_parts(vec![0, 1], |_: i32| thread::current().name().map(str::to_owned))[1].as_deref() == Some("selfedit-worker-0");
+        assert!((0..1000).any(|_| on_worker()), "no split ran on the started worker");
     }
 
     /// A panic in a worker's part reaches the caller after the split, and the workers serve
