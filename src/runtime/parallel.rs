@@ -1,6 +1,6 @@
 //! Work split over the cores: contiguous ranges of a job, the first on the calling thread,
 //! the others on the worker threads a binary's `main` started ([`start_workers`]), or on
-//! scoped threads where none were started (tests, library users). One place for the splits
+//! scoped threads where none were started (library users; most tests) or they are busy. One place for the splits
 //! of the hand-written products ([`crate::runtime::sgemm`], [`crate::runtime::amx`]), the
 //! per-sequence work of a grouped pass and the elementwise ops ([`crate::runtime::ops`]),
 //! and a decoding step's draws ([`crate::runtime::generate`]).
@@ -97,7 +97,9 @@ fn run_scoped<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec
 /// back soon.
 const WORKER_SPIN: Duration = Duration::from_micros(50);
 
-/// How long a caller checks that the workers finished before it yields its core instead.
+/// How long a caller checks that the workers finished before it calls `yield_now` between
+/// checks instead (it never sleeps: the workers' parts are short, and the caller's core is
+/// the one it would give up).
 const CALLER_SPIN: Duration = Duration::from_micros(200);
 
 /// Checks `ready` (with a `pause` between checks) for up to `budget`; whether it came true.
@@ -161,14 +163,17 @@ impl Workers {
             })
             .collect();
         let shared = Arc::new(Shared { slots, stop: AtomicBool::new(false) });
-        let threads = (0..count)
-            .map(|i| {
-                let shared = Arc::clone(&shared);
-                thread::Builder::new().name(format!("selfedit-worker-{i}")).spawn(move || work(&shared, i))
-            })
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| anyhow::anyhow!("start_workers: could not start a worker thread: {e}"))?;
-        Ok(Self { shared, threads, busy: AtomicBool::new(false) })
+        // built before the spawns, so that the ones started are stopped if a later one fails
+        let mut workers = Self { shared, threads: Vec::with_capacity(count), busy: AtomicBool::new(false) };
+        for i in 0..count {
+            let shared = Arc::clone(&workers.shared);
+            let thread = thread::Builder::new()
+                .name(format!("selfedit-worker-{i}"))
+                .spawn(move || work(&shared, i))
+                .map_err(|e| anyhow::anyhow!("start_workers: could not start worker thread {i} of {count}: {e}"))?;
+            workers.threads.push(thread);
+        }
+        Ok(workers)
     }
 
     /// [`run_parts`] on these workers.
@@ -210,14 +215,15 @@ impl Workers {
                 }
             }
         }
+        // every worker's panic is taken, so none is left for a later split to find
+        let panics: Vec<Box<dyn Any + Send>> =
+            slots.iter().filter_map(|slot| slot.panic.lock().unwrap_or_else(|p| p.into_inner()).take()).collect();
         self.busy.store(false, Ordering::Release);
         if let Err(panic) = mine {
             resume_unwind(panic);
         }
-        for slot in slots {
-            if let Some(panic) = slot.panic.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                resume_unwind(panic);
-            }
+        if let Some(panic) = panics.into_iter().next() {
+            resume_unwind(panic);
         }
         cells.into_iter().map(|c| c.into_inner().unwrap_or_else(|p| p.into_inner()).1.expect("every part ran")).collect()
     }
@@ -327,5 +333,11 @@ mod tests {
         let message = got.unwrap_err();
         assert_eq!(message.downcast_ref::<String>().map(String::as_str), Some("part 1"));
         assert_eq!(workers.run(vec![3, 4], |x: i32| x * 10), [30, 40]);
+        // every part panics: the caller's panic is resumed, and the workers' are not left for
+        // the next split
+        let workers = Workers::new(2).unwrap();
+        let all = catch_unwind(AssertUnwindSafe(|| workers.run(vec![0, 1, 2], |x: i32| -> i32 { panic!("part {x}") })));
+        assert_eq!(all.unwrap_err().downcast_ref::<String>().map(String::as_str), Some("part 0"));
+        assert_eq!(workers.run(vec![5, 6, 7], |x: i32| x + 1), [6, 7, 8]);
     }
 }

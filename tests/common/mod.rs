@@ -22,8 +22,8 @@ pub fn model_path() -> PathBuf {
 /// SmolLM2 as the stages run it: the default `model.compute_dtype` (f32) applied, so its
 /// projections take the AVX-512 kernel where the CPU has it ([`selfedit::runtime::sgemm`]),
 /// and the work split over the runtime's workers, which a stage's `main` starts
-/// ([`selfedit::runtime::parallel::start_workers`]; the library's unit tests cover the scoped
-/// threads used without them).
+/// ([`selfedit::runtime::parallel::start_workers`]; `runtime::parallel`'s unit tests cover
+/// the scoped threads used without them).
 pub fn smollm() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
