@@ -114,6 +114,27 @@ pub fn matmul_plain(g: &[f32], m: usize, w: &[f32], k: usize, n: usize, threads:
     Some(product(g, m, k, n, RhsLayout::RowMajor { values: w, n }, threads))
 }
 
+/// [`matmul_plain`] written into `out` (`m × n` values, overwritten) on the calling thread:
+/// for products too small to split, whose result goes straight into the rows of a larger
+/// matrix (a packed batch's segment). `None`, `out` untouched, where [`matmul_plain`] is.
+///
+/// # Panics
+/// When `g`, `w` or `out` do not hold `m × k`, `k × n` and `m × n` values.
+pub fn matmul_plain_into(g: &[f32], m: usize, w: &[f32], k: usize, n: usize, out: &mut [f32]) -> Option<()> {
+    assert_eq!(g.len(), m * k, "input of {} values is not {m} x {k}", g.len());
+    assert_eq!(w.len(), k * n, "weight of {} values is not {k} x {n}", w.len());
+    assert_eq!(out.len(), m * n, "output of {} values is not {m} x {n}", out.len());
+    if !available() || !n.is_multiple_of(16) || n == 0 || k == 0 {
+        return None;
+    }
+    if m > 0 {
+        // SAFETY: `out` holds m × n values and is borrowed mutably for the call; one thread
+        // writes all panels.
+        unsafe { panels_kernel(g, m, k, n, RhsLayout::RowMajor { values: w, n }, out.as_mut_ptr(), 0, n.div_ceil(NR)) };
+    }
+    Some(())
+}
+
 /// Where column `j` of row `i` of the right-hand side lies.
 #[derive(Clone, Copy)]
 enum RhsLayout<'a> {
@@ -347,6 +368,11 @@ mod tests {
                 assert!((*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt(), "nn {m}x{k}x{n}: {g} vs {r}");
             }
         }
+        // into a caller's slice: the same bits, every value overwritten
+        let (x, w2) = (values(34 * 576, 6), values(576 * 32, 7));
+        let mut into = vec![f32::NAN; 34 * 32];
+        matmul_plain_into(&x, 34, &w2, 576, 32, &mut into).unwrap();
+        assert_eq!(into, matmul_plain(&x, 34, &w2, 576, 32, 1).unwrap());
         let (m, k, n) = (100, 2100, 48);
         let (x, w) = (values(m * k, 4), values(k * n, 5));
         let tall = matmul_plain(&x, m, &w, k, n, 2).unwrap();

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use candle_core::{DType, Tensor};
 
 use super::{bmm, par_segments, with_cpu_f32, Backward3, Result, Tap};
+use crate::runtime::parallel::SharedOut;
 use crate::runtime::{blas, sgemm};
 
 /// One segment of [`segmented_low_rank`]: the next `len` rows of the input and their update,
@@ -102,9 +103,14 @@ pub(crate) enum Products {
 }
 
 /// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
-/// `[n, out]`: u = h_s A_sᵀ `[len, r]`, y_s = scale · u B_sᵀ `[len, out]`. Also returns each
-/// factored segment's `u` (unscaled, `None` for a segment without factors), which
+/// `[n, out]`: u_s = scale · h_s A_sᵀ `[len, r]`, y_s = u_s B_sᵀ `[len, out]`. Also returns
+/// each factored segment's `u` (scaled, `None` for a segment without factors), which
 /// [`segmented_low_rank_backward`] needs.
+///
+/// Training ([`Products::Kernel`]) writes each segment whose rank and output width are
+/// multiples of 16 straight into the rows of the result on the f32 kernel
+/// ([`kernel_segment_forward`]); the choice is the segment's own (its rank, the width), so a
+/// sequence takes the same path alone and in a group.
 pub(crate) fn segmented_low_rank_forward(
     h: &Tensor,
     segments: &[LowRankSegment],
@@ -112,29 +118,78 @@ pub(crate) fn segmented_low_rank_forward(
     products: Products,
 ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
     let (lens, starts) = lens_and_starts(segments);
-    let product = |a: &Tensor, b: &Tensor, scale: f64| match products {
-        Products::Library => scaled(bmm(a, b, false, true)?, scale),
-        Products::Kernel => mm(a, b, false, true, scale),
-    };
-    let parts = par_segments(&lens, |i| {
-        let s = &segments[i];
-        match &s.factors {
-            None => Ok((Tensor::zeros((s.len, out), DType::F32, h.device())?, None)),
-            Some((a, b)) => {
-                let u = product(&h.narrow(0, starts[i], s.len)?, a, 1.0)?;
-                Ok((product(&u, b, s.scale)?, Some(u)))
+    if !h.device().is_cpu() {
+        // on a GPU: each segment's products where they lie, then one concatenation
+        let parts = par_segments(&lens, |i| {
+            let s = &segments[i];
+            match &s.factors {
+                None => Ok((Tensor::zeros((s.len, out), DType::F32, h.device())?, None)),
+                Some((a, b)) => {
+                    let (ys, u) = segment_forward_tensors(&h.narrow(0, starts[i], s.len)?, a, b, s.scale, products)?;
+                    Ok((ys, Some(u)))
+                }
             }
-        }
+        })?;
+        let (ys, us): (Vec<Tensor>, Vec<Option<Tensor>>) = parts.into_iter().unzip();
+        return Ok((Tensor::cat(&ys, 0)?, us));
+    }
+    let (n, in_dim) = h.dims2()?;
+    let h = h.contiguous()?;
+    let kernel = products == Products::Kernel && kernel_fits(&h, out);
+    let mut y: Vec<f32> = Vec::with_capacity(n * out);
+    let y_ptr = SharedOut(y.as_mut_ptr());
+    let us = with_cpu_f32_or(&h, |hv| {
+        par_segments(&lens, |i| {
+            let s = &segments[i];
+            let y_ptr = &y_ptr;
+            // SAFETY: segment i's rows [starts[i], starts[i] + len) of `y` (capacity n × out)
+            // are written by this call alone; segments are disjoint.
+            let ys = unsafe { std::slice::from_raw_parts_mut(y_ptr.0.add(starts[i] * out), s.len * out) };
+            let Some((a, b)) = &s.factors else {
+                ys.fill(0.0);
+                return Ok(None);
+            };
+            if let (true, true, Some(hv)) = (kernel, segment_fits(a, b), hv) {
+                let hs = &hv[starts[i] * in_dim..(starts[i] + s.len) * in_dim];
+                if let Some(u) = kernel_segment_forward(hs, a, b, s.scale, ys)? {
+                    return Ok(Some(Tensor::from_vec(u, (s.len, a.dim(0)?), h.device())?));
+                }
+            }
+            let (ys_t, u) = segment_forward_tensors(&h.narrow(0, starts[i], s.len)?, a, b, s.scale, products)?;
+            copy_into(&ys_t, ys)?;
+            Ok(Some(u))
+        })
     })?;
-    let (ys, us): (Vec<Tensor>, Vec<Option<Tensor>>) = parts.into_iter().unzip();
-    Ok((Tensor::cat(&ys, 0)?, us))
+    // SAFETY: every segment wrote all its rows above (zeros, the kernel's product or a copy),
+    // and the segments cover the n rows.
+    unsafe { y.set_len(n * out) };
+    Ok((Tensor::from_vec(y, (n, out), h.device())?, us))
+}
+
+/// One segment's forward as tensors, the products where the factors lie: `(y_s, u)` with
+/// `y_s = scale · (h_s Aᵀ) Bᵀ` (the same numbers in training and inference) and `u` scaled.
+fn segment_forward_tensors(hs: &Tensor, a: &Tensor, b: &Tensor, scale: f64, products: Products) -> Result<(Tensor, Tensor)> {
+    let (u, ys) = match products {
+        Products::Library => {
+            let u = bmm(hs, a, false, true)?;
+            let ys = scaled(bmm(&u, b, false, true)?, scale)?;
+            (u, ys)
+        }
+        Products::Kernel => {
+            let u = mm(hs, a, false, true, 1.0)?;
+            let ys = mm(&u, b, false, true, scale)?;
+            (u, ys)
+        }
+    };
+    Ok((ys, scaled(u, scale)?))
 }
 
 /// [`segmented_low_rank`]'s gradients for output gradient `g` `[n, out]`, given each
-/// segment's `u` from [`segmented_low_rank_forward`]: `h`'s `[n, in]` in f32, and `(dA, dB)`
-/// of each segment that has factors, in order: dB_s = scale · dy_sᵀ u, du = scale · dy_s B_s,
-/// dA_s = duᵀ h_s, dh_s = du A_s (the scale applied to the small `[len, r]` and `[out, r]`
-/// results, not to `dy`).
+/// segment's scaled `u` from [`segmented_low_rank_forward`]: `h`'s `[n, in]` in f32, and
+/// `(dA, dB)` of each segment that has factors, in order: du = scale · dy_s B_s,
+/// dA_s = duᵀ h_s, dB_s = dy_sᵀ u, dh_s = du A_s (the scale applied to the small `[len, r]`
+/// `du`, not to `dy`). Segments whose rank and width are multiples of 16 run on the f32
+/// kernel, their `dh` written straight into its rows ([`kernel_segment_backward`]).
 pub(crate) fn segmented_low_rank_backward(
     h: &Tensor,
     segments: &[LowRankSegment],
@@ -145,24 +200,158 @@ pub(crate) fn segmented_low_rank_backward(
         candle_core::bail!("segmented_low_rank_backward: {} u for {} segments", u.len(), segments.len());
     }
     let g = g.to_dtype(DType::F32)?.contiguous()?;
-    let in_dim = h.dim(1)?;
     let (lens, starts) = lens_and_starts(segments);
-    let grads = par_segments(&lens, |i| {
-        let s = &segments[i];
-        match (&s.factors, &u[i]) {
-            (Some((a, b)), Some(u)) => {
-                let hs = h.narrow(0, starts[i], s.len)?;
-                let gs = g.narrow(0, starts[i], s.len)?;
-                let du = mm(&gs, b, false, false, s.scale)?;
-                let dfactors = (mm(&du, &hs, true, false, 1.0)?, mm(&gs, u, true, false, s.scale)?);
-                Ok((mm(&du, a, false, false, 1.0)?, Some(dfactors)))
+    let check = |i: usize| match (&segments[i].factors, &u[i]) {
+        (Some((a, b)), Some(u)) => Ok(Some((a, b, u))),
+        (None, None) => Ok(None),
+        _ => candle_core::bail!("segmented_low_rank_backward: segment {i}'s u does not match its factors"),
+    };
+    if !h.device().is_cpu() {
+        // on a GPU: each segment's products where they lie, then one concatenation
+        let in_dim = h.dim(1)?;
+        let grads = par_segments(&lens, |i| {
+            let s = &segments[i];
+            match check(i)? {
+                Some((a, b, u)) => {
+                    let (dh, da, db) =
+                        segment_backward_tensors(&h.narrow(0, starts[i], s.len)?, &g.narrow(0, starts[i], s.len)?, a, b, u, s.scale)?;
+                    Ok((dh, Some((da, db))))
+                }
+                None => Ok((Tensor::zeros((s.len, in_dim), DType::F32, g.device())?, None)),
             }
-            (None, None) => Ok((Tensor::zeros((s.len, in_dim), DType::F32, g.device())?, None)),
-            _ => candle_core::bail!("segmented_low_rank_backward: segment {i}'s u does not match its factors"),
-        }
+        })?;
+        let (dh, dfactors): (Vec<Tensor>, Vec<Option<(Tensor, Tensor)>>) = grads.into_iter().unzip();
+        return Ok((Tensor::cat(&dh, 0)?, dfactors.into_iter().flatten().collect()));
+    }
+    let h = h.contiguous()?;
+    let ((n, in_dim), out) = (h.dims2()?, g.dim(1)?);
+    let kernel = kernel_fits(&h, in_dim);
+    let mut dh: Vec<f32> = Vec::with_capacity(n * in_dim);
+    let dh_ptr = SharedOut(dh.as_mut_ptr());
+    let dfactors = with_cpu_f32_or(&h, |hv| {
+        with_cpu_f32_or(&g, |gv| {
+            par_segments(&lens, |i| {
+                let s = &segments[i];
+                let dh_ptr = &dh_ptr;
+                // SAFETY: segment i's rows of `dh` (capacity n × in) are written by this call
+                // alone; segments are disjoint.
+                let dhs = unsafe { std::slice::from_raw_parts_mut(dh_ptr.0.add(starts[i] * in_dim), s.len * in_dim) };
+                let Some((a, b, u)) = check(i)? else {
+                    dhs.fill(0.0);
+                    return Ok(None);
+                };
+                if let (true, true, Some(hv), Some(gv)) = (kernel, segment_fits(a, b), hv, gv) {
+                    let rows = starts[i]..starts[i] + s.len;
+                    let (hs, gs) = (&hv[rows.start * in_dim..rows.end * in_dim], &gv[rows.start * out..rows.end * out]);
+                    if let Some((da, db)) = kernel_segment_backward(hs, gs, a, b, u, s.scale, dhs)? {
+                        let r = a.dim(0)?;
+                        return Ok(Some((Tensor::from_vec(da, (r, in_dim), h.device())?, Tensor::from_vec(db, (out, r), h.device())?)));
+                    }
+                }
+                let (dh_t, da, db) =
+                    segment_backward_tensors(&h.narrow(0, starts[i], s.len)?, &g.narrow(0, starts[i], s.len)?, a, b, u, s.scale)?;
+                copy_into(&dh_t, dhs)?;
+                Ok(Some((da, db)))
+            })
+        })
     })?;
-    let (dh, dfactors): (Vec<Tensor>, Vec<Option<(Tensor, Tensor)>>) = grads.into_iter().unzip();
-    Ok((Tensor::cat(&dh, 0)?, dfactors.into_iter().flatten().collect()))
+    // SAFETY: every segment wrote all its rows above, and the segments cover the n rows.
+    unsafe { dh.set_len(n * in_dim) };
+    Ok((Tensor::from_vec(dh, (n, in_dim), h.device())?, dfactors.into_iter().flatten().collect()))
+}
+
+/// One segment's gradients as tensors, the products where the factors lie: `(dh_s, dA, dB)`
+/// for its rows `hs`, output gradient `gs` and scaled `u`.
+fn segment_backward_tensors(hs: &Tensor, gs: &Tensor, a: &Tensor, b: &Tensor, u: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let du = mm(gs, b, false, false, scale)?;
+    Ok((mm(&du, a, false, false, 1.0)?, mm(&du, hs, true, false, 1.0)?, mm(gs, u, true, false, 1.0)?))
+}
+
+/// Whether the f32 kernel can take products with a `[.., width]` operand of `t` and an
+/// output `width` wide: an AVX-512 CPU, `t` f32 on the CPU, the width a multiple of 16.
+fn kernel_fits(t: &Tensor, width: usize) -> bool {
+    sgemm::available() && t.device().is_cpu() && t.dtype() == DType::F32 && width.is_multiple_of(16)
+}
+
+/// Whether a segment's factors (`A` `[r, in]`, `B` `[out, r]`) take the kernel path: f32 on
+/// the CPU, the rank a multiple of 16 (16, 32, 48, 64: LoRA's usual ranks).
+fn segment_fits(a: &Tensor, b: &Tensor) -> bool {
+    [a, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32) && a.dim(0).is_ok_and(|r| r.is_multiple_of(16))
+}
+
+/// `f` on `t`'s f32 values where it is a contiguous f32 CPU tensor, on `None` otherwise.
+fn with_cpu_f32_or<R>(t: &Tensor, f: impl FnOnce(Option<&[f32]>) -> R) -> R {
+    let mut f = Some(f);
+    match with_cpu_f32(t, |v| (f.take().expect("called once"))(Some(v))) {
+        Some(r) => r,
+        None => (f.take().expect("not called"))(None),
+    }
+}
+
+/// `t`'s values (2-D, f32) into `dst`, which holds exactly as many.
+fn copy_into(t: &Tensor, dst: &mut [f32]) -> Result<()> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let copied = with_cpu_f32(&t, |v| dst.copy_from_slice(v));
+    if copied.is_none() {
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        dst.copy_from_slice(&v);
+    }
+    Ok(())
+}
+
+/// One segment's training forward on the f32 kernel: `u = scale · h_s Aᵀ` `[len, r]`
+/// (returned) and `y_s = u Bᵀ` written into `ys` `[len, out]`. `None` (nothing written) when
+/// a factor is not a contiguous f32 CPU tensor.
+fn kernel_segment_forward(hs: &[f32], a: &Tensor, b: &Tensor, scale: f64, ys: &mut [f32]) -> Result<Option<Vec<f32>>> {
+    let ((r, in_dim), (out, _)) = (a.dims2()?, b.dims2()?);
+    let len = hs.len() / in_dim;
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let done = with_cpu_f32(&a, |av| {
+        with_cpu_f32(&b, |bv| {
+            let mut u = sgemm::matmul_plain(hs, len, &transpose(av, r, in_dim), in_dim, r, 1)?;
+            if scale != 1.0 {
+                u.iter_mut().for_each(|v| *v *= scale as f32);
+            }
+            sgemm::matmul_plain_into(&u, len, &transpose(bv, out, r), r, out, ys)?;
+            Some(u)
+        })
+    });
+    Ok(done.flatten().flatten())
+}
+
+/// One segment's training backward on the f32 kernel, for its rows `hs` `[len, in]` and
+/// output gradient `gs` `[len, out]`: `(dA, dB)` returned, `dh_s` written into `dhs`.
+/// `None` (nothing written) when a factor or `u` is not a contiguous f32 CPU tensor.
+#[allow(clippy::type_complexity)]
+fn kernel_segment_backward(
+    hs: &[f32],
+    gs: &[f32],
+    a: &Tensor,
+    b: &Tensor,
+    u: &Tensor,
+    scale: f64,
+    dhs: &mut [f32],
+) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let ((r, in_dim), (out, _)) = (a.dims2()?, b.dims2()?);
+    let len = hs.len() / in_dim;
+    let (a, b, u) = (a.contiguous()?, b.contiguous()?, u.contiguous()?);
+    let done = with_cpu_f32(&a, |av| {
+        with_cpu_f32(&b, |bv| {
+            with_cpu_f32(&u, |uv| {
+                // du = scale · g_s B  [len, r]
+                let mut du = sgemm::matmul_plain(gs, len, bv, out, r, 1)?;
+                if scale != 1.0 {
+                    du.iter_mut().for_each(|v| *v *= scale as f32);
+                }
+                // dA = duᵀ h_s  [r, in];  dB = g_sᵀ u  [out, r];  dh_s = du A  [len, in]
+                let da = sgemm::matmul_plain(&transpose(&du, len, r), r, hs, len, in_dim, 1)?;
+                let db = sgemm::matmul_plain(&transpose(gs, len, out), out, uv, len, r, 1)?;
+                sgemm::matmul_plain_into(&du, len, av, r, in_dim, dhs)?;
+                Some((da, db))
+            })
+        })
+    });
+    Ok(done.flatten().flatten().flatten())
 }
 
 /// Each segment's rows and first row.
@@ -216,21 +405,81 @@ fn scaled(y: Tensor, scale: f64) -> Result<Tensor> {
     }
 }
 
-/// Row-major `[rows, cols]` as row-major `[cols, rows]`, in 16 × 16 tiles (candle's strided
-/// copy computes an index per element, and was slower than the products it fed).
+/// Row-major `[rows, cols]` as row-major `[cols, rows]`, in 16 × 16 tiles: full tiles
+/// transposed in AVX-512 registers ([`transpose16`]) where the CPU has them, the edges (and
+/// every tile elsewhere) value by value. Written into memory not zeroed first.
+///
+/// Why by hand: candle's strided copy computes an index per element, and was slower than the
+/// products it fed; value by value, the transposes of a grouped pass's factors and gradients
+/// still took ~7% of its low-rank updates' samples.
 fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const T: usize = 16;
-    let mut out = vec![0f32; rows * cols];
+    assert_eq!(v.len(), rows * cols, "{} values are not {rows} x {cols}", v.len());
+    let mut out: Vec<f32> = Vec::with_capacity(rows * cols);
+    let o = out.as_mut_ptr();
+    let registers = sgemm::available();
     for i0 in (0..rows).step_by(T) {
         for j0 in (0..cols).step_by(T) {
-            for i in i0..(i0 + T).min(rows) {
-                for j in j0..(j0 + T).min(cols) {
-                    out[j * rows + i] = v[i * cols + j];
+            let (ti, tj) = (T.min(rows - i0), T.min(cols - j0));
+            if registers && ti == T && tj == T {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512F is present; the tile's 16 rows of 16 values lie within `v`
+                // (i0 + 16 <= rows, j0 + 16 <= cols) and its 16 output rows within `out`'s
+                // capacity.
+                unsafe {
+                    transpose16(v.as_ptr().add(i0 * cols + j0), cols, o.add(j0 * rows + i0), rows)
+                };
+                continue;
+            }
+            for i in i0..i0 + ti {
+                for (j, x) in v[i * cols + j0..i * cols + j0 + tj].iter().enumerate() {
+                    // SAFETY: (j0 + j) * rows + i < cols * rows, the capacity.
+                    unsafe { o.add((j0 + j) * rows + i).write(*x) };
                 }
             }
         }
     }
+    // SAFETY: the tiles cover every (i, j), so all rows × cols values were written.
+    unsafe { out.set_len(rows * cols) };
     out
+}
+
+/// Row `c` of `dst` (16 values, rows `ldd` apart) = column `c` of the 16 × 16 block at `src`
+/// (rows `lds` apart): the rows interleaved in pairs (`unpack`), then in fours within each
+/// 128-bit lane (`shuffle_ps`), then the lanes gathered in two rounds (`shuffle_f32x4`).
+///
+/// # Safety
+/// AVX-512F; 16 rows of 16 readable values at `src` and writable at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * lds)));
+    // t[2k], t[2k+1]: rows 2k and 2k+1 interleaved, each lane L holding columns 4L, 4L+1
+    // (t[2k]) or 4L+2, 4L+3 (t[2k+1])
+    let mut t = [_mm512_setzero_ps(); 16];
+    for k in 0..8 {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    // u[4g + c], lane L: column 4L + c of rows 4g..4g+4
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (a0, a1, b0, b1) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+        u[4 * g] = _mm512_shuffle_ps::<0x44>(a0, b0);
+        u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a0, b0);
+        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(a1, b1);
+        u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(a1, b1);
+    }
+    // column 4L + c: lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+    for c in 0..4 {
+        let (v02, w02) = (_mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]), _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]));
+        let (v13, w13) = (_mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]), _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]));
+        _mm512_storeu_ps(dst.add(c * ldd), _mm512_shuffle_f32x4::<0x88>(v02, w02));
+        _mm512_storeu_ps(dst.add((8 + c) * ldd), _mm512_shuffle_f32x4::<0xDD>(v02, w02));
+        _mm512_storeu_ps(dst.add((4 + c) * ldd), _mm512_shuffle_f32x4::<0x88>(v13, w13));
+        _mm512_storeu_ps(dst.add((12 + c) * ldd), _mm512_shuffle_f32x4::<0xDD>(v13, w13));
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +502,21 @@ mod tests {
     fn composed(h: &Var, rows: (usize, usize), a: &Var, b: &Var, scale: f64) -> Tensor {
         let u = h.narrow(0, rows.0, rows.1).unwrap().matmul(&a.t().unwrap()).unwrap();
         (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()
+    }
+
+    /// The transpose against its definition, over shapes with full 16 × 16 tiles (in
+    /// registers on AVX-512), partial ones at both edges, and fewer than 16 rows or columns.
+    #[test]
+    fn transpose_moves_every_value() {
+        for (rows, cols) in [(16, 16), (32, 576), (34, 192), (576, 48), (7, 40), (40, 7), (1, 1), (17, 33)] {
+            let v: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+            let t = transpose(&v, rows, cols);
+            for i in 0..rows {
+                for j in 0..cols {
+                    assert_eq!(t[j * rows + i], v[i * cols + j], "{rows} x {cols} at ({i}, {j})");
+                }
+            }
+        }
     }
 
     /// Ranks and widths that are multiples of 16 take the f32 kernel on AVX-512 CPUs (all
