@@ -18,12 +18,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// An output buffer shared by the threads of one hand-written product
-/// ([`crate::runtime::sgemm`], [`crate::runtime::amx`]), each of which writes only its own
-/// columns.
+/// An output buffer shared by the threads of one split: the column panels of a hand-written
+/// product ([`crate::runtime::sgemm`], [`crate::runtime::amx`]) or the row segments of a
+/// packed batch (`ops::segmented_low_rank`), each thread writing only its own part.
 pub(crate) struct SharedOut(pub(crate) *mut f32);
-// SAFETY: the products that hand it to [`split_units`]' threads give each thread a disjoint
-// range of columns, and no thread reads what another wrote.
+// SAFETY: every user hands each thread a disjoint range (columns or rows) to write, and no
+// thread reads what another wrote.
 unsafe impl Sync for SharedOut {}
 
 /// The workers of this process, once [`start_workers`] ran.

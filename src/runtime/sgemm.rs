@@ -114,24 +114,21 @@ pub fn matmul_plain(g: &[f32], m: usize, w: &[f32], k: usize, n: usize, threads:
     Some(product(g, m, k, n, RhsLayout::RowMajor { values: w, n }, threads))
 }
 
-/// [`matmul_plain`] written into `out` (`m × n` values, overwritten) on the calling thread:
-/// for products too small to split, whose result goes straight into the rows of a larger
-/// matrix (a packed batch's segment). `None`, `out` untouched, where [`matmul_plain`] is.
+/// [`matmul_plain`] written into `out` (`m × n` values, overwritten): for a product whose
+/// result goes straight into the rows of a larger matrix (a packed batch's segment). `None`,
+/// `out` untouched, where [`matmul_plain`] is.
 ///
 /// # Panics
 /// When `g`, `w` or `out` do not hold `m × k`, `k × n` and `m × n` values.
-pub fn matmul_plain_into(g: &[f32], m: usize, w: &[f32], k: usize, n: usize, out: &mut [f32]) -> Option<()> {
+pub fn matmul_plain_into(g: &[f32], m: usize, w: &[f32], k: usize, n: usize, threads: usize, out: &mut [f32]) -> Option<()> {
     assert_eq!(g.len(), m * k, "input of {} values is not {m} x {k}", g.len());
     assert_eq!(w.len(), k * n, "weight of {} values is not {k} x {n}", w.len());
     assert_eq!(out.len(), m * n, "output of {} values is not {m} x {n}", out.len());
     if !available() || !n.is_multiple_of(16) || n == 0 || k == 0 {
         return None;
     }
-    if m > 0 {
-        // SAFETY: `out` holds m × n values and is borrowed mutably for the call; one thread
-        // writes all panels.
-        unsafe { panels_kernel(g, m, k, n, RhsLayout::RowMajor { values: w, n }, out.as_mut_ptr(), 0, n.div_ceil(NR)) };
-    }
+    // SAFETY: `out` holds m × n values and is borrowed mutably for the call.
+    unsafe { product_into(g, m, k, n, RhsLayout::RowMajor { values: w, n }, threads, out.as_mut_ptr()) };
     Some(())
 }
 
@@ -156,23 +153,35 @@ impl RhsLayout<'_> {
 
 fn product(a: &[f32], m: usize, k: usize, n: usize, b: RhsLayout, threads: usize) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `out` has capacity m × n; `product_into` stores all of them (every row block of
+    // every panel at the first reduction pass), and f32 has no invalid bit patterns.
+    unsafe {
+        product_into(a, m, k, n, b, threads, out.as_mut_ptr());
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// `a @ B` stored into the `m × n` values at `c`, over `threads` threads by column panels
+/// when the product is large enough ([`THREADED_PRODUCT`]).
+///
+/// # Safety
+/// `a` is `m × k`; `b` holds `k × n` values; `c` has room for `m * n` f32 that nothing else
+/// touches during the call.
+unsafe fn product_into(a: &[f32], m: usize, k: usize, n: usize, b: RhsLayout, threads: usize, c: *mut f32) {
     if m == 0 {
-        return out;
+        return;
     }
     let panels = n.div_ceil(NR);
     let threads = if m * k * n >= THREADED_PRODUCT { threads } else { 1 };
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = SharedOut(c);
     split_units(panels, threads, |from, to| {
         let out_ptr = &out_ptr;
-        // SAFETY: each call writes only panels [from, to) of `out` (capacity m * n), disjoint
+        // SAFETY: each call writes only panels [from, to) of `c` (room for m * n), disjoint
         // between threads, and reads back only values it stored; `a` is m × k and `b` holds
         // k × n values in its layout.
         unsafe { panels_kernel(a, m, k, n, b, out_ptr.0, from, to) }
     });
-    // SAFETY: the kernel calls above stored all m × n values (every row block of every panel
-    // at the first reduction pass), and f32 has no invalid bit patterns.
-    unsafe { out.set_len(m * n) };
-    out
 }
 
 /// Panels `[from, to)` of `c` (`[m, n]`, row-major) = `a @ B`.
@@ -371,7 +380,7 @@ mod tests {
         // into a caller's slice: the same bits, every value overwritten
         let (x, w2) = (values(34 * 576, 6), values(576 * 32, 7));
         let mut into = vec![f32::NAN; 34 * 32];
-        matmul_plain_into(&x, 34, &w2, 576, 32, &mut into).unwrap();
+        matmul_plain_into(&x, 34, &w2, 576, 32, 1, &mut into).unwrap();
         assert_eq!(into, matmul_plain(&x, 34, &w2, 576, 32, 1).unwrap());
         let (m, k, n) = (100, 2100, 48);
         let (x, w) = (values(m * k, 4), values(k * n, 5));

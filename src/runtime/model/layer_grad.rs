@@ -139,7 +139,7 @@ impl LowRank {
 pub(super) struct Update {
     pub(super) segments: Vec<LowRankSegment>,
     mask: Option<Tensor>,
-    /// Each segment's `h Aᵀ` from the forward ([`project`]), for the backward.
+    /// Each segment's `scale · h Aᵀ` from the forward ([`project`]), for the backward.
     kept: Vec<Option<Tensor>>,
 }
 
@@ -180,7 +180,7 @@ impl Update {
     }
 }
 
-/// `x Wᵀ (+ bias) + update`, `[n, in]` → `[n, out]`; the update's `h Aᵀ` is kept in `u`
+/// `x Wᵀ (+ bias) + update`, `[n, in]` → `[n, out]`; the update's `scale · h Aᵀ` is kept in `u`
 /// for [`project_backward`]. `products`: the kernel when something trains (as
 /// [`ops::segmented_low_rank`] chooses), so the node's value stays the composed layer's.
 fn project(x: &Tensor, lin: &Linear, u: &mut Update, products: ops::Products) -> Result<Tensor> {

@@ -104,8 +104,8 @@ pub(crate) enum Products {
 
 /// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
 /// `[n, out]`: u_s = scale · h_s A_sᵀ `[len, r]`, y_s = u_s B_sᵀ `[len, out]`. Also returns
-/// each factored segment's `u` (scaled, `None` for a segment without factors), which
-/// [`segmented_low_rank_backward`] needs.
+/// each factored segment's `u` (scaled; `None` for a segment without factors, and for every
+/// segment in inference, [`Products::Library`]), which [`segmented_low_rank_backward`] needs.
 ///
 /// Training ([`Products::Kernel`]) writes each segment whose rank and output width are
 /// multiples of 16 straight into the rows of the result on the f32 kernel
@@ -118,16 +118,14 @@ pub(crate) fn segmented_low_rank_forward(
     products: Products,
 ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
     let (lens, starts) = lens_and_starts(segments);
+    covers(&lens, h.dim(0)?, "segmented_low_rank_forward")?;
     if !h.device().is_cpu() {
         // on a GPU: each segment's products where they lie, then one concatenation
         let parts = par_segments(&lens, |i| {
             let s = &segments[i];
             match &s.factors {
                 None => Ok((Tensor::zeros((s.len, out), DType::F32, h.device())?, None)),
-                Some((a, b)) => {
-                    let (ys, u) = segment_forward_tensors(&h.narrow(0, starts[i], s.len)?, a, b, s.scale, products)?;
-                    Ok((ys, Some(u)))
-                }
+                Some((a, b)) => segment_forward_tensors(&h.narrow(0, starts[i], s.len)?, a, b, s.scale, products),
             }
         })?;
         let (ys, us): (Vec<Tensor>, Vec<Option<Tensor>>) = parts.into_iter().unzip();
@@ -155,9 +153,9 @@ pub(crate) fn segmented_low_rank_forward(
                     return Ok(Some(Tensor::from_vec(u, (s.len, a.dim(0)?), h.device())?));
                 }
             }
-            let (ys_t, u) = segment_forward_tensors(&h.narrow(0, starts[i], s.len)?, a, b, s.scale, products)?;
+            let (ys_t, u) = segment_forward_tensors(&rows_of(&h, hv, starts[i], s.len)?, a, b, s.scale, products)?;
             copy_into(&ys_t, ys)?;
-            Ok(Some(u))
+            Ok(u)
         })
     })?;
     // SAFETY: every segment wrote all its rows above (zeros, the kernel's product or a copy),
@@ -166,22 +164,29 @@ pub(crate) fn segmented_low_rank_forward(
     Ok((Tensor::from_vec(y, (n, out), h.device())?, us))
 }
 
-/// One segment's forward as tensors, the products where the factors lie: `(y_s, u)` with
-/// `y_s = scale · (h_s Aᵀ) Bᵀ` (the same numbers in training and inference) and `u` scaled.
-fn segment_forward_tensors(hs: &Tensor, a: &Tensor, b: &Tensor, scale: f64, products: Products) -> Result<(Tensor, Tensor)> {
-    let (u, ys) = match products {
+/// One segment's forward as tensors, the products where the factors lie: `y_s = scale ·
+/// (h_s Aᵀ) Bᵀ` and, for training ([`Products::Kernel`]), `u` scaled; inference keeps no `u`.
+fn segment_forward_tensors(hs: &Tensor, a: &Tensor, b: &Tensor, scale: f64, products: Products) -> Result<(Tensor, Option<Tensor>)> {
+    Ok(match products {
         Products::Library => {
             let u = bmm(hs, a, false, true)?;
-            let ys = scaled(bmm(&u, b, false, true)?, scale)?;
-            (u, ys)
+            (scaled(bmm(&u, b, false, true)?, scale)?, None)
         }
         Products::Kernel => {
             let u = mm(hs, a, false, true, 1.0)?;
-            let ys = mm(&u, b, false, true, scale)?;
-            (u, ys)
+            (mm(&u, b, false, true, scale)?, Some(scaled(u, scale)?))
         }
-    };
-    Ok((ys, scaled(u, scale)?))
+    })
+}
+
+/// Rows `[start, start + len)` of `h` `[n, in]` as a tensor: copied from `hv` (`h`'s values,
+/// whose storage lock the caller holds, so no second lock is taken), or a view of `h`.
+fn rows_of(h: &Tensor, hv: Option<&[f32]>, start: usize, len: usize) -> Result<Tensor> {
+    let width = h.dim(1)?;
+    match hv {
+        Some(hv) => Tensor::from_slice(&hv[start * width..(start + len) * width], (len, width), h.device()),
+        None => h.narrow(0, start, len),
+    }
 }
 
 /// [`segmented_low_rank`]'s gradients for output gradient `g` `[n, out]`, given each
@@ -201,6 +206,8 @@ pub(crate) fn segmented_low_rank_backward(
     }
     let g = g.to_dtype(DType::F32)?.contiguous()?;
     let (lens, starts) = lens_and_starts(segments);
+    covers(&lens, h.dim(0)?, "segmented_low_rank_backward")?;
+    covers(&lens, g.dim(0)?, "segmented_low_rank_backward")?;
     let check = |i: usize| match (&segments[i].factors, &u[i]) {
         (Some((a, b)), Some(u)) => Ok(Some((a, b, u))),
         (None, None) => Ok(None),
@@ -248,8 +255,8 @@ pub(crate) fn segmented_low_rank_backward(
                         return Ok(Some((Tensor::from_vec(da, (r, in_dim), h.device())?, Tensor::from_vec(db, (out, r), h.device())?)));
                     }
                 }
-                let (dh_t, da, db) =
-                    segment_backward_tensors(&h.narrow(0, starts[i], s.len)?, &g.narrow(0, starts[i], s.len)?, a, b, u, s.scale)?;
+                let (hs, gs) = (rows_of(&h, hv, starts[i], s.len)?, rows_of(&g, gv, starts[i], s.len)?);
+                let (dh_t, da, db) = segment_backward_tensors(&hs, &gs, a, b, u, s.scale)?;
                 copy_into(&dh_t, dhs)?;
                 Ok(Some((da, db)))
             })
@@ -300,19 +307,20 @@ fn copy_into(t: &Tensor, dst: &mut [f32]) -> Result<()> {
 }
 
 /// One segment's training forward on the f32 kernel: `u = scale · h_s Aᵀ` `[len, r]`
-/// (returned) and `y_s = u Bᵀ` written into `ys` `[len, out]`. `None` (nothing written) when
-/// a factor is not a contiguous f32 CPU tensor.
+/// (returned) and `y_s = u Bᵀ` written into `ys` `[len, out]`. `None` (nothing written) where
+/// the kernel cannot take a product (a factor not a contiguous f32 CPU tensor, a zero
+/// dimension).
 fn kernel_segment_forward(hs: &[f32], a: &Tensor, b: &Tensor, scale: f64, ys: &mut [f32]) -> Result<Option<Vec<f32>>> {
     let ((r, in_dim), (out, _)) = (a.dims2()?, b.dims2()?);
     let len = hs.len() / in_dim;
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let done = with_cpu_f32(&a, |av| {
         with_cpu_f32(&b, |bv| {
-            let mut u = sgemm::matmul_plain(hs, len, &transpose(av, r, in_dim), in_dim, r, 1)?;
+            let mut u = sgemm::matmul_plain(hs, len, &transpose(av, r, in_dim), in_dim, r, blas::threads())?;
             if scale != 1.0 {
                 u.iter_mut().for_each(|v| *v *= scale as f32);
             }
-            sgemm::matmul_plain_into(&u, len, &transpose(bv, out, r), r, out, ys)?;
+            sgemm::matmul_plain_into(&u, len, &transpose(bv, out, r), r, out, blas::threads(), ys)?;
             Some(u)
         })
     });
@@ -339,19 +347,29 @@ fn kernel_segment_backward(
         with_cpu_f32(&b, |bv| {
             with_cpu_f32(&u, |uv| {
                 // du = scale · g_s B  [len, r]
-                let mut du = sgemm::matmul_plain(gs, len, bv, out, r, 1)?;
+                let mut du = sgemm::matmul_plain(gs, len, bv, out, r, blas::threads())?;
                 if scale != 1.0 {
                     du.iter_mut().for_each(|v| *v *= scale as f32);
                 }
                 // dA = duᵀ h_s  [r, in];  dB = g_sᵀ u  [out, r];  dh_s = du A  [len, in]
-                let da = sgemm::matmul_plain(&transpose(&du, len, r), r, hs, len, in_dim, 1)?;
-                let db = sgemm::matmul_plain(&transpose(gs, len, out), out, uv, len, r, 1)?;
-                sgemm::matmul_plain_into(&du, len, av, r, in_dim, dhs)?;
+                let da = sgemm::matmul_plain(&transpose(&du, len, r), r, hs, len, in_dim, blas::threads())?;
+                let db = sgemm::matmul_plain(&transpose(gs, len, out), out, uv, len, r, blas::threads())?;
+                sgemm::matmul_plain_into(&du, len, av, r, in_dim, blas::threads(), dhs)?;
                 Some((da, db))
             })
         })
     });
     Ok(done.flatten().flatten().flatten())
+}
+
+/// An error unless the segments' `lens` add up to the `rows` of the input: the outputs are
+/// filled segment by segment, so a row no segment covers would be left unwritten.
+fn covers(lens: &[usize], rows: usize, op: &str) -> Result<()> {
+    let covered: usize = lens.iter().sum();
+    if covered != rows {
+        candle_core::bail!("{op}: segments cover {covered} rows of {rows}");
+    }
+    Ok(())
 }
 
 /// Each segment's rows and first row.
@@ -563,9 +581,23 @@ mod tests {
         let (yk, uk) = segmented_low_rank_forward(&h, &segments, 32, Products::Kernel).unwrap();
         let (yl, ul) = segmented_low_rank_forward(&h, &segments, 32, Products::Library).unwrap();
         close(&yk, &yl);
-        assert!(uk[1].is_none() && ul[1].is_none());
+        assert!(uk[1].is_none() && ul.iter().all(Option::is_none), "inference keeps no u");
+        // the backward from the kernel's u and from u = scale · h Aᵀ composed of candle's ops
+        let starts = [0, 30, 35, 56];
+        let composed_u: Vec<Option<Tensor>> = segments
+            .iter()
+            .zip(starts)
+            .map(|(s, start)| {
+                s.factors.as_ref().map(|(a, _)| (h.narrow(0, start, s.len).unwrap().matmul(&a.t().unwrap()).unwrap() * s.scale).unwrap())
+            })
+            .collect();
+        for (k, c) in uk.iter().zip(&composed_u) {
+            if let (Some(k), Some(c)) = (k, c) {
+                close(k, c);
+            }
+        }
         let (dhk, dfk) = segmented_low_rank_backward(&h, &segments, &uk, &g).unwrap();
-        let (dhl, dfl) = segmented_low_rank_backward(&h, &segments, &ul, &g).unwrap();
+        let (dhl, dfl) = segmented_low_rank_backward(&h, &segments, &composed_u, &g).unwrap();
         close(&dhk, &dhl);
         for ((dak, dbk), (dal, dbl)) in dfk.iter().zip(&dfl) {
             close(dak, dal);
@@ -583,6 +615,15 @@ mod tests {
         assert!(e.to_string().contains("segment 0's u"), "{e}");
         let e = segmented_low_rank_backward(&h, &segments, &[], &g).unwrap_err();
         assert!(e.to_string().contains("0 u for 4 segments"), "{e}");
+        // segments that do not cover the rows are an error, not rows left unwritten or
+        // written past the end
+        for lens in [[30, 5, 21, 14], [30, 5, 21, 16]] {
+            let off: Vec<LowRankSegment> = segments.iter().zip(lens).map(|(s, len)| LowRankSegment { len, ..s.clone() }).collect();
+            let e = segmented_low_rank_forward(&h, &off, 32, Products::Kernel).unwrap_err();
+            assert!(e.to_string().contains("segments cover"), "{e}");
+            let e = segmented_low_rank_backward(&h, &off, &uk, &g).unwrap_err();
+            assert!(e.to_string().contains("segments cover"), "{e}");
+        }
     }
 
     /// Three segments (rank 2, no update, rank 3) against the same products composed of
