@@ -522,6 +522,42 @@ mod tests {
         (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()
     }
 
+    /// Each segment takes the path of its own rank, bit for bit (on AVX-512): rank 16 the
+    /// kernel's, `(scale · h Aᵀ) Bᵀ` with `u` scaled first; rank 8 the tensor path's,
+    /// `scale · (h Aᵀ) Bᵀ`. Scales 1.7 and 0.3 round differently on the two paths.
+    #[test]
+    fn each_segment_takes_the_path_of_its_rank() {
+        if !sgemm::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let randn = |shape: (usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (h, g) = (randn((20, 48)), randn((20, 32)));
+        let (a16, b16, a8, b8) = (randn((16, 48)), randn((32, 16)), randn((8, 48)), randn((32, 8)));
+        let segments = [
+            LowRankSegment { len: 12, factors: Some((a16.clone(), b16.clone())), scale: 1.7 },
+            LowRankSegment { len: 8, factors: Some((a8.clone(), b8.clone())), scale: 0.3 },
+        ];
+        let (y, u) = segmented_low_rank_forward(&h, &segments, 32, Products::Kernel).unwrap();
+        let (hv, gv, a16v, b16v) = (v(&h), v(&g), v(&a16), v(&b16));
+        let mut u16 = sgemm::matmul_plain(&hv[..12 * 48], 12, &transpose(&a16v, 16, 48), 48, 16, 1).unwrap();
+        u16.iter_mut().for_each(|x| *x *= 1.7);
+        assert_eq!(v(u[0].as_ref().unwrap()), u16);
+        let y16 = sgemm::matmul_plain(&u16, 12, &transpose(&b16v, 32, 16), 16, 32, 1).unwrap();
+        assert_eq!(v(&y.narrow(0, 0, 12).unwrap()), y16);
+        let h8 = h.narrow(0, 12, 8).unwrap();
+        let y8 = mm(&mm(&h8, &a8, false, true, 1.0).unwrap(), &b8, false, true, 0.3).unwrap();
+        assert_eq!(v(&y.narrow(0, 12, 8).unwrap()), v(&y8));
+        // the backward of rank 16: du = scale · g B, dh = du A, dA = duᵀ h, dB = gᵀ u
+        let (dh, dfactors) = segmented_low_rank_backward(&h, &segments, &u, &g).unwrap();
+        let mut du = sgemm::matmul_plain(&gv[..12 * 32], 12, &b16v, 32, 16, 1).unwrap();
+        du.iter_mut().for_each(|x| *x *= 1.7);
+        assert_eq!(v(&dh.narrow(0, 0, 12).unwrap()), sgemm::matmul_plain(&du, 12, &a16v, 16, 48, 1).unwrap());
+        assert_eq!(v(&dfactors[0].0), sgemm::matmul_plain(&transpose(&du, 12, 16), 16, &hv[..12 * 48], 12, 48, 1).unwrap());
+        assert_eq!(v(&dfactors[0].1), sgemm::matmul_plain(&transpose(&gv[..12 * 32], 12, 32), 32, &u16, 12, 16, 1).unwrap());
+    }
+
     /// The transpose against its definition, over shapes with full 16 × 16 tiles (in
     /// registers on AVX-512), partial ones at both edges, and fewer than 16 rows or columns.
     #[test]
