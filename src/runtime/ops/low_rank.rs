@@ -295,15 +295,10 @@ fn with_cpu_f32_or<R>(t: &Tensor, f: impl FnOnce(Option<&[f32]>) -> R) -> R {
     }
 }
 
-/// `t`'s values (2-D, f32) into `dst`, which holds exactly as many.
+/// A CPU tensor's values, in f32, into `dst`, which holds exactly as many.
 fn copy_into(t: &Tensor, dst: &mut [f32]) -> Result<()> {
     let t = t.to_dtype(DType::F32)?.contiguous()?;
-    let copied = with_cpu_f32(&t, |v| dst.copy_from_slice(v));
-    if copied.is_none() {
-        let v = t.flatten_all()?.to_vec1::<f32>()?;
-        dst.copy_from_slice(&v);
-    }
-    Ok(())
+    with_cpu_f32(&t, |v| dst.copy_from_slice(v)).ok_or_else(|| candle_core::Error::Msg(format!("copy_into: a {:?} tensor", t.device())))
 }
 
 /// One segment's training forward on the f32 kernel: `u = scale · h_s Aᵀ` `[len, r]`
