@@ -65,6 +65,13 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> 
     product(x, w, false, true, true)
 }
 
+/// [`matmul_nt`]'s `[m, n]` values, row-major, owned: for a caller that rewrites them in
+/// place (the LM head's logits into the loss's gradient) rather than copying them out of a
+/// tensor.
+pub fn matmul_nt_values(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Vec<f32>>> {
+    product_values(x, w, false, true, true).map(|r| r.map(|(values, _)| values))
+}
+
 /// `g @ w` for `g` `[m, n]` and `w` `[n, k]`, or `None` when this path does not apply.
 pub fn matmul_nn(g: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
     product(g, w, false, false, true)
@@ -92,6 +99,18 @@ pub fn batched(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Option<c
 }
 
 fn product(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, pad_small: bool) -> Option<candle_core::Result<Tensor>> {
+    Some(product_values(a, b, trans_a, trans_b, pad_small)?.and_then(|(values, shape)| Tensor::from_vec(values, shape, &Device::Cpu)))
+}
+
+/// [`product`]'s values and shape.
+#[allow(clippy::type_complexity)]
+fn product_values(
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    pad_small: bool,
+) -> Option<candle_core::Result<(Vec<f32>, Vec<usize>)>> {
     if !ENABLED || a.rank() < 2 || a.rank() != b.rank() {
         return None;
     }
@@ -127,7 +146,7 @@ fn product(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, pad_small: bool
     unsafe { out.set_len(batch * m * n) };
     let mut shape = ad[..r - 2].to_vec();
     shape.extend([m, n]);
-    Some(Tensor::from_vec(out, shape, &Device::Cpu))
+    Some(Ok((out, shape)))
 }
 
 /// Below about a million multiply-adds OpenBLAS switches (on some CPUs) to small-matrix
@@ -347,6 +366,15 @@ impl PackedWeight {
 
     /// `x @ w^T` for `x` `[m, in]` (f32 CPU): `[m, out]`.
     pub fn matmul_nt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let n = match &self.0 {
+            Packed::Bf16 { forward, .. } => forward.dims().1,
+            Packed::F32 { forward, .. } => forward.dims().1,
+        };
+        Tensor::from_vec(self.matmul_nt_values(x)?, (x.dim(0)?, n), &Device::Cpu)
+    }
+
+    /// [`Self::matmul_nt`]'s `[m, out]` values, row-major, owned (see [`matmul_nt_values`]).
+    pub fn matmul_nt_values(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
         match &self.0 {
             Packed::Bf16 { forward, .. } => Self::product(forward.dims(), x, AMX_THREADED_PRODUCT, |v, m, t| forward.matmul(v, m, t)),
             Packed::F32 { forward, .. } => Self::product(forward.dims(), x, 0, |v, m, t| forward.matmul(v, m, t)),
@@ -355,28 +383,33 @@ impl PackedWeight {
 
     /// `g @ w` for `g` `[m, out]` (f32 CPU): `[m, in]`.
     pub fn matmul_nn(&self, g: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.0 {
-            Packed::Bf16 { backward, .. } => Self::product(backward.dims(), g, AMX_THREADED_PRODUCT, |v, m, t| backward.matmul(v, m, t)),
+        let (values, n) = match &self.0 {
+            Packed::Bf16 { backward, .. } => {
+                let values = Self::product(backward.dims(), g, AMX_THREADED_PRODUCT, |v, m, t| backward.matmul(v, m, t))?;
+                (values, backward.dims().1)
+            }
             Packed::F32 { weight, .. } => {
                 let (k, n) = weight.dims2()?;
                 let w = weight.clone();
-                Self::product((k, n), g, 0, move |v, m, t| {
+                let values = Self::product((k, n), g, 0, move |v, m, t| {
                     with_f32(&w, |wv| crate::runtime::sgemm::matmul_plain(v, m, wv, k, n, t))
                         .flatten()
                         .expect("checked at packing: a contiguous f32 CPU weight whose dimensions are multiples of 16")
-                })
+                })?;
+                (values, n)
             }
-        }
+        };
+        Tensor::from_vec(values, (g.dim(0)?, n), &Device::Cpu)
     }
 
-    /// `x @ B` for `B` `[k, n]` by `f(x, m, threads)`, on [`threads`] threads from `threaded`
-    /// multiply-adds on.
+    /// `x @ B`'s `[m, n]` values for `B` `[k, n]` by `f(x, m, threads)`, on [`threads`]
+    /// threads from `threaded` multiply-adds on.
     fn product(
         dims: (usize, usize),
         x: &Tensor,
         threaded: usize,
         f: impl FnOnce(&[f32], usize, usize) -> Vec<f32>,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<Vec<f32>> {
         let (k, n) = dims;
         let (m, kx) = x.dims2()?;
         if kx != k {
@@ -385,7 +418,7 @@ impl PackedWeight {
         let threads = if m * k * n >= threaded { threads() } else { 1 };
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         match with_f32(&x, |v| f(v, m, threads)) {
-            Some(y) => Tensor::from_vec(y, (m, n), &Device::Cpu),
+            Some(y) => Ok(y),
             None => candle_core::bail!("packed matmul: the input is on {:?}, not the CPU", x.device()),
         }
     }

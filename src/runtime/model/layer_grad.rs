@@ -191,7 +191,7 @@ fn project(x: &Tensor, lin: &Linear, u: &mut Update, products: ops::Products) ->
     let (delta, kept) = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, lin.weight.dim(0)?, products)?;
     u.kept = kept;
     let dtype = y.dtype();
-    y + delta.to_dtype(dtype)?
+    ops::add(&y, &delta.to_dtype(dtype)?)
 }
 
 /// [`project`]'s input gradient for output gradient `g` `[n, out]`; each factored
@@ -211,7 +211,7 @@ fn project_backward(x: &Tensor, g: &Tensor, lin: &Linear, u: &Update, grads: &mu
         None => dh,
     };
     let dtype = dx.dtype();
-    dx + dh.to_dtype(dtype)?
+    ops::add(&dx, &dh.to_dtype(dtype)?)
 }
 
 /// Heads of `[n, heads * d]` as `[b, heads, l, d]` (a contiguous copy), and back.
@@ -338,13 +338,13 @@ pub(super) fn layer(
         }
     };
     // 4. output projection and residual: x2 = x + o(y)
-    let x2 = (&xd + project(&y, &a.o_proj, &mut u[3], products)?)?;
+    let x2 = ops::add(&xd, &project(&y, &a.o_proj, &mut u[3], products)?)?;
     // 5. MLP block: out = x2 + down(silu(gate(n2)) · up(n2))
     let n2 = candle_nn::ops::rms_norm(&x2, &layer.post_attention_layernorm, eps as f32)?;
     let gate = project(&n2, &m.gate_proj, &mut u[4], products)?;
     let up = project(&n2, &m.up_proj, &mut u[5], products)?;
     let s = ops::swiglu_forward(&gate, &up)?;
-    let out = (&x2 + project(&s, &m.down_proj, &mut u[6], products)?)?.reshape((b, l, hidden))?;
+    let out = ops::add(&x2, &project(&s, &m.down_proj, &mut u[6], products)?)?.reshape((b, l, hidden))?;
     if !trains {
         return Ok(out);
     }
@@ -369,9 +369,11 @@ pub(super) fn layer(
         // 5. MLP: ds = g Wd (+ low rank), SwiGLU, then both projections of n2, then the norm
         let ds = project_backward(&s, &g, &m.down_proj, &u[6], &mut grads[6])?;
         let (dgate, dup) = ops::swiglu_backward(&gate, &up, &ds)?;
-        let dn2 = (project_backward(&n2, &dgate, &m.gate_proj, &u[4], &mut grads[4])?
-            + project_backward(&n2, &dup, &m.up_proj, &u[5], &mut grads[5])?)?;
-        let dx2 = (&g + ops::rms_norm_backward(&x2, &layer.post_attention_layernorm, &dn2, eps)?)?;
+        let dn2 = ops::add(
+            &project_backward(&n2, &dgate, &m.gate_proj, &u[4], &mut grads[4])?,
+            &project_backward(&n2, &dup, &m.up_proj, &u[5], &mut grads[5])?,
+        )?;
+        let dx2 = ops::add(&g, &ops::rms_norm_backward(&x2, &layer.post_attention_layernorm, &dn2, eps)?)?;
         // 4. output projection
         let dy = project_backward(&y, &dx2, &a.o_proj, &u[3], &mut grads[3])?;
         // 3-2. attention, the inverse rotation, Qwen3's per-head norms
@@ -393,10 +395,14 @@ pub(super) fn layer(
             }
         };
         // 1. the three projections of n1, then the norm, plus the residual's dx2
-        let dn1 = ((project_backward(&n1, &dq, &a.q_proj, &u[0], &mut grads[0])?
-            + project_backward(&n1, &dk, &a.k_proj, &u[1], &mut grads[1])?)?
-            + project_backward(&n1, &dv, &a.v_proj, &u[2], &mut grads[2])?)?;
-        let dx = (dx2 + ops::rms_norm_backward(&xd, &layer.input_layernorm, &dn1, eps)?)?.reshape((b, l, hidden))?;
+        let dn1 = ops::add(
+            &ops::add(
+                &project_backward(&n1, &dq, &a.q_proj, &u[0], &mut grads[0])?,
+                &project_backward(&n1, &dk, &a.k_proj, &u[1], &mut grads[1])?,
+            )?,
+            &project_backward(&n1, &dv, &a.v_proj, &u[2], &mut grads[2])?,
+        )?;
+        let dx = ops::add(&dx2, &ops::rms_norm_backward(&xd, &layer.input_layernorm, &dn1, eps)?)?.reshape((b, l, hidden))?;
         let grads: Vec<Tensor> = grads.into_iter().flatten().collect();
         if outside_graph {
             FACTOR_GRADS.with(|sink| -> Result<()> {

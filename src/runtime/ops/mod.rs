@@ -201,6 +201,19 @@ pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, packed: Option<&PackedWeight>
     y.reshape(out)
 }
 
+/// [`plain_linear`]'s values for a 2-D `x` `[m, in]` without a bias: `[m, out]` in f32,
+/// row-major, owned, for a caller that rewrites them in place (the LM head's logits).
+/// Computed as [`plain_linear`] computes them; only candle's fallback copies them out.
+pub(crate) fn plain_linear_values(x: &Tensor, w: &Tensor, packed: Option<&PackedWeight>) -> Result<Vec<f32>> {
+    match packed {
+        Some(p) => p.matmul_nt_values(x),
+        None => match crate::runtime::blas::matmul_nt_values(x, w) {
+            Some(values) => values,
+            None => x.matmul(&w.t()?)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1(),
+        },
+    }
+}
+
 /// `g @ w`: the input gradient of a linear layer (in bf16 with `bf16`, as [`linear`]).
 pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor, packed: Option<&PackedWeight>) -> Result<Tensor> {
     let dims = g.dims().to_vec();
@@ -325,14 +338,58 @@ pub(crate) fn split_rows<T: Send, R: Send>(
     split_rows_on(crate::runtime::blas::threads().min(len / ELEMENTS_PER_THREAD), len, unit, outs, f)
 }
 
+/// Elements per thread below which [`add`] stays on the calling thread: an add streams 12
+/// bytes an element and computes nothing, so a thread's share of a grouped pass's `[440,
+/// 576]` residual (~127k elements, ~50 µs) pays for handing it to a worker, where the
+/// heavier elementwise ops wait for [`ELEMENTS_PER_THREAD`].
+const ADD_ELEMENTS_PER_THREAD: usize = 1 << 16;
+
+/// `a + b` for tensors of one shape, as candle adds them. Contiguous f32 CPU tensors of at
+/// least two threads' worth of [`ADD_ELEMENTS_PER_THREAD`] are added on up to
+/// [`crate::runtime::blas::threads`] threads; anything else by candle, whose CPU adds run on
+/// the calling thread here (its pool is kept to one thread beside OpenBLAS).
+///
+/// Why: a grouped pass's residuals and gradient sums (`[tokens, hidden]`, ten a layer) were
+/// 4.7% of the main thread's samples in grouped f32 training, with the second core idle.
+/// An element's sum is one rounding whatever thread computes it, so the split changes no
+/// number.
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let threads = crate::runtime::blas::threads().min(a.elem_count() / ADD_ELEMENTS_PER_THREAD);
+    if threads >= 2 && a.shape() == b.shape() && a.device().is_cpu() {
+        let sum = with_cpu_f32(a, |av| {
+            with_cpu_f32(b, |bv| {
+                // SAFETY: every element of each chunk is written.
+                let [y] = unsafe {
+                    split_rows_into_on(threads, av.len(), 1, |range, mut out| {
+                        simd::simd(
+                            #[inline(always)]
+                            || {
+                                for ((o, &x), &y) in out[0].iter_mut().zip(&av[range.clone()]).zip(&bv[range.clone()]) {
+                                    o.write(x + y);
+                                }
+                            },
+                        )
+                    })
+                };
+                y
+            })
+        });
+        if let Some(Some(y)) = sum {
+            return Tensor::from_vec(y, a.shape(), a.device());
+        }
+    }
+    a + b
+}
+
 /// Rows below which [`par_segments`] keeps every segment on the calling thread: a thread
 /// takes a few to ~40 µs to pick its part up, a decoding step's few rows much less than
 /// that.
 const ROWS_TO_SPLIT_SEGMENTS: usize = 64;
 
-/// `f(i)` for every segment `i` of `lens` (rows each), results in order. With at least two
-/// segments and [`ROWS_TO_SPLIT_SEGMENTS`] rows, the segments are cut into contiguous runs of
-/// about equal rows, one run per [`blas::threads`] thread ([`crate::runtime::parallel::run_parts`]): the per-sequence work of a
+/// `f(i)` for every segment `i` of `lens` (rows each, or another measure of each one's
+/// work), results in order. With at least two segments and [`ROWS_TO_SPLIT_SEGMENTS`] rows,
+/// the segments are cut into contiguous runs of about equal rows, one run per
+/// [`blas::threads`] thread ([`crate::runtime::parallel::run_parts`]): the per-sequence work of a
 /// grouped pass (attention, low-rank updates) is small products and elementwise ops that
 /// leave the second core idle. Each segment is computed by the same code whatever thread
 /// runs it, so the numbers do not depend on the split.
@@ -384,8 +441,22 @@ unsafe fn split_rows_into<const N: usize>(
     unit: usize,
     f: impl Fn(std::ops::Range<usize>, Vec<&mut [MaybeUninit<f32>]>) + Sync,
 ) -> [Vec<f32>; N] {
+    // SAFETY: passed on from the caller.
+    unsafe { split_rows_into_on(crate::runtime::blas::threads().min(len / ELEMENTS_PER_THREAD), len, unit, f) }
+}
+
+/// [`split_rows_into`] on at most `threads` threads.
+///
+/// # Safety
+/// `f` writes every element of the chunks it is handed.
+unsafe fn split_rows_into_on<const N: usize>(
+    threads: usize,
+    len: usize,
+    unit: usize,
+    f: impl Fn(std::ops::Range<usize>, Vec<&mut [MaybeUninit<f32>]>) + Sync,
+) -> [Vec<f32>; N] {
     let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::with_capacity(len));
-    split_rows(len, unit, outs.iter_mut().map(|o| &mut o.spare_capacity_mut()[..len]).collect(), f);
+    split_rows_on(threads, len, unit, outs.iter_mut().map(|o| &mut o.spare_capacity_mut()[..len]).collect(), f);
     for o in &mut outs {
         // SAFETY: the ranges cover 0..len, and `f` writes every element of its chunks.
         unsafe { o.set_len(len) };
@@ -1202,6 +1273,24 @@ mod tests {
         let g1 = loss.backward().unwrap();
         let g2 = loss2.backward().unwrap();
         close(g1.get(&h).unwrap(), g2.get(&h).unwrap(), 1e-5);
+    }
+
+    /// [`add`] gives candle's sum bit for bit: split over threads (a grouped pass's `[440,
+    /// 576]`, with a remainder), on one thread (one sequence's rows), a transposed operand
+    /// (candle's path), and refuses operands of different shapes as candle does.
+    #[test]
+    fn add_equals_candles_add() {
+        let dev = Device::Cpu;
+        for (rows, cols) in [(440, 576), (441, 577), (34, 576)] {
+            let (a, b) = (Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap(), Tensor::randn(0f32, 3.0, (rows, cols), &dev).unwrap());
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let want = (&a + &b).unwrap();
+            assert_eq!(bits(&add(&a, &b).unwrap()), bits(&want), "{rows} x {cols}");
+            assert_eq!(add(&a, &b).unwrap().dims(), &[rows, cols]);
+            let bt = b.t().unwrap().contiguous().unwrap().t().unwrap();
+            assert_eq!(bits(&add(&a, &bt).unwrap()), bits(&want), "{rows} x {cols}, transposed operand");
+            assert!(add(&a, &a.narrow(0, 0, rows - 1).unwrap()).is_err(), "{rows} x {cols}: shapes differ");
+        }
     }
 
     /// Segments come back in order, split between threads by rows once there are enough of
