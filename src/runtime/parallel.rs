@@ -2,8 +2,9 @@
 //! the others on the worker threads a binary's `main` started ([`start_workers`]), or on
 //! scoped threads where none were started (library users; most tests) or they are busy. One place for the splits
 //! of the hand-written products ([`crate::runtime::sgemm`], [`crate::runtime::amx`]), the
-//! per-sequence work of a grouped pass and the elementwise ops ([`crate::runtime::ops`]),
-//! and a decoding step's draws ([`crate::runtime::generate`]).
+//! per-sequence work of a grouped pass, the elementwise ops and adds ([`crate::runtime::ops`]),
+//! a group's optimizer steps ([`crate::runtime::training`]), and a decoding step's draws
+//! ([`crate::runtime::generate`]).
 //!
 //! Why workers: a grouped training run split its work ~500 times a second, and a scoped
 //! thread costs ~20-40 µs to start before its share can begin, on the critical path of every

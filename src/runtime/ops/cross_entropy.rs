@@ -70,7 +70,7 @@ pub fn lm_head_cross_entropy_packed(
         let d = match device {
             Device::Cpu => {
                 let logits = plain_linear_values(&x, weight, packed.map(|p| &**p))?;
-                rows_cpu(logits, chunk_rows, &counted, &mut totals, grad)?
+                rows_cpu(logits, weight.dim(0)?, chunk_rows, &counted, &mut totals, grad)?
             }
             _ => {
                 let logits = plain_linear(&x, weight, packed.map(|p| &**p), None)?.to_dtype(DType::F32)?;
@@ -117,12 +117,18 @@ pub fn lm_head_cross_entropy_packed(
 /// Why values, not a tensor: the rows are rewritten where the LM head's product left them.
 /// Copied out of a tensor first (`to_vec1`, into newly faulted pages), they took 3.1% of the
 /// main thread's samples in grouped f32 training.
-fn rows_cpu(mut buf: Vec<f32>, rows: &[(Option<u32>, usize)], counted: &[usize], totals: &mut [f64], grad: bool) -> Result<Option<Tensor>> {
+fn rows_cpu(
+    mut buf: Vec<f32>,
+    vocab: usize,
+    rows: &[(Option<u32>, usize)],
+    counted: &[usize],
+    totals: &mut [f64],
+    grad: bool,
+) -> Result<Option<Tensor>> {
     let len = rows.len();
-    if len == 0 || !buf.len().is_multiple_of(len) {
-        candle_core::bail!("lm_head_cross_entropy: {} logits for {len} rows", buf.len());
+    if buf.len() != len * vocab {
+        candle_core::bail!("lm_head_cross_entropy: {} logits for {len} rows of {vocab}", buf.len());
     }
-    let vocab = buf.len() / len;
     // rows on the cores OpenBLAS leaves idle; each row's loss comes back in row order and is
     // added to its sequence's total in that order, so the sums do not depend on the split
     let losses = super::split_rows(buf.len(), vocab, vec![&mut buf], |range, mut chunk| {
@@ -197,13 +203,18 @@ mod tests {
         let counted = [2, 2];
         let l = logits(rows.len(), 7);
         let (mut t_cpu, mut t_candle) = (vec![0.5f64, 0.25], vec![0.5f64, 0.25]);
-        let d_cpu = rows_cpu(l.flatten_all().unwrap().to_vec1().unwrap(), &rows, &counted, &mut t_cpu, true).unwrap().unwrap();
+        let d_cpu =
+            rows_cpu(l.flatten_all().unwrap().to_vec1().unwrap(), l.dim(1).unwrap(), &rows, &counted, &mut t_cpu, true).unwrap().unwrap();
         let d_candle = rows_candle(l.clone(), &rows, &counted, &mut t_candle, true).unwrap().unwrap();
         for (a, b) in t_cpu.iter().zip(&t_candle) {
             assert!((a - b).abs() < 1e-5, "totals {t_cpu:?} against {t_candle:?}");
         }
         let diff = (d_cpu - d_candle).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "gradient rows differ by {diff}");
+        // logits of another length are refused, even one whose rows would divide them evenly
+        for bad in [rows.len() * 7 - 1, rows.len() * 8] {
+            assert!(rows_cpu(vec![0.0; bad], 7, &rows, &counted, &mut [0.0; 2], true).is_err(), "{bad} logits");
+        }
         // without a gradient, the totals still add up and nothing is returned
         let mut t = vec![0.5f64, 0.25];
         assert!(rows_candle(l, &rows, &counted, &mut t, false).unwrap().is_none());
@@ -221,7 +232,8 @@ mod tests {
         let counted = [25, 25];
         let l = logits(n, vocab);
         let (mut t_cpu, mut t_candle) = (vec![0.0f64; 2], vec![0.0f64; 2]);
-        let d_cpu = rows_cpu(l.flatten_all().unwrap().to_vec1().unwrap(), &rows, &counted, &mut t_cpu, true).unwrap().unwrap();
+        let d_cpu =
+            rows_cpu(l.flatten_all().unwrap().to_vec1().unwrap(), l.dim(1).unwrap(), &rows, &counted, &mut t_cpu, true).unwrap().unwrap();
         let d_candle = rows_candle(l, &rows, &counted, &mut t_candle, true).unwrap().unwrap();
         for (a, b) in t_cpu.iter().zip(&t_candle) {
             assert!((a - b).abs() < 1e-4 * b.abs(), "totals {t_cpu:?} against {t_candle:?}");

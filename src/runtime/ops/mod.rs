@@ -344,21 +344,36 @@ pub(crate) fn split_rows<T: Send, R: Send>(
 /// heavier elementwise ops wait for [`ELEMENTS_PER_THREAD`].
 const ADD_ELEMENTS_PER_THREAD: usize = 1 << 16;
 
-/// `a + b` for tensors of one shape, as candle adds them. Contiguous f32 CPU tensors of at
-/// least two threads' worth of [`ADD_ELEMENTS_PER_THREAD`] are added on up to
-/// [`crate::runtime::blas::threads`] threads; anything else by candle, whose CPU adds run on
-/// the calling thread here (its pool is kept to one thread beside OpenBLAS).
+/// `a + b` for tensors of one shape, as candle adds them. Untracked contiguous f32 CPU
+/// tensors of distinct storages, at least two threads' worth of [`ADD_ELEMENTS_PER_THREAD`],
+/// are added on up to [`crate::runtime::blas::threads`] threads; anything else by candle
+/// (whose CPU adds run on the calling thread here: its pool is kept to one thread beside
+/// OpenBLAS), so a tensor that tracks a gradient keeps its graph.
 ///
 /// Why: a grouped pass's residuals and gradient sums (`[tokens, hidden]`, ten a layer) were
 /// 4.7% of the main thread's samples in grouped f32 training, with the second core idle.
 /// An element's sum is one rounding whatever thread computes it, so the split changes no
 /// number.
 pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let threads = crate::runtime::blas::threads().min(a.elem_count() / ADD_ELEMENTS_PER_THREAD);
-    if threads >= 2 && a.shape() == b.shape() && a.device().is_cpu() {
+    add_on(crate::runtime::blas::threads(), a, b)
+}
+
+/// [`add`] on at most `threads` threads.
+fn add_on(threads: usize, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let threads = threads.min(a.elem_count() / ADD_ELEMENTS_PER_THREAD);
+    // two views of one storage would take its (not reentrant) read lock twice below
+    let shared = || {
+        let (sa, _) = a.storage_and_layout();
+        let pa: *const Storage = &*sa;
+        drop(sa);
+        std::ptr::eq(pa, &*b.storage_and_layout().0)
+    };
+    if threads >= 2 && a.shape() == b.shape() && a.device().is_cpu() && !a.track_op() && !b.track_op() && !shared() {
         let sum = with_cpu_f32(a, |av| {
             with_cpu_f32(b, |bv| {
-                // SAFETY: every element of each chunk is written.
+                debug_assert_eq!(av.len(), bv.len(), "operands of one shape, both contiguous");
+                // SAFETY: `av` and `bv` are as long as the output (one shape, contiguous), and
+                // every element of each chunk is written.
                 let [y] = unsafe {
                     split_rows_into_on(threads, av.len(), 1, |range, mut out| {
                         simd::simd(
@@ -383,7 +398,7 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Rows below which [`par_segments`] keeps every segment on the calling thread: a thread
 /// takes a few to ~40 µs to pick its part up, a decoding step's few rows much less than
-/// that.
+/// that. (Measured in parameters, as by a group's optimizer steps, any two adapters exceed it.)
 const ROWS_TO_SPLIT_SEGMENTS: usize = 64;
 
 /// `f(i)` for every segment `i` of `lens` (rows each, or another measure of each one's
@@ -1275,22 +1290,35 @@ mod tests {
         close(g1.get(&h).unwrap(), g2.get(&h).unwrap(), 1e-5);
     }
 
-    /// [`add`] gives candle's sum bit for bit: split over threads (a grouped pass's `[440,
-    /// 576]`, with a remainder), on one thread (one sequence's rows), a transposed operand
-    /// (candle's path), and refuses operands of different shapes as candle does.
+    /// [`add`] gives candle's sum bit for bit: split over 2 and 3 threads (a grouped pass's
+    /// `[440, 576]`, and with a remainder), on one thread (one sequence's rows), a transposed
+    /// operand and two views of one storage (candle's path); it keeps the graph of a tensor
+    /// that tracks a gradient, and refuses operands of different shapes as candle does.
     #[test]
     fn add_equals_candles_add() {
         let dev = Device::Cpu;
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (rows, cols) in [(440, 576), (441, 577), (34, 576)] {
             let (a, b) = (Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap(), Tensor::randn(0f32, 3.0, (rows, cols), &dev).unwrap());
-            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let want = (&a + &b).unwrap();
-            assert_eq!(bits(&add(&a, &b).unwrap()), bits(&want), "{rows} x {cols}");
-            assert_eq!(add(&a, &b).unwrap().dims(), &[rows, cols]);
+            for threads in [1, 2, 3] {
+                let got = add_on(threads, &a, &b).unwrap();
+                assert_eq!(got.dims(), &[rows, cols]);
+                assert_eq!(bits(&got), bits(&want), "{rows} x {cols} on {threads} threads");
+            }
             let bt = b.t().unwrap().contiguous().unwrap().t().unwrap();
-            assert_eq!(bits(&add(&a, &bt).unwrap()), bits(&want), "{rows} x {cols}, transposed operand");
-            assert!(add(&a, &a.narrow(0, 0, rows - 1).unwrap()).is_err(), "{rows} x {cols}: shapes differ");
+            assert_eq!(bits(&add_on(2, &a, &bt).unwrap()), bits(&want), "{rows} x {cols}, transposed operand");
+            assert!(add_on(2, &a, &a.narrow(0, 0, rows - 1).unwrap()).is_err(), "{rows} x {cols}: shapes differ");
         }
+        // one storage twice (would deadlock on its lock if both were taken), and a halves' sum
+        let x = Tensor::randn(0f32, 1.0, (880, 576), &dev).unwrap();
+        assert_eq!(bits(&add_on(2, &x, &x).unwrap()), bits(&(&x + &x).unwrap()));
+        let (top, bottom) = (x.narrow(0, 0, 440).unwrap(), x.narrow(0, 440, 440).unwrap());
+        assert_eq!(bits(&add_on(2, &top, &bottom).unwrap()), bits(&(&top + &bottom).unwrap()));
+        // a tracked operand keeps its graph: the gradient of sum(v + x) is ones
+        let v = candle_core::Var::randn(0f32, 1.0, (440, 576), &dev).unwrap();
+        let g = add_on(2, v.as_tensor(), &x.narrow(0, 0, 440).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(v.as_tensor()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), (440 * 576) as f32);
     }
 
     /// Segments come back in order, split between threads by rows once there are enough of

@@ -158,20 +158,31 @@ pub fn train_group<K>(
 
 /// Every adapter's [`AdapterRun::add_gradients`] for its sequence of the pass (`loss`, its
 /// `micro` weight, `grads`), the adapters cut into runs of about equal parameters, one run
-/// per core ([`ops::par_segments`]).
+/// per core ([`ops::par_segments`]; any two adapters are enough to split).
 ///
 /// Why: after the backward pass the second core was idle while the adapters accumulated,
 /// clipped and stepped one after another (4.4% of the main thread's samples in grouped f32
 /// training). Each adapter touches only its own state, and its arithmetic is the same code
-/// on whichever thread runs it, so the split changes no number.
+/// on whichever thread runs it, so the split changes no number. (Balanced by parameters, not
+/// by work: an adapter that closes its accumulation window also clips and steps, one that
+/// opens it only adds; with the paper's one-sequence windows every adapter steps.)
 ///
-/// Errors: the first adapter's, in order.
+/// Errors: the first adapter's, in order (the others are stepped all the same; the group
+/// fails with that error); losses or gradients not one per adapter.
 fn step_all<K>(
     active: &mut [(K, AdapterRun<LoraAdapter>, u64)],
     micro: &[(usize, f64)],
     losses: Vec<f64>,
     grads: Vec<Vec<Option<Tensor>>>,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        [micro.len(), losses.len(), grads.len()] == [active.len(); 3],
+        "a pass of {} adapters returned {} losses and {} gradients for {} sequences",
+        active.len(),
+        losses.len(),
+        grads.len(),
+        micro.len()
+    );
     let sizes: Vec<usize> = grads.iter().map(|g| g.iter().flatten().map(Tensor::elem_count).sum::<usize>().max(1)).collect();
     // one lock per adapter, each taken once, by the one thread that steps it
     let work: Vec<Mutex<_>> = active
