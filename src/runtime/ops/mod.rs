@@ -272,25 +272,35 @@ fn rms_norm_backward_candle(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Res
     dx.to_dtype(g.dtype())
 }
 
-/// The RMSNorm input gradient in one pass per row, for contiguous f32 CPU tensors
-/// (`None` otherwise): the formula of [`rms_norm`]'s backward.
+/// The RMSNorm input gradient in one pass per row ([`simd::rms_norm_backward_row`]), for
+/// contiguous f32 CPU tensors of one shape (`None` otherwise): the formula of [`rms_norm`]'s
+/// backward. Rows split over the cores from two threads' worth of
+/// [`STREAM_ELEMENTS_PER_THREAD`] (a grouped pass's `[440, 576]`; one sequence's rows stay on
+/// one), each row computed by the same code whatever thread runs it.
 fn rms_norm_backward_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Option<Result<Tensor>> {
     let d = w.elem_count();
+    if d == 0 || x.shape() != g.shape() || x.dims().last() != Some(&d) {
+        return None;
+    }
     let dx = with_cpu_f32(x, |xs| {
         with_cpu_f32(w, |ws| {
             with_cpu_f32(g, |gs| {
-                let mut dx = vec![0f32; xs.len()];
-                split_rows(xs.len(), d, vec![&mut dx], |range, mut out| {
-                    let (xs, gs) = (&xs[range.clone()], &gs[range]);
-                    for ((xr, gr), out) in xs.chunks_exact(d).zip(gs.chunks_exact(d)).zip(out[0].chunks_exact_mut(d)) {
-                        let r = 1.0 / (xr.iter().map(|&v| v * v).sum::<f32>() / d as f32 + eps as f32).sqrt();
-                        let dot = xr.iter().zip(gr).zip(ws).map(|((&x, &g), &w)| g * w * x).sum::<f32>() / d as f32;
-                        let c = r * r * r * dot;
-                        for (((o, &x), &g), &w) in out.iter_mut().zip(xr).zip(gr).zip(ws) {
-                            *o = r * g * w - x * c;
-                        }
-                    }
-                });
+                let threads = crate::runtime::blas::threads().min(xs.len() / STREAM_ELEMENTS_PER_THREAD);
+                // SAFETY: `rms_norm_backward_row` writes every element of each row, and the
+                // chunks are whole rows (`xs` and `gs` are as long as the output).
+                let [dx] = unsafe {
+                    split_rows_into_on(threads, xs.len(), d, |range, mut out| {
+                        let (xs, gs) = (&xs[range.clone()], &gs[range]);
+                        simd::simd(
+                            #[inline(always)]
+                            || {
+                                for ((xr, gr), out) in xs.chunks_exact(d).zip(gs.chunks_exact(d)).zip(out[0].chunks_exact_mut(d)) {
+                                    simd::rms_norm_backward_row(xr, gr, ws, eps as f32, out);
+                                }
+                            },
+                        )
+                    })
+                };
                 dx
             })
         })
@@ -338,14 +348,14 @@ pub(crate) fn split_rows<T: Send, R: Send>(
     split_rows_on(crate::runtime::blas::threads().min(len / ELEMENTS_PER_THREAD), len, unit, outs, f)
 }
 
-/// Elements per thread below which [`add`] stays on the calling thread: an add streams 12
-/// bytes an element and computes nothing, so a thread's share of a grouped pass's `[440,
-/// 576]` residual (~127k elements, ~50 µs) pays for handing it to a worker, where the
-/// heavier elementwise ops wait for [`ELEMENTS_PER_THREAD`].
-const ADD_ELEMENTS_PER_THREAD: usize = 1 << 16;
+/// Elements per thread below which [`add`] and the RMSNorm gradient stay on the calling
+/// thread: they stream their operands once and compute little, so a thread's share of a
+/// grouped pass's `[440, 576]` (~127k elements, ~50 µs) pays for handing it to a worker,
+/// where the other elementwise ops wait for [`ELEMENTS_PER_THREAD`].
+const STREAM_ELEMENTS_PER_THREAD: usize = 1 << 16;
 
 /// `a + b` for tensors of one shape, as candle adds them. Untracked contiguous f32 CPU
-/// tensors of distinct storages, at least two threads' worth of [`ADD_ELEMENTS_PER_THREAD`],
+/// tensors of distinct storages, at least two threads' worth of [`STREAM_ELEMENTS_PER_THREAD`],
 /// are added on up to [`crate::runtime::blas::threads`] threads; anything else by candle
 /// (whose CPU adds run on the calling thread here: its pool is kept to one thread beside
 /// OpenBLAS), so a tensor that tracks a gradient keeps its graph.
@@ -360,7 +370,7 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// [`add`] on at most `threads` threads.
 fn add_on(threads: usize, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let threads = threads.min(a.elem_count() / ADD_ELEMENTS_PER_THREAD);
+    let threads = threads.min(a.elem_count() / STREAM_ELEMENTS_PER_THREAD);
     // two views of one storage would take its (not reentrant) read lock twice below
     let shared = || {
         let (sa, _) = a.storage_and_layout();
@@ -1194,6 +1204,21 @@ mod tests {
         let g = Tensor::randn(0f32, 1., (3, 4, 8), &dev).unwrap();
         let fused = rms_norm_backward_cpu(&x, &w, &g, 1e-5).expect("f32 on the CPU").unwrap();
         close(&fused, &rms_norm_backward_candle(&x, &w, &g, 1e-5).unwrap(), 1e-5);
+        // rows of whole lanes and a tail (40 = 2 × 16 + 8); a grouped pass's [440, 576],
+        // split over the cores, gives each row as that row alone, bit for bit
+        for (rows, d) in [(5, 40), (440, 576)] {
+            let (x, g) = (Tensor::randn(0f32, 1., (rows, d), &dev).unwrap(), Tensor::randn(0f32, 1., (rows, d), &dev).unwrap());
+            let w = Tensor::randn(1f32, 0.5, (d,), &dev).unwrap();
+            let fused = rms_norm_backward_cpu(&x, &w, &g, 1e-5).unwrap().unwrap();
+            close(&fused, &rms_norm_backward_candle(&x, &w, &g, 1e-5).unwrap(), 1e-5);
+            for i in [0, rows / 2, rows - 1] {
+                let (xi, gi) = (x.narrow(0, i, 1).unwrap(), g.narrow(0, i, 1).unwrap());
+                let alone = rms_norm_backward_cpu(&xi, &w, &gi, 1e-5).unwrap().unwrap();
+                assert_eq!(alone.to_vec2::<f32>().unwrap(), fused.narrow(0, i, 1).unwrap().to_vec2::<f32>().unwrap(), "row {i} of {rows}");
+            }
+        }
+        // operands of different shapes are not the fused pass's
+        assert!(rms_norm_backward_cpu(&x, &w, &g.narrow(0, 0, 2).unwrap(), 1e-5).is_none());
         let u = Tensor::randn(0f32, 1., (3, 4, 8), &dev).unwrap();
         let (dg, du) = swiglu_backward(&x, &u, &g).unwrap();
         let (dg2, du2) = swiglu_backward_candle(&x, &u, &g).unwrap();

@@ -130,6 +130,34 @@ pub(crate) fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f64 {
     sum
 }
 
+/// RMSNorm's input gradient for one row `x` (`d` values) with weight `w` and output gradient
+/// `g`: `r g w - x r^3 mean(g w x)`, `r = (mean(x^2) + eps)^-1/2`, into `out` (which may be
+/// uninitialized: every element is written, none read). Both means are summed over
+/// [`LANES`] partial sums, then in lane order, then the tail.
+#[inline(always)]
+pub(crate) fn rms_norm_backward_row(x: &[f32], g: &[f32], w: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    let d = x.len();
+    assert!(g.len() == d && w.len() == d && out.len() == d, "rms_norm_backward_row: operands of different lengths");
+    let (mut squares, mut dots) = ([0f32; LANES], [0f32; LANES]);
+    let body = d - d % LANES;
+    for ((xc, gc), wc) in x[..body].chunks_exact(LANES).zip(g[..body].chunks_exact(LANES)).zip(w[..body].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            squares[l] += xc[l] * xc[l];
+            dots[l] += gc[l] * wc[l] * xc[l];
+        }
+    }
+    let (mut square, mut dot) = (squares.iter().sum::<f32>(), dots.iter().sum::<f32>());
+    for i in body..d {
+        square += x[i] * x[i];
+        dot += g[i] * w[i] * x[i];
+    }
+    let r = 1.0 / (square / d as f32 + eps).sqrt();
+    let c = r * r * r * (dot / d as f32);
+    for (((o, &x), &g), &w) in out.iter_mut().zip(x).zip(g).zip(w) {
+        o.write(r * g * w - x * c);
+    }
+}
+
 /// SwiGLU's gating `silu(g) u`, computed as `g / (1 + e^-g) * u`, element by element into `out` (which
 /// may be uninitialized: every element of it is written, none read).
 #[inline(always)]
