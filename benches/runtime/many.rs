@@ -168,9 +168,11 @@ fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
 /// each part timed alone at that shape (median of 5, forward and backward):
 /// (frozen projections' products, LM head with the loss, attention of every layer from the
 /// projections' outputs with the rotary embedding, as the pass runs it, the
-/// low-rank updates of q and v at the bench's ranks in every layer), seconds. Attention and
-/// the low-rank updates run through their public autograd ops with a fixed output gradient,
-/// so their figures also hold the graph's bookkeeping and that product and sum (a few percent).
+/// low-rank updates of q and v at the bench's ranks in every layer), seconds. Attention runs
+/// through its public autograd op with a fixed output gradient, so its figure also holds the
+/// graph's bookkeeping and that product and sum (a few percent); the low-rank updates run
+/// forward and backward as a pass runs them ([`ops::segmented_low_rank_pass`]; until the
+/// seventeenth session through their autograd op, whose concatenations doubled the figure).
 fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
     use candle_core::{Tensor, Var};
     use selfedit::runtime::{model::causal_mask, ops};
@@ -233,9 +235,8 @@ fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f
     for _ in 0..5 {
         let t = Instant::now();
         for _ in 0..dec.cfg.num_hidden_layers {
-            let yq = ops::segmented_low_rank(h.as_tensor(), &q_seg)?;
-            let yv = ops::segmented_low_rank(h.as_tensor(), &v_seg)?;
-            drop(((yq * &gq)?.sum_all()? + (yv * &gv)?.sum_all()?)?.backward()?);
+            drop(ops::segmented_low_rank_pass(h.as_tensor(), &q_seg, &gq)?);
+            drop(ops::segmented_low_rank_pass(h.as_tensor(), &v_seg, &gv)?);
         }
         times.push(t.elapsed().as_secs_f64());
     }

@@ -37,26 +37,7 @@ pub struct LowRankSegment {
 /// Errors: segments that do not cover the rows of `h`, factors whose shapes disagree with
 /// `h` or with each other, or no segment with factors.
 pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Tensor> {
-    let (n, in_dim) = h.dims2()?;
-    let Some(out) = segments.iter().find_map(|s| s.factors.as_ref().map(|(_, b)| b.dim(0))).transpose()? else {
-        candle_core::bail!("segmented_low_rank: no segment has factors");
-    };
-    let rows: usize = segments.iter().map(|s| s.len).sum();
-    if rows != n {
-        candle_core::bail!("segmented_low_rank: segments cover {rows} rows of {n}");
-    }
-    for (i, s) in segments.iter().enumerate() {
-        if let Some((a, b)) = &s.factors {
-            let r = a.dim(0)?;
-            if a.dims2()? != (r, in_dim) || b.dims2()? != (out, r) {
-                candle_core::bail!(
-                    "segmented_low_rank: segment {i} has A {:?} and B {:?}, expected [r, {in_dim}] and [{out}, r]",
-                    a.dims(),
-                    b.dims()
-                );
-            }
-        }
-    }
+    let out = checked_width(h, segments, "segmented_low_rank")?;
     let h_dtype = h.dtype();
     let hd = h.detach().to_dtype(DType::F32)?;
     let factored: Vec<&(Tensor, Tensor)> = segments.iter().filter_map(|s| s.factors.as_ref()).collect();
@@ -79,6 +60,53 @@ pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Ten
         Ok((dh.to_dtype(h_dtype)?, Tensor::cat(&da, 0)?, Tensor::cat(&db, 1)?))
     });
     h.apply_op3(&a_all, &b_all, Tap::new("segmented-low-rank", value, backward))
+}
+
+/// One training pass's low-rank update as a decoder layer's node runs it, outside the
+/// autograd graph: [`segmented_low_rank`]'s value `y` `[n, out]` and, for the output
+/// gradient `g` `[n, out]`, `h`'s gradient `[n, in]` (both f32) and each factored segment's
+/// `(dA, dB)` in order; the products of training ([`Products::Kernel`]). The same numbers as
+/// [`segmented_low_rank`] and its backward, without that op's concatenation of every factor
+/// into one input of the graph and every gradient into one output.
+///
+/// Why: `make bench` times the low-rank part of a pass with this, which is what a pass
+/// spends on it; timed through [`segmented_low_rank`], the concatenations doubled the
+/// figure.
+///
+/// Errors: [`segmented_low_rank`]'s, and `g` not `[n, out]`.
+#[allow(clippy::type_complexity)]
+pub fn segmented_low_rank_pass(h: &Tensor, segments: &[LowRankSegment], g: &Tensor) -> Result<(Tensor, Tensor, Vec<(Tensor, Tensor)>)> {
+    let out = checked_width(h, segments, "segmented_low_rank_pass")?;
+    if g.dims2()? != (h.dim(0)?, out) {
+        candle_core::bail!("segmented_low_rank_pass: output gradient {:?} for [{}, {out}]", g.dims(), h.dim(0)?);
+    }
+    let hd = h.detach().to_dtype(DType::F32)?;
+    let (y, u) = segmented_low_rank_forward(&hd, segments, out, Products::Kernel)?;
+    let (dh, dfactors) = segmented_low_rank_backward(&hd, segments, &u, g)?;
+    Ok((y, dh, dfactors))
+}
+
+/// The output width of segments that update `h` `[n, in]`, after checking that they cover
+/// its rows and that every segment's `A` is `[r, in]` and `B` `[out, r]` (`op` names the
+/// caller in the errors).
+fn checked_width(h: &Tensor, segments: &[LowRankSegment], op: &str) -> Result<usize> {
+    let (n, in_dim) = h.dims2()?;
+    let Some(out) = segments.iter().find_map(|s| s.factors.as_ref().map(|(_, b)| b.dim(0))).transpose()? else {
+        candle_core::bail!("{op}: no segment has factors");
+    };
+    let rows: usize = segments.iter().map(|s| s.len).sum();
+    if rows != n {
+        candle_core::bail!("{op}: segments cover {rows} rows of {n}");
+    }
+    for (i, s) in segments.iter().enumerate() {
+        if let Some((a, b)) = &s.factors {
+            let r = a.dim(0)?;
+            if a.dims2()? != (r, in_dim) || b.dims2()? != (out, r) {
+                candle_core::bail!("{op}: segment {i} has A {:?} and B {:?}, expected [r, {in_dim}] and [{out}, r]", a.dims(), b.dims());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Which code computes a low-rank forward's two products, `h Aᵀ` and `u Bᵀ`.
@@ -566,6 +594,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// [`segmented_low_rank_pass`] gives the autograd op's value and gradients bit for bit
+    /// (the same forward and backward, without the graph), ranks 16 and 8 and a segment
+    /// without factors; bad shapes are refused.
+    #[test]
+    fn a_pass_equals_the_op_and_its_backward() {
+        let dev = Device::Cpu;
+        let h = Var::randn(0f32, 1.0, (75, 48), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (75, 32), &dev).unwrap();
+        let (a1, b1) = (Var::randn(0f32, 1.0, (16, 48), &dev).unwrap(), Var::randn(0f32, 1.0, (32, 16), &dev).unwrap());
+        let (a2, b2) = (Var::randn(0f32, 1.0, (8, 48), &dev).unwrap(), Var::randn(0f32, 1.0, (32, 8), &dev).unwrap());
+        let segments = [
+            LowRankSegment { len: 41, factors: Some((a1.as_tensor().clone(), b1.as_tensor().clone())), scale: 1.7 },
+            LowRankSegment { len: 4, factors: None, scale: 1.0 },
+            LowRankSegment { len: 30, factors: Some((a2.as_tensor().clone(), b2.as_tensor().clone())), scale: 0.3 },
+        ];
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let y = segmented_low_rank(h.as_tensor(), &segments).unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let (y2, dh, dfactors) = segmented_low_rank_pass(h.as_tensor(), &segments, &g).unwrap();
+        assert_eq!(bits(&y2), bits(&y), "value");
+        assert_eq!(bits(&dh), bits(grads.get(h.as_tensor()).unwrap()), "h's gradient");
+        assert_eq!(dfactors.len(), 2);
+        for ((da, db), (a, b)) in dfactors.iter().zip([(&a1, &b1), (&a2, &b2)]) {
+            assert_eq!(bits(da), bits(grads.get(a.as_tensor()).unwrap()), "dA");
+            assert_eq!(bits(db), bits(grads.get(b.as_tensor()).unwrap()), "dB");
+        }
+        assert!(segmented_low_rank_pass(h.as_tensor(), &segments, &g.narrow(1, 0, 16).unwrap()).is_err(), "g's width");
+        assert!(segmented_low_rank_pass(&h.narrow(0, 0, 70).unwrap(), &segments, &g.narrow(0, 0, 70).unwrap()).is_err(), "rows");
     }
 
     /// Ranks and widths that are multiples of 16 take the f32 kernel on AVX-512 CPUs (all

@@ -30,7 +30,7 @@ mod short_attention;
 pub(crate) mod simd;
 
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
-pub use low_rank::{segmented_low_rank, LowRankSegment};
+pub use low_rank::{segmented_low_rank, segmented_low_rank_pass, LowRankSegment};
 pub(crate) use low_rank::{segmented_low_rank_backward, segmented_low_rank_forward, Products};
 
 use std::mem::MaybeUninit;
