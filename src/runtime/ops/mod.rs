@@ -1334,16 +1334,20 @@ mod tests {
             let bt = b.t().unwrap().contiguous().unwrap().t().unwrap();
             assert_eq!(bits(&add_on(2, &a, &bt).unwrap()), bits(&want), "{rows} x {cols}, transposed operand");
             assert!(add_on(2, &a, &a.narrow(0, 0, rows - 1).unwrap()).is_err(), "{rows} x {cols}: shapes differ");
+            let shorter = b.narrow(0, 0, rows - 1).unwrap().contiguous().unwrap();
+            assert!(add_on(2, &a, &shorter).is_err(), "{rows} x {cols}: shapes differ, storages distinct");
         }
         // one storage twice (would deadlock on its lock if both were taken), and a halves' sum
         let x = Tensor::randn(0f32, 1.0, (880, 576), &dev).unwrap();
         assert_eq!(bits(&add_on(2, &x, &x).unwrap()), bits(&(&x + &x).unwrap()));
         let (top, bottom) = (x.narrow(0, 0, 440).unwrap(), x.narrow(0, 440, 440).unwrap());
         assert_eq!(bits(&add_on(2, &top, &bottom).unwrap()), bits(&(&top + &bottom).unwrap()));
-        // a tracked operand keeps its graph: the gradient of sum(v + x) is ones
+        // a tracked operand, first or second, keeps its graph: the gradient of sum(v + x) is ones
         let v = candle_core::Var::randn(0f32, 1.0, (440, 576), &dev).unwrap();
-        let g = add_on(2, v.as_tensor(), &x.narrow(0, 0, 440).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_eq!(g.get(v.as_tensor()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), (440 * 576) as f32);
+        for sum in [add_on(2, v.as_tensor(), &top).unwrap(), add_on(2, &top, v.as_tensor()).unwrap()] {
+            let g = sum.sum_all().unwrap().backward().unwrap();
+            assert_eq!(g.get(v.as_tensor()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), (440 * 576) as f32);
+        }
     }
 
     /// Segments come back in order, split between threads by rows once there are enough of
