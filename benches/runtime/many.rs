@@ -172,7 +172,7 @@ fn frozen_gemm_gflops(m: &LoadedModel, rows: usize) -> anyhow::Result<f64> {
 /// through its public autograd op with a fixed output gradient, so its figure also holds the
 /// graph's bookkeeping and that product and sum (a few percent); the low-rank updates run
 /// forward and backward as a pass runs them ([`ops::segmented_low_rank_pass`]; until the
-/// seventeenth session through their autograd op, whose concatenations doubled the figure).
+/// seventeenth session through their autograd op, whose concatenations made the figure ~4x).
 fn pass_parts(m: &LoadedModel, segments: usize, len: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
     use candle_core::{Tensor, Var};
     use selfedit::runtime::{model::causal_mask, ops};
