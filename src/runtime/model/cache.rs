@@ -50,6 +50,12 @@ impl KvCache {
         let pick = |ts: &[Tensor]| ts.iter().map(|t| t.index_select(&index, 0)).collect::<Result<Vec<_>>>();
         Ok(Self { keys: pick(&self.keys)?, values: pick(&self.values)?, len: self.len, capacity: self.capacity })
     }
+    /// The whole preallocated keys and values of `layer`, `[batch, kv_heads, capacity,
+    /// head_dim]`, of which the first [`Self::len`] positions are stored (plus those appended
+    /// by the forward pass in progress): for attention that reads the cache where it lies.
+    pub(super) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
     /// Writes this step's keys and values of `layer` and returns all of them so far.
     pub(super) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let new = k.dim(2)?;

@@ -353,12 +353,21 @@ impl Decoder {
         let q = ops::rope(&q, &cos_sin.0, &cos_sin.1)?;
         let k = ops::rope(&k, &cos_sin.0, &cos_sin.1)?;
         // 4. keys and values so far (cache) + this step's
-        let (k, v) = match cache {
-            Some(c) => c.append(i, &k, &v)?,
-            None => (k, v),
+        let (k, v, cached) = match cache {
+            Some(c) => {
+                let (k, v) = c.append(i, &k, &v)?;
+                (k, v, Some(c.layer(i)))
+            }
+            None => (k, v, None),
         };
-        // 5. attention, heads merged back: [b, l, heads * d]; a packed batch attends within
-        //    each sequence only, at that sequence's own shapes
+        // 5. attention, heads merged back: [b, l, heads * d]; a decoding step reads the cache
+        //    where it lies; a packed batch attends within each sequence only, at that
+        //    sequence's own shapes
+        if let (Some((ck, cv)), Masking::Rows(mask), 1) = (cached, masking, l) {
+            if let Some(y) = ops::cached_attention(&q, ck, cv, k.dim(2)?, *mask) {
+                return self.project(&y?, &a.o_proj, i, Proj::OProj, lora);
+            }
+        }
         let y = match masking {
             Masking::Rows(mask) => ops::attention(&q, &k, &v, *mask)?,
             Masking::Segments(segments, masks) => ops::segmented_attention(&q, &k, &v, segments, masks)?,

@@ -24,6 +24,7 @@
 //!
 //! When the input tracks no gradient (inference), every op is the plain fused forward.
 
+mod cached_attention;
 mod cross_entropy;
 mod low_rank;
 mod short_attention;
@@ -641,6 +642,41 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     let mask = mask.cloned();
     let backward: Backward3 = Box::new(move |g| attention_backward(&qd, &kd, &vd, mask.as_ref(), g));
     q.apply_op3(k, v, Tap::new("attention", value, backward))
+}
+
+/// [`attention`] of a decoding step, read from the KV cache where it lies: `q`
+/// `[b, heads, 1, d]` (one new token a row), `k` and `v` the cache's whole tensors
+/// `[b, kv_heads, capacity, d]`, of which the first `keys` positions are attended to, and
+/// `mask` additive `[b, 1, 1, keys]` (0 or `-inf`) or none. Returns `[b, 1, heads · d]`,
+/// the heads merged. Each row is computed from its own query, cache row and mask alone, so
+/// a row gets the same numbers in any batch; they agree with [`attention`]'s to float
+/// summation order.
+///
+/// `None` where the kernel does not apply, and the caller takes [`attention`] on the
+/// cache's views: not f32 on the CPU, more than one query a row, a `q` that tracks its ops
+/// (no backward here), non-contiguous inputs, or shapes `cached_attention::Step` refuses.
+pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, keys: usize, mask: Option<&Tensor>) -> Option<Result<Tensor>> {
+    let ([b, heads, 1, d], [kb, kv_heads, capacity, kd]) = (q.dims(), k.dims()) else {
+        return None;
+    };
+    let step = cached_attention::Step { rows: *b, heads: *heads, kv_heads: *kv_heads, d: *d, capacity: *capacity, keys };
+    if (*kb, *kd) != (*b, *d) || v.dims() != k.dims() || !step.fits() || q.track_op() {
+        return None;
+    }
+    if mask.is_some_and(|m| m.dims() != [*b, 1, 1, keys]) || !short_applies(&[q, k, v]) {
+        return None;
+    }
+    let threads = crate::runtime::blas::threads();
+    let out = with_cpu_f32(q, |q| {
+        with_cpu_f32(k, |k| {
+            with_cpu_f32(v, |v| match mask {
+                None => Some(cached_attention::forward(q, k, v, None, step, threads)),
+                Some(m) => with_cpu_f32(m, |m| cached_attention::forward(q, k, v, Some(m), step, threads)),
+            })
+        })
+    })??
+    .flatten()?;
+    Some(Tensor::from_vec(out, (*b, 1, heads * d), q.device()))
 }
 
 /// [`attention`] of sequences packed end to end along `l`: segment `(start, len)` of `q`
