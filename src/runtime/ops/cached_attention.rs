@@ -59,8 +59,9 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, ste
     }
     let mut out = vec![0f32; rows * heads * d];
     let row_out = heads * d;
-    // the multiply-adds of q kᵀ (p v has as many); below 2^16 a part would take about as long
-    // as a worker needs to pick it up (a few to ~40 µs, `runtime::parallel`): an estimate
+    // the keys' values read (q kᵀ takes `heads / kv_heads` multiply-adds per value, p v as
+    // many); below 2^16 a part would take about as long as a worker needs to pick it up (a few
+    // to ~40 µs, `runtime::parallel`): an estimate
     let threads = if rows * kv_heads * keys * d >= 1 << 16 { threads.min(rows).max(1) } else { 1 };
     let ranges = crate::runtime::parallel::even_ranges(rows, threads);
     let mut parts = Vec::with_capacity(ranges.len());
@@ -171,13 +172,15 @@ mod tests {
     /// Against the batched products' attention (`ops::attention_forward` on the cache's
     /// first `keys` positions, copied out), for SmolLM2's heads (9 over 3, d = 64), plain
     /// multi-head attention and one KV head: rows with left padding masked (the mask of a
-    /// decoding step), without a mask, split over 1-3 threads (the same bits), and a row
-    /// alone equal to itself among the others.
+    /// decoding step), without a mask, split over 1-3 threads (the same bits; the first and
+    /// last cases are above the split's threshold, the second below it), and a row alone
+    /// equal to itself among the others.
     #[test]
     fn matches_the_batched_products() {
         let dev = Device::Cpu;
-        for (heads, kv_heads, d, rows, capacity, keys) in [(9, 3, 64, 7, 40, 33), (4, 4, 16, 3, 8, 8), (2, 1, 32, 40, 70, 60)] {
+        for (heads, kv_heads, d, rows, capacity, keys) in [(9, 3, 64, 12, 40, 33), (4, 4, 16, 3, 8, 8), (2, 1, 32, 40, 70, 60)] {
             let step = Step { rows, heads, kv_heads, d, capacity, keys };
+            assert_eq!(rows * kv_heads * keys * d >= 1 << 16, rows != 3, "which cases split");
             let (q, k, v) = (randn(rows * heads * d), randn(rows * kv_heads * capacity * d), randn(rows * kv_heads * capacity * d));
             // row r has r % 5 padding positions at the start
             let mask: Vec<f32> = (0..rows * keys).map(|x| if x % keys < (x / keys) % 5 { f32::NEG_INFINITY } else { 0.0 }).collect();

@@ -20,7 +20,9 @@
 //!   ([`par_segments`]); a short sequence's attention in f32 on the CPU is computed one
 //!   query row at a time (`short_attention`);
 //! - [`segmented_rope_attention`]: the same straight from the q, k and v projections, with
-//!   the rotary embedding, heads split and merged on the fly.
+//!   the rotary embedding, heads split and merged on the fly;
+//! - [`cached_attention`], forward only (inference): a decoding step's attention read from
+//!   the KV cache where it lies (`cached_attention`).
 //!
 //! When the input tracks no gradient (inference), every op is the plain fused forward.
 
@@ -1500,5 +1502,37 @@ mod tests {
         assert!(segmented_attention(&q, &k, &v, &segments[..2], &masks[..2]).is_err(), "segments cover 41 of 71");
         assert!(segmented_attention(&q, &k, &v, &[(0, 40), (41, 30)], &masks[..2]).is_err(), "a gap");
         assert!(segmented_attention(&q, &k, &v, &segments, &masks[..2]).is_err(), "masks");
+    }
+
+    /// [`cached_attention`] against [`attention`] on the cache's views, as a decoding step
+    /// calls them (SmolLM2's heads, a mask hiding each row's left padding, and none), and
+    /// the inputs it leaves to [`attention`]: a tracked query, bf16, a head dimension that is
+    /// not whole vectors, a mask of the wrong shape, more than one query a row.
+    #[test]
+    fn cached_attention_equals_attention_on_the_cache_views() {
+        let dev = Device::Cpu;
+        let (b, heads, kv_heads, d, capacity, keys) = (5, 9, 3, 64, 24, 17);
+        let q = Tensor::randn(0f32, 1., (b, heads, 1, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (b, kv_heads, capacity, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (b, kv_heads, capacity, d), &dev).unwrap();
+        let pads: Vec<usize> = (0..b).map(|r| r % 4).collect();
+        let mask = crate::runtime::model::causal_mask(b, 1, keys - 1, &pads, &dev, DType::F32).unwrap();
+        let (kv, vv) = (k.narrow(2, 0, keys).unwrap(), v.narrow(2, 0, keys).unwrap());
+        for m in [Some(&mask), None] {
+            let got = cached_attention(&q, &k, &v, keys, m).expect("the kernel applies").unwrap();
+            assert_eq!(got.dims(), [b, 1, heads * d]);
+            let want = attention(&q, &kv, &vv, m).unwrap().transpose(1, 2).unwrap().reshape((b, 1, heads * d)).unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "masked {}: differs by {diff}", m.is_some());
+        }
+        let tracked = Var::from_tensor(&q).unwrap();
+        assert!(cached_attention(tracked.as_tensor(), &k, &v, keys, Some(&mask)).is_none(), "a tracked query");
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        assert!(cached_attention(&bf(&q), &bf(&k), &bf(&v), keys, None).is_none(), "bf16");
+        let narrow = |t: &Tensor| t.narrow(3, 0, 24).unwrap().contiguous().unwrap();
+        assert!(cached_attention(&narrow(&q), &narrow(&k), &narrow(&v), keys, None).is_none(), "d = 24");
+        assert!(cached_attention(&q, &k, &v, keys, Some(&mask.narrow(3, 1, keys - 1).unwrap())).is_none(), "mask of keys - 1");
+        let two = Tensor::randn(0f32, 1., (b, heads, 2, d), &dev).unwrap();
+        assert!(cached_attention(&two, &k, &v, keys, None).is_none(), "two queries a row");
     }
 }
