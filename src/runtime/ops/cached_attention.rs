@@ -14,6 +14,7 @@
 //! the batch and however the rows are split between threads: a row gets the same numbers
 //! in any batch (what lets grouped evaluation answer as one adapter at a time does).
 
+use super::short_attention::axpy;
 use super::simd;
 
 const L: usize = simd::LANES;
@@ -143,21 +144,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         w /= 2;
     }
     acc[0]
-}
-
-/// `y += a x` for lengths that are whole vectors of [`L`].
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yv, xv) in y.chunks_exact_mut(L).zip(x.chunks_exact(L)) {
-        // through a local copy: with `y` and `x` possibly overlapping for the compiler, the
-        // lanes would stay scalar
-        let mut acc = [0f32; L];
-        acc.copy_from_slice(yv);
-        for (y, &x) in acc.iter_mut().zip(xv) {
-            *y += a * x;
-        }
-        yv.copy_from_slice(&acc);
-    }
 }
 
 #[cfg(test)]

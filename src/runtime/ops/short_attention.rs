@@ -173,7 +173,7 @@ fn transpose(x: &[f32], len: usize, d: usize, out: &mut [f32]) {
 
 /// `y += a x` over whole vectors of [`L`] lanes, then the tail.
 #[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+pub(super) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     let mut yc = y.chunks_exact_mut(L);
     let mut xc = x.chunks_exact(L);
     for (yv, xv) in (&mut yc).zip(&mut xc) {
