@@ -83,7 +83,7 @@ test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build a
 # fast tests that guard them. Not in CI (one library rebuild per mutant: median ~7 s here).
 MUTANTS_FILES ?= src/runtime/generate/sampling.rs src/experiment/stats.rs src/experiment/grading.rs src/experiment/novelty.rs \
   src/runtime/training/run.rs src/runtime/training/mod.rs src/runtime/training/solo.rs src/runtime/training/group.rs \
-  src/runtime/ops/cross_entropy.rs src/runtime/ops/mod.rs src/runtime/ops/low_rank.rs src/runtime/ops/short_attention.rs src/runtime/lora.rs src/runtime/multi_lora.rs \
+  src/runtime/ops/cross_entropy.rs src/runtime/ops/mod.rs src/runtime/ops/low_rank.rs src/runtime/ops/short_attention.rs src/runtime/ops/cached_attention.rs src/runtime/lora.rs src/runtime/multi_lora.rs \
   src/experiment/tables/columns.rs src/experiment/tables/conform.rs src/analysis/collapse.rs
 # passed to the build as well as the run (--cargo-arg), so only these test targets are rebuilt per mutant
 MUTANTS_TESTS ?= --lib --test=semantics --test=sft --test=tiny_models --test=parquet_interop --test=bad_input --test=collapse

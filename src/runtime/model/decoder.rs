@@ -554,6 +554,9 @@ impl Decoder {
 /// Why not the last position: it has no next token, so its logits enter no loss, and under
 /// the causal mask no other position attends to it; its gradient is zero everywhere. Running
 /// it cost `1 / len` of a pass's FLOPs (~3% at the paper's ~34-token sequences) for nothing.
+/// Without dropout the loss and gradients are those of the whole sequence; with dropout an
+/// adapter draws its masks for the `len - 1` rows, so a seeded run draws other masks than
+/// when every position ran.
 ///
 /// Errors: no position with a target (fewer than 2 tokens, or `loss_from >= len`).
 fn fed_positions(ids: &[u32], loss_from: usize) -> Result<(&[u32], Vec<Option<u32>>)> {

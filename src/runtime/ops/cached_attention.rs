@@ -209,5 +209,8 @@ mod tests {
         assert!(!Step { heads: 8, ..step }.fits());
         assert!(!Step { keys: 11, ..step }.fits());
         assert!(!Step { keys: 0, ..step }.fits());
+        // empty heads: no lanes to compute, or no KV head to group queries under
+        assert!(!Step { d: 0, ..step }.fits());
+        assert!(!Step { heads: 0, kv_heads: 0, ..step }.fits());
     }
 }

@@ -331,7 +331,7 @@ mod tests {
         assert!(t.forward + t.backward + t.optimizer <= unbounded.seconds, "{t:?} in {} s", unbounded.seconds);
         // every sequence fed once per epoch: jobs 0..6 train 1, 2, 1, 2, 1, 2 epochs of
         // 2 sequences of 10 tokens
-        assert_eq!(unbounded.tokens, 9 * 2 * 10);
+        assert_eq!((unbounded.tokens, unbounded.sequences), (9 * 2 * 10, 9 * 2));
         let bounded = run(GroupLimits { adapters: 4, memory_bytes: Some(2 * one + one / 2) });
         assert_eq!((bounded.max_in_flight, bounded.max_memory_estimate), (2, 2 * one));
         // a limit is inclusive: exactly two estimates fit two adapters

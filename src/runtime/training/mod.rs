@@ -58,7 +58,8 @@ pub struct TrainReport {
     /// A pass runs each sequence's first `len - 1` positions (the last has no target), so the
     /// positions run are `tokens - sequences`.
     pub tokens: usize,
-    /// Sequences trained on (all epochs).
+    /// Sequences trained on (all epochs). A checkpoint written before this count existed
+    /// reads as 0 for its steps.
     #[serde(default)]
     pub sequences: usize,
     /// Mean loss of each optimizer step's window.
