@@ -51,7 +51,7 @@ fn mean_sequence_positions(m: &LoadedModel, n: usize, epochs: usize) -> anyhow::
     let (mut positions, mut count) = (0, 0);
     for k in 0..n {
         for e in self_edit(m, k, epochs)?.examples {
-            positions += e.ids.len() - 1;
+            positions += selfedit::runtime::model::loss_positions(e.ids.len());
             count += 1;
         }
     }

@@ -548,8 +548,9 @@ impl Decoder {
     }
 }
 
-/// The positions of `ids` that a training pass runs, `ids[..len - 1]`, and the target of
-/// each: the next token, from position `loss_from - 1` on (`None` where no loss is taken).
+/// The positions of `ids` that a training pass runs, `ids[..loss_positions(len)]` (all but the
+/// last), and the target of each: the next token, from position `loss_from - 1` on (`None`
+/// where no loss is taken, and at the last position when it runs).
 ///
 /// Why not the last position: it has no next token, so its logits enter no loss, and under
 /// the causal mask no other position attends to it; its gradient is zero everywhere. Running
@@ -564,13 +565,23 @@ fn fed_positions(ids: &[u32], loss_from: usize) -> Result<(&[u32], Vec<Option<u3
     if n < 2 || loss_from >= n {
         candle_core::bail!("a sequence of {n} tokens with loss from position {loss_from} has no next-token target");
     }
-    let targets = (0..n - 1).map(|i| if i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect();
-    Ok((&ids[..loss_positions(n)], targets))
+    let fed = loss_positions(n);
+    let targets = (0..fed).map(|i| if i + 1 < n && i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect();
+    Ok((&ids[..fed], targets))
 }
 
 /// The positions a loss pass ([`Decoder::sequence_loss`], [`Decoder::packed_losses`]) runs
-/// for a sequence of `len` tokens: all but the last. The rows of that sequence's segment
-/// when an adapter is given per sequence (`runtime::multi_lora`, `SegmentAxis::Tokens`).
+/// for a sequence of `len` tokens: all but the last, except that a 2-token sequence keeps
+/// both. The rows of that sequence's segment when an adapter is given per sequence
+/// (`runtime::multi_lora`, `SegmentAxis::Tokens`).
+///
+/// Why keep 2: a pass of one row takes candle's kernel for its OpenBLAS products (see
+/// `runtime::blas::MIN_ROWS`), whose last bits differ, so a 2-token sequence trained alone
+/// would no longer get the numbers it gets in a group.
 pub fn loss_positions(len: usize) -> usize {
-    len.saturating_sub(1)
+    if len > 2 {
+        len - 1
+    } else {
+        len
+    }
 }

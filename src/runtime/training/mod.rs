@@ -55,8 +55,9 @@ impl TrainConfig {
 pub struct TrainReport {
     pub steps: usize,
     /// Tokens of the sequences trained on (all epochs), as Hugging Face's tokens/s counts them.
-    /// A pass runs each sequence's first `len - 1` positions (the last has no target), so the
-    /// positions run are `tokens - sequences`.
+    /// A pass runs each sequence's first `len - 1` positions (the last has no target; a
+    /// 2-token sequence runs both, see `model::loss_positions`), so the positions run are
+    /// `tokens - sequences` when no sequence has 2 tokens.
     pub tokens: usize,
     /// Sequences trained on (all epochs). A checkpoint written before this count existed
     /// reads as 0 for its steps.
@@ -335,7 +336,10 @@ mod tests {
         }
         let rows = Rows(&a, std::sync::atomic::AtomicUsize::new(0));
         let loss = dec.sequence_loss(&ids, 0, Some(&rows)).unwrap();
-        assert_eq!(rows.1.into_inner(), n - 1, "rows of the pass");
+        assert_eq!(rows.1.swap(0, std::sync::atomic::Ordering::Relaxed), n - 1, "rows of the pass");
+        // a 2-token sequence keeps both rows: one row alone would take another kernel
+        dec.sequence_loss(&ids[..2], 0, Some(&rows)).unwrap();
+        assert_eq!(rows.1.into_inner(), 2, "rows of a 2-token sequence's pass");
         // the reference: all n positions, the mean cross-entropy of the first n - 1
         let batch = crate::runtime::model::Batch::causal(&ids, 0, dec.device(), dec.dtype()).unwrap();
         let logits = dec.forward_all(&batch, None, Some(&a2)).unwrap().squeeze(0).unwrap();
