@@ -453,33 +453,22 @@ impl Decoder {
     ///
     /// The sequence runs as a packed batch of one, so its attention takes the same code as
     /// in [`Self::packed_losses`], and an adapter trained alone gets the numbers it gets in
-    /// a group. Only its first `len - 1` positions run (see `fed_positions`).
-    ///
-    /// Errors: a sequence without a position that has a target (fewer than 2 tokens, or
-    /// `loss_from >= len`); candle's.
+    /// a group.
     pub fn sequence_loss(&self, ids: &[u32], loss_from: usize, lora: Option<&dyn Adapter>) -> Result<Tensor> {
-        let (fed, targets) = fed_positions(ids, loss_from)?;
-        let batch = Batch::packed(&[fed], self.device())?;
+        let batch = Batch::packed(&[ids], self.device())?;
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
-        ops::lm_head_cross_entropy(&h, &self.lm_head, self.lm_head_packed.as_ref(), &targets)
+        ops::lm_head_cross_entropy(&h, &self.lm_head, self.lm_head_packed.as_ref(), &loss_targets(ids, loss_from))
     }
 
     /// [`Self::sequence_loss`] of several sequences in one forward pass (packed end to end,
     /// see [`Batch::packed`]): `[K]` mean losses, each equal to that sequence's loss alone.
-    /// `lora` sees the packed `[1, Σ (len - 1), ..]` activations (see `runtime::multi_lora`
-    /// for one adapter per sequence): each sequence's positions that run (`fed_positions`).
-    ///
-    /// Errors: as [`Self::sequence_loss`], naming the sequence.
+    /// `lora` sees the packed `[1, Σ len, ..]` activations (see `runtime::multi_lora` for one
+    /// adapter per sequence).
     pub fn packed_losses(&self, seqs: &[(&[u32], usize)], lora: Option<&dyn Adapter>) -> Result<Tensor> {
-        let mut fed = Vec::with_capacity(seqs.len());
-        let mut targets = Vec::with_capacity(seqs.len());
-        for (k, &(ids, loss_from)) in seqs.iter().enumerate() {
-            let (f, t) = fed_positions(ids, loss_from).map_err(|e| candle_core::Error::Msg(format!("sequence {k}: {e}")))?;
-            fed.push(f);
-            targets.push(t);
-        }
-        let batch = Batch::packed(&fed, self.device())?;
+        let ids: Vec<&[u32]> = seqs.iter().map(|s| s.0).collect();
+        let batch = Batch::packed(&ids, self.device())?;
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
+        let targets: Vec<Vec<Option<u32>>> = seqs.iter().map(|&(ids, loss_from)| loss_targets(ids, loss_from)).collect();
         let targets: Vec<&[Option<u32>]> = targets.iter().map(|t| t.as_slice()).collect();
         ops::lm_head_cross_entropy_packed(&h, &self.lm_head, self.lm_head_packed.as_ref(), &targets)
     }
@@ -548,40 +537,9 @@ impl Decoder {
     }
 }
 
-/// The positions of `ids` that a training pass runs, `ids[..loss_positions(len)]` (all but the
-/// last), and the target of each: the next token, from position `loss_from - 1` on (`None`
-/// where no loss is taken, and at the last position when it runs).
-///
-/// Why not the last position: it has no next token, so its logits enter no loss, and under
-/// the causal mask no other position attends to it; its gradient is zero everywhere. Running
-/// it cost `1 / len` of a pass's FLOPs (~3% at the paper's ~34-token sequences) for nothing.
-/// Without dropout the loss and gradients are those of the whole sequence; with dropout an
-/// adapter draws its masks for the `len - 1` rows, so a seeded run draws other masks than
-/// when every position ran.
-///
-/// Errors: no position with a target (fewer than 2 tokens, or `loss_from >= len`).
-fn fed_positions(ids: &[u32], loss_from: usize) -> Result<(&[u32], Vec<Option<u32>>)> {
+/// The target of each position of `ids`: the next token, from position `loss_from - 1` on
+/// (`None` where no loss is taken, and at the last position).
+fn loss_targets(ids: &[u32], loss_from: usize) -> Vec<Option<u32>> {
     let n = ids.len();
-    if n < 2 || loss_from >= n {
-        candle_core::bail!("a sequence of {n} tokens with loss from position {loss_from} has no next-token target");
-    }
-    let fed = loss_positions(n);
-    let targets = (0..fed).map(|i| if i + 1 < n && i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect();
-    Ok((&ids[..fed], targets))
-}
-
-/// The positions a loss pass ([`Decoder::sequence_loss`], [`Decoder::packed_losses`]) runs
-/// for a sequence of `len` tokens: all but the last, except that a 2-token sequence keeps
-/// both. The rows of that sequence's segment when an adapter is given per sequence
-/// (`runtime::multi_lora`, `SegmentAxis::Tokens`).
-///
-/// Why keep 2: a pass of one row takes candle's kernel for its OpenBLAS products (see
-/// `runtime::blas::MIN_ROWS`), whose last bits differ, so a 2-token sequence trained alone
-/// would no longer get the numbers it gets in a group.
-pub fn loss_positions(len: usize) -> usize {
-    if len > 2 {
-        len - 1
-    } else {
-        len
-    }
+    (0..n).map(|i| if i + 1 < n && i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect()
 }

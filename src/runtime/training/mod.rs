@@ -54,15 +54,8 @@ impl TrainConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainReport {
     pub steps: usize,
-    /// Tokens of the sequences trained on (all epochs), as Hugging Face's tokens/s counts them.
-    /// A pass runs each sequence's first `len - 1` positions (the last has no target; a
-    /// 2-token sequence runs both, see `model::loss_positions`), so the positions run are
-    /// `tokens - sequences` when no sequence has 2 tokens.
+    /// Tokens fed forward (all epochs).
     pub tokens: usize,
-    /// Sequences trained on (all epochs). A checkpoint written before this count existed
-    /// reads as 0 for its steps.
-    #[serde(default)]
-    pub sequences: usize,
     /// Mean loss of each optimizer step's window.
     pub step_losses: Vec<f32>,
     /// The learning rate each optimizer step used.
@@ -236,17 +229,12 @@ mod tests {
 
     /// [`adapter`] on `targets` only.
     fn adapter_on(dec: &Decoder, rank: usize, seed: u64, targets: &[Proj]) -> LoraAdapter {
-        adapter_with(dec, LoraConfig { targets: targets.to_vec(), ..LoraConfig::paper(rank, 2.0 * rank as f64, 0.1) }, seed)
-    }
-
-    /// [`adapter`] with `config`.
-    fn adapter_with(dec: &Decoder, config: LoraConfig, seed: u64) -> LoraAdapter {
-        let targets = config.targets.clone();
+        let config = LoraConfig { targets: targets.to_vec(), ..LoraConfig::paper(rank, 2.0 * rank as f64, 0.1) };
         use rand::{Rng, SeedableRng};
         let mut a = LoraAdapter::new(&dec.cfg, config, seed, &Device::Cpu).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for layer in 0..dec.cfg.num_hidden_layers {
-            for &proj in &targets {
+            for &proj in targets {
                 let b = &a.pair(layer, proj).unwrap().b;
                 let values: Vec<f32> = (0..b.elem_count()).map(|_| rng.random::<f32>() - 0.5).collect();
                 b.set(&Tensor::from_vec(values, b.shape(), &Device::Cpu).unwrap()).unwrap();
@@ -307,53 +295,6 @@ mod tests {
         assert_eq!(loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap());
         let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
         assert!(gap == 0.0, "gradient gap {gap}");
-    }
-
-    /// A loss pass runs each sequence's positions but the last (`loss_positions`): the loss
-    /// and the adapter's gradients equal those of the whole sequence run under its causal
-    /// mask, with the loss taken from every position's logits (largest gap 1e-5 of the
-    /// largest gradient: float summation order). Dropout off, so both draw no mask.
-    #[test]
-    fn the_last_position_changes_neither_loss_nor_gradient() {
-        let dec = decoder("llama");
-        let ids: Vec<u32> = (0..11).map(|i| (i * 7 + 3) % 64).collect();
-        let n = ids.len();
-        let config = LoraConfig::paper(4, 8.0, 0.0);
-        let (a, a2) = (adapter_with(&dec, config.clone(), 5), adapter_with(&dec, config, 5));
-        // the pass runs n - 1 rows (what the adapter is asked to update)
-        struct Rows<'a>(&'a LoraAdapter, std::sync::atomic::AtomicUsize);
-        impl Adapter for Rows<'_> {
-            fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-                self.0.delta(layer, proj, x)
-            }
-            fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> candle_core::Result<Option<LowRank>> {
-                self.1.store(rows, std::sync::atomic::Ordering::Relaxed);
-                self.0.low_rank(layer, proj, rows)
-            }
-            fn factored(&self) -> bool {
-                true
-            }
-        }
-        let rows = Rows(&a, std::sync::atomic::AtomicUsize::new(0));
-        let loss = dec.sequence_loss(&ids, 0, Some(&rows)).unwrap();
-        assert_eq!(rows.1.swap(0, std::sync::atomic::Ordering::Relaxed), n - 1, "rows of the pass");
-        // a 2-token sequence keeps both rows: one row alone would take another kernel
-        dec.sequence_loss(&ids[..2], 0, Some(&rows)).unwrap();
-        assert_eq!(rows.1.into_inner(), 2, "rows of a 2-token sequence's pass");
-        // the reference: all n positions, the mean cross-entropy of the first n - 1
-        let batch = crate::runtime::model::Batch::causal(&ids, 0, dec.device(), dec.dtype()).unwrap();
-        let logits = dec.forward_all(&batch, None, Some(&a2)).unwrap().squeeze(0).unwrap();
-        assert_eq!(logits.dim(0).unwrap(), n, "the reference runs every position");
-        let targets = Tensor::new(&ids[1..], dec.device()).unwrap();
-        let loss2 = candle_nn::loss::cross_entropy(&logits.narrow(0, 0, n - 1).unwrap(), &targets).unwrap();
-        let (x, y) = (loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap());
-        assert!((x - y).abs() < 1e-5 * y.abs(), "loss {x} against {y}");
-        let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
-        assert!(gap < 1e-5, "gradient gap {gap}");
-        // a sequence without a target is refused, naming what it lacks
-        let err = dec.sequence_loss(&ids[..1], 0, Some(&a)).unwrap_err().to_string();
-        assert!(err.contains("no next-token target"), "{err}");
-        assert!(dec.sequence_loss(&ids, n, Some(&a)).is_err(), "loss from past the end");
     }
 
     /// The fused CPU update gives candle's composed AdamW bit for bit (a transposed, hence
@@ -428,9 +369,8 @@ mod tests {
 
             let (p, q, p2, q2) = (adapter(&dec, 2, 5), adapter(&dec, 6, 6), adapter(&dec, 2, 5), adapter(&dec, 6, 6));
             let seqs: [(&[u32], usize); 2] = [(&ids[..5], 0), (&ids[2..], 2)];
-            // each sequence's segment: its positions but the last (`loss_positions`)
-            let pq: Vec<(usize, Option<&dyn Adapter>)> = vec![(4, Some(&p)), (6, Some(&q))];
-            let pq2: Vec<(usize, Option<&dyn Adapter>)> = vec![(4, Some(&p2)), (6, Some(&q2))];
+            let pq: Vec<(usize, Option<&dyn Adapter>)> = vec![(5, Some(&p)), (7, Some(&q))];
+            let pq2: Vec<(usize, Option<&dyn Adapter>)> = vec![(5, Some(&p2)), (7, Some(&q2))];
             let packed = SegmentedAdapters::new(SegmentAxis::Tokens, &pq);
             let packed2 = SegmentedAdapters::new(SegmentAxis::Tokens, &pq2);
             let losses = dec.packed_losses(&seqs, Some(&packed)).unwrap();
