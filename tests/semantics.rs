@@ -509,7 +509,7 @@ fn a_window_sums_its_sequences_gradients() {
     }
     assert_eq!((fed, run.step()), (2, 1));
     let (adapter, report) = run.finish(false);
-    assert_eq!(report.tokens, 3 + 4, "the window's tokens are counted once each");
+    assert_eq!((report.tokens, report.sequences), (3 + 4, 2), "the window's tokens and sequences are counted once each");
     for (v, b) in adapter.vars().iter().zip(&before) {
         let after: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
         for (j, (a, b)) in after.iter().zip(b).enumerate() {
@@ -563,12 +563,12 @@ fn a_resumed_report_adds_to_the_saved_one() {
     let ex: Vec<TrainExample> =
         [vec![2u32, 9, 14], vec![11, 12, 13, 5]].iter().map(|ids| TrainExample { ids: ids.clone(), loss_from: 0 }).collect();
     let mut run = AdapterRun::new(adapter, &ex, &TrainConfig::new(0.01, 1, 1, 0)).unwrap();
-    let saved = selfedit::runtime::training::TrainReport { steps: 1, tokens: 3, seconds: 5.0, ..Default::default() };
+    let saved = selfedit::runtime::training::TrainReport { steps: 1, tokens: 3, sequences: 1, seconds: 5.0, ..Default::default() };
     run.resume_at(1, saved);
     let (i, weight) = run.next_micro_batch().unwrap();
     run.add_gradients(1.0, weight, vars.iter().map(|v| Some(v.zeros_like().unwrap())).collect()).unwrap();
     let r = run.report();
-    assert_eq!((r.steps, r.tokens), (2, 3 + ex[i].ids.len()));
+    assert_eq!((r.steps, r.tokens, r.sequences), (2, 3 + ex[i].ids.len(), 2));
     assert!(r.seconds >= 5.0 && r.seconds < 65.0, "seconds {}", r.seconds);
     let (_, r) = run.finish(false);
     assert!(r.seconds >= 5.0 && r.seconds < 65.0, "seconds {} at the end", r.seconds);

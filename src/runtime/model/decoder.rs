@@ -88,6 +88,64 @@ impl Adapter for Frozen<'_> {
     }
 }
 
+/// An adapter as a loss pass sees it when the pass runs the first [`loss_positions`]`(len)`
+/// of a `len`-token sequence's positions: its update of those rows, the dropout masks drawn
+/// for all `len` rows and cut to the rows that run.
+///
+/// Why: an adapter draws its masks row after row from one seeded stream, so a pass that drew
+/// one row fewer per projection would shift every later mask. A seeded run would then train
+/// under other masks than when every position ran, and an experiment resumed across that
+/// change would mix adapters trained under either. A factored update ([`Adapter::low_rank`])
+/// has its mask cut; any other is the adapter's `delta` of the rows followed by zero rows
+/// for the positions that do not run, cut back to the rows. One sequence's adapter: a
+/// packed batch wraps each sequence's before segmenting (`runtime::multi_lora`).
+pub struct FedPositions<'a> {
+    adapter: &'a dyn Adapter,
+    len: usize,
+}
+
+impl<'a> FedPositions<'a> {
+    /// `adapter` for a loss pass over a sequence of `len` tokens.
+    pub fn new(adapter: &'a dyn Adapter, len: usize) -> Self {
+        Self { adapter, len }
+    }
+
+    /// The rows the pass runs for this sequence: [`loss_positions`]`(len)`.
+    pub fn rows(&self) -> usize {
+        loss_positions(self.len)
+    }
+}
+
+impl Adapter for FedPositions<'_> {
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+        let unfed = self.len - self.rows();
+        if unfed == 0 {
+            return self.adapter.delta(layer, proj, x);
+        }
+        let mut dims = x.dims().to_vec();
+        let in_dim = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let padded = Tensor::cat(&[&x.reshape((rows, in_dim))?, &Tensor::zeros((unfed, in_dim), x.dtype(), x.device())?], 0)?;
+        let Some(y) = self.adapter.delta(layer, proj, &padded)? else { return Ok(None) };
+        *dims.last_mut().expect("x has a last dimension") = y.dim(1)?;
+        Ok(Some(y.narrow(0, 0, rows)?.reshape(dims)?))
+    }
+
+    fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> Result<Option<LowRank>> {
+        let unfed = self.len - self.rows();
+        Ok(match self.adapter.low_rank(layer, proj, rows + unfed)? {
+            Some(LowRank::Factors { a, b, scale, mask: Some(mask) }) if unfed > 0 => {
+                Some(LowRank::Factors { a, b, scale, mask: Some(mask.narrow(0, 0, rows)?) })
+            }
+            other => other,
+        })
+    }
+
+    fn factored(&self) -> bool {
+        self.adapter.factored()
+    }
+}
+
 /// The low-rank updates of consecutive row segments of `x` `[n, in]`, `(rows, update)` for
 /// each in order, covering `x`: dropout masks applied, then one
 /// [`ops::segmented_low_rank`] over all segments. `[n, out]` in f32, or `None` when no
@@ -453,22 +511,35 @@ impl Decoder {
     ///
     /// The sequence runs as a packed batch of one, so its attention takes the same code as
     /// in [`Self::packed_losses`], and an adapter trained alone gets the numbers it gets in
-    /// a group.
+    /// a group. Only its first `len - 1` positions run (see `fed_positions`).
+    ///
+    /// Errors: a sequence without a position that has a target (fewer than 2 tokens, or
+    /// `loss_from >= len`); candle's.
     pub fn sequence_loss(&self, ids: &[u32], loss_from: usize, lora: Option<&dyn Adapter>) -> Result<Tensor> {
-        let batch = Batch::packed(&[ids], self.device())?;
-        let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
-        ops::lm_head_cross_entropy(&h, &self.lm_head, self.lm_head_packed.as_ref(), &loss_targets(ids, loss_from))
+        let (fed, targets) = fed_positions(ids, loss_from)?;
+        let batch = Batch::packed(&[fed], self.device())?;
+        let lora = lora.map(|a| FedPositions::new(a, ids.len()));
+        let h = self.forward_hidden(&batch, None, lora.as_ref().map(|a| a as &dyn Adapter))?.squeeze(0)?;
+        ops::lm_head_cross_entropy(&h, &self.lm_head, self.lm_head_packed.as_ref(), &targets)
     }
 
     /// [`Self::sequence_loss`] of several sequences in one forward pass (packed end to end,
     /// see [`Batch::packed`]): `[K]` mean losses, each equal to that sequence's loss alone.
-    /// `lora` sees the packed `[1, Σ len, ..]` activations (see `runtime::multi_lora` for one
-    /// adapter per sequence).
+    /// `lora` sees the packed `[1, Σ (len - 1), ..]` activations (see `runtime::multi_lora`
+    /// for one adapter per sequence): each sequence's positions that run (`fed_positions`),
+    /// each sequence's adapter wrapped in [`FedPositions`] by the caller.
+    ///
+    /// Errors: as [`Self::sequence_loss`], naming the sequence.
     pub fn packed_losses(&self, seqs: &[(&[u32], usize)], lora: Option<&dyn Adapter>) -> Result<Tensor> {
-        let ids: Vec<&[u32]> = seqs.iter().map(|s| s.0).collect();
-        let batch = Batch::packed(&ids, self.device())?;
+        let mut fed = Vec::with_capacity(seqs.len());
+        let mut targets = Vec::with_capacity(seqs.len());
+        for (k, &(ids, loss_from)) in seqs.iter().enumerate() {
+            let (f, t) = fed_positions(ids, loss_from).map_err(|e| candle_core::Error::Msg(format!("sequence {k}: {e}")))?;
+            fed.push(f);
+            targets.push(t);
+        }
+        let batch = Batch::packed(&fed, self.device())?;
         let h = self.forward_hidden(&batch, None, lora)?.squeeze(0)?;
-        let targets: Vec<Vec<Option<u32>>> = seqs.iter().map(|&(ids, loss_from)| loss_targets(ids, loss_from)).collect();
         let targets: Vec<&[Option<u32>]> = targets.iter().map(|t| t.as_slice()).collect();
         ops::lm_head_cross_entropy_packed(&h, &self.lm_head, self.lm_head_packed.as_ref(), &targets)
     }
@@ -537,9 +608,39 @@ impl Decoder {
     }
 }
 
-/// The target of each position of `ids`: the next token, from position `loss_from - 1` on
-/// (`None` where no loss is taken, and at the last position).
-fn loss_targets(ids: &[u32], loss_from: usize) -> Vec<Option<u32>> {
+/// The positions of `ids` that a training pass runs, `ids[..loss_positions(len)]` (all but the
+/// last), and the target of each: the next token, from position `loss_from - 1` on (`None`
+/// where no loss is taken, and at the last position when it runs).
+///
+/// Why not the last position: it has no next token, so its logits enter no loss, and under
+/// the causal mask no other position attends to it; its gradient is zero everywhere. Running
+/// it cost `1 / len` of a pass's FLOPs (~3% at the paper's ~34-token sequences) for nothing.
+/// The loss and gradients are those of the whole sequence, dropout included: the adapter,
+/// seen through [`FedPositions`], draws its masks as if every position ran.
+///
+/// Errors: no position with a target (fewer than 2 tokens, or `loss_from >= len`).
+fn fed_positions(ids: &[u32], loss_from: usize) -> Result<(&[u32], Vec<Option<u32>>)> {
     let n = ids.len();
-    (0..n).map(|i| if i + 1 < n && i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect()
+    if n < 2 || loss_from >= n {
+        candle_core::bail!("a sequence of {n} tokens with loss from position {loss_from} has no next-token target");
+    }
+    let fed = loss_positions(n);
+    let targets = (0..fed).map(|i| if i + 1 < n && i + 1 >= loss_from.max(1) { Some(ids[i + 1]) } else { None }).collect();
+    Ok((&ids[..fed], targets))
+}
+
+/// The positions a loss pass ([`Decoder::sequence_loss`], [`Decoder::packed_losses`]) runs
+/// for a sequence of `len` tokens: all but the last, except that a 2-token sequence keeps
+/// both. The rows of that sequence's segment when an adapter is given per sequence
+/// (`runtime::multi_lora`, `SegmentAxis::Tokens`).
+///
+/// Why keep 2: a pass of one row takes candle's kernel for its OpenBLAS products (see
+/// `runtime::blas::MIN_ROWS`), whose last bits differ, so a 2-token sequence trained alone
+/// would no longer get the numbers it gets in a group.
+pub fn loss_positions(len: usize) -> usize {
+    if len > 2 {
+        len - 1
+    } else {
+        len
+    }
 }

@@ -12,7 +12,7 @@ mod weights;
 
 pub use cache::{causal_mask, Batch, KvCache};
 pub use config::{ModelConfig, RopeScaling};
-pub use decoder::{low_rank_update, Adapter, Decoder, Frozen};
+pub use decoder::{loss_positions, low_rank_update, Adapter, Decoder, FedPositions, Frozen};
 #[cfg(test)]
 pub(crate) use layer_grad::layers_as_nodes;
 pub use layer_grad::{backward, Attention, DecoderLayer, Linear, LowRank, Mlp};

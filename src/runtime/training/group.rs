@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor};
 
 use super::{memory_estimate, AdapterRun, TrainConfig, TrainExample, TrainReport};
 use crate::runtime::lora::LoraAdapter;
-use crate::runtime::model::{backward, Adapter, Decoder};
+use crate::runtime::model::{backward, Adapter, Decoder, FedPositions};
 use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
 use crate::runtime::ops;
 
@@ -51,8 +51,10 @@ impl GroupLimits {
 pub struct GroupReport {
     /// Packed forward + backward passes.
     pub passes: usize,
-    /// Tokens fed forward, all adapters together.
+    /// Tokens of the sequences trained on, all adapters together (see [`super::TrainReport::tokens`]).
     pub tokens: usize,
+    /// Sequences trained on, all adapters together; the passes ran `tokens - sequences` positions.
+    pub sequences: usize,
     pub seconds: f64,
     /// The most adapters in flight at once.
     pub max_in_flight: usize,
@@ -128,6 +130,7 @@ pub fn train_group<K>(
                 let t = Instant::now();
                 for ((_, run, _), &(i, _)) in active.iter().zip(&micro) {
                     report.tokens += run.example(i).ids.len();
+                    report.sequences += 1;
                 }
                 step_all(&mut active, &micro, losses, grads)?;
                 report.times.optimizer += t.elapsed().as_secs_f64();
@@ -211,8 +214,9 @@ fn group_pass<K>(
     times: &mut PassTimes,
 ) -> anyhow::Result<PassOutput> {
     let t = Instant::now();
-    // 3. one forward pass over the packed sequences [1, Σ len]: frozen weights once, each
-    //    sequence's low-rank update from its own adapter
+    // 3. one forward pass over the packed sequences [1, Σ (len - 1)] (the last token of each
+    //    has no target): frozen weights once, each sequence's low-rank update from its own
+    //    adapter
     let seqs: Vec<(&[u32], usize)> = active
         .iter()
         .zip(micro)
@@ -221,8 +225,8 @@ fn group_pass<K>(
             (e.ids.as_slice(), e.loss_from)
         })
         .collect();
-    let items: Vec<(usize, Option<&dyn Adapter>)> =
-        seqs.iter().zip(active).map(|(s, (_, run, _))| (s.0.len(), Some(run.adapter() as &dyn Adapter))).collect();
+    let fed: Vec<FedPositions> = seqs.iter().zip(active).map(|(s, (_, run, _))| FedPositions::new(run.adapter(), s.0.len())).collect();
+    let items: Vec<(usize, Option<&dyn Adapter>)> = fed.iter().map(|a| (a.rows(), Some(a as &dyn Adapter))).collect();
     let adapters = SegmentedAdapters::new(SegmentAxis::Tokens, &items);
     let losses = decoder.packed_losses(&seqs, Some(&adapters))?; // [K]
     times.forward += t.elapsed().as_secs_f64();
@@ -327,7 +331,7 @@ mod tests {
         assert!(t.forward + t.backward + t.optimizer <= unbounded.seconds, "{t:?} in {} s", unbounded.seconds);
         // every sequence fed once per epoch: jobs 0..6 train 1, 2, 1, 2, 1, 2 epochs of
         // 2 sequences of 10 tokens
-        assert_eq!(unbounded.tokens, 9 * 2 * 10);
+        assert_eq!((unbounded.tokens, unbounded.sequences), (9 * 2 * 10, 9 * 2));
         let bounded = run(GroupLimits { adapters: 4, memory_bytes: Some(2 * one + one / 2) });
         assert_eq!((bounded.max_in_flight, bounded.max_memory_estimate), (2, 2 * one));
         // a limit is inclusive: exactly two estimates fit two adapters

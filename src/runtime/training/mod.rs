@@ -54,8 +54,15 @@ impl TrainConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainReport {
     pub steps: usize,
-    /// Tokens fed forward (all epochs).
+    /// Tokens of the sequences trained on (all epochs), as Hugging Face's tokens/s counts them.
+    /// A pass runs each sequence's first `len - 1` positions (the last has no target; a
+    /// 2-token sequence runs both, see `model::loss_positions`), so the positions run are
+    /// `tokens - sequences` when no sequence has 2 tokens.
     pub tokens: usize,
+    /// Sequences trained on (all epochs). A checkpoint written before this count existed
+    /// reads as 0 for its steps.
+    #[serde(default)]
+    pub sequences: usize,
     /// Mean loss of each optimizer step's window.
     pub step_losses: Vec<f32>,
     /// The learning rate each optimizer step used.
@@ -198,7 +205,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use crate::runtime::lora::{LoraAdapter, LoraConfig};
-    use crate::runtime::model::{backward, layers_as_nodes, random_weights, Adapter, Decoder, LowRank, ModelConfig, Proj};
+    use crate::runtime::model::{backward, layers_as_nodes, random_weights, Adapter, Decoder, FedPositions, LowRank, ModelConfig, Proj};
     use crate::runtime::multi_lora::{SegmentAxis, SegmentedAdapters};
 
     /// An adapter that hides its factored form, so the decoder composes each layer of
@@ -229,12 +236,17 @@ mod tests {
 
     /// [`adapter`] on `targets` only.
     fn adapter_on(dec: &Decoder, rank: usize, seed: u64, targets: &[Proj]) -> LoraAdapter {
-        let config = LoraConfig { targets: targets.to_vec(), ..LoraConfig::paper(rank, 2.0 * rank as f64, 0.1) };
+        adapter_with(dec, LoraConfig { targets: targets.to_vec(), ..LoraConfig::paper(rank, 2.0 * rank as f64, 0.1) }, seed)
+    }
+
+    /// [`adapter`] with `config`.
+    fn adapter_with(dec: &Decoder, config: LoraConfig, seed: u64) -> LoraAdapter {
+        let targets = config.targets.clone();
         use rand::{Rng, SeedableRng};
         let mut a = LoraAdapter::new(&dec.cfg, config, seed, &Device::Cpu).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for layer in 0..dec.cfg.num_hidden_layers {
-            for &proj in targets {
+            for &proj in &targets {
                 let b = &a.pair(layer, proj).unwrap().b;
                 let values: Vec<f32> = (0..b.elem_count()).map(|_| rng.random::<f32>() - 0.5).collect();
                 b.set(&Tensor::from_vec(values, b.shape(), &Device::Cpu).unwrap()).unwrap();
@@ -295,6 +307,65 @@ mod tests {
         assert_eq!(loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap());
         let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
         assert!(gap == 0.0, "gradient gap {gap}");
+    }
+
+    /// A loss pass runs each sequence's positions but the last (`loss_positions`): the loss
+    /// and the adapter's gradients equal those of the whole sequence run under its causal
+    /// mask, with the loss taken from every position's logits (largest gap 1e-5 of the
+    /// largest gradient: float summation order). With dropout too: the pass draws each
+    /// mask for every position (`FedPositions`), so two passes in a row, the second on a
+    /// sequence of another length, still see the reference's masks.
+    #[test]
+    fn the_last_position_changes_neither_loss_nor_gradient() {
+        let dec = decoder("llama");
+        let ids: Vec<u32> = (0..11).map(|i| (i * 7 + 3) % 64).collect();
+        let n = ids.len();
+        for dropout in [0.0, 0.3] {
+            let config = LoraConfig::paper(4, 8.0, dropout);
+            let (mut a, mut a2) = (adapter_with(&dec, config.clone(), 5), adapter_with(&dec, config, 5));
+            a.set_training(Some(9));
+            a2.set_training(Some(9));
+            for len in [n, n - 3] {
+                let ids = &ids[..len];
+                // the pass runs len - 1 rows (what the adapter is asked to update)
+                struct Rows<'a>(&'a LoraAdapter, std::sync::atomic::AtomicUsize);
+                impl Adapter for Rows<'_> {
+                    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+                        self.0.delta(layer, proj, x)
+                    }
+                    fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> candle_core::Result<Option<LowRank>> {
+                        self.1.store(rows, std::sync::atomic::Ordering::Relaxed);
+                        self.0.low_rank(layer, proj, rows)
+                    }
+                    fn factored(&self) -> bool {
+                        true
+                    }
+                }
+                let rows = Rows(&a, std::sync::atomic::AtomicUsize::new(0));
+                let loss = dec.sequence_loss(ids, 0, Some(&rows)).unwrap();
+                // asked for every position's mask, of which the pass keeps len - 1 rows
+                assert_eq!(rows.1.into_inner(), len, "rows drawn for the pass");
+                // the reference: all positions, the mean cross-entropy of the first len - 1
+                let batch = crate::runtime::model::Batch::causal(ids, 0, dec.device(), dec.dtype()).unwrap();
+                let logits = dec.forward_all(&batch, None, Some(&a2)).unwrap().squeeze(0).unwrap();
+                assert_eq!(logits.dim(0).unwrap(), len, "the reference runs every position");
+                let targets = Tensor::new(&ids[1..], dec.device()).unwrap();
+                let loss2 = candle_nn::loss::cross_entropy(&logits.narrow(0, 0, len - 1).unwrap(), &targets).unwrap();
+                let (x, y) = (loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap());
+                assert!((x - y).abs() < 1e-5 * y.abs(), "dropout {dropout}, {len} tokens: loss {x} against {y}");
+                let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
+                assert!(gap < 1e-5, "dropout {dropout}, {len} tokens: gradient gap {gap}");
+            }
+        }
+        // the pass's rows: all positions but the last, except that a 2-token sequence keeps
+        // both (one row alone would take another kernel)
+        let a = adapter_with(&dec, LoraConfig::paper(4, 8.0, 0.0), 5);
+        let rows = |len: usize| FedPositions::new(&a, len).rows();
+        assert_eq!((rows(n), rows(3), rows(2)), (n - 1, 2, 2));
+        // a sequence without a target is refused, naming what it lacks
+        let err = dec.sequence_loss(&ids[..1], 0, Some(&a)).unwrap_err().to_string();
+        assert!(err.contains("no next-token target"), "{err}");
+        assert!(dec.sequence_loss(&ids, n, Some(&a)).is_err(), "loss from past the end");
     }
 
     /// The fused CPU update gives candle's composed AdamW bit for bit (a transposed, hence
@@ -369,8 +440,9 @@ mod tests {
 
             let (p, q, p2, q2) = (adapter(&dec, 2, 5), adapter(&dec, 6, 6), adapter(&dec, 2, 5), adapter(&dec, 6, 6));
             let seqs: [(&[u32], usize); 2] = [(&ids[..5], 0), (&ids[2..], 2)];
-            let pq: Vec<(usize, Option<&dyn Adapter>)> = vec![(5, Some(&p)), (7, Some(&q))];
-            let pq2: Vec<(usize, Option<&dyn Adapter>)> = vec![(5, Some(&p2)), (7, Some(&q2))];
+            // each sequence's segment: its positions but the last (`loss_positions`)
+            let pq: Vec<(usize, Option<&dyn Adapter>)> = vec![(4, Some(&p)), (6, Some(&q))];
+            let pq2: Vec<(usize, Option<&dyn Adapter>)> = vec![(4, Some(&p2)), (6, Some(&q2))];
             let packed = SegmentedAdapters::new(SegmentAxis::Tokens, &pq);
             let packed2 = SegmentedAdapters::new(SegmentAxis::Tokens, &pq2);
             let losses = dec.packed_losses(&seqs, Some(&packed)).unwrap();

@@ -221,6 +221,7 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
         }
         let window = &self.order[self.window_start..self.window_start + self.window_len()];
         self.report.tokens += window.iter().map(|&i| self.examples[i].ids.len()).sum::<usize>();
+        self.report.sequences += window.len();
         let vars = self.adapter.borrow().vars();
         let mut grads: Vec<Tensor> = std::mem::replace(&mut self.grads, vec![None; vars.len()])
             .into_iter()
