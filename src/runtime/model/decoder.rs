@@ -511,7 +511,10 @@ impl Decoder {
     ///
     /// The sequence runs as a packed batch of one, so its attention takes the same code as
     /// in [`Self::packed_losses`], and an adapter trained alone gets the numbers it gets in
-    /// a group. Only its first `len - 1` positions run (see `fed_positions`).
+    /// a group. Only its first [`loss_positions`]`(len)` positions run (all but the last; see
+    /// `fed_positions`). `lora` is one adapter for the whole sequence, seen through
+    /// [`FedPositions`] (an adapter of several segments would need each wrapped instead, as
+    /// for [`Self::packed_losses`]).
     ///
     /// Errors: a sequence without a position that has a target (fewer than 2 tokens, or
     /// `loss_from >= len`); candle's.
@@ -525,7 +528,7 @@ impl Decoder {
 
     /// [`Self::sequence_loss`] of several sequences in one forward pass (packed end to end,
     /// see [`Batch::packed`]): `[K]` mean losses, each equal to that sequence's loss alone.
-    /// `lora` sees the packed `[1, Σ (len - 1), ..]` activations (see `runtime::multi_lora`
+    /// `lora` sees the packed `[1, Σ loss_positions(len), ..]` activations (see `runtime::multi_lora`
     /// for one adapter per sequence): each sequence's positions that run (`fed_positions`),
     /// each sequence's adapter wrapped in [`FedPositions`] by the caller.
     ///
@@ -630,17 +633,21 @@ fn fed_positions(ids: &[u32], loss_from: usize) -> Result<(&[u32], Vec<Option<u3
 }
 
 /// The positions a loss pass ([`Decoder::sequence_loss`], [`Decoder::packed_losses`]) runs
-/// for a sequence of `len` tokens: all but the last, except that a 2-token sequence keeps
-/// both. The rows of that sequence's segment when an adapter is given per sequence
-/// (`runtime::multi_lora`, `SegmentAxis::Tokens`).
+/// for a sequence of `len` tokens: all but the last, unless one row fewer would move the
+/// sequence to another kernel. The rows of that sequence's segment when an adapter is given
+/// per sequence (`runtime::multi_lora`, `SegmentAxis::Tokens`).
 ///
-/// Why keep 2: a pass of one row takes candle's kernel for its OpenBLAS products (see
-/// `runtime::blas::MIN_ROWS`), whose last bits differ, so a 2-token sequence trained alone
-/// would no longer get the numbers it gets in a group.
+/// Why the exceptions, whose last bits would differ otherwise:
+/// - 2 tokens keep both: a pass of one row takes candle's kernel for its OpenBLAS products
+///   (see `runtime::blas::MIN_ROWS`), so that sequence trained alone would no longer get the
+///   numbers it gets in a group;
+/// - `ops::SHORT_ATTENTION_MAX_LEN + 1` tokens keep all: one row fewer would take the
+///   short-sequence attention kernel instead of the batched products, so the adapter would
+///   no longer get the numbers it got when every position ran.
 pub fn loss_positions(len: usize) -> usize {
-    if len > 2 {
-        len - 1
-    } else {
+    if len <= 2 || len == ops::SHORT_ATTENTION_MAX_LEN + 1 {
         len
+    } else {
+        len - 1
     }
 }

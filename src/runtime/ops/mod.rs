@@ -35,6 +35,7 @@ pub(crate) mod simd;
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
 pub use low_rank::{segmented_low_rank, segmented_low_rank_pass, LowRankSegment};
 pub(crate) use low_rank::{segmented_low_rank_backward, segmented_low_rank_forward, Products};
+pub(crate) use short_attention::MAX_LEN as SHORT_ATTENTION_MAX_LEN;
 
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};

@@ -53,7 +53,8 @@ pub struct GroupReport {
     pub passes: usize,
     /// Tokens of the sequences trained on, all adapters together (see [`super::TrainReport::tokens`]).
     pub tokens: usize,
-    /// Sequences trained on, all adapters together; the passes ran `tokens - sequences` positions.
+    /// Sequences trained on, all adapters together; the passes ran `tokens - sequences`
+    /// positions, give or take the few sequences that keep all theirs (`model::loss_positions`).
     pub sequences: usize,
     pub seconds: f64,
     /// The most adapters in flight at once.
@@ -214,7 +215,7 @@ fn group_pass<K>(
     times: &mut PassTimes,
 ) -> anyhow::Result<PassOutput> {
     let t = Instant::now();
-    // 3. one forward pass over the packed sequences [1, Σ (len - 1)] (the last token of each
+    // 3. one forward pass over the packed sequences [1, Σ loss_positions(len)] (the last token of each
     //    has no target): frozen weights once, each sequence's low-rank update from its own
     //    adapter
     let seqs: Vec<(&[u32], usize)> = active

@@ -357,11 +357,13 @@ mod tests {
                 assert!(gap < 1e-5, "dropout {dropout}, {len} tokens: gradient gap {gap}");
             }
         }
-        // the pass's rows: all positions but the last, except that a 2-token sequence keeps
-        // both (one row alone would take another kernel)
+        // the pass's rows: all positions but the last, except where one row fewer would take
+        // another kernel (a row alone; the short-sequence attention)
         let a = adapter_with(&dec, LoraConfig::paper(4, 8.0, 0.0), 5);
         let rows = |len: usize| FedPositions::new(&a, len).rows();
         assert_eq!((rows(n), rows(3), rows(2)), (n - 1, 2, 2));
+        let short = crate::runtime::ops::SHORT_ATTENTION_MAX_LEN;
+        assert_eq!((rows(short), rows(short + 1), rows(short + 2)), (short - 1, short + 1, short + 1));
         // a sequence without a target is refused, naming what it lacks
         let err = dec.sequence_loss(&ids[..1], 0, Some(&a)).unwrap_err().to_string();
         assert!(err.contains("no next-token target"), "{err}");
@@ -440,9 +442,13 @@ mod tests {
 
             let (p, q, p2, q2) = (adapter(&dec, 2, 5), adapter(&dec, 6, 6), adapter(&dec, 2, 5), adapter(&dec, 6, 6));
             let seqs: [(&[u32], usize); 2] = [(&ids[..5], 0), (&ids[2..], 2)];
-            // each sequence's segment: its positions but the last (`loss_positions`)
-            let pq: Vec<(usize, Option<&dyn Adapter>)> = vec![(4, Some(&p)), (6, Some(&q))];
-            let pq2: Vec<(usize, Option<&dyn Adapter>)> = vec![(4, Some(&p2)), (6, Some(&q2))];
+            // each sequence's segment: its positions but the last, its adapter drawing masks
+            // for all of them (`FedPositions`, as grouped training gives them)
+            let (fp, fq) = (FedPositions::new(&p, 5), FedPositions::new(&q, 7));
+            let (fp2, fq2) = (FedPositions::new(&p2, 5), FedPositions::new(&q2, 7));
+            assert_eq!((fp.rows(), fq.rows()), (4, 6));
+            let pq: Vec<(usize, Option<&dyn Adapter>)> = vec![(4, Some(&fp)), (6, Some(&fq))];
+            let pq2: Vec<(usize, Option<&dyn Adapter>)> = vec![(4, Some(&fp2)), (6, Some(&fq2))];
             let packed = SegmentedAdapters::new(SegmentAxis::Tokens, &pq);
             let packed2 = SegmentedAdapters::new(SegmentAxis::Tokens, &pq2);
             let losses = dec.packed_losses(&seqs, Some(&packed)).unwrap();
