@@ -102,6 +102,7 @@ MUTANTS_CARGO_ARGS := --no-default-features $(if $(filter 0,$(BLAS)),,--features
 MUTANTS_TARGET ?= $(HOME)/.cache/selfedit-mutants-target
 mutants: blas $(SMOLLM) $(EMBEDDER)  ## mutation testing of the numeric modules (cargo-mutants, installed when missing; MUTANTS_FILES, MUTANTS_RE, MUTANTS_BUDGET s)
 	@command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
+	@mkdir -p $(OUTPUTS)
 	SELFEDIT_MODEL=$(abspath $(SMOLLM)) SELFEDIT_EMBEDDER=$(abspath $(EMBEDDER_DIR)) SELFEDIT_SHARED=$(abspath ../shared) \
 	  RAYON_NUM_THREADS=1 CARGO_TARGET_DIR=$(MUTANTS_TARGET) timeout $(MUTANTS_BUDGET) $(CARGO) mutants --profile release --no-shuffle --iterate $(foreach f,$(MUTANTS_FILES),-f $(f)) \
 	  $(foreach a,$(MUTANTS_CARGO_ARGS) $(MUTANTS_TESTS),--cargo-arg=$(a)) \

@@ -134,7 +134,7 @@ impl Adapter for FedPositions<'_> {
     fn low_rank(&self, layer: usize, proj: Proj, rows: usize) -> Result<Option<LowRank>> {
         let unfed = self.len - self.rows();
         Ok(match self.adapter.low_rank(layer, proj, rows + unfed)? {
-            Some(LowRank::Factors { a, b, scale, mask: Some(mask) }) if unfed > 0 => {
+            Some(LowRank::Factors { a, b, scale, mask: Some(mask) }) => {
                 Some(LowRank::Factors { a, b, scale, mask: Some(mask.narrow(0, 0, rows)?) })
             }
             other => other,

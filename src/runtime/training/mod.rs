@@ -313,8 +313,8 @@ mod tests {
     /// and the adapter's gradients equal those of the whole sequence run under its causal
     /// mask, with the loss taken from every position's logits (largest gap 1e-5 of the
     /// largest gradient: float summation order). With dropout too: the pass draws each
-    /// mask for every position (`FedPositions`), so two passes in a row, the second on a
-    /// sequence of another length, still see the reference's masks.
+    /// mask for every position (`FedPositions`), so passes in a row on sequences of other
+    /// lengths (a 2-token one among them) still see the reference's masks.
     #[test]
     fn the_last_position_changes_neither_loss_nor_gradient() {
         let dec = decoder("llama");
@@ -325,7 +325,9 @@ mod tests {
             let (mut a, mut a2) = (adapter_with(&dec, config.clone(), 5), adapter_with(&dec, config, 5));
             a.set_training(Some(9));
             a2.set_training(Some(9));
-            for len in [n, n - 3] {
+            // passes in a row: two lengths, a 2-token sequence (which runs both positions) and
+            // a loss from position 4 on
+            for (len, loss_from) in [(n, 0), (2, 0), (n - 3, 4)] {
                 let ids = &ids[..len];
                 // the pass runs len - 1 rows (what the adapter is asked to update)
                 struct Rows<'a>(&'a LoraAdapter, std::sync::atomic::AtomicUsize);
@@ -342,15 +344,17 @@ mod tests {
                     }
                 }
                 let rows = Rows(&a, std::sync::atomic::AtomicUsize::new(0));
-                let loss = dec.sequence_loss(ids, 0, Some(&rows)).unwrap();
+                let loss = dec.sequence_loss(ids, loss_from, Some(&rows)).unwrap();
                 // asked for every position's mask, of which the pass keeps len - 1 rows
                 assert_eq!(rows.1.into_inner(), len, "rows drawn for the pass");
-                // the reference: all positions, the mean cross-entropy of the first len - 1
+                // the reference: all positions, the mean cross-entropy of those from loss_from - 1
+                // to len - 2 (the last has no target)
                 let batch = crate::runtime::model::Batch::causal(ids, 0, dec.device(), dec.dtype()).unwrap();
                 let logits = dec.forward_all(&batch, None, Some(&a2)).unwrap().squeeze(0).unwrap();
                 assert_eq!(logits.dim(0).unwrap(), len, "the reference runs every position");
-                let targets = Tensor::new(&ids[1..], dec.device()).unwrap();
-                let loss2 = candle_nn::loss::cross_entropy(&logits.narrow(0, 0, len - 1).unwrap(), &targets).unwrap();
+                let first = loss_from.max(1) - 1;
+                let targets = Tensor::new(&ids[first + 1..], dec.device()).unwrap();
+                let loss2 = candle_nn::loss::cross_entropy(&logits.narrow(0, first, len - 1 - first).unwrap(), &targets).unwrap();
                 let (x, y) = (loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap());
                 assert!((x - y).abs() < 1e-5 * y.abs(), "dropout {dropout}, {len} tokens: loss {x} against {y}");
                 let gap = gradient_gap(&dec, &loss, &loss2, &[(&a, &a2)]);
@@ -403,7 +407,7 @@ mod tests {
     /// A layer as one node of the graph gives the losses of the composed layer bit for bit
     /// and the same gradients up to float summation order (largest gap 1e-5 of the largest
     /// gradient), for Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms), with
-    /// dropout on: one sequence alone, one under a causal mask (not packed), and two
+    /// dropout on: a 2-token sequence, one sequence alone, one under a causal mask (not packed), and two
     /// adapters' sequences packed in one row. Also a Qwen3 whose layers have a query norm
     /// and no key norm (no checkpoint has that, but the layers' fields allow it): each
     /// path applies the one norm.
@@ -422,6 +426,11 @@ mod tests {
             // on all seven projections, and on the paper's q and v (the others untouched)
             for targets in [&Proj::ALL[..], &[Proj::QProj, Proj::VProj]] {
                 let (a, a2) = (adapter_on(&dec, 4, 1, targets), adapter_on(&dec, 4, 1, targets));
+                // first a 2-token sequence, which runs both positions: the masks either path
+                // draws for it leave both streams in step for the passes below
+                let (l, l2) =
+                    (dec.sequence_loss(&ids[..2], 0, Some(&a)).unwrap(), dec.sequence_loss(&ids[..2], 0, Some(&Composed(&a2))).unwrap());
+                assert_eq!(l.to_scalar::<f32>().unwrap(), l2.to_scalar::<f32>().unwrap(), "{model_type}: 2 tokens");
                 let nodes = layers_as_nodes();
                 let loss = dec.sequence_loss(&ids, 3, Some(&a)).unwrap();
                 assert_eq!(layers_as_nodes() - nodes, 2, "each layer one node");
