@@ -55,9 +55,9 @@ impl TrainConfig {
 pub struct TrainReport {
     pub steps: usize,
     /// Tokens of the sequences trained on (all epochs), as Hugging Face's tokens/s counts them.
-    /// A pass runs each sequence's first `len - 1` positions (the last has no target; a
-    /// 2-token sequence runs both, see `model::loss_positions`), so the positions run are
-    /// `tokens - sequences` when no sequence has 2 tokens.
+    /// A pass runs each sequence's first `len - 1` positions (the last has no target), so the
+    /// positions run are `tokens - sequences`, give or take the few sequences that keep all
+    /// theirs (`model::loss_positions`).
     pub tokens: usize,
     /// Sequences trained on (all epochs). A checkpoint written before this count existed
     /// reads as 0 for its steps.
@@ -311,10 +311,10 @@ mod tests {
 
     /// A loss pass runs each sequence's positions but the last (`loss_positions`): the loss
     /// and the adapter's gradients equal those of the whole sequence run under its causal
-    /// mask, with the loss taken from every position's logits (largest gap 1e-5 of the
-    /// largest gradient: float summation order). With dropout too: the pass draws each
-    /// mask for every position (`FedPositions`), so passes in a row on sequences of other
-    /// lengths (a 2-token one among them) still see the reference's masks.
+    /// mask, its loss the mean cross-entropy of the positions with a target (largest gap
+    /// 1e-5 of the largest gradient: float summation order). With dropout too: the pass
+    /// draws each mask for every position (`FedPositions`), so passes in a row on sequences
+    /// of other lengths (a 2-token one among them) still see the reference's masks.
     #[test]
     fn the_last_position_changes_neither_loss_nor_gradient() {
         let dec = decoder("llama");
@@ -329,7 +329,7 @@ mod tests {
             // a loss from position 4 on
             for (len, loss_from) in [(n, 0), (2, 0), (n - 3, 4)] {
                 let ids = &ids[..len];
-                // the pass runs len - 1 rows (what the adapter is asked to update)
+                // counts the rows the adapter is asked for
                 struct Rows<'a>(&'a LoraAdapter, std::sync::atomic::AtomicUsize);
                 impl Adapter for Rows<'_> {
                     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -345,7 +345,7 @@ mod tests {
                 }
                 let rows = Rows(&a, std::sync::atomic::AtomicUsize::new(0));
                 let loss = dec.sequence_loss(ids, loss_from, Some(&rows)).unwrap();
-                // asked for every position's mask, of which the pass keeps len - 1 rows
+                // asked for every position's mask; the pass keeps `loss_positions(len)` rows
                 assert_eq!(rows.1.into_inner(), len, "rows drawn for the pass");
                 // the reference: all positions, the mean cross-entropy of those from loss_from - 1
                 // to len - 2 (the last has no target)
