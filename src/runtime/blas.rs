@@ -485,6 +485,41 @@ mod tests {
         }
     }
 
+    /// Shapes and tensors this path cannot compute are left to candle (`None`), each guard
+    /// on its own next to a product it takes: ranks below 2 or unequal, unequal leading
+    /// dimensions, unequal inner dimensions, fewer than [`MIN_ROWS`] rows, an empty output
+    /// or inner dimension, a dtype other than f32. A bf16 or strided operand is refused too.
+    #[test]
+    fn refuses_what_it_cannot_compute() {
+        if !ENABLED {
+            return;
+        }
+        let t = |dims: &[usize]| Tensor::randn(0f32, 1., dims, &Device::Cpu).unwrap();
+        let takes = |a: &Tensor, b: &Tensor, ta: bool, tb: bool| product_values(a, b, ta, tb, true).is_some();
+        // taken: [3, 4] @ [4, 5], batched [2, 3, 4] @ [2, 4, 5], transposed [4, 3]ᵀ @ [5, 4]ᵀ
+        assert!(takes(&t(&[3, 4]), &t(&[4, 5]), false, false));
+        assert!(takes(&t(&[2, 3, 4]), &t(&[2, 4, 5]), false, false));
+        assert!(takes(&t(&[4, 3]), &t(&[5, 4]), true, true));
+        // refused, one guard each
+        assert!(!takes(&t(&[4]), &t(&[4]), false, false), "rank 1");
+        assert!(!takes(&t(&[2, 3, 4]), &t(&[4, 5]), false, false), "unequal ranks");
+        assert!(!takes(&t(&[2, 3, 4]), &t(&[3, 4, 5]), false, false), "unequal leading dimensions");
+        assert!(!takes(&t(&[3, 4]), &t(&[5, 5]), false, false), "unequal inner dimensions");
+        assert!(!takes(&t(&[1, 4]), &t(&[4, 5]), false, false), "one row");
+        assert!(!takes(&t(&[4, 1]), &t(&[4, 5]), true, false), "one row, transposed");
+        assert!(!takes(&t(&[3, 4]), &t(&[4, 0]), false, false), "no columns");
+        assert!(!takes(&t(&[3, 0]), &t(&[0, 5]), false, false), "no inner dimension");
+        let bf16 = t(&[3, 4]).to_dtype(DType::BF16).unwrap();
+        assert!(!takes(&bf16, &t(&[4, 5]), false, false), "bf16");
+        assert!(!takes(&t(&[4, 3]).t().unwrap(), &t(&[4, 5]), false, false), "a strided view");
+        // two rows are taken, and agree with candle
+        let (a, b) = (t(&[2, 4]), t(&[4, 5]));
+        let (values, shape) = product_values(&a, &b, false, false, true).unwrap().unwrap();
+        assert_eq!(shape, [2, 5]);
+        let want: Vec<f32> = a.matmul(&b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(values.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-5), "{values:?} against {want:?}");
+    }
+
     /// A weight packed for the f32 kernel gives candle's products (forward and input
     /// gradient) within f32 rounding, rows from 1 to past a register block, and reports its
     /// dtype; a width that is not a multiple of 16 is refused by name.
