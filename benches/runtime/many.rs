@@ -289,16 +289,21 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
     report("solo_train_gflops", positions as f64 * flops / train_s / 1e9, "GFLOP/s");
     report("self_edit_train_seconds_solo", train_s / solo, "s");
     report("self_edit_eval_seconds_solo", eval_s / solo, "s");
-    report("self_edit_seconds_solo", (train_s + eval_s) / solo, "s");
+    let solo_seconds = (train_s + eval_s) / solo;
+    report("self_edit_seconds_solo", solo_seconds, "s");
 
     // 2. grouped: all self-edits through one group, then all their answers in shared batches
     let len = mean_sequence_positions(m, n, epochs)?;
+    // longest first, as `train-adapters` hands its jobs over (each job built again when its
+    // slot frees up, so that only the adapters in flight count in the peak RSS)
+    let mut order = (0..n).map(|k| Ok((k, self_edit(m, k, epochs)?.passes()))).collect::<anyhow::Result<Vec<_>>>()?;
+    order.sort_by_key(|&(_, passes)| std::cmp::Reverse(passes));
     let mut passes = Vec::new();
     for &g in group_sizes {
         let fg = Foreign::new();
         let rss_before = peak_rss_mib();
         let mut trained: Vec<Option<LoraAdapter>> = (0..n).map(|_| None).collect();
-        let jobs = (0..n).map(|k| self_edit(m, k, epochs).expect("self-edit"));
+        let jobs = order.iter().map(|&(k, _)| self_edit(m, k, epochs).expect("self-edit"));
         let rep = train_group(&m.decoder, jobs, GroupLimits::adapters(g), |k, r| {
             trained[k] = Some(r?.0);
             Ok(())
@@ -324,6 +329,21 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         report(&name("self_edit_train_seconds_grouped"), rep.seconds / n as f64, "s");
         report(&name("self_edit_eval_seconds_grouped"), eval / n as f64, "s");
         report(&name("self_edit_seconds_grouped"), (rep.seconds + eval) / n as f64, "s");
+        // the same at the group's steady state (the passes with the group as large as its
+        // limits allow), as in a stage of hundreds of self-edits, where the drain of its last
+        // adapters is a small part: the run's tokens at the full passes' seconds per token
+        let full = rep.full;
+        let steady_train = rep.tokens as f64 * full.seconds / full.tokens.max(1) as f64;
+        report(&name("full_group_passes"), full.passes as f64 / rep.passes as f64, "of passes");
+        report(&name("grouped_train_tokens_per_s_steady"), full.tokens as f64 / full.seconds, "tok/s");
+        report(&name("self_edit_train_seconds_grouped_steady"), steady_train / n as f64, "s");
+        report(&name("self_edit_seconds_grouped_steady"), (steady_train + eval) / n as f64, "s");
+        let full_positions = (full.tokens - full.sequences) as f64;
+        report(&name("grouped_train_fraction_of_peak_steady"), full_positions * flops / full.seconds / 1e9 / best_peak, "");
+        if solo_n > 0 {
+            report(&name("self_edit_grouped_over_solo"), (rep.seconds + eval) / n as f64 / solo_seconds, "");
+            report(&name("self_edit_grouped_over_solo_steady"), (steady_train + eval) / n as f64 / solo_seconds, "");
+        }
         report(&name("rss_peak_grouped_mib"), peak_rss_mib().max(rss_before), "MiB");
         // what `training.group_memory_mib` is compared with, beside the measured peak above
         report(&name("group_memory_estimate_mib"), rep.max_memory_estimate as f64 / (1u64 << 20) as f64, "MiB");
@@ -336,6 +356,7 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         report(&name("train_share_optimizer"), t.optimizer / rep.seconds, "");
         let pass = (t.forward + t.backward) / rep.passes as f64;
         let segments = ((rep.sequences as f64 / rep.passes as f64).round() as usize).max(1);
+        report(&name("passes"), rep.passes as f64, "");
         report(&name("pass_seconds"), pass, "s");
         report(&name("pass_segments"), segments as f64, "");
         passes.push((g, segments, pass, best_peak));
