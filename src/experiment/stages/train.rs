@@ -17,7 +17,7 @@ use crate::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow
 use crate::runtime::formats::LoadedModel;
 use crate::runtime::lora::{LoraAdapter, LoraConfig};
 use crate::runtime::tokenizer::TextTokenizer;
-use crate::runtime::training::{planned_passes, train_group, GroupLimits, TrainConfig, TrainExample, TrainJob, TrainReport};
+use crate::runtime::training::{longest_first, planned_passes, train_group, GroupLimits, TrainConfig, TrainExample, TrainJob, TrainReport};
 use crate::util::hash::{content_hash, derive_seed};
 
 /// What training one adapter recorded, kept beside the adapter so a rerun can rebuild the
@@ -149,10 +149,11 @@ pub fn train_adapters(
         }
         pending.push((i, edit, *t, texts, input_hash, dir));
     }
-    // 2. the jobs, longest first so that the group drains quickly at the end (a stable sort:
-    //    ties keep the table's order), built as slots free up (an adapter exists only in
+    // 2. the jobs, longest first so that the group drains quickly at the end (ties in the
+    //    table's order; counted before `training.max_tokens_per_self_edit` cuts, which only
+    //    places a capped self-edit early), built as slots free up (an adapter exists only in
     //    flight or as the one job waiting for memory, its optimizer only in flight)
-    pending.sort_by_key(|(_, _, t, texts, _, _)| std::cmp::Reverse(planned_passes(t.hyperparameters.num_epochs as usize, texts.len())));
+    longest_first(&mut pending, |(_, _, t, texts, _, _)| planned_passes(t.hyperparameters.num_epochs as usize, texts.len()));
     let failed = |i: usize, id: &str, e: anyhow::Error| {
         let mut row = empty_row(id);
         row.status = AdapterStatus::Failed;

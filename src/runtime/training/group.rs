@@ -38,8 +38,8 @@ impl<K> TrainJob<K> {
 
 /// The passes an adapter of `sequences` training sequences takes in a group over `epochs`
 /// epochs: one sequence a pass (batch size 1), every sequence every epoch, whatever the
-/// accumulation window. (Sequences of fewer than two tokens are skipped when it starts, so
-/// this can overcount.)
+/// accumulation window. (Sequences left without a target when it starts, under two tokens or
+/// with `loss_from` past their `max_len` cut, are skipped, so this can overcount.)
 ///
 /// Why a caller wants it: [`train_group`] takes its jobs in the order given, and handing them
 /// over most passes first (longest processing time first) keeps the drain at the end of a
@@ -48,6 +48,12 @@ impl<K> TrainJob<K> {
 /// the drain is small either way.
 pub fn planned_passes(epochs: usize, sequences: usize) -> usize {
     epochs * sequences
+}
+
+/// Sorts `jobs` (anything a job is built from) most `passes` first, ties in their order: the
+/// order to hand them to [`train_group`] in (see [`planned_passes`]).
+pub fn longest_first<T>(jobs: &mut [T], passes: impl Fn(&T) -> usize) {
+    jobs.sort_by_key(|j| std::cmp::Reverse(passes(j)));
 }
 
 /// How large a group may grow.
@@ -383,8 +389,11 @@ mod tests {
         let built = vec![sized(0, 1, 1, 1), sized(1, 1, 1, 1), sized(2, 2, 2, 1)];
         assert_eq!(built.iter().map(TrainJob::passes).collect::<Vec<_>>(), [1, 1, 4]);
         assert_eq!(passes(built, 2), (5, 3));
-        let mut sorted = vec![sized(0, 1, 1, 1), sized(1, 1, 1, 1), sized(2, 2, 2, 1)];
-        sorted.sort_by_key(|j| std::cmp::Reverse(j.passes()));
+        let mut sorted = vec![sized(0, 1, 1, 1), sized(1, 1, 1, 1), sized(2, 2, 2, 1), sized(3, 2, 1, 1)];
+        longest_first(&mut sorted, TrainJob::passes);
+        // most passes first, ties (jobs 0 and 1, 1 pass each) in their order
+        assert_eq!(sorted.iter().map(|j| j.key).collect::<Vec<_>>(), [2, 3, 0, 1]);
+        sorted.pop();
         assert_eq!(passes(sorted, 2), (4, 3));
     }
 

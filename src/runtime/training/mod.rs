@@ -15,7 +15,7 @@ mod run;
 mod solo;
 
 pub use checkpoint::Checkpointing;
-pub use group::{planned_passes, train_group, FullPasses, GroupLimits, GroupReport, PassTimes, TrainJob};
+pub use group::{longest_first, planned_passes, train_group, FullPasses, GroupLimits, GroupReport, PassTimes, TrainJob};
 pub use run::{memory_estimate, AdapterRun};
 pub use solo::{lora_gradients, train_lora, train_lora_with, window_gradients};
 
