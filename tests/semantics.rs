@@ -215,6 +215,70 @@ fn adapters_are_retrained_exactly_when_an_input_changes() {
     check(run(&other_model, "0.002", "w5 w6 w8"), "model");
 }
 
+/// `train-adapters` hands its self-edits to the group most passes first (epochs × sequences;
+/// `training::longest_first`), ties in the table's order: one slot at a time, the adapters of
+/// 1, 3, 2 and 3 sequences are written in the order 2nd, 4th, 3rd, 1st. What is on disk each
+/// time the stage reports an adapter done shows the order, without timing anything.
+#[test]
+fn train_adapters_hands_its_self_edits_over_longest_first() {
+    use selfedit::experiment::cli::StageContext;
+    use selfedit::experiment::config::Experiment;
+    use selfedit::experiment::layout::Shard;
+    use selfedit::experiment::stages::{synthesize, templates, train};
+    use selfedit::experiment::states::{Category, Split};
+    use selfedit::experiment::tables::{ArticleRow, Question, SelfEditRow};
+    let (d, model) = tiny_model();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+    exp.config.model.path = d.path().to_path_buf();
+    exp.config.prompts_dir = root.join("prompts");
+    exp.config.training.adapters_per_batch = 1;
+    let article = ArticleRow {
+        article_id: "a000".into(),
+        split: Split::Train,
+        title: "w1".into(),
+        context: "w2 w3".into(),
+        questions: vec![Question { question: "w4".into(), answers: vec!["w3".into()] }],
+        source_index: 0,
+    };
+    let raw = r#"{"data_creation_instruction": "x", "hyperparameters": {"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}"#;
+    let template = templates::parse_template(&exp.config, 0, "iter0-t00", Category::Exploit, raw, 0);
+    let edit = |c: usize, sequences: usize| SelfEditRow {
+        self_edit_id: synthesize::self_edit_id("a000", "iter0-t00", c),
+        template_id: "iter0-t00".into(),
+        article_id: "a000".into(),
+        completion: c as i64,
+        category: Category::Exploit,
+        sequences: (0..sequences).map(|j| format!("w5 w{} w7", 6 + j)).collect(),
+        valid: true,
+        error: None,
+        raw_response: String::new(),
+        seed: 0,
+        reasoning: None,
+    };
+    let edits = [edit(0, 1), edit(1, 3), edit(2, 2), edit(3, 3)];
+    let out = tempfile::tempdir().unwrap();
+    let ctx = StageContext::new(exp, out.path(), 0).unwrap();
+    let dir = ctx.layout.adapters_dir(0, Split::Train);
+    let mut written: Vec<Vec<String>> = Vec::new();
+    let rows = train::train_adapters(&ctx, &model, &[template], &edits, std::slice::from_ref(&article), Shard::ALL, |_| {
+        // the adapter folders in place (a folder in progress is hidden, its name starting with '.')
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        written.push(names);
+    })
+    .unwrap();
+    assert!(rows.iter().all(|r| r.status == selfedit::experiment::states::AdapterStatus::Trained), "{rows:?}");
+    let sets = |ids: &[&[usize]]| -> Vec<Vec<String>> {
+        ids.iter().map(|cs| cs.iter().map(|&c| synthesize::self_edit_id("a000", "iter0-t00", c)).collect()).collect()
+    };
+    assert_eq!(written, sets(&[&[1], &[1, 3], &[1, 2, 3], &[0, 1, 2, 3]]));
+}
+
 /// Gradient accumulation averages over tokens, not over sequences: the window's gradient is
 /// the gradient of the mean loss over all counted tokens of both sequences, i.e. each
 /// sequence's gradient weighted by its share of the tokens (here 7 and 2 of 9).
