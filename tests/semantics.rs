@@ -129,20 +129,19 @@ fn answer_only_loss_is_the_mean_over_answer_positions() {
     assert_ne!(all, answer, "loss_from must change the loss");
 }
 
-/// The adapter cache: an adapter on disk is reused only when every input is unchanged; a
-/// change of the hyperparameters, the sequences, the model or the training settings
-/// retrains it.
-#[test]
-fn adapters_are_retrained_exactly_when_an_input_changes() {
-    use selfedit::experiment::cli::StageContext;
-    use selfedit::experiment::config::Experiment;
-    use selfedit::experiment::layout::Shard;
-    use selfedit::experiment::stages::{synthesize, templates, train};
-    use selfedit::experiment::states::{Category, Split};
-    use selfedit::experiment::tables::{ArticleRow, Question, SelfEditRow};
+/// What the stage tests train with: the tiny model (its folder kept alive by the `TempDir`),
+/// `configs/tiny.toml` pointed at it, and one training article of the model's words.
+fn tiny_stage() -> (
+    tempfile::TempDir,
+    selfedit::runtime::formats::LoadedModel,
+    selfedit::experiment::config::Experiment,
+    selfedit::experiment::tables::ArticleRow,
+) {
+    use selfedit::experiment::states::Split;
+    use selfedit::experiment::tables::{ArticleRow, Question};
     let (d, model) = tiny_model();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+    let mut exp = selfedit::experiment::config::Experiment::load(&root.join("configs/tiny.toml")).unwrap();
     exp.config.model.path = d.path().to_path_buf();
     exp.config.prompts_dir = root.join("prompts");
     let article = ArticleRow {
@@ -153,6 +152,21 @@ fn adapters_are_retrained_exactly_when_an_input_changes() {
         questions: vec![Question { question: "w4".into(), answers: vec!["w3".into()] }],
         source_index: 0,
     };
+    (d, model, exp, article)
+}
+
+/// The adapter cache: an adapter on disk is reused only when every input is unchanged; a
+/// change of the hyperparameters, the sequences, the model or the training settings
+/// retrains it.
+#[test]
+fn adapters_are_retrained_exactly_when_an_input_changes() {
+    use selfedit::experiment::cli::StageContext;
+    use selfedit::experiment::config::Experiment;
+    use selfedit::experiment::layout::Shard;
+    use selfedit::experiment::stages::{synthesize, templates, train};
+    use selfedit::experiment::states::{Category, Split};
+    use selfedit::experiment::tables::SelfEditRow;
+    let (d, model, exp, article) = tiny_stage();
     let hp = |lr: &str| {
         format!(
             r#"{{"data_creation_instruction": "x", "hyperparameters": {{"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0, "learning_rate": {lr}, "num_epochs": 1, "gradient_accumulation_steps": 1}}}}"#
@@ -222,25 +236,12 @@ fn adapters_are_retrained_exactly_when_an_input_changes() {
 #[test]
 fn train_adapters_hands_its_self_edits_over_longest_first() {
     use selfedit::experiment::cli::StageContext;
-    use selfedit::experiment::config::Experiment;
     use selfedit::experiment::layout::Shard;
     use selfedit::experiment::stages::{synthesize, templates, train};
     use selfedit::experiment::states::{Category, Split};
-    use selfedit::experiment::tables::{ArticleRow, Question, SelfEditRow};
-    let (d, model) = tiny_model();
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
-    exp.config.model.path = d.path().to_path_buf();
-    exp.config.prompts_dir = root.join("prompts");
+    use selfedit::experiment::tables::SelfEditRow;
+    let (_d, model, mut exp, article) = tiny_stage();
     exp.config.training.adapters_per_batch = 1;
-    let article = ArticleRow {
-        article_id: "a000".into(),
-        split: Split::Train,
-        title: "w1".into(),
-        context: "w2 w3".into(),
-        questions: vec![Question { question: "w4".into(), answers: vec!["w3".into()] }],
-        source_index: 0,
-    };
     let raw = r#"{"data_creation_instruction": "x", "hyperparameters": {"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0, "learning_rate": 0.001, "num_epochs": 2, "gradient_accumulation_steps": 1}}"#;
     let template = templates::parse_template(&exp.config, 0, "iter0-t00", Category::Exploit, raw, 0);
     let edit = |c: usize, sequences: usize| SelfEditRow {
