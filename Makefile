@@ -33,7 +33,7 @@ EMBEDDER_DIR := $(MODELS)/all-MiniLM-L6-v2
 EMBEDDER_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 EMBEDDER := $(EMBEDDER_DIR)/model.safetensors
 
-.PHONY: help build blas model embedder test bench bench-peer bench-slurm mutants soak run science clean-outputs
+.PHONY: help build blas model embedder test check-cuda bench bench-peer bench-slurm mutants soak run science clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -78,6 +78,9 @@ $(EMBEDDER):
 
 test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build as `make run`)
 	SELFEDIT_MODEL=$(abspath $(SMOLLM)) RAYON_NUM_THREADS=$(if $(filter 0,$(BLAS)),,1) $(CARGO) test $(CARGO_FLAGS) -- --test-threads=1
+
+check-cuda:  ## compile every target of the CUDA build here, no GPU or toolkit needed (nvcc from PyPI; ~15 min cold)
+	scripts/cuda_build_here.sh --check
 
 # Mutation testing (cargo-mutants): every mutant of the numeric modules must fail one of the
 # fast tests that guard them. Not in CI (one library rebuild per mutant: median ~7 s here).

@@ -14,7 +14,12 @@
 #   export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/nvidia/lib64
 #   SELFEDIT_TEST_DEVICE=cuda:0 ./gpu-bin/tiny_models --ignored --nocapture
 #   ./gpu-bin/runtime --synthetic --device cuda:0
+# With --check it builds nothing to run: `cargo clippy -D warnings` over every target of the
+# CUDA build (library, stage binaries, tests, benches), so a change that breaks the GPU build
+# is found on a CPU machine (`make check-cuda`; its own target folder, ~15 min cold).
 set -euo pipefail
+CHECK=0
+[ "${1:-}" = --check ] && CHECK=1
 cd "$(dirname "$0")/.."
 TK=${TK:-/tmp/cudatk}
 CU=$TK/x/nvidia/cu13
@@ -22,6 +27,14 @@ if [ ! -x "$CU/bin/nvcc" ]; then
   mkdir -p "$TK" && (cd "$TK" && python3 -m pip download -q --no-deps "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" \
     "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" -d . && for w in *.whl; do unzip -q -o "$w" -d x; done)
   ln -sf libcudart.so.13 "$CU/lib/libcudart.so"
+fi
+if [ $CHECK = 1 ]; then
+  # nothing is linked, so no stub libraries are needed
+  export PATH=$CU/bin:$PATH CUDA_ROOT=$CU CUDA_PATH=$CU CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+  export CARGO_TARGET_DIR=${CUDA_CHECK_TARGET:-$HOME/.cache/selfedit-cuda-target}
+  cargo clippy --release --no-default-features --features cuda,stages --all-targets -- -D warnings
+  echo "the CUDA build (library, stage binaries, tests, benches) compiles without warnings"
+  exit 0
 fi
 CUDARC=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.* | head -1)
 for spec in driver:cuda:libcuda.so.1 cublas:cublas:libcublas.so.13 cublaslt:cublasLt:libcublasLt.so.13 curand:curand:libcurand.so.10 nvrtc:nvrtc:libnvrtc.so.13; do
