@@ -242,22 +242,6 @@ fn probabilities(qi: &[f32], kt: &[f32], s: &Sequence, i: usize, keys: usize, sc
     p.iter_mut().for_each(|pj| *pj *= inv);
 }
 
-/// The KV heads `0..kv_heads` in at most `threads` contiguous ranges, `f` on each
-/// ([`crate::runtime::parallel::run_parts`]). Results in order.
-///
-/// Why: a sequence trained alone is the only segment of its pass, so nothing else shares the
-/// second core while its attention runs (a 128-token sequence's attention costs ~1 ms a
-/// layer). KV heads, not query heads: a KV head's
-/// gradients sum over its query heads, and a split inside that sum would change its order.
-fn split_kv_heads<R: Send>(
-    kv_heads: usize,
-    threads: usize,
-    f: impl Fn(std::ops::Range<usize>) -> R + Sync,
-) -> Vec<(std::ops::Range<usize>, R)> {
-    let ranges = crate::runtime::parallel::even_ranges(kv_heads, threads);
-    crate::runtime::parallel::run_parts(ranges, |r| (r.clone(), f(r)))
-}
-
 /// Copies the rows of heads `heads` (of `count`, sequence of `len` rows) from `from` into
 /// `to`, both laid out as `layout`.
 fn copy_heads(from: &[f32], to: &mut [f32], layout: Layout, count: usize, len: usize, d: usize, heads: std::ops::Range<usize>) {
@@ -270,20 +254,25 @@ fn copy_heads(from: &[f32], to: &mut [f32], layout: Layout, count: usize, len: u
 }
 
 /// `softmax(q kᵀ / √d + mask) v` of sequence `s`, its `len` rows laid out as the inputs
-/// (`[heads, len, d]` or `[len, heads · d]`), the KV heads split over up to `threads`
+/// (`[heads, len, d]` or `[len, heads · d]`), the query heads split over up to `threads`
 /// threads (each head computed by the same code whatever the split: the same numbers).
+///
+/// Why query heads: a sequence trained alone is the only segment of its pass, so nothing
+/// else shares the second core while its attention runs (a 128-token sequence's attention
+/// costs ~2.5 ms a layer on one core here, forward and backward), and SmolLM2's 3 KV heads
+/// split 2 : 1 over two cores, its 9 query heads 5 : 4.
 pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> Vec<f32> {
-    let rep = h.heads / h.kv_heads;
-    let mut parts = split_kv_heads(h.kv_heads, threads, |kvs| forward_heads(x, h, s, kvs)).into_iter();
-    let (_, mut out) = parts.next().expect("at least one range of KV heads");
-    for (kvs, part) in parts {
-        copy_heads(&part, &mut out, x.layout, h.heads, s.len, h.d, kvs.start * rep..kvs.end * rep);
+    let ranges = crate::runtime::parallel::even_ranges(h.heads, threads);
+    let mut parts = crate::runtime::parallel::run_parts(ranges, |r| (r.clone(), forward_heads(x, h, s, r))).into_iter();
+    let (_, mut out) = parts.next().expect("at least one range of query heads");
+    for (heads, part) in parts {
+        copy_heads(&part, &mut out, x.layout, h.heads, s.len, h.d, heads);
     }
     out
 }
 
-/// [`forward`] for the KV heads `kvs` and their query heads; the other heads' outputs zero.
-fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, kvs: std::ops::Range<usize>) -> Vec<f32> {
+/// [`forward`] for the query heads `heads`; the other heads' outputs zero.
+fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usize>) -> Vec<f32> {
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
@@ -293,20 +282,23 @@ fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, kvs: std::ops::Range<usize>
     simd::simd(
         #[inline(always)]
         || {
-            for kv in kvs.clone() {
-                load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
-                load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
-                transpose(&ks, len, d, &mut kt);
-                for head in kv * rep..(kv + 1) * rep {
-                    load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
-                    for (i, qi) in qs.chunks_exact(d).enumerate() {
-                        let keys = s.keys(i);
-                        probabilities(qi, &kt, s, i, keys, scale, &mut p);
-                        let at = x.layout.at(h.heads, len, d, head, i);
-                        let oi = &mut out[at..at + d];
-                        for (&pj, vj) in p[..keys].iter().zip(vs.chunks_exact(d)) {
-                            axpy(oi, pj, vj);
-                        }
+            let mut loaded = None;
+            for head in heads.clone() {
+                let kv = head / rep;
+                if loaded != Some(kv) {
+                    load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
+                    load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
+                    transpose(&ks, len, d, &mut kt);
+                    loaded = Some(kv);
+                }
+                load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
+                for (i, qi) in qs.chunks_exact(d).enumerate() {
+                    let keys = s.keys(i);
+                    probabilities(qi, &kt, s, i, keys, scale, &mut p);
+                    let at = x.layout.at(h.heads, len, d, head, i);
+                    let oi = &mut out[at..at + d];
+                    for (&pj, vj) in p[..keys].iter().zip(vs.chunks_exact(d)) {
+                        axpy(oi, pj, vj);
                     }
                 }
             }
@@ -319,21 +311,191 @@ fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, kvs: std::ops::Range<usize>
 /// of the sequence's rows, laid out as the inputs, with respect to `q` and `k` before their
 /// rotation. With `P` the probabilities: `dV = Pᵀ dO`, `dP = dO Vᵀ`,
 /// `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = dS K / √d`, `dK = dSᵀ Q / √d`.
-/// The KV heads are split over up to `threads` threads, as [`forward`]'s.
+///
+/// On one thread, one pass over each KV head's query heads ([`backward_heads`]). On more, two
+/// phases ([`backward_split`]), so that the work splits evenly (a KV head's `dK` and `dV` sum
+/// over its query heads, so a split by KV heads would leave SmolLM2's 3 at 2 : 1); every sum
+/// keeps its order, so the numbers are the same bits whatever `threads`.
 pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize) -> [Vec<f32>; 3] {
+    if threads <= 1 {
+        return backward_heads(x, g, h, s);
+    }
+    backward_split(x, g, h, s, threads)
+}
+
+/// One query head's rows, kept by the first phase of [`backward_split`] for its second:
+/// the loaded (rotated) queries `q` and output gradients `g` `[len, d]`, and each row's
+/// probabilities `p` and `ds` over its keys, the rows one after another (row `i` from the
+/// sum of the earlier rows' keys: about half of `[len, len]` under a causal mask, and
+/// written once, never zeroed).
+struct HeadRows {
+    q: Vec<f32>,
+    g: Vec<f32>,
+    p: Vec<f32>,
+    ds: Vec<f32>,
+}
+
+/// [`backward`] over up to `threads` threads, in two phases:
+/// 1. the query heads split evenly: each row's `P`, `dS` and `dQ` (rows are independent);
+/// 2. the keys of every KV head split by their work (a key's share of rows): each key's `dK`
+///    and `dV` rows, summed over the KV head's query heads and their rows in the order
+///    [`backward_heads`] sums them, so each element gets the same additions in the same order.
+fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize) -> [Vec<f32>; 3] {
+    use crate::runtime::parallel::{even_ranges, run_parts};
+    let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
-    let mut parts = split_kv_heads(h.kv_heads, threads, |kvs| backward_heads(x, g, h, s, kvs)).into_iter();
-    let (_, [mut dq, mut dk, mut dv]) = parts.next().expect("at least one range of KV heads");
-    for (kvs, [pq, pk, pv]) in parts {
-        copy_heads(&pq, &mut dq, x.layout, h.heads, s.len, h.d, kvs.start * rep..kvs.end * rep);
-        copy_heads(&pk, &mut dk, x.layout, h.kv_heads, s.len, h.d, kvs.clone());
-        copy_heads(&pv, &mut dv, x.layout, h.kv_heads, s.len, h.d, kvs);
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let keys: Vec<usize> = (0..len).map(|i| s.keys(i)).collect();
+    // where row i's probabilities start in a `HeadRows`: the sum of the earlier rows' keys
+    let mut offsets = vec![0usize; len + 1];
+    for (i, &k) in keys.iter().enumerate() {
+        offsets[i + 1] = offsets[i] + k;
+    }
+
+    // 1. per query head: P, dS and dQ of every row
+    let phase1 = |heads: std::ops::Range<usize>| -> (Vec<f32>, Vec<HeadRows>) {
+        let mut dq = vec![0f32; h.heads * len * d];
+        let mut kept = Vec::with_capacity(heads.len());
+        let (mut ks, mut vs, mut dqs) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
+        let (mut kt, mut vt) = (vec![0f32; d * lp], vec![0f32; d * lp]);
+        let (mut p, mut dp) = (vec![0f32; lp], vec![0f32; lp]);
+        simd::simd(
+            #[inline(always)]
+            || {
+                let mut loaded = None;
+                for head in heads.clone() {
+                    let kv = head / rep;
+                    if loaded != Some(kv) {
+                        load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
+                        load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
+                        transpose(&ks, len, d, &mut kt);
+                        transpose(&vs, len, d, &mut vt);
+                        loaded = Some(kv);
+                    }
+                    let mut r = HeadRows {
+                        q: vec![0f32; len * d],
+                        g: vec![0f32; len * d],
+                        p: Vec::with_capacity(offsets[len]),
+                        ds: Vec::with_capacity(offsets[len]),
+                    };
+                    load(x.q, x.head(h.heads, head, true), h, s, &mut r.q);
+                    load(g, x.head(h.heads, head, false), h, s, &mut r.g);
+                    for (i, ((qi, gi), dqi)) in r.q.chunks_exact(d).zip(r.g.chunks_exact(d)).zip(dqs.chunks_exact_mut(d)).enumerate() {
+                        let keys = keys[i];
+                        probabilities(qi, &kt, s, i, keys, scale, &mut p);
+                        row_products(gi, &vt, lp, padded(keys), &mut dp);
+                        let dpi = &mut dp[..keys];
+                        let row = row_sum(&p[..keys], dpi);
+                        for (dsj, &pj) in dpi.iter_mut().zip(&p[..keys]) {
+                            *dsj = pj * (*dsj - row);
+                        }
+                        r.p.extend_from_slice(&p[..keys]);
+                        r.ds.extend_from_slice(dpi);
+                        row_products(dpi, &ks, d, d, dqi);
+                        dqi.iter_mut().for_each(|x| *x *= scale);
+                    }
+                    store(&dqs, x.head(h.heads, head, true), h, s, &mut dq);
+                    kept.push(r);
+                }
+            },
+        );
+        (dq, kept)
+    };
+    let mut dq = None;
+    let mut rows = Vec::with_capacity(h.heads);
+    for (heads, (part, kept)) in run_parts(even_ranges(h.heads, threads), |r| (r.clone(), phase1(r))) {
+        match &mut dq {
+            None => dq = Some(part),
+            Some(dq) => copy_heads(&part, dq, x.layout, h.heads, len, d, heads),
+        }
+        rows.extend(kept);
+    }
+    let dq = dq.expect("at least one range of query heads");
+
+    // 2. per (KV head, key): dK and dV rows, the keys split by the rows that see them
+    // key j's work: the rows that see it (keys(i) > j), plus one for its own loop
+    let mut seen_by = vec![0usize; len + 1];
+    keys.iter().for_each(|&k| seen_by[k] += 1);
+    for j in (0..len).rev() {
+        seen_by[j] += seen_by[j + 1];
+    }
+    let work: Vec<usize> = (0..h.kv_heads * len).map(|u| seen_by[u % len + 1] + 1).collect();
+    let phase2 = |units: std::ops::Range<usize>| -> (std::ops::Range<usize>, Vec<f32>, Vec<f32>) {
+        let (mut dks, mut dvs) = (vec![0f32; units.len() * d], vec![0f32; units.len() * d]);
+        simd::simd(
+            #[inline(always)]
+            || {
+                let mut u = units.start;
+                while u < units.end {
+                    // this KV head's keys j0..j1 in the range, in backward_heads' loop order
+                    let kv = u / len;
+                    let (j0, j1) = (u % len, (units.end - kv * len).min(len));
+                    for r in &rows[kv * rep..(kv + 1) * rep] {
+                        for (i, (qi, gi)) in r.q.chunks_exact(d).zip(r.g.chunks_exact(d)).enumerate() {
+                            for j in j0..j1.min(keys[i]) {
+                                let at = (kv * len + j - units.start) * d;
+                                axpy(&mut dks[at..at + d], r.ds[offsets[i] + j], qi);
+                                axpy(&mut dvs[at..at + d], r.p[offsets[i] + j], gi);
+                            }
+                        }
+                    }
+                    u = kv * len + j1;
+                }
+            },
+        );
+        dks.iter_mut().for_each(|x| *x *= scale);
+        (units, dks, dvs)
+    };
+    let (mut dks, mut dvs) = (vec![0f32; h.kv_heads * len * d], vec![0f32; h.kv_heads * len * d]);
+    for (units, pk, pv) in run_parts(weighted_ranges(&work, threads), phase2) {
+        dks[units.start * d..units.end * d].copy_from_slice(&pk);
+        dvs[units.start * d..units.end * d].copy_from_slice(&pv);
+    }
+    let (mut dk, mut dv) = (vec![0f32; h.kv_heads * len * d], vec![0f32; h.kv_heads * len * d]);
+    for kv in 0..h.kv_heads {
+        let rows = kv * len * d..(kv + 1) * len * d;
+        store(&dks[rows.clone()], x.head(h.kv_heads, kv, true), h, s, &mut dk);
+        store(&dvs[rows], x.head(h.kv_heads, kv, false), h, s, &mut dv);
     }
     [dq, dk, dv]
 }
 
-/// [`backward`] for the KV heads `kvs` and their query heads; the other heads' gradients zero.
-fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, kvs: std::ops::Range<usize>) -> [Vec<f32>; 3] {
+/// `Σ p_j · dp_j` over 16 lanes, then the lanes in order: [`backward_heads`]' and
+/// [`backward_split`]'s row sum, one definition so that both get the same bits.
+#[inline(always)]
+fn row_sum(p: &[f32], dp: &[f32]) -> f32 {
+    let mut lanes = [0f32; L];
+    for (pc, dc) in p.chunks(L).zip(dp.chunks(L)) {
+        for ((l, &a), &b) in lanes.iter_mut().zip(pc).zip(dc) {
+            *l += a * b;
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// `0..work.len()` in at most `threads` contiguous, non-empty ranges of about equal total
+/// `work`, in order.
+fn weighted_ranges(work: &[usize], threads: usize) -> Vec<std::ops::Range<usize>> {
+    let total: usize = work.iter().sum();
+    let threads = threads.max(1);
+    let mut ranges = Vec::with_capacity(threads);
+    let (mut start, mut sum) = (0, 0);
+    for (u, &w) in work.iter().enumerate() {
+        sum += w;
+        // cut once this range holds its share of the total
+        if sum * threads >= total * (ranges.len() + 1) && ranges.len() + 1 < threads {
+            ranges.push(start..u + 1);
+            start = u + 1;
+        }
+    }
+    if start < work.len() || ranges.is_empty() {
+        ranges.push(start..work.len());
+    }
+    ranges
+}
+
+/// [`backward`] on one thread: each KV head's query heads, row after row.
+fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3] {
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
@@ -346,7 +508,7 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, kvs: std::ops::
     simd::simd(
         #[inline(always)]
         || {
-            for kv in kvs.clone() {
+            for kv in 0..h.kv_heads {
                 load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
                 load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
                 transpose(&ks, len, d, &mut kt);
@@ -362,13 +524,7 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, kvs: std::ops::
                         // dP = dO_i Vᵀ over the row's keys, and its rowsum with P
                         row_products(gi, &vt, lp, padded(keys), &mut dp);
                         let dpi = &mut dp[..keys];
-                        let mut lanes = [0f32; L];
-                        for (pc, dc) in p[..keys].chunks(L).zip(dpi.chunks(L)) {
-                            for ((l, &a), &b) in lanes.iter_mut().zip(pc).zip(dc) {
-                                *l += a * b;
-                            }
-                        }
-                        let row: f32 = lanes.iter().sum();
+                        let row = row_sum(&p[..keys], dpi);
                         // dS, then its products: each key's and value's share, and dQ_i
                         for ((j, dsj), &pj) in dpi.iter_mut().enumerate().zip(&p[..keys]) {
                             *dsj = pj * (*dsj - row);
@@ -398,25 +554,25 @@ mod tests {
         Tensor::randn(0f32, 1., n, &Device::Cpu).unwrap().to_vec1().unwrap()
     }
 
-    /// The KV heads' ranges: contiguous, in order, covering every head, at most `threads`
-    /// of them (the merged result cannot show a split that did not happen).
+    /// The keys' ranges for the second phase: contiguous, in order, covering every unit, at
+    /// most `threads` of them, each near its share of the work.
     #[test]
-    fn kv_heads_split_into_contiguous_ranges() {
-        let ranges = |kv_heads: usize, threads: usize| -> Vec<std::ops::Range<usize>> {
-            split_kv_heads(kv_heads, threads, |r| r.len())
-                .into_iter()
-                .map(|(r, len)| {
-                    assert_eq!(r.len(), len);
-                    r
-                })
-                .collect()
-        };
-        assert_eq!(ranges(3, 2), [0..2, 2..3]);
-        assert_eq!(ranges(4, 3), [0..2, 2..4]);
-        assert_eq!(ranges(4, 4), [0..1, 1..2, 2..3, 3..4]);
-        assert_eq!(ranges(3, 1), vec![std::ops::Range { start: 0, end: 3 }]);
-        assert_eq!(ranges(1, 2), vec![std::ops::Range { start: 0, end: 1 }]);
-        assert_eq!(ranges(2, 0), vec![std::ops::Range { start: 0, end: 2 }]);
+    fn work_splits_into_contiguous_ranges_of_about_equal_work() {
+        assert_eq!(weighted_ranges(&[1, 1, 1, 1], 2), [0..2, 2..4]);
+        // a causal sequence's keys: the first is seen by every row
+        assert_eq!(weighted_ranges(&[4, 3, 2, 1], 2), [0..2, 2..4]);
+        assert_eq!(weighted_ranges(&[8, 1, 1, 1, 1], 2), [0..1, 1..5]);
+        assert_eq!(weighted_ranges(&[1, 1, 1], 3), [0..1, 1..2, 2..3]);
+        assert_eq!(weighted_ranges(&[1, 1, 1], 1), vec![std::ops::Range { start: 0, end: 3 }]);
+        assert_eq!(weighted_ranges(&[1], 2), vec![std::ops::Range { start: 0, end: 1 }]);
+        // SmolLM2's 3 KV heads of a 128-token causal sequence: halves within a few percent
+        let work: Vec<usize> = (0..3 * 128).map(|u| 128 - u % 128 + 1).collect();
+        let ranges = weighted_ranges(&work, 2);
+        assert_eq!(ranges.len(), 2);
+        assert_eq!((ranges[0].start, ranges[0].end, ranges[1].end), (0, ranges[1].start, 384));
+        let first: usize = work[ranges[0].clone()].iter().sum();
+        let total: usize = work.iter().sum();
+        assert!((first as f64 / total as f64 - 0.5).abs() < 0.01, "{first} of {total}");
     }
 
     /// Forward and backward against the batched products' attention (`ops::attention`
@@ -431,6 +587,7 @@ mod tests {
             (2, 2, 20, 17, true, false),
             (3, 1, 16, 5, false, false),
             (2, 1, 16, 6, true, true),
+            (9, 3, 64, 128, true, false),
         ];
         for (heads, kv_heads, d, len, causal, first_hidden) in cases {
             let rows = len + 3; // the sequence sits inside a longer row
@@ -444,13 +601,19 @@ mod tests {
             let x = Inputs { q: &q, k: &k, v: &v, layout: Layout::HeadMajor, rotary: None };
             let y = forward(&x, h, &s, 1);
             let [dq, dk, dv] = backward(&x, &g, h, &s, 1);
-            // the KV heads split between threads: the same bits, in both layouts
+            // the heads (and in the backward the keys) split between threads: the same bits, in
+            // both layouts
             for threads in [2, 3] {
                 assert_eq!(forward(&x, h, &s, threads), y, "value, {threads} threads");
                 assert_eq!(backward(&x, &g, h, &s, threads), [dq.clone(), dk.clone(), dv.clone()], "gradients, {threads} threads");
                 let t = Inputs { layout: Layout::TokenMajor, ..x };
                 assert_eq!(forward(&t, h, &s, threads), forward(&t, h, &s, 1), "token-major value, {threads} threads");
                 assert_eq!(backward(&t, &g, h, &s, threads), backward(&t, &g, h, &s, 1), "token-major gradients, {threads} threads");
+                // rotated as loaded, and the gradients rotated back as stored
+                let (cos, sin) = (randn(rows * d / 2), randn(rows * d / 2));
+                let r = Inputs { rotary: Some((&cos, &sin)), ..t };
+                assert_eq!(forward(&r, h, &s, threads), forward(&r, h, &s, 1), "rotated value, {threads} threads");
+                assert_eq!(backward(&r, &g, h, &s, threads), backward(&r, &g, h, &s, 1), "rotated gradients, {threads} threads");
             }
             // the reference on the same rows
             let part = |x: &[f32], n: usize| {
