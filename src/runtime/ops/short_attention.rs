@@ -7,7 +7,8 @@
 //! q, k and v, the scale, the mask, the softmax and its backward), every one allocating a
 //! tensor of a few kilobytes: attention was 8% of grouped training (`make bench`, sequences
 //! of ~34 tokens) while its multiply-adds were under 1%. Here a row's scores, softmax and weighted sum run over two
-//! scratch rows, the keys and values transposed once per sequence and KV head, so that
+//! scratch rows, the keys and values transposed once per sequence and KV head (per thread
+//! that needs them, when a lone sequence's heads are split), so that
 //! every inner loop runs along a row of keys or of the head dimension and vectorizes
 //! without a horizontal sum.
 //!
@@ -313,9 +314,10 @@ fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usiz
 /// `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = dS K / √d`, `dK = dSᵀ Q / √d`.
 ///
 /// On one thread, one pass over each KV head's query heads ([`backward_heads`]). On more, two
-/// phases ([`backward_split`]), so that the work splits evenly (a KV head's `dK` and `dV` sum
-/// over its query heads, so a split by KV heads would leave SmolLM2's 3 at 2 : 1); every sum
-/// keeps its order, so the numbers are the same bits whatever `threads`.
+/// phases ([`backward_split`]): split by KV heads, SmolLM2's 3 would leave two cores at 2 : 1,
+/// and a KV head's `dK` and `dV` sum over its query heads, so those cannot simply be split
+/// by query heads. Every sum keeps its order, so the numbers are the same bits whatever
+/// `threads`.
 pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize) -> [Vec<f32>; 3] {
     if threads <= 1 {
         return backward_heads(x, g, h, s);
@@ -324,7 +326,7 @@ pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: u
 }
 
 /// One query head's rows, kept by the first phase of [`backward_split`] for its second:
-/// the loaded (rotated) queries `q` and output gradients `g` `[len, d]`, and each row's
+/// the queries `q` (rotated as loaded) and output gradients `g` `[len, d]`, and each row's
 /// probabilities `p` and `ds` over its keys, the rows one after another (row `i` from the
 /// sum of the earlier rows' keys: about half of `[len, len]` under a causal mask, and
 /// written once, never zeroed).
@@ -381,15 +383,15 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize)
                     load(x.q, x.head(h.heads, head, true), h, s, &mut r.q);
                     load(g, x.head(h.heads, head, false), h, s, &mut r.g);
                     for (i, ((qi, gi), dqi)) in r.q.chunks_exact(d).zip(r.g.chunks_exact(d)).zip(dqs.chunks_exact_mut(d)).enumerate() {
-                        let keys = keys[i];
-                        probabilities(qi, &kt, s, i, keys, scale, &mut p);
-                        row_products(gi, &vt, lp, padded(keys), &mut dp);
-                        let dpi = &mut dp[..keys];
-                        let row = row_sum(&p[..keys], dpi);
-                        for (dsj, &pj) in dpi.iter_mut().zip(&p[..keys]) {
+                        let ki = keys[i];
+                        probabilities(qi, &kt, s, i, ki, scale, &mut p);
+                        row_products(gi, &vt, lp, padded(ki), &mut dp);
+                        let dpi = &mut dp[..ki];
+                        let row = row_sum(&p[..ki], dpi);
+                        for (dsj, &pj) in dpi.iter_mut().zip(&p[..ki]) {
                             *dsj = pj * (*dsj - row);
                         }
-                        r.p.extend_from_slice(&p[..keys]);
+                        r.p.extend_from_slice(&p[..ki]);
                         r.ds.extend_from_slice(dpi);
                         row_products(dpi, &ks, d, d, dqi);
                         dqi.iter_mut().for_each(|x| *x *= scale);
@@ -413,7 +415,7 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize)
     let dq = dq.expect("at least one range of query heads");
 
     // 2. per (KV head, key): dK and dV rows, the keys split by the rows that see them
-    // key j's work: the rows that see it (keys(i) > j), plus one for its own loop
+    // key j's work: the rows that see it (keys(i) > j), plus one so that no unit weighs 0
     let mut seen_by = vec![0usize; len + 1];
     keys.iter().for_each(|&k| seen_by[k] += 1);
     for j in (0..len).rev() {
@@ -474,7 +476,7 @@ fn row_sum(p: &[f32], dp: &[f32]) -> f32 {
 }
 
 /// `0..work.len()` in at most `threads` contiguous, non-empty ranges of about equal total
-/// `work`, in order.
+/// `work`, in order; one empty range for no units.
 fn weighted_ranges(work: &[usize], threads: usize) -> Vec<std::ops::Range<usize>> {
     let total: usize = work.iter().sum();
     let threads = threads.max(1);
@@ -573,6 +575,49 @@ mod tests {
         let first: usize = work[ranges[0].clone()].iter().sum();
         let total: usize = work.iter().sum();
         assert!((first as f64 / total as f64 - 0.5).abs() < 0.01, "{first} of {total}");
+        // any work, zeros included: contiguous, covering, non-empty, at most `threads`
+        let mut state = 7u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as usize
+        };
+        for n in 0..20 {
+            for threads in 0..6 {
+                let work: Vec<usize> = (0..n).map(|_| next() % 4).collect();
+                let r = weighted_ranges(&work, threads);
+                assert_eq!((r[0].start, r.last().unwrap().end), (0, n), "{work:?} over {threads}");
+                assert!(r.windows(2).all(|w| w[0].end == w[1].start), "{r:?}");
+                assert!(r.len() <= threads.max(1), "{r:?} over {threads}");
+                assert!(n == 0 || r.iter().all(|x| !x.is_empty()), "{r:?}");
+            }
+        }
+    }
+
+    /// A mask whose rows see scattered keys (each row its own key, up to 0, 8 or 16 keys past
+    /// it, a quarter of those hidden), so that `keys(i)` does not grow with `i` and masked keys
+    /// lie inside it: the split backward and forward on 2 to 7 threads give the one-thread bits.
+    #[test]
+    fn scattered_masks_split_to_the_same_bits() {
+        let (heads, kv_heads, d, len) = (6, 2, 16, 40);
+        let (q, k, v, g) = (randn(heads * len * d), randn(kv_heads * len * d), randn(kv_heads * len * d), randn(heads * len * d));
+        // a fixed pattern (a hash of the position), so that the assertion below holds every run
+        let hidden = |x: usize| {
+            let (i, j) = (x / len, x % len);
+            j != i && (j > i + 8 * (i % 3) || (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62 == 0)
+        };
+        let m: Vec<f32> = (0..len * len).map(|x| if hidden(x) { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let s = Sequence { start: 0, len, mask: Some(&m) };
+        assert!((1..len).any(|i| s.keys(i) < s.keys(i - 1)), "keys(i) should not grow with i");
+        let h = Heads { heads, kv_heads, d, rows: len };
+        let (cos, sin) = (randn(len * d / 2), randn(len * d / 2));
+        for layout in [Layout::HeadMajor, Layout::TokenMajor] {
+            let x = Inputs { q: &q, k: &k, v: &v, layout, rotary: Some((&cos, &sin)) };
+            let (y, grads) = (forward(&x, h, &s, 1), backward(&x, &g, h, &s, 1));
+            for threads in 2..=7 {
+                assert_eq!(forward(&x, h, &s, threads), y, "{layout:?} value, {threads} threads");
+                assert_eq!(backward(&x, &g, h, &s, threads), grads, "{layout:?} gradients, {threads} threads");
+            }
+        }
     }
 
     /// Forward and backward against the batched products' attention (`ops::attention`
