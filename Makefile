@@ -79,7 +79,7 @@ $(EMBEDDER):
 test: blas $(SMOLLM) $(EMBEDDER)  ## run the test suite (optimized, same build as `make run`)
 	SELFEDIT_MODEL=$(abspath $(SMOLLM)) RAYON_NUM_THREADS=$(if $(filter 0,$(BLAS)),,1) $(CARGO) test $(CARGO_FLAGS) -- --test-threads=1
 
-check-cuda:  ## compile every target of the CUDA build here, no GPU or toolkit needed (nvcc from PyPI; ~15 min cold)
+check-cuda:  ## compile every target of the CUDA build here, no GPU or toolkit needed (nvcc from PyPI; ~7 min cold)
 	scripts/cuda_build_here.sh --check
 
 # Mutation testing (cargo-mutants): every mutant of the numeric modules must fail one of the

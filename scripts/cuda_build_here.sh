@@ -16,7 +16,7 @@
 #   ./gpu-bin/runtime --synthetic --device cuda:0
 # With --check it builds nothing to run: `cargo clippy -D warnings` over every target of the
 # CUDA build (library, stage binaries, tests, benches), so a change that breaks the GPU build
-# is found on a CPU machine (`make check-cuda`; its own target folder, ~15 min cold).
+# is found on a CPU machine (`make check-cuda`; its own target folder, ~7 min cold).
 set -euo pipefail
 CHECK=0
 [ "${1:-}" = --check ] && CHECK=1
