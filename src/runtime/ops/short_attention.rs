@@ -272,30 +272,57 @@ pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> Vec
     out
 }
 
+/// One KV head's rows of a sequence, as the query heads of a split path use them: keys and
+/// values loaded (`ks`, `vs` `[len, d]`, keys rotated) and transposed (`kt`, and `vt` when
+/// asked for, `[d, padded(len)]`), loaded again only when the KV head changes.
+struct KvRows {
+    loaded: Option<usize>,
+    ks: Vec<f32>,
+    vs: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Option<Vec<f32>>,
+}
+
+impl KvRows {
+    fn new(len: usize, d: usize, values_transposed: bool) -> Self {
+        let (n, nt) = (len * d, d * padded(len));
+        Self { loaded: None, ks: vec![0f32; n], vs: vec![0f32; n], kt: vec![0f32; nt], vt: values_transposed.then(|| vec![0f32; nt]) }
+    }
+
+    /// KV head `kv`'s rows, loaded unless they already are.
+    #[inline(always)]
+    fn load(&mut self, x: &Inputs, h: Heads, s: &Sequence, kv: usize) {
+        if self.loaded == Some(kv) {
+            return;
+        }
+        load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut self.ks);
+        load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut self.vs);
+        transpose(&self.ks, s.len, h.d, &mut self.kt);
+        if let Some(vt) = &mut self.vt {
+            transpose(&self.vs, s.len, h.d, vt);
+        }
+        self.loaded = Some(kv);
+    }
+}
+
 /// [`forward`] for the query heads `heads`; the other heads' outputs zero.
 fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usize>) -> Vec<f32> {
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let mut out = vec![0f32; h.heads * len * d];
-    let (mut ks, mut vs, mut qs) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
-    let (mut kt, mut p) = (vec![0f32; d * lp], vec![0f32; lp]);
+    let mut kv_rows = KvRows::new(len, d, false);
+    let (mut qs, mut p) = (vec![0f32; len * d], vec![0f32; lp]);
     simd::simd(
         #[inline(always)]
         || {
-            let mut loaded = None;
             for head in heads.clone() {
-                let kv = head / rep;
-                if loaded != Some(kv) {
-                    load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
-                    load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
-                    transpose(&ks, len, d, &mut kt);
-                    loaded = Some(kv);
-                }
+                kv_rows.load(x, h, s, head / rep);
+                let KvRows { kt, vs, .. } = &kv_rows;
                 load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
                 for (i, qi) in qs.chunks_exact(d).enumerate() {
                     let keys = s.keys(i);
-                    probabilities(qi, &kt, s, i, keys, scale, &mut p);
+                    probabilities(qi, kt, s, i, keys, scale, &mut p);
                     let at = x.layout.at(h.heads, len, d, head, i);
                     let oi = &mut out[at..at + d];
                     for (&pj, vj) in p[..keys].iter().zip(vs.chunks_exact(d)) {
@@ -358,22 +385,16 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize)
     let phase1 = |heads: std::ops::Range<usize>| -> (Vec<f32>, Vec<HeadRows>) {
         let mut dq = vec![0f32; h.heads * len * d];
         let mut kept = Vec::with_capacity(heads.len());
-        let (mut ks, mut vs, mut dqs) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
-        let (mut kt, mut vt) = (vec![0f32; d * lp], vec![0f32; d * lp]);
+        let mut kv_rows = KvRows::new(len, d, true);
+        let mut dqs = vec![0f32; len * d];
         let (mut p, mut dp) = (vec![0f32; lp], vec![0f32; lp]);
         simd::simd(
             #[inline(always)]
             || {
-                let mut loaded = None;
                 for head in heads.clone() {
-                    let kv = head / rep;
-                    if loaded != Some(kv) {
-                        load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
-                        load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
-                        transpose(&ks, len, d, &mut kt);
-                        transpose(&vs, len, d, &mut vt);
-                        loaded = Some(kv);
-                    }
+                    kv_rows.load(x, h, s, head / rep);
+                    let KvRows { ks, kt, vt, .. } = &kv_rows;
+                    let vt = vt.as_deref().expect("values transposed");
                     let mut r = HeadRows {
                         q: vec![0f32; len * d],
                         g: vec![0f32; len * d],
@@ -384,8 +405,8 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize)
                     load(g, x.head(h.heads, head, false), h, s, &mut r.g);
                     for (i, ((qi, gi), dqi)) in r.q.chunks_exact(d).zip(r.g.chunks_exact(d)).zip(dqs.chunks_exact_mut(d)).enumerate() {
                         let ki = keys[i];
-                        probabilities(qi, &kt, s, i, ki, scale, &mut p);
-                        row_products(gi, &vt, lp, padded(ki), &mut dp);
+                        probabilities(qi, kt, s, i, ki, scale, &mut p);
+                        row_products(gi, vt, lp, padded(ki), &mut dp);
                         let dpi = &mut dp[..ki];
                         let row = row_sum(&p[..ki], dpi);
                         for (dsj, &pj) in dpi.iter_mut().zip(&p[..ki]) {
@@ -393,7 +414,7 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize)
                         }
                         r.p.extend_from_slice(&p[..ki]);
                         r.ds.extend_from_slice(dpi);
-                        row_products(dpi, &ks, d, d, dqi);
+                        row_products(dpi, ks, d, d, dqi);
                         dqi.iter_mut().for_each(|x| *x *= scale);
                     }
                     store(&dqs, x.head(h.heads, head, true), h, s, &mut dq);
