@@ -272,9 +272,9 @@ pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> Vec
     out
 }
 
-/// One KV head's rows of a sequence, as the query heads of a split path use them: keys and
-/// values loaded (`ks`, `vs` `[len, d]`, keys rotated) and transposed (`kt`, and `vt` when
-/// asked for, `[d, padded(len)]`), loaded again only when the KV head changes.
+/// The rows of the KV head a thread is working on: keys and values loaded (`ks`, `vs`
+/// `[len, d]`, keys rotated) and transposed (`kt`, and `vt` when asked for, `[d, padded(len)]`),
+/// loaded again only when the KV head changes.
 struct KvRows {
     loaded: Option<usize>,
     ks: Vec<f32>,
@@ -524,18 +524,17 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let mut dq = vec![0f32; h.heads * len * d];
     let (mut dk, mut dv) = (vec![0f32; h.kv_heads * len * d], vec![0f32; h.kv_heads * len * d]);
-    let (mut ks, mut vs, mut qs, mut gs) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
+    let mut kv_rows = KvRows::new(len, d, true);
+    let (mut qs, mut gs) = (vec![0f32; len * d], vec![0f32; len * d]);
     let (mut dks, mut dvs, mut dqs) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
-    let (mut kt, mut vt) = (vec![0f32; d * lp], vec![0f32; d * lp]);
     let (mut p, mut dp) = (vec![0f32; lp], vec![0f32; lp]);
     simd::simd(
         #[inline(always)]
         || {
             for kv in 0..h.kv_heads {
-                load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut ks);
-                load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vs);
-                transpose(&ks, len, d, &mut kt);
-                transpose(&vs, len, d, &mut vt);
+                kv_rows.load(x, h, s, kv);
+                let KvRows { ks, kt, vt, .. } = &kv_rows;
+                let vt = vt.as_deref().expect("values transposed");
                 dks.fill(0.0);
                 dvs.fill(0.0);
                 for head in kv * rep..(kv + 1) * rep {
@@ -543,9 +542,9 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3
                     load(g, x.head(h.heads, head, false), h, s, &mut gs);
                     for (i, ((qi, gi), dqi)) in qs.chunks_exact(d).zip(gs.chunks_exact(d)).zip(dqs.chunks_exact_mut(d)).enumerate() {
                         let keys = s.keys(i);
-                        probabilities(qi, &kt, s, i, keys, scale, &mut p);
+                        probabilities(qi, kt, s, i, keys, scale, &mut p);
                         // dP = dO_i Vᵀ over the row's keys, and its rowsum with P
-                        row_products(gi, &vt, lp, padded(keys), &mut dp);
+                        row_products(gi, vt, lp, padded(keys), &mut dp);
                         let dpi = &mut dp[..keys];
                         let row = row_sum(&p[..keys], dpi);
                         // dS, then its products: each key's and value's share, and dQ_i
@@ -554,7 +553,7 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3
                             axpy(&mut dks[j * d..(j + 1) * d], *dsj, qi);
                             axpy(&mut dvs[j * d..(j + 1) * d], pj, gi);
                         }
-                        row_products(dpi, &ks, d, d, dqi);
+                        row_products(dpi, ks, d, d, dqi);
                         dqi.iter_mut().for_each(|x| *x *= scale);
                     }
                     store(&dqs, x.head(h.heads, head, true), h, s, &mut dq);
