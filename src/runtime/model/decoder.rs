@@ -346,6 +346,19 @@ impl Decoder {
         (c.num_hidden_layers as u64 * per_layer + c.vocab_size as u64) * self.dtype().size_in_bytes() as u64
     }
 
+    /// Bytes a training pass keeps for attention's probabilities over one sequence of `len`
+    /// tokens until its backward pass ends: in f32 on the CPU, a sequence of up to
+    /// [`ops::SHORT_ATTENTION_MAX_LEN`] tokens keeps each query head's row over its keys,
+    /// `len · (len + 1) / 2` f32 values per head and layer under a causal mask (its backward
+    /// would otherwise recompute them); nothing elsewhere.
+    pub fn attention_bytes(&self, len: usize) -> u64 {
+        let c = &self.cfg;
+        if !self.device().is_cpu() || self.dtype() != DType::F32 || len > ops::SHORT_ATTENTION_MAX_LEN {
+            return 0;
+        }
+        (c.num_hidden_layers * c.num_attention_heads * len * (len + 1) / 2 * DType::F32.size_in_bytes()) as u64
+    }
+
     /// A projection of layer `layer`, plus the adapter's low-rank update when it has one.
     fn project(&self, x: &Tensor, lin: &Linear, layer: usize, module: Proj, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let y = ops::linear(x, &lin.weight, lin.packed.as_ref(), lin.bias.as_ref())?;

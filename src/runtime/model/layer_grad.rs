@@ -237,17 +237,24 @@ impl Attend {
         }
     }
 
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, ops::SavedProbabilities)> {
         match self {
-            Self::Rows(mask) => ops::attention_forward(q, k, v, mask.as_ref()),
+            Self::Rows(mask) => Ok((ops::attention_forward(q, k, v, mask.as_ref())?, ops::SavedProbabilities::default())),
             Self::Segments(segments, masks) => ops::segmented_attention_forward(q, k, v, segments, masks),
         }
     }
 
-    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        saved: &ops::SavedProbabilities,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
             Self::Rows(mask) => ops::attention_backward(q, k, v, mask.as_ref(), g),
-            Self::Segments(segments, masks) => ops::segmented_attention_backward(q, k, v, segments, masks, g),
+            Self::Segments(segments, masks) => ops::segmented_attention_backward(q, k, v, segments, masks, saved, g),
         }
     }
 }
@@ -256,9 +263,18 @@ impl Attend {
 enum Kept {
     /// The projections' outputs `q` `[n, heads·d]`, `k`, `v` `[n, kv_heads·d]`, attended
     /// straight from there within each segment ([`ops::segmented_rope_attention`]).
-    Projections { q: Tensor, k: Tensor, v: Tensor, segments: Vec<(usize, usize)>, masks: Vec<Option<Tensor>> },
+    /// The probabilities of the segments attended in f32 on the CPU (`saved`) spare the
+    /// backward recomputing them.
+    Projections {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        segments: Vec<(usize, usize)>,
+        masks: Vec<Option<Tensor>>,
+        saved: ops::SavedProbabilities,
+    },
     /// The heads `[b, heads, l, d]`: `q`, `k` before Qwen3's norms, `qr`, `kr` rotated, `v`.
-    Heads { q: Tensor, k: Tensor, qr: Tensor, kr: Tensor, v: Tensor, attend: Attend },
+    Heads { q: Tensor, k: Tensor, qr: Tensor, kr: Tensor, v: Tensor, attend: Attend, saved: ops::SavedProbabilities },
 }
 
 /// `layer` of a decoder configured by `cfg` on `x` `[b, l, hidden]`, differentiable with respect to `x` and to every
@@ -316,8 +332,8 @@ pub(super) fn layer(
         // 2-3. packed sequences without Qwen3's norms: rotary embedding and attention within
         //      each sequence, straight from the projections: y [n, nh·d]
         (Masking::Segments(segments, masks), None, None) => {
-            let y = ops::segmented_rope_attention_forward(&q, &k, &v, (&cos, &sin), (nh, nkv, d), segments, masks)?;
-            (y, Kept::Projections { q, k, v, segments: segments.to_vec(), masks: masks.to_vec() })
+            let (y, saved) = ops::segmented_rope_attention_forward(&q, &k, &v, (&cos, &sin), (nh, nkv, d), segments, masks)?;
+            (y, Kept::Projections { q, k, v, segments: segments.to_vec(), masks: masks.to_vec(), saved })
         }
         (_, q_norm, k_norm) => {
             // 2. heads [b, heads, l, d]; Qwen3: per-head RMSNorm of queries and keys (kept
@@ -333,8 +349,8 @@ pub(super) fn layer(
             let qr = candle_nn::rotary_emb::rope(&qn, &cos, &sin)?;
             let kr = candle_nn::rotary_emb::rope(&kn, &cos, &sin)?;
             let attend = Attend::new(masking);
-            let y = merge_heads(&attend.forward(&qr, &kr, &v)?)?;
-            (y, Kept::Heads { q, k, qr, kr, v, attend })
+            let (y, saved) = attend.forward(&qr, &kr, &v)?;
+            (merge_heads(&y)?, Kept::Heads { q, k, qr, kr, v, attend, saved })
         }
     };
     // 4. output projection and residual: x2 = x + o(y)
@@ -378,12 +394,12 @@ pub(super) fn layer(
         let dy = project_backward(&y, &dx2, &a.o_proj, &u[3], &mut grads[3])?;
         // 3-2. attention, the inverse rotation, Qwen3's per-head norms
         let (dq, dk, dv) = match &kept {
-            Kept::Projections { q, k, v, segments, masks } => {
-                ops::segmented_rope_attention_backward(q, k, v, (&cos, &sin), (nh, nkv, d), segments, masks, &dy)?
+            Kept::Projections { q, k, v, segments, masks, saved } => {
+                ops::segmented_rope_attention_backward(q, k, v, (&cos, &sin), (nh, nkv, d), segments, masks, saved, &dy)?
             }
-            Kept::Heads { q, k, qr, kr, v, attend } => {
+            Kept::Heads { q, k, qr, kr, v, attend, saved } => {
                 let dy = split_heads(&dy, b, l, nh, d)?;
-                let (dqr, dkr, dv) = attend.backward(qr, kr, v, &dy)?;
+                let (dqr, dkr, dv) = attend.backward(qr, kr, v, saved, &dy)?;
                 let dq = candle_nn::rotary_emb::rope(&dqr.contiguous()?, &cos, &sin.neg()?)?;
                 let dk = candle_nn::rotary_emb::rope(&dkr.contiguous()?, &cos, &sin.neg()?)?;
                 let norm_backward = |t: &Tensor, w: &Option<Tensor>, g: Tensor| match w {

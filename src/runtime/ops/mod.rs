@@ -698,12 +698,12 @@ pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, keys: usize, mask: O
 pub fn segmented_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usize, usize)], masks: &[Option<Tensor>]) -> Result<Tensor> {
     check_segments("segmented_attention", segments, masks, q.dim(2)?)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let value = segmented_attention_forward(&qd, &kd, &vd, segments, masks)?;
+    let (value, saved) = segmented_attention_forward(&qd, &kd, &vd, segments, masks)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(value);
     }
     let (segments, masks) = (segments.to_vec(), masks.to_vec());
-    let backward: Backward3 = Box::new(move |g| segmented_attention_backward(&qd, &kd, &vd, &segments, &masks, g));
+    let backward: Backward3 = Box::new(move |g| segmented_attention_backward(&qd, &kd, &vd, &segments, &masks, &saved, g));
     q.apply_op3(k, v, Tap::new("segmented_attention", value, backward))
 }
 
@@ -788,16 +788,30 @@ fn with_inputs<R>(
     .flatten()
 }
 
-/// [`segmented_attention`]'s value (segments already checked). In f32 on the CPU, segments
-/// of up to [`short_attention::MAX_LEN`] rows take [`short_attention`]; the others, and
-/// every segment elsewhere, the batched products of [`attention_forward`].
+/// What a segmented attention's forward keeps for its backward: the probabilities of each
+/// segment [`short_attention`] computed (none for the others, whose backward recomputes
+/// them).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SavedProbabilities(Vec<Option<short_attention::Probabilities>>);
+
+impl SavedProbabilities {
+    /// Segment `i`'s, if its forward kept them.
+    fn segment(&self, i: usize) -> Option<&short_attention::Probabilities> {
+        self.0.get(i).and_then(Option::as_ref)
+    }
+}
+
+/// [`segmented_attention`]'s value (segments already checked), and the probabilities it
+/// keeps for [`segmented_attention_backward`]. In f32 on the CPU, segments of up to
+/// [`short_attention::MAX_LEN`] rows take [`short_attention`]; the others, and every
+/// segment elsewhere, the batched products of [`attention_forward`].
 pub(crate) fn segmented_attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     segments: &[(usize, usize)],
     masks: &[Option<Tensor>],
-) -> Result<Tensor> {
+) -> Result<(Tensor, SavedProbabilities)> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let batched = |i: usize| {
@@ -810,10 +824,10 @@ pub(crate) fn segmented_attention_forward(
         with_inputs((&q, &k, &v), None, short_attention::Layout::HeadMajor, |x| {
             par_segments(&lens, |i| {
                 let s = segments[i];
-                with_short(s, masks[i].as_ref(), |seq| {
-                    Tensor::from_vec(short_attention::forward(x, h, &seq, lone_sequence_threads(&lens)), (1, heads, s.1, d), q.device())
-                })
-                .unwrap_or_else(|| batched(i))
+                match with_short(s, masks[i].as_ref(), |seq| short_attention::forward(x, h, &seq, lone_sequence_threads(&lens))) {
+                    Some((y, p)) => Ok((Tensor::from_vec(y, (1, heads, s.1, d), q.device())?, Some(p))),
+                    None => Ok((batched(i)?, None)),
+                }
             })
         })
     } else {
@@ -821,19 +835,22 @@ pub(crate) fn segmented_attention_forward(
     };
     let values = match values {
         Some(values) => values?,
-        None => par_segments(&lens, batched)?,
+        None => par_segments(&lens, |i| Ok((batched(i)?, None)))?,
     };
-    Tensor::cat(&values, 2)
+    let (values, saved): (Vec<Tensor>, Vec<_>) = values.into_iter().unzip();
+    Ok((Tensor::cat(&values, 2)?, SavedProbabilities(saved)))
 }
 
 /// [`segmented_attention`]'s gradients of `q`, `k` and `v` for output gradient `g`, each
-/// segment's written into its place (by the code that computed the segment's value).
+/// segment's written into its place (by the code that computed the segment's value, from
+/// the probabilities its forward kept in `saved` where it kept them).
 pub(crate) fn segmented_attention_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     segments: &[(usize, usize)],
     masks: &[Option<Tensor>],
+    saved: &SavedProbabilities,
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, g.contiguous()?);
@@ -851,7 +868,7 @@ pub(crate) fn segmented_attention_backward(
                 par_segments(&lens, |i| {
                     let s = segments[i];
                     let short = with_short(s, masks[i].as_ref(), |seq| -> Result<(Tensor, Tensor, Tensor)> {
-                        let [dq, dk, dv] = short_attention::backward(x, gs, h, &seq, lone_sequence_threads(&lens));
+                        let [dq, dk, dv] = short_attention::backward(x, gs, h, &seq, lone_sequence_threads(&lens), saved.segment(i));
                         let dev = q.device();
                         Ok((
                             Tensor::from_vec(dq, (1, heads, s.1, d), dev)?,
@@ -912,13 +929,13 @@ pub fn segmented_rope_attention(
     masks: &[Option<Tensor>],
 ) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let value = segmented_rope_attention_forward(&qd, &kd, &vd, (cos, sin), heads, segments, masks)?;
+    let (value, saved) = segmented_rope_attention_forward(&qd, &kd, &vd, (cos, sin), heads, segments, masks)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(value);
     }
     let (cos, sin, segments, masks) = (cos.clone(), sin.clone(), segments.to_vec(), masks.to_vec());
     let backward: Backward3 =
-        Box::new(move |g| segmented_rope_attention_backward(&qd, &kd, &vd, (&cos, &sin), heads, &segments, &masks, g));
+        Box::new(move |g| segmented_rope_attention_backward(&qd, &kd, &vd, (&cos, &sin), heads, &segments, &masks, &saved, g));
     q.apply_op3(k, v, Tap::new("segmented_rope_attention", value, backward))
 }
 
@@ -962,7 +979,8 @@ fn rope_attention_rows(
     Ok(n)
 }
 
-/// [`segmented_rope_attention`]'s value.
+/// [`segmented_rope_attention`]'s value, and the probabilities it keeps for
+/// [`segmented_rope_attention_backward`].
 pub(crate) fn segmented_rope_attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -971,7 +989,7 @@ pub(crate) fn segmented_rope_attention_forward(
     heads: HeadCounts,
     segments: &[(usize, usize)],
     masks: &[Option<Tensor>],
-) -> Result<Tensor> {
+) -> Result<(Tensor, SavedProbabilities)> {
     let n = rope_attention_rows(q, k, v, (cos, sin), heads, segments, masks)?;
     let (nh, nkv, d) = heads;
     let (q, k, v, cos, sin) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, cos.contiguous()?, sin.contiguous()?);
@@ -981,7 +999,8 @@ pub(crate) fn segmented_rope_attention_forward(
             candle_nn::rotary_emb::rope(&to_heads(&q, nh, d)?, &cos, &sin)?,
             candle_nn::rotary_emb::rope(&to_heads(&k, nkv, d)?, &cos, &sin)?,
         );
-        return from_heads(&segmented_attention_forward(&qr, &kr, &to_heads(&v, nkv, d)?, segments, masks)?);
+        let (y, saved) = segmented_attention_forward(&qr, &kr, &to_heads(&v, nkv, d)?, segments, masks)?;
+        return Ok((from_heads(&y)?, saved));
     }
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let h = short_attention::Heads { heads: nh, kv_heads: nkv, d, rows: n };
@@ -989,16 +1008,17 @@ pub(crate) fn segmented_rope_attention_forward(
         par_segments(&lens, |i| {
             let s = segments[i];
             match with_short(s, masks[i].as_ref(), |seq| short_attention::forward(x, h, &seq, lone_sequence_threads(&lens))) {
-                Some(y) => Tensor::from_vec(y, (s.1, nh * d), q.device()),
+                Some((y, p)) => Ok((Tensor::from_vec(y, (s.1, nh * d), q.device())?, Some(p))),
                 None => {
                     let (qr, kr, vs) = rope_segment(&q, &k, &v, (&cos, &sin), heads, s)?;
-                    from_heads(&attention_forward(&qr, &kr, &vs, masks[i].as_ref())?)
+                    Ok((from_heads(&attention_forward(&qr, &kr, &vs, masks[i].as_ref())?)?, None))
                 }
             }
         })
     })
     .ok_or_else(|| candle_core::Error::Msg("segmented_rope_attention: inputs not on the CPU in f32".into()))??;
-    Tensor::cat(&values, 0)
+    let (values, saved): (Vec<Tensor>, Vec<_>) = values.into_iter().unzip();
+    Ok((Tensor::cat(&values, 0)?, SavedProbabilities(saved)))
 }
 
 /// A segment's heads for the batched products: `q` and `k` rotated, `[1, heads, len, d]`.
@@ -1016,7 +1036,8 @@ fn rope_segment(
 }
 
 /// [`segmented_rope_attention`]'s gradients of `q`, `k` and `v` (before the rotation) for
-/// output gradient `g` `[n, heads · d]`.
+/// output gradient `g` `[n, heads · d]`, from the probabilities its forward kept in `saved`
+/// where it kept them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn segmented_rope_attention_backward(
     q: &Tensor,
@@ -1026,6 +1047,7 @@ pub(crate) fn segmented_rope_attention_backward(
     heads: HeadCounts,
     segments: &[(usize, usize)],
     masks: &[Option<Tensor>],
+    saved: &SavedProbabilities,
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = rope_attention_rows(q, k, v, (cos, sin), heads, segments, masks)?;
@@ -1036,7 +1058,7 @@ pub(crate) fn segmented_rope_attention_backward(
             candle_nn::rotary_emb::rope(&to_heads(&q, nh, d)?, &cos, &sin)?,
             candle_nn::rotary_emb::rope(&to_heads(&k, nkv, d)?, &cos, &sin)?,
         );
-        let (dq, dk, dv) = segmented_attention_backward(&qr, &kr, &to_heads(&v, nkv, d)?, segments, masks, &to_heads(&g, nh, d)?)?;
+        let (dq, dk, dv) = segmented_attention_backward(&qr, &kr, &to_heads(&v, nkv, d)?, segments, masks, saved, &to_heads(&g, nh, d)?)?;
         let nsin = sin.neg()?;
         let unrotate = |t: &Tensor| from_heads(&candle_nn::rotary_emb::rope(&t.contiguous()?, &cos, &nsin)?);
         return Ok((unrotate(&dq)?, unrotate(&dk)?, from_heads(&dv)?));
@@ -1048,9 +1070,9 @@ pub(crate) fn segmented_rope_attention_backward(
         with_inputs((&q, &k, &v), Some((&cos, &sin)), short_attention::Layout::TokenMajor, |x| {
             par_segments(&lens, |i| {
                 let s = segments[i];
-                if let Some([dq, dk, dv]) =
-                    with_short(s, masks[i].as_ref(), |seq| short_attention::backward(x, gs, h, &seq, lone_sequence_threads(&lens)))
-                {
+                if let Some([dq, dk, dv]) = with_short(s, masks[i].as_ref(), |seq| {
+                    short_attention::backward(x, gs, h, &seq, lone_sequence_threads(&lens), saved.segment(i))
+                }) {
                     return Ok((
                         Tensor::from_vec(dq, (s.1, nh * d), &dev)?,
                         Tensor::from_vec(dk, (s.1, nkv * d), &dev)?,

@@ -1,6 +1,7 @@
 //! Attention of one short sequence on the CPU in f32, one query row at a time: the
-//! per-sequence attention of a training pass, forward and backward (the backward
-//! recomputes the probabilities, as [`super::attention`]'s does).
+//! per-sequence attention of a training pass, forward and backward (the forward keeps its
+//! probabilities for the backward, [`Probabilities`]; [`super::attention`]'s backward
+//! recomputes them, to keep memory linear in a long sequence's length).
 //!
 //! Why: through batched OpenBLAS products and candle's elementwise ops, one sequence of
 //! ~34 tokens and 9 heads took ~10 candle ops forward and ~20 backward (a copy of each of
@@ -194,33 +195,108 @@ pub(super) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 
 /// `out[n] = Σ_c x_c · t[c · stride + n]` for `n < width`: row `x` times the matrix `t`
 /// (`[x.len(), stride]`), whole vectors of [`L`] lanes, then the tail.
+///
+/// Each lane sums in four partial sums (`c` mod 4, the rest of `c` into the first), added
+/// pairwise at the end: one chain of dependent adds would wait on each add's latency. The
+/// vectors go four, then two, then one at a time ([`row_block`]), so that one broadcast of
+/// `x_c` and one bounds check serve several vectors; every lane gets the same operations in
+/// the same order whichever block computes it.
 #[inline(always)]
 fn row_products(x: &[f32], t: &[f32], stride: usize, width: usize, out: &mut [f32]) {
     let vectors = width / L;
-    for (v, ov) in out[..vectors * L].chunks_exact_mut(L).enumerate() {
-        // a vector at a time, its sums in registers over the whole row, in four partial
-        // sums (one chain of dependent adds would wait on each add's latency)
-        let mut acc = [[0f32; L]; 4];
-        let lanes = |c: usize| &t[c * stride + v * L..c * stride + (v + 1) * L];
-        let whole = x.len() / 4 * 4;
-        for c in (0..whole).step_by(4) {
-            for (k, acc) in acc.iter_mut().enumerate() {
-                for (a, &tv) in acc.iter_mut().zip(lanes(c + k)) {
-                    *a += x[c + k] * tv;
-                }
-            }
-        }
-        for (c, &xc) in x.iter().enumerate().skip(whole) {
-            for (a, &tv) in acc[0].iter_mut().zip(lanes(c)) {
-                *a += xc * tv;
-            }
-        }
-        for (l, o) in ov.iter_mut().enumerate() {
-            *o = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-        }
+    let mut v = 0;
+    while v + 4 <= vectors {
+        row_block::<4>(x, t, stride, v * L, &mut out[v * L..(v + 4) * L]);
+        v += 4;
+    }
+    if v + 2 <= vectors {
+        row_block::<2>(x, t, stride, v * L, &mut out[v * L..(v + 2) * L]);
+        v += 2;
+    }
+    if v < vectors {
+        row_block::<1>(x, t, stride, v * L, &mut out[v * L..(v + 1) * L]);
     }
     for (n, o) in out[..width].iter_mut().enumerate().skip(vectors * L) {
         *o = x.iter().enumerate().map(|(c, &xc)| xc * t[c * stride + n]).sum();
+    }
+}
+
+/// [`row_products`]' columns `at .. at + N · L` into `out` (`N · L` values), their `4 · N`
+/// partial sums in registers over the whole row.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // the indexing is what keeps `acc` in registers (below)
+fn row_block<const N: usize>(x: &[f32], t: &[f32], stride: usize, at: usize, out: &mut [f32]) {
+    // indexed with constant bounds, so that the compiler unrolls the loops and keeps `acc`
+    // in registers (written with iterators over the arrays, it kept `acc` in memory and added
+    // one lane at a time: 3x slower than one vector at a time)
+    let mut acc = [[[0f32; L]; N]; 4];
+    let lanes = |row: &[f32], w: usize| -> [f32; L] { row[at + w * L..at + (w + 1) * L].try_into().expect("L lanes") };
+    let whole = x.len() / 4 * 4;
+    for c in (0..whole).step_by(4) {
+        for k in 0..4 {
+            let (xc, row) = (x[c + k], &t[(c + k) * stride..]);
+            for w in 0..N {
+                let tv = lanes(row, w);
+                for l in 0..L {
+                    acc[k][w][l] += xc * tv[l];
+                }
+            }
+        }
+    }
+    for c in whole..x.len() {
+        let (xc, row) = (x[c], &t[c * stride..]);
+        for w in 0..N {
+            let tv = lanes(row, w);
+            for l in 0..L {
+                acc[0][w][l] += xc * tv[l];
+            }
+        }
+    }
+    for w in 0..N {
+        for l in 0..L {
+            out[w * L + l] = (acc[0][w][l] + acc[1][w][l]) + (acc[2][w][l] + acc[3][w][l]);
+        }
+    }
+}
+
+/// `out[e] = Σ_t w_t · x_t[e]` for `e < out.len()` over the `terms()` `(w_t, x_t)` in order,
+/// each lane summed from zero in one running sum: what an [`axpy`] per term into a zeroed
+/// `out` computes, the same operations in the same order, but with the sums in registers
+/// ([`sum_block`]) rather than loaded and stored again for every term.
+#[inline(always)]
+fn weighted_sum<'a, I: Iterator<Item = (f32, &'a [f32])>>(terms: impl Fn() -> I, out: &mut [f32]) {
+    let vectors = out.len() / L;
+    let mut v = 0;
+    while v + 4 <= vectors {
+        sum_block::<4, _>(terms(), v * L, &mut out[v * L..(v + 4) * L]);
+        v += 4;
+    }
+    if v + 2 <= vectors {
+        sum_block::<2, _>(terms(), v * L, &mut out[v * L..(v + 2) * L]);
+        v += 2;
+    }
+    if v < vectors {
+        sum_block::<1, _>(terms(), v * L, &mut out[v * L..(v + 1) * L]);
+    }
+    for (e, o) in out.iter_mut().enumerate().skip(vectors * L) {
+        *o = terms().fold(0.0, |sum, (w, x)| sum + w * x[e]);
+    }
+}
+
+/// [`weighted_sum`]'s lanes `at .. at + N · L` into `out` (`N · L` values).
+#[inline(always)]
+fn sum_block<'a, const N: usize, I: Iterator<Item = (f32, &'a [f32])>>(terms: I, at: usize, out: &mut [f32]) {
+    let mut acc = [[0f32; L]; N];
+    for (w, x) in terms {
+        for b in 0..N {
+            let xv: [f32; L] = x[at + b * L..at + (b + 1) * L].try_into().expect("L lanes");
+            for l in 0..L {
+                acc[b][l] += w * xv[l];
+            }
+        }
+    }
+    for b in 0..N {
+        out[b * L..(b + 1) * L].copy_from_slice(&acc[b]);
     }
 }
 
@@ -262,14 +338,37 @@ fn copy_heads(from: &[f32], to: &mut [f32], layout: Layout, count: usize, len: u
 /// else shares the second core while its attention runs (a 128-token sequence's attention
 /// costs ~2.5 ms a layer on one core here, forward and backward), and SmolLM2's 3 KV heads
 /// split 2 : 1 over two cores, its 9 query heads 5 : 4.
-pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> Vec<f32> {
+pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> (Vec<f32>, Probabilities) {
     let ranges = crate::runtime::parallel::even_ranges(h.heads, threads);
     let mut parts = crate::runtime::parallel::run_parts(ranges, |r| (r.clone(), forward_heads(x, h, s, r))).into_iter();
-    let (_, mut out) = parts.next().expect("at least one range of query heads");
-    for (heads, part) in parts {
+    let (_, (mut out, mut values)) = parts.next().expect("at least one range of query heads");
+    for (heads, (part, p)) in parts {
         copy_heads(&part, &mut out, x.layout, h.heads, s.len, h.d, heads);
+        values.extend_from_slice(&p);
     }
-    out
+    (out, Probabilities { values })
+}
+
+/// The probabilities of a sequence's query heads, as [`forward`] computed them, kept for
+/// [`backward`]: head `h`'s row `i` over its `keys(i)` keys at `h · total + offsets[i]`,
+/// `offsets` the running sum of the rows' keys ([`row_offsets`]) and `total` its last.
+///
+/// Why: recomputing them (the products `q kᵀ` and the softmax) was half of the backward's
+/// time, and a sequence of up to [`MAX_LEN`] rows keeps at most `heads · MAX_LEN²` / 2
+/// values (1.2 MB for SmolLM2's 9 heads at 256 tokens).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Probabilities {
+    values: Vec<f32>,
+}
+
+/// Where each row's keys start when the rows lie one after another: `offsets[i]` is the sum
+/// of the keys of the rows before `i`; `len + 1` entries, the last the total.
+fn row_offsets(keys: &[usize]) -> Vec<usize> {
+    let mut offsets = vec![0usize; keys.len() + 1];
+    for (i, &k) in keys.iter().enumerate() {
+        offsets[i + 1] = offsets[i] + k;
+    }
+    offsets
 }
 
 /// The rows of the KV head a thread is working on: keys and values loaded (`ks`, `vs`
@@ -305,12 +404,15 @@ impl KvRows {
     }
 }
 
-/// [`forward`] for the query heads `heads`; the other heads' outputs zero.
-fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usize>) -> Vec<f32> {
+/// [`forward`] for the query heads `heads`, the other heads' outputs zero; and those heads'
+/// probabilities, laid out as in [`Probabilities`].
+fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let mut out = vec![0f32; h.heads * len * d];
+    let keys: Vec<usize> = (0..len).map(|i| s.keys(i)).collect();
+    let mut kept = Vec::with_capacity(heads.len() * keys.iter().sum::<usize>());
     let mut kv_rows = KvRows::new(len, d, false);
     let (mut qs, mut p) = (vec![0f32; len * d], vec![0f32; lp]);
     simd::simd(
@@ -320,19 +422,17 @@ fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usiz
                 kv_rows.load(x, h, s, head / rep);
                 let KvRows { kt, vs, .. } = &kv_rows;
                 load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
-                for (i, qi) in qs.chunks_exact(d).enumerate() {
-                    let keys = s.keys(i);
+                for (i, (qi, &keys)) in qs.chunks_exact(d).zip(&keys).enumerate() {
                     probabilities(qi, kt, s, i, keys, scale, &mut p);
                     let at = x.layout.at(h.heads, len, d, head, i);
-                    let oi = &mut out[at..at + d];
-                    for (&pj, vj) in p[..keys].iter().zip(vs.chunks_exact(d)) {
-                        axpy(oi, pj, vj);
-                    }
+                    let p = &p[..keys];
+                    weighted_sum(|| p.iter().copied().zip(vs.chunks_exact(d)), &mut out[at..at + d]);
+                    kept.extend_from_slice(p);
                 }
             }
         },
     );
-    out
+    (out, kept)
 }
 
 /// [`forward`]'s gradients for output gradient `g` (laid out as `q`): `dq`, `dk` and `dv`
@@ -345,11 +445,47 @@ fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usiz
 /// and a KV head's `dK` and `dV` sum over its query heads, so those cannot simply be split
 /// by query heads. Every sum keeps its order, so the numbers are the same bits whatever
 /// `threads`.
-pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize) -> [Vec<f32>; 3] {
-    if threads <= 1 {
-        return backward_heads(x, g, h, s);
+///
+/// `kept`: the probabilities [`forward`] returned for these inputs, or `None` to recompute
+/// them (the same code, so the same bits either way). Panics if `kept` has the wrong size
+/// for this sequence.
+pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize, kept: Option<&Probabilities>) -> [Vec<f32>; 3] {
+    let keys: Vec<usize> = (0..s.len).map(|i| s.keys(i)).collect();
+    let offsets = row_offsets(&keys);
+    if let Some(kept) = kept {
+        assert_eq!(kept.values.len(), h.heads * offsets[s.len], "short_attention::backward: probabilities kept for another sequence");
     }
-    backward_split(x, g, h, s, threads)
+    let rows = Rows { keys, offsets, kept };
+    if threads <= 1 {
+        return backward_heads(x, g, h, s, &rows);
+    }
+    backward_split(x, g, h, s, threads, &rows)
+}
+
+/// What both backward paths know of a sequence's rows: each row's `keys`, where its keys
+/// start in a row-after-row layout (`offsets`, [`row_offsets`]), and the forward's
+/// probabilities when kept.
+struct Rows<'a> {
+    keys: Vec<usize>,
+    offsets: Vec<usize>,
+    kept: Option<&'a Probabilities>,
+}
+
+impl Rows<'_> {
+    /// Row `i`'s probabilities in head `head` (over its keys): the kept ones, or computed
+    /// into `p` by [`probabilities`] (the same code the forward ran, so the same bits).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn probabilities<'p>(&'p self, head: usize, i: usize, qi: &[f32], kt: &[f32], s: &Sequence, scale: f32, p: &'p mut [f32]) -> &'p [f32] {
+        let ki = self.keys[i];
+        match self.kept {
+            Some(kept) => &kept.values[head * self.offsets[s.len] + self.offsets[i]..][..ki],
+            None => {
+                probabilities(qi, kt, s, i, ki, scale, p);
+                &p[..ki]
+            }
+        }
+    }
 }
 
 /// One query head's rows, kept by the first phase of [`backward_split`] for its second:
@@ -369,17 +505,13 @@ struct HeadRows {
 /// 2. the keys of every KV head split by their work (a key's share of rows): each key's `dK`
 ///    and `dV` rows, summed over the KV head's query heads and their rows in the order
 ///    [`backward_heads`] sums them, so each element gets the same additions in the same order.
-fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize) -> [Vec<f32>; 3] {
+fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize, seq_rows: &Rows) -> [Vec<f32>; 3] {
     use crate::runtime::parallel::{even_ranges, run_parts};
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
-    let keys: Vec<usize> = (0..len).map(|i| s.keys(i)).collect();
     // where row i's probabilities start in a `HeadRows`: the sum of the earlier rows' keys
-    let mut offsets = vec![0usize; len + 1];
-    for (i, &k) in keys.iter().enumerate() {
-        offsets[i + 1] = offsets[i] + k;
-    }
+    let (keys, offsets) = (&seq_rows.keys, &seq_rows.offsets);
 
     // 1. per query head: P, dS and dQ of every row
     let phase1 = |heads: std::ops::Range<usize>| -> (Vec<f32>, Vec<HeadRows>) {
@@ -405,14 +537,14 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize)
                     load(g, x.head(h.heads, head, false), h, s, &mut r.g);
                     for (i, ((qi, gi), dqi)) in r.q.chunks_exact(d).zip(r.g.chunks_exact(d)).zip(dqs.chunks_exact_mut(d)).enumerate() {
                         let ki = keys[i];
-                        probabilities(qi, kt, s, i, ki, scale, &mut p);
+                        let pi = seq_rows.probabilities(head, i, qi, kt, s, scale, &mut p);
                         row_products(gi, vt, lp, padded(ki), &mut dp);
                         let dpi = &mut dp[..ki];
-                        let row = row_sum(&p[..ki], dpi);
-                        for (dsj, &pj) in dpi.iter_mut().zip(&p[..ki]) {
+                        let row = row_sum(pi, dpi);
+                        for (dsj, &pj) in dpi.iter_mut().zip(pi) {
                             *dsj = pj * (*dsj - row);
                         }
-                        r.p.extend_from_slice(&p[..ki]);
+                        r.p.extend_from_slice(pi);
                         r.ds.extend_from_slice(dpi);
                         row_products(dpi, ks, d, d, dqi);
                         dqi.iter_mut().for_each(|x| *x *= scale);
@@ -443,6 +575,8 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize)
         seen_by[j] += seen_by[j + 1];
     }
     let work: Vec<usize> = (0..h.kv_heads * len).map(|u| seen_by[u % len + 1] + 1).collect();
+    // the first row that sees each key (none before it does; `len` when no row does)
+    let first: Vec<usize> = (0..len).map(|j| keys.iter().position(|&k| k > j).unwrap_or(len)).collect();
     let phase2 = |units: std::ops::Range<usize>| -> (std::ops::Range<usize>, Vec<f32>, Vec<f32>) {
         let (mut dks, mut dvs) = (vec![0f32; units.len() * d], vec![0f32; units.len() * d]);
         simd::simd(
@@ -453,14 +587,19 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize)
                     // this KV head's keys j0..j1 in the range, in backward_heads' loop order
                     let kv = u / len;
                     let (j0, j1) = (u % len, (units.end - kv * len).min(len));
-                    for r in &rows[kv * rep..(kv + 1) * rep] {
-                        for (i, (qi, gi)) in r.q.chunks_exact(d).zip(r.g.chunks_exact(d)).enumerate() {
-                            for j in j0..j1.min(keys[i]) {
-                                let at = (kv * len + j - units.start) * d;
-                                axpy(&mut dks[at..at + d], r.ds[offsets[i] + j], qi);
-                                axpy(&mut dvs[at..at + d], r.p[offsets[i] + j], gi);
-                            }
-                        }
+                    let heads = &rows[kv * rep..(kv + 1) * rep];
+                    for j in j0..j1 {
+                        // the rows that see key j, head after head, in order
+                        let terms = |part: fn(&HeadRows) -> (&[f32], &[f32])| {
+                            let (keys, offsets, first) = (&keys, &offsets, &first);
+                            heads.iter().flat_map(move |r| {
+                                let (w, x) = part(r);
+                                (first[j]..len).filter(move |&i| j < keys[i]).map(move |i| (w[offsets[i] + j], &x[i * d..(i + 1) * d]))
+                            })
+                        };
+                        let at = (kv * len + j - units.start) * d;
+                        weighted_sum(|| terms(|r| (&r.ds, &r.q)), &mut dks[at..at + d]);
+                        weighted_sum(|| terms(|r| (&r.p, &r.g)), &mut dvs[at..at + d]);
                     }
                     u = kv * len + j1;
                 }
@@ -518,7 +657,7 @@ fn weighted_ranges(work: &[usize], threads: usize) -> Vec<std::ops::Range<usize>
 }
 
 /// [`backward`] on one thread: each KV head's query heads, row after row.
-fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3] {
+fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, rows: &Rows) -> [Vec<f32>; 3] {
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
@@ -541,14 +680,14 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence) -> [Vec<f32>; 3
                     load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
                     load(g, x.head(h.heads, head, false), h, s, &mut gs);
                     for (i, ((qi, gi), dqi)) in qs.chunks_exact(d).zip(gs.chunks_exact(d)).zip(dqs.chunks_exact_mut(d)).enumerate() {
-                        let keys = s.keys(i);
-                        probabilities(qi, kt, s, i, keys, scale, &mut p);
+                        let keys = rows.keys[i];
+                        let pi = rows.probabilities(head, i, qi, kt, s, scale, &mut p);
                         // dP = dO_i Vᵀ over the row's keys, and its rowsum with P
                         row_products(gi, vt, lp, padded(keys), &mut dp);
                         let dpi = &mut dp[..keys];
-                        let row = row_sum(&p[..keys], dpi);
+                        let row = row_sum(pi, dpi);
                         // dS, then its products: each key's and value's share, and dQ_i
-                        for ((j, dsj), &pj) in dpi.iter_mut().enumerate().zip(&p[..keys]) {
+                        for ((j, dsj), &pj) in dpi.iter_mut().enumerate().zip(pi) {
                             *dsj = pj * (*dsj - row);
                             axpy(&mut dks[j * d..(j + 1) * d], *dsj, qi);
                             axpy(&mut dvs[j * d..(j + 1) * d], pj, gi);
@@ -574,6 +713,53 @@ mod tests {
 
     fn randn(n: usize) -> Vec<f32> {
         Tensor::randn(0f32, 1., n, &Device::Cpu).unwrap().to_vec1().unwrap()
+    }
+
+    /// [`backward`] from the probabilities [`forward`] kept, after checking that it gives the
+    /// bits of the backward that recomputes them.
+    fn backward_kept(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize) -> [Vec<f32>; 3] {
+        let (_, kept) = forward(x, h, s, threads);
+        let grads = backward(x, g, h, s, threads, Some(&kept));
+        assert_eq!(grads, backward(x, g, h, s, threads, None), "kept against recomputed probabilities, {threads} threads");
+        grads
+    }
+
+    /// The blocked loops give the bits of the plain loops they replaced, for widths of whole
+    /// vectors and tails and rows of any length: [`row_products`] four partial sums (`c` mod
+    /// 4, the rest into the first) added pairwise, [`weighted_sum`] an [`axpy`] per term.
+    #[test]
+    fn blocked_loops_give_the_plain_loops_bits() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        for width in [1, 15, 16, 17, 32, 48, 64, 80, 112, 128, 131] {
+            for n in [1, 2, 3, 4, 5, 7, 8, 33] {
+                let stride = width + 5;
+                let (x, t) = (randn(n), randn(n * stride));
+                let mut got = vec![0f32; width];
+                row_products(&x, &t, stride, width, &mut got);
+                let whole = n / 4 * 4;
+                let want: Vec<f32> = (0..width)
+                    .map(|e| {
+                        if e < width / L * L {
+                            let mut acc = [0f32; 4];
+                            for c in 0..n {
+                                acc[if c < whole { c % 4 } else { 0 }] += x[c] * t[c * stride + e];
+                            }
+                            (acc[0] + acc[1]) + (acc[2] + acc[3])
+                        } else {
+                            x.iter().enumerate().map(|(c, &xc)| xc * t[c * stride + e]).sum()
+                        }
+                    })
+                    .collect();
+                assert_eq!(bits(&got), bits(&want), "row_products, width {width}, {n} rows");
+                let mut got = vec![0f32; width];
+                weighted_sum(|| x.iter().copied().zip(t.chunks(stride)), &mut got);
+                let mut want = vec![0f32; width];
+                for (&xc, row) in x.iter().zip(t.chunks(stride)) {
+                    axpy(&mut want, xc, &row[..width]);
+                }
+                assert_eq!(bits(&got), bits(&want), "weighted_sum, width {width}, {n} terms");
+            }
+        }
     }
 
     /// The keys' ranges for the second phase: contiguous, in order, covering every unit, at
@@ -632,10 +818,10 @@ mod tests {
         let (cos, sin) = (randn(len * d / 2), randn(len * d / 2));
         for layout in [Layout::HeadMajor, Layout::TokenMajor] {
             let x = Inputs { q: &q, k: &k, v: &v, layout, rotary: Some((&cos, &sin)) };
-            let (y, grads) = (forward(&x, h, &s, 1), backward(&x, &g, h, &s, 1));
+            let (y, grads) = (forward(&x, h, &s, 1), backward_kept(&x, &g, h, &s, 1));
             for threads in 2..=7 {
                 assert_eq!(forward(&x, h, &s, threads), y, "{layout:?} value, {threads} threads");
-                assert_eq!(backward(&x, &g, h, &s, threads), grads, "{layout:?} gradients, {threads} threads");
+                assert_eq!(backward_kept(&x, &g, h, &s, threads), grads, "{layout:?} gradients, {threads} threads");
             }
         }
     }
@@ -664,21 +850,25 @@ mod tests {
             let s = Sequence { start, len, mask: causal.then_some(m.as_slice()) };
             let h = Heads { heads, kv_heads, d, rows };
             let x = Inputs { q: &q, k: &k, v: &v, layout: Layout::HeadMajor, rotary: None };
-            let y = forward(&x, h, &s, 1);
-            let [dq, dk, dv] = backward(&x, &g, h, &s, 1);
+            let (y, kept) = forward(&x, h, &s, 1);
+            let [dq, dk, dv] = backward_kept(&x, &g, h, &s, 1);
             // the heads (and in the backward the keys) split between threads: the same bits, in
             // both layouts
             for threads in [2, 3] {
-                assert_eq!(forward(&x, h, &s, threads), y, "value, {threads} threads");
-                assert_eq!(backward(&x, &g, h, &s, threads), [dq.clone(), dk.clone(), dv.clone()], "gradients, {threads} threads");
+                assert_eq!(forward(&x, h, &s, threads), (y.clone(), kept.clone()), "value, {threads} threads");
+                assert_eq!(backward_kept(&x, &g, h, &s, threads), [dq.clone(), dk.clone(), dv.clone()], "gradients, {threads} threads");
                 let t = Inputs { layout: Layout::TokenMajor, ..x };
                 assert_eq!(forward(&t, h, &s, threads), forward(&t, h, &s, 1), "token-major value, {threads} threads");
-                assert_eq!(backward(&t, &g, h, &s, threads), backward(&t, &g, h, &s, 1), "token-major gradients, {threads} threads");
+                assert_eq!(
+                    backward_kept(&t, &g, h, &s, threads),
+                    backward_kept(&t, &g, h, &s, 1),
+                    "token-major gradients, {threads} threads"
+                );
                 // rotated as loaded, and the gradients rotated back as stored
                 let (cos, sin) = (randn(rows * d / 2), randn(rows * d / 2));
                 let r = Inputs { rotary: Some((&cos, &sin)), ..t };
                 assert_eq!(forward(&r, h, &s, threads), forward(&r, h, &s, 1), "rotated value, {threads} threads");
-                assert_eq!(backward(&r, &g, h, &s, threads), backward(&r, &g, h, &s, 1), "rotated gradients, {threads} threads");
+                assert_eq!(backward_kept(&r, &g, h, &s, threads), backward_kept(&r, &g, h, &s, 1), "rotated gradients, {threads} threads");
             }
             // the reference on the same rows
             let part = |x: &[f32], n: usize| {

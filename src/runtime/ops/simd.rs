@@ -107,7 +107,23 @@ pub(crate) fn max(xs: &[f32]) -> f32 {
             *m = m.max(x);
         }
     }
-    lanes.into_iter().chain(tail.iter().copied()).fold(f32::NEG_INFINITY, f32::max)
+    // the tail as one more vector, then the lanes halved four times: a row of attention
+    // scores is a few vectors, and folded one element at a time its lanes and tail cost as
+    // much as the rest of it (the maximum is exact whatever the order: at most the sign of
+    // a zero maximum could differ, and `exp(x - max)` does not see that sign)
+    let mut last = [f32::NEG_INFINITY; LANES];
+    last[..tail.len()].copy_from_slice(tail);
+    for (m, &x) in lanes.iter_mut().zip(&last) {
+        *m = m.max(x);
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] = lanes[l].max(lanes[l + width]);
+        }
+        width /= 2;
+    }
+    lanes[0]
 }
 
 /// Replaces each `x` of `xs` by `e^(x - shift)` and returns their sum, accumulated in f64
@@ -123,9 +139,18 @@ pub(crate) fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f64 {
         }
     }
     let mut sum: f64 = lanes.iter().sum();
-    for x in chunks.into_remainder() {
+    // the tail's exponentials as one vector (the lanes past it computed and dropped), then
+    // added one by one: a row of attention probabilities is a few vectors, so one element
+    // at a time its tail cost as much as the rest of the row
+    let tail = chunks.into_remainder();
+    let mut last = [0f32; LANES];
+    last[..tail.len()].copy_from_slice(tail);
+    for x in last.iter_mut() {
         *x = exp(*x - shift);
-        sum += *x as f64;
+    }
+    for (x, &e) in tail.iter_mut().zip(&last) {
+        *x = e;
+        sum += e as f64;
     }
     sum
 }
@@ -222,6 +247,40 @@ mod tests {
     }
 
     /// The dispatched (vector) and the plain builds give the same bits, tails included.
+    /// Rows of every tail length after 0 to 3 whole vectors (an attention row's shapes):
+    /// `exp_shifted_sum` gives each element's `exp` and the sum of the lanes, then of the tail
+    /// in order, and `max` the largest element, as the plain loops define them.
+    #[test]
+    fn short_rows_keep_their_sums_and_maxima() {
+        for len in 0..4 * LANES {
+            let xs: Vec<f32> = (0..len).map(|i| ((i * 7919 + len) % 2003) as f32 / 29.0 - 30.0).collect();
+            let shift = 1.25;
+            let mut got = xs.clone();
+            let sum = simd(
+                #[inline(always)]
+                || exp_shifted_sum(&mut got, shift),
+            );
+            let want: Vec<f32> = xs.iter().map(|&x| exp(x - shift)).collect();
+            let whole = len / LANES * LANES;
+            let mut lanes = [0f64; LANES];
+            for (i, &e) in want[..whole].iter().enumerate() {
+                lanes[i % LANES] += e as f64;
+            }
+            let want_sum = want[whole..].iter().fold(lanes.iter().sum::<f64>(), |s, &e| s + e as f64);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "len {len}"
+            );
+            assert_eq!(sum.to_bits(), want_sum.to_bits(), "len {len}");
+            let top = simd(
+                #[inline(always)]
+                || max(&xs),
+            );
+            assert_eq!(top, xs.iter().copied().fold(f32::NEG_INFINITY, f32::max), "len {len}");
+        }
+    }
+
     #[test]
     fn vector_code_gives_the_plain_code_bits() {
         let xs: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 2003) as f32 / 13.0 - 80.0).collect();

@@ -409,10 +409,12 @@ mod tests {
         let one = memory_estimate(&dec, &j.adapter, &j.examples, &j.config);
         // every job has the same shape, so the same estimate: 5 f32 copies of 2 layers ×
         // (A, B) of q (32 -> 32) and v (32 -> 16) at rank 4, and 10 tokens of the frozen
-        // model's activations plus the low-rank path's (input, rank, 2 × output per module)
+        // model's activations plus the low-rank path's (input, rank, 2 × output per module),
+        // plus the attention probabilities of 2 layers × 4 heads × 55 (query, key) pairs
         let params = 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4);
         let lora_per_token = 2 * ((32 + 4 + 2 * 32) + (32 + 4 + 2 * 16)) * 4;
-        assert_eq!(one, 5 * 4 * params as u64 + 10 * (dec.training_bytes_per_token() + lora_per_token));
+        assert_eq!(dec.attention_bytes(10), 2 * 4 * 55 * 4);
+        assert_eq!(one, 5 * 4 * params as u64 + 10 * (dec.training_bytes_per_token() + lora_per_token) + dec.attention_bytes(10));
         let run = |limits: GroupLimits| {
             let mut done = Vec::new();
             let report = train_group(&dec, (0..6).map(|k| job(&dec, k)), limits, |k, r| {

@@ -53,8 +53,9 @@ pub(super) fn counted(e: &TrainExample) -> usize {
 /// bound a group; `make bench` prints it beside the measured peak): five f32 copies of the
 /// adapter's parameters (weights, accumulated gradient, AdamW's two moments, one pass's
 /// gradient), plus, for its longest sequence (cut to `max_len`), the frozen model's
-/// activations ([`Decoder::training_bytes_per_token`]) and the low-rank path's own: per
-/// targeted projection, its f32 input, the rank-wide product, the update and its scaled copy.
+/// activations ([`Decoder::training_bytes_per_token`]), attention's probabilities
+/// ([`Decoder::attention_bytes`]) and the low-rank path's own: per targeted projection, its
+/// f32 input, the rank-wide product, the update and its scaled copy.
 pub fn memory_estimate(decoder: &Decoder, adapter: &LoraAdapter, examples: &[TrainExample], cfg: &TrainConfig) -> u64 {
     let f32_bytes = DType::F32.size_in_bytes() as u64;
     let params = adapter.num_parameters() as u64;
@@ -68,8 +69,8 @@ pub fn memory_estimate(decoder: &Decoder, adapter: &LoraAdapter, examples: &[Tra
             }
         }
     }
-    let longest = examples.iter().map(|e| e.ids.len().min(cfg.max_len)).max().unwrap_or(0) as u64;
-    5 * f32_bytes * params + longest * (decoder.training_bytes_per_token() + lora_per_token)
+    let longest = examples.iter().map(|e| e.ids.len().min(cfg.max_len)).max().unwrap_or(0);
+    5 * f32_bytes * params + longest as u64 * (decoder.training_bytes_per_token() + lora_per_token) + decoder.attention_bytes(longest)
 }
 
 /// `Σ x²` of a gradient, in f64: one pass over a CPU f32 tensor (no squared copy; `sqr`
