@@ -349,8 +349,9 @@ impl Decoder {
     /// Bytes a training pass keeps for attention's probabilities over one sequence of `len`
     /// tokens until its backward pass ends: in f32 on the CPU, a sequence of up to
     /// [`ops::SHORT_ATTENTION_MAX_LEN`] tokens keeps each query head's row over its keys,
-    /// `len · (len + 1) / 2` f32 values per head and layer under a causal mask (its backward
-    /// would otherwise recompute them); nothing elsewhere.
+    /// `len · (len + 1) / 2` f32 values per head and layer under the causal mask every
+    /// training sequence has (its backward would otherwise recompute them); nothing
+    /// elsewhere, nor over [`ops::SHORT_ATTENTION_MAX_LEN`] tokens.
     pub fn attention_bytes(&self, len: usize) -> u64 {
         let c = &self.cfg;
         if !self.device().is_cpu() || self.dtype() != DType::F32 || len > ops::SHORT_ATTENTION_MAX_LEN {

@@ -273,7 +273,8 @@ enum Kept {
         masks: Vec<Option<Tensor>>,
         saved: ops::SavedProbabilities,
     },
-    /// The heads `[b, heads, l, d]`: `q`, `k` before Qwen3's norms, `qr`, `kr` rotated, `v`.
+    /// The heads `[b, heads, l, d]`: `q`, `k` before Qwen3's norms, `qr`, `kr` rotated, `v`,
+    /// and, as above, the probabilities the segments' attention kept.
     Heads { q: Tensor, k: Tensor, qr: Tensor, kr: Tensor, v: Tensor, attend: Attend, saved: ops::SavedProbabilities },
 }
 

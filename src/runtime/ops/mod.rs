@@ -13,7 +13,9 @@
 //! - [`rms_norm`]: fused forward, closed-form backward;
 //! - [`rope`]: fused forward, backward is the inverse rotation;
 //! - [`attention`]: forward discards the probabilities, backward recomputes them (as flash
-//!   attention does), so nothing quadratic in the sequence length is kept between passes;
+//!   attention does), so nothing quadratic in the sequence length is kept between passes
+//!   (the segmented ops below keep them for sequences of up to 256 tokens, where they are
+//!   small and recomputing them was half of attention's backward);
 //! - [`lm_head_cross_entropy`]: logits are never materialised in the graph;
 //! - [`segmented_attention`] and [`segmented_low_rank`]: one op for all sequences of a
 //!   packed batch, each at its own shapes, the sequences split between the cores

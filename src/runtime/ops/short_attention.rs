@@ -332,7 +332,8 @@ fn copy_heads(from: &[f32], to: &mut [f32], layout: Layout, count: usize, len: u
 
 /// `softmax(q kᵀ / √d + mask) v` of sequence `s`, its `len` rows laid out as the inputs
 /// (`[heads, len, d]` or `[len, heads · d]`), the query heads split over up to `threads`
-/// threads (each head computed by the same code whatever the split: the same numbers).
+/// threads (each head computed by the same code whatever the split: the same numbers); and
+/// the probabilities, for [`backward`].
 ///
 /// Why query heads: a sequence trained alone is the only segment of its pass, so nothing
 /// else shares the second core while its attention runs (a 128-token sequence's attention
@@ -346,7 +347,7 @@ pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> (Ve
         copy_heads(&part, &mut out, x.layout, h.heads, s.len, h.d, heads);
         values.extend_from_slice(&p);
     }
-    (out, Probabilities { values })
+    (out, Probabilities { values, heads: h.heads, rows: s.len })
 }
 
 /// The probabilities of a sequence's query heads, as [`forward`] computed them, kept for
@@ -354,11 +355,15 @@ pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> (Ve
 /// `offsets` the running sum of the rows' keys ([`row_offsets`]) and `total` its last.
 ///
 /// Why: recomputing them (the products `q kᵀ` and the softmax) was half of the backward's
-/// time, and a sequence of up to [`MAX_LEN`] rows keeps at most `heads · MAX_LEN²` / 2
-/// values (1.2 MB for SmolLM2's 9 heads at 256 tokens).
+/// time, and a sequence of up to [`MAX_LEN`] rows keeps at most `heads · len (len + 1) / 2`
+/// values per layer under a causal mask, `heads · len²` without one (SmolLM2's 9 heads at
+/// 256 causal tokens: 1.2 MB a layer, 35 MB over its 30 layers).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Probabilities {
     values: Vec<f32>,
+    /// The query heads and the rows (the sequence's length) they were computed for.
+    heads: usize,
+    rows: usize,
 }
 
 /// Where each row's keys start when the rows lie one after another: `offsets[i]` is the sum
@@ -453,7 +458,8 @@ pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: u
     let keys: Vec<usize> = (0..s.len).map(|i| s.keys(i)).collect();
     let offsets = row_offsets(&keys);
     if let Some(kept) = kept {
-        assert_eq!(kept.values.len(), h.heads * offsets[s.len], "short_attention::backward: probabilities kept for another sequence");
+        let shape = (kept.heads, kept.rows, kept.values.len());
+        assert_eq!(shape, (h.heads, s.len, h.heads * offsets[s.len]), "short_attention::backward: probabilities kept for another sequence");
     }
     let rows = Rows { keys, offsets, kept };
     if threads <= 1 {
@@ -490,7 +496,7 @@ impl Rows<'_> {
 
 /// One query head's rows, kept by the first phase of [`backward_split`] for its second:
 /// the queries `q` (rotated as loaded) and output gradients `g` `[len, d]`, and each row's
-/// probabilities `p` and `ds` over its keys, the rows one after another (row `i` from the
+/// probabilities `p` (the forward's, or recomputed) and `ds` over its keys, the rows one after another (row `i` from the
 /// sum of the earlier rows' keys: about half of `[len, len]` under a causal mask, and
 /// written once, never zeroed).
 struct HeadRows {
@@ -501,7 +507,8 @@ struct HeadRows {
 }
 
 /// [`backward`] over up to `threads` threads, in two phases:
-/// 1. the query heads split evenly: each row's `P`, `dS` and `dQ` (rows are independent);
+/// 1. the query heads split evenly: each row's `P` (unless kept), `dS` and `dQ` (rows are
+///    independent);
 /// 2. the keys of every KV head split by their work (a key's share of rows): each key's `dK`
 ///    and `dV` rows, summed over the KV head's query heads and their rows in the order
 ///    [`backward_heads`] sums them, so each element gets the same additions in the same order.

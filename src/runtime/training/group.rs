@@ -415,6 +415,12 @@ mod tests {
         let lora_per_token = 2 * ((32 + 4 + 2 * 32) + (32 + 4 + 2 * 16)) * 4;
         assert_eq!(dec.attention_bytes(10), 2 * 4 * 55 * 4);
         assert_eq!(one, 5 * 4 * params as u64 + 10 * (dec.training_bytes_per_token() + lora_per_token) + dec.attention_bytes(10));
+        // the largest pass, not the longest sequence's: 257 tokens keep no probabilities
+        // (over the short kernel's 256), so a 256-token sequence weighs more
+        let long = |len: usize| TrainExample { ids: vec![1; len], loss_from: 0 };
+        let pass = |len: u64| len * (dec.training_bytes_per_token() + lora_per_token) + dec.attention_bytes(len as usize);
+        assert!(pass(256) > pass(257) && dec.attention_bytes(257) == 0);
+        assert_eq!(memory_estimate(&dec, &j.adapter, &[long(257), long(256)], &j.config), 5 * 4 * params as u64 + pass(256));
         let run = |limits: GroupLimits| {
             let mut done = Vec::new();
             let report = train_group(&dec, (0..6).map(|k| job(&dec, k)), limits, |k, r| {

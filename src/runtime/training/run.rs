@@ -52,8 +52,8 @@ pub(super) fn counted(e: &TrainExample) -> usize {
 /// The most memory one adapter's training holds in flight, in bytes (an estimate, used to
 /// bound a group; `make bench` prints it beside the measured peak): five f32 copies of the
 /// adapter's parameters (weights, accumulated gradient, AdamW's two moments, one pass's
-/// gradient), plus, for its longest sequence (cut to `max_len`), the frozen model's
-/// activations ([`Decoder::training_bytes_per_token`]), attention's probabilities
+/// gradient), plus, for its largest pass (over a sequence cut to `max_len`), the frozen
+/// model's activations ([`Decoder::training_bytes_per_token`]), attention's probabilities
 /// ([`Decoder::attention_bytes`]) and the low-rank path's own: per targeted projection, its
 /// f32 input, the rank-wide product, the update and its scaled copy.
 pub fn memory_estimate(decoder: &Decoder, adapter: &LoraAdapter, examples: &[TrainExample], cfg: &TrainConfig) -> u64 {
@@ -69,8 +69,11 @@ pub fn memory_estimate(decoder: &Decoder, adapter: &LoraAdapter, examples: &[Tra
             }
         }
     }
-    let longest = examples.iter().map(|e| e.ids.len().min(cfg.max_len)).max().unwrap_or(0);
-    5 * f32_bytes * params + longest as u64 * (decoder.training_bytes_per_token() + lora_per_token) + decoder.attention_bytes(longest)
+    // the largest pass, its sequence cut to `max_len`: the activations grow with the length,
+    // and the kept probabilities too, up to the length above which none are kept
+    let pass = |len: usize| len as u64 * (decoder.training_bytes_per_token() + lora_per_token) + decoder.attention_bytes(len);
+    let largest = examples.iter().map(|e| pass(e.ids.len().min(cfg.max_len))).max().unwrap_or(0);
+    5 * f32_bytes * params + largest
 }
 
 /// `Σ x²` of a gradient, in f64: one pass over a CPU f32 tensor (no squared copy; `sqr`
