@@ -330,6 +330,13 @@ fn main() -> anyhow::Result<()> {
     report("loss_after", loss_after as f64, "");
     report("rss_peak_after_train_mib", peak_rss_mib(), "MiB");
 
+    // (b2) the generator's SFT shape: the loss on each sequence's last quarter only (the
+    //      answer after its prompt), the same sequences, one epoch
+    let sft: Vec<TrainExample> = seqs.iter().map(|s| TrainExample { ids: s.ids.clone(), loss_from: s.ids.len() * 3 / 4 }).collect();
+    let mut adapter = LoraAdapter::new(&dec.cfg, LoraConfig::paper(32, 64.0, 0.0), 0, dec.device())?;
+    let rep = train_lora(dec, &mut adapter, &sft, &TrainConfig { max_grad_norm: 0.0, ..TrainConfig::new(1e-3, 1, 1, 0) }, |_, _, _| {})?;
+    report("sft_train_tokens_per_s", rep.tokens as f64 / rep.seconds, "tok/s");
+
     // (c) training at 1024-token sequences
     if !a.quick {
         let seqs = train_seqs(2, 1024)?;

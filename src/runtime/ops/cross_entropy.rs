@@ -1,6 +1,6 @@
 //! Next-token cross-entropy through the frozen LM head, for one sequence or several packed
 //! end to end. The logits never enter the autograd graph: the forward keeps only
-//! `softmax - onehot` (scaled) for the backward, one `[n, vocab]` buffer.
+//! `softmax - onehot` (scaled) for the backward, one `[rows with a target, vocab]` buffer.
 //!
 //! One implementation serves both shapes, so a sequence gets the same numbers alone and
 //! packed: its rows' logits do not depend on the other rows of the matmul, and everything
@@ -39,6 +39,7 @@ pub fn lm_head_cross_entropy(
 /// [`lm_head_cross_entropy`] of `K` sequences packed end to end in `hidden` `[n, d]`:
 /// `targets[k]` holds sequence `k`'s targets (one per row; the lengths sum to `n`).
 /// Returns the `[K]` mean losses, each differentiable with respect to its own rows only.
+/// Rows without a target (`None`) skip the LM head: no logits, a zero gradient.
 ///
 /// Errors: lengths that do not sum to `n`, a sequence with no target.
 pub fn lm_head_cross_entropy_packed(
@@ -47,7 +48,7 @@ pub fn lm_head_cross_entropy_packed(
     packed: Option<&Arc<PackedWeight>>,
     targets: &[&[Option<u32>]],
 ) -> Result<Tensor> {
-    let (n, _) = hidden.dims2()?;
+    let (n, width) = hidden.dims2()?;
     if targets.iter().map(|t| t.len()).sum::<usize>() != n {
         candle_core::bail!("lm_head_cross_entropy: the sequences' lengths do not sum to the {n} rows");
     }
@@ -58,13 +59,24 @@ pub fn lm_head_cross_entropy_packed(
     // each row's target and its sequence (the gradient of a mean is scaled by 1 / counted)
     let rows: Vec<(Option<u32>, usize)> = targets.iter().enumerate().flat_map(|(k, t)| t.iter().map(move |&x| (x, k))).collect();
     let grad = hidden.track_op();
-    let hd = hidden.detach();
     let device = hidden.device();
+    // Only the rows with a target go through the LM head. The others' logits would enter no
+    // loss and their gradient is zero: an SFT example's prompt, most of its rows. A row's
+    // logits depend on that row alone, so leaving the others out changes no number.
+    let with_target: Vec<u32> = (0..n).filter(|&r| rows[r].0.is_some()).map(|r| r as u32).collect();
+    let (hd, rows, scatter) = if with_target.len() < n {
+        let index = Tensor::from_vec(with_target, counted.iter().sum::<usize>(), device)?;
+        let kept = rows.iter().filter(|r| r.0.is_some()).copied().collect();
+        (hidden.detach().index_select(&index, 0)?, kept, Some(index))
+    } else {
+        (hidden.detach(), rows, None)
+    };
+    let n_kept = rows.len();
     let mut totals = vec![0f64; targets.len()];
     let mut dlogits = Vec::new();
     let mut start = 0;
-    while start < n {
-        let len = CHUNK.min(n - start);
+    while start < n_kept {
+        let len = CHUNK.min(n_kept - start);
         let x = hd.narrow(0, start, len)?;
         let chunk_rows = &rows[start..start + len];
         let d = match device {
@@ -89,21 +101,25 @@ pub fn lm_head_cross_entropy_packed(
     }
     let dlogits = if dlogits.len() == 1 { dlogits.pop().unwrap() } else { Tensor::cat(&dlogits, 0)? };
     let row_of: Vec<u32> = rows.iter().map(|&(_, k)| k as u32).collect();
-    let row_of = Tensor::from_vec(row_of, n, device)?;
+    let row_of = Tensor::from_vec(row_of, n_kept, device)?;
     let (weight, packed) = (weight.clone(), packed.cloned());
     let value = losses.to_dtype(hidden.dtype())?;
     // The tap maps `hidden` [n, d] to the [K] losses; row r's gradient is its scaled
-    // `softmax - onehot` through the LM head, times its sequence's upstream gradient. The
-    // scaling comes after the product, on [n, d] rather than [n, vocab] (the [n, vocab]
-    // product was 2.6% of a grouped training profile); per row either way, so a sequence
-    // gets the same numbers alone and packed.
+    // `softmax - onehot` through the LM head, times its sequence's upstream gradient, and
+    // zero for a row without a target. The scaling comes after the product, on [m, d] rather
+    // than [m, vocab] (the [m, vocab] product was 2.6% of a grouped training profile); per
+    // row either way, so a sequence gets the same numbers alone and packed.
     let out = hidden.apply_op1(Tap::new(
         "lm-head-cross-entropy",
         value,
         Box::new(move |g: &Tensor| {
-            let g_rows = g.index_select(&row_of, 0)?.unsqueeze(1)?; // [n, 1]
-            let dhidden = plain_linear_t(&dlogits, &weight, packed.as_deref())?; // [n, d]
-            dhidden.broadcast_mul(&g_rows.to_dtype(dhidden.dtype())?)
+            let g_rows = g.index_select(&row_of, 0)?.unsqueeze(1)?; // [m, 1], m rows with a target
+            let dhidden = plain_linear_t(&dlogits, &weight, packed.as_deref())?; // [m, d]
+            let dhidden = dhidden.broadcast_mul(&g_rows.to_dtype(dhidden.dtype())?)?;
+            match &scatter {
+                None => Ok(dhidden),
+                Some(index) => Tensor::zeros((n, width), dhidden.dtype(), dhidden.device())?.index_add(index, &dhidden, 0), // [n, d]
+            }
         }) as Backward1,
     ))?;
     Ok(out)
@@ -240,6 +256,41 @@ mod tests {
         }
         let diff = (d_cpu - d_candle).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "gradient rows differ by {diff}");
+    }
+
+    /// Rows without a target skip the LM head: the losses and the other rows' gradients are
+    /// those of the same rows without them, bit for bit, and their own gradient is zero.
+    /// (An SFT example's prompt rows; the mapping back to the rows is what could go wrong.)
+    #[test]
+    fn rows_without_a_target_are_left_out() {
+        let (n, d, vocab) = (CHUNK + 60, 8, 11);
+        let h = candle_core::Var::randn(0f32, 1., (n, d), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1., (vocab, d), &Device::Cpu).unwrap();
+        // a prompt of 30 rows in the first sequence, scattered gaps in the second
+        let all: Vec<Option<u32>> =
+            (0..n).map(|i| if i < 30 || (i > 200 && i % 3 == 0) { None } else { Some((i * 5 % vocab) as u32) }).collect();
+        let cut = 150;
+        let losses = lm_head_cross_entropy_packed(&h, &w, None, &[&all[..cut], &all[cut..]]).unwrap();
+        let coeffs = Tensor::new(&[1.5f32, -0.5], &Device::Cpu).unwrap();
+        let grads = (&losses * &coeffs).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad: Vec<Vec<f32>> = grads.get(&h).unwrap().to_vec2().unwrap();
+        // the same rows with the rows without a target removed beforehand
+        let keep: Vec<usize> = (0..n).filter(|&i| all[i].is_some()).collect();
+        let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap();
+        let h2 = candle_core::Var::from_tensor(&h.as_tensor().index_select(&idx, 0).unwrap()).unwrap();
+        let t2: Vec<Option<u32>> = keep.iter().map(|&i| all[i]).collect();
+        let cut2 = keep.iter().filter(|&&i| i < cut).count();
+        let losses2 = lm_head_cross_entropy_packed(&h2, &w, None, &[&t2[..cut2], &t2[cut2..]]).unwrap();
+        assert_eq!(losses.to_vec1::<f32>().unwrap(), losses2.to_vec1::<f32>().unwrap());
+        let grads2 = (&losses2 * &coeffs).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad2: Vec<Vec<f32>> = grads2.get(&h2).unwrap().to_vec2().unwrap();
+        let mut kept = grad2.iter();
+        for (i, row) in grad.iter().enumerate() {
+            match all[i] {
+                Some(_) => assert_eq!(row, kept.next().unwrap(), "row {i}"),
+                None => assert!(row.iter().all(|&x| x == 0.0), "row {i} has no target but a gradient {row:?}"),
+            }
+        }
     }
 
     /// More rows than one chunk: losses and gradients equal the composed reference across
