@@ -83,7 +83,7 @@ pub fn matmul_nn(g: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> 
 /// for 2 to 640 rows): a sequence packed with others (grouped training, mixed generation
 /// batches) gets the same numbers as alone. A threshold above 2 would break that for short
 /// sequences, which alone would take candle's kernel.
-const MIN_ROWS: usize = 2;
+pub(crate) const MIN_ROWS: usize = 2;
 
 /// Whether the BLAS path is compiled in.
 pub const ENABLED: bool = cfg!(feature = "openblas");

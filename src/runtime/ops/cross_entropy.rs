@@ -19,6 +19,9 @@ type Result<T> = candle_core::Result<T>;
 /// Rows of logits computed at once (a `[512, vocab]` f32 buffer is ~100 MB for 49k tokens).
 const CHUNK: usize = 512;
 
+/// The fewest rows of a product whose rows each get the numbers they get among any others.
+const MIN_ROWS: usize = crate::runtime::blas::MIN_ROWS;
+
 /// Mean next-token cross-entropy of `hidden @ weight^T` against `targets`, counting only
 /// positions where `targets` is `Some`. `hidden` is `[n, d]`, `weight` `[vocab, d]` (frozen).
 /// A 0-d tensor, differentiable with respect to `hidden`. With `bf16` (the weight packed
@@ -62,9 +65,11 @@ pub fn lm_head_cross_entropy_packed(
     let device = hidden.device();
     // Only the rows with a target go through the LM head. The others' logits would enter no
     // loss and their gradient is zero: an SFT example's prompt, most of its rows. A row's
-    // logits depend on that row alone, so leaving the others out changes no number.
+    // logits depend on that row alone, so leaving the others out changes no number, unless
+    // one row would be left: a product of one row takes another kernel than the same row
+    // among others (`blas::MIN_ROWS`; a 2-token sequence keeps its last row for that reason).
     let with_target: Vec<u32> = (0..n).filter(|&r| rows[r].0.is_some()).map(|r| r as u32).collect();
-    let (hd, rows, scatter) = if with_target.len() < n {
+    let (hd, rows, scatter) = if with_target.len() < n && with_target.len() >= MIN_ROWS {
         let index = Tensor::from_vec(with_target, counted.iter().sum::<usize>(), device)?;
         let kept = rows.iter().filter(|r| r.0.is_some()).copied().collect();
         (hidden.detach().index_select(&index, 0)?, kept, Some(index))
@@ -76,7 +81,9 @@ pub fn lm_head_cross_entropy_packed(
     let mut dlogits = Vec::new();
     let mut start = 0;
     while start < n_kept {
-        let len = CHUNK.min(n_kept - start);
+        // never a chunk of fewer than MIN_ROWS rows after a full one, for the same reason
+        let left = n_kept - start;
+        let len = if left > CHUNK && left - CHUNK < MIN_ROWS { CHUNK - MIN_ROWS } else { CHUNK.min(left) };
         let x = hd.narrow(0, start, len)?;
         let chunk_rows = &rows[start..start + len];
         let d = match device {
@@ -290,6 +297,31 @@ mod tests {
                 Some(_) => assert_eq!(row, kept.next().unwrap(), "row {i}"),
                 None => assert!(row.iter().all(|&x| x == 0.0), "row {i} has no target but a gradient {row:?}"),
             }
+        }
+    }
+
+    /// A sequence gets the same bits alone and packed with others, where skipping its rows
+    /// without a target would leave it one row, and where the packed rows would end in a
+    /// chunk of one row after a full one (each a product of one row: another kernel).
+    #[test]
+    fn no_product_of_one_row() {
+        let (d, vocab) = (64, 300);
+        let w = Tensor::randn(0f32, 1., (vocab, d), &Device::Cpu).unwrap();
+        let bits = |h: &Tensor, targets: &[&[Option<u32>]], k: usize, rows: std::ops::Range<usize>| {
+            let h = candle_core::Var::from_tensor(h).unwrap();
+            let losses = lm_head_cross_entropy_packed(&h, &w, None, targets).unwrap();
+            let grads = losses.get(k).unwrap().backward().unwrap();
+            let grad: Vec<Vec<f32>> = grads.get(&h).unwrap().narrow(0, rows.start, rows.len()).unwrap().to_vec2().unwrap();
+            (losses.get(k).unwrap().to_scalar::<f32>().unwrap().to_bits(), grad)
+        };
+        let x = Tensor::randn(0f32, 1., (2, d), &Device::Cpu).unwrap();
+        for (pair, others) in [([None, Some(7u32)], 30), ([Some(5), Some(7)], CHUNK - 1)] {
+            let alone = bits(&x, &[&pair], 0, 0..2);
+            let before = Tensor::randn(0f32, 1., (others, d), &Device::Cpu).unwrap();
+            let h = Tensor::cat(&[&before, &x], 0).unwrap();
+            let t: Vec<Option<u32>> = (0..others).map(|i| Some((i % vocab) as u32)).collect();
+            let packed = bits(&h, &[&t, &pair], 1, others..others + 2);
+            assert_eq!(alone, packed, "{pair:?} after {others} rows");
         }
     }
 
