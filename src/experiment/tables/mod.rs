@@ -153,17 +153,20 @@ table! {
         /// trained, empty (no usable sequence: the paper's dummy adapter) or failed
         status: AdapterStatus,
         adapter_path: Option<String>,
-        /// the self-edit's training sequences, after `training.max_tokens_per_self_edit`
+        /// the self-edit's training sequences (the passage included when
+        /// `training.append_passage`), after `training.max_tokens_per_self_edit`
         sequences: i64,
         /// tokens trained on, summed over all epochs (Hugging Face's count)
         tokens: i64,
         /// optimizer steps
         steps: i64,
-        /// mean loss of each optimizer step's accumulation window, one per step
+        /// each optimizer step's loss: the mean over the target tokens of its accumulation
+        /// window, one per step
         loss_curve: Vec<f32>,
-        /// wall time of the adapter's training, from its start to its end, in seconds; trained
-        /// in a group, that is its time in flight beside the others, so the sum over a
-        /// group's adapters exceeds the stage's time
+        /// wall time of the adapter's training, from its start to its end, in seconds (an
+        /// adapter reused from disk: the run that trained it); trained in a group, that is
+        /// its time in flight beside the others, so the sum over a group's adapters can
+        /// exceed the stage's time
         seconds: f64,
         error: Option<String>,
         /// what `training.max_tokens_per_self_edit` cut, when it did
