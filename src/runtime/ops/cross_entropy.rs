@@ -72,8 +72,8 @@ pub fn lm_head_cross_entropy_packed(
     // among others (`blas::MIN_ROWS`; a 2-token sequence keeps its last row for that reason).
     let with_target: Vec<u32> = (0..n).filter(|&r| rows[r].0.is_some()).map(|r| r as u32).collect();
     let (hd, rows, scatter) = if with_target.len() < n && with_target.len() >= MIN_ROWS {
+        let kept = with_target.iter().map(|&r| rows[r as usize]).collect();
         let index = Tensor::from_vec(with_target, counted.iter().sum::<usize>(), device)?;
-        let kept = rows.iter().filter(|r| r.0.is_some()).copied().collect();
         (hidden.detach().index_select(&index, 0)?, kept, Some(index))
     } else {
         (hidden.detach(), rows, None)
@@ -332,8 +332,9 @@ mod tests {
         }
     }
 
-    /// More rows than one chunk: losses and gradients equal the composed reference across
-    /// the chunk boundaries (three sequences, the second straddling row CHUNK).
+    /// More rows with a target than one chunk: losses and gradients equal the composed
+    /// reference across the chunk boundary (three sequences; the rows with a target are
+    /// gathered first, so the boundary falls in the third).
     #[test]
     fn chunks_join_seamlessly() {
         // a fifth of the rows without a target: the others still fill more than one chunk
