@@ -60,6 +60,26 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     }
 }
 
+/// [`with_f32`] for several tensors at once: `None` unless every one is a contiguous f32 CPU
+/// tensor.
+fn with_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+    if ts.iter().any(|t| !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 || !t.is_contiguous()) {
+        return None;
+    }
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for ((storage, layout), t) in held.iter().zip(ts) {
+        match &**storage {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                let start = layout.start_offset();
+                slices.push(&v[start..start + t.elem_count()]);
+            }
+            _ => return None,
+        }
+    }
+    Some(f(&slices))
+}
+
 /// `x @ w^T` for `x` `[m, k]` and `w` `[n, k]`, or `None` when this path does not apply.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
     product(x, w, false, true, true)
@@ -400,6 +420,51 @@ impl PackedWeight {
             }
         };
         Tensor::from_vec(values, (g.dim(0)?, n), &Device::Cpu)
+    }
+
+    /// `Σ g_t @ w_t` for `terms` `(w_t, g_t)`: weights `[out_t, in]` packed for the f32 kernel
+    /// and output gradients `g_t` `[m, out_t]` (f32 CPU), as one product on the kernel
+    /// ([`crate::runtime::sgemm::matmul_plain_sum`]): `[m, in]`, the input gradient of
+    /// projections that share their input. `None` where a weight is not packed for the f32
+    /// kernel (bf16) or a `g_t` is not on the CPU; then each product runs alone.
+    ///
+    /// # Errors
+    /// When the terms' shapes do not fit together.
+    pub fn matmul_nn_sum(terms: &[(&PackedWeight, &Tensor)]) -> Option<candle_core::Result<Tensor>> {
+        let weights: Vec<&Tensor> = terms
+            .iter()
+            .map(|(p, _)| match &p.0 {
+                Packed::F32 { weight, .. } => Some(weight),
+                Packed::Bf16 { .. } => None,
+            })
+            .collect::<Option<_>>()?;
+        if terms.is_empty() || terms.iter().any(|(_, g)| !matches!(g.device(), Device::Cpu)) {
+            return None;
+        }
+        Some((|| {
+            let (m, n) = (terms[0].1.dim(0)?, weights[0].dim(1)?);
+            let mut gs = Vec::with_capacity(terms.len());
+            let mut dims = Vec::with_capacity(terms.len());
+            for ((_, g), w) in terms.iter().zip(&weights) {
+                let ((gm, gk), (k, wn)) = (g.dims2()?, w.dims2()?);
+                if gm != m || gk != k || wn != n {
+                    candle_core::bail!(
+                        "a sum of input gradients: {gm} x {gk} against a weight of {k} x {wn} (first term: {m} rows, {n} inputs)"
+                    );
+                }
+                gs.push(g.to_dtype(DType::F32)?.contiguous()?);
+                dims.push(k);
+            }
+            let all: Vec<&Tensor> = gs.iter().chain(weights.iter().copied()).collect();
+            let values = with_f32_all(&all, |v| {
+                let (g, w) = v.split_at(terms.len());
+                let parts: Vec<(&[f32], &[f32], usize)> = (0..terms.len()).map(|t| (g[t], w[t], dims[t])).collect();
+                crate::runtime::sgemm::matmul_plain_sum(&parts, m, n, threads())
+            })
+            .flatten()
+            .expect("checked at packing: contiguous f32 CPU weights whose dimensions are multiples of 16");
+            Tensor::from_vec(values, (m, n), &Device::Cpu)
+        })())
     }
 
     /// `x @ B`'s `[m, n]` values for `B` `[k, n]` by `f(x, m, threads)`, on [`threads`]

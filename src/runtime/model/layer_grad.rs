@@ -198,6 +198,30 @@ fn project(x: &Tensor, lin: &Linear, u: &mut Update, products: ops::Products) ->
 /// segment's `dA`, `dB` go to `grads`, flattened, in order.
 fn project_backward(x: &Tensor, g: &Tensor, lin: &Linear, u: &Update, grads: &mut Vec<Tensor>) -> Result<Tensor> {
     let dx = ops::plain_linear_t(g, &lin.weight, lin.packed.as_deref())?;
+    add_low_rank_backward(dx, x, g, u, grads)
+}
+
+/// The input gradient of projections that share their input `x` (`terms`: each one's output
+/// gradient, weight and update), with each one's `dA`, `dB` to its entry of `grads`: the
+/// frozen weights' part as one product ([`ops::plain_linear_t_sum`]), then each update's.
+///
+/// Why: one product with a reduction over all the projections' outputs, rather than one per
+/// projection and their sums added, wakes the threads once and keeps the partial sums in
+/// registers across the projections. Timed alone on the kernel at 128 rows, SmolLM2's 30
+/// layers: q, k, v 23.4 -> 15.8 ms, gate and up 48.4 -> 43.4 ms; in training, a solo
+/// self-edit of 34-token sequences 2.5% faster (README, "Performance log").
+fn shared_input_backward(x: &Tensor, terms: &[(&Tensor, &Linear, &Update)], grads: &mut [Vec<Tensor>]) -> Result<Tensor> {
+    let frozen: Vec<_> = terms.iter().map(|&(g, lin, _)| (g, &lin.weight, lin.packed.as_deref())).collect();
+    let mut dx = ops::plain_linear_t_sum(&frozen)?;
+    for (&(g, _, u), grads) in terms.iter().zip(grads) {
+        dx = add_low_rank_backward(dx, x, g, u, grads)?;
+    }
+    Ok(dx)
+}
+
+/// `dx` plus the input gradient of update `u` for output gradient `g` (none when untouched);
+/// each factored segment's `dA`, `dB` go to `grads`, flattened, in order.
+fn add_low_rank_backward(dx: Tensor, x: &Tensor, g: &Tensor, u: &Update, grads: &mut Vec<Tensor>) -> Result<Tensor> {
     if u.is_untouched() {
         return Ok(dx);
     }
@@ -386,10 +410,7 @@ pub(super) fn layer(
         // 5. MLP: ds = g Wd (+ low rank), SwiGLU, then both projections of n2, then the norm
         let ds = project_backward(&s, &g, &m.down_proj, &u[6], &mut grads[6])?;
         let (dgate, dup) = ops::swiglu_backward(&gate, &up, &ds)?;
-        let dn2 = ops::add(
-            &project_backward(&n2, &dgate, &m.gate_proj, &u[4], &mut grads[4])?,
-            &project_backward(&n2, &dup, &m.up_proj, &u[5], &mut grads[5])?,
-        )?;
+        let dn2 = shared_input_backward(&n2, &[(&dgate, &m.gate_proj, &u[4]), (&dup, &m.up_proj, &u[5])], &mut grads[4..6])?;
         let dx2 = ops::add(&g, &ops::rms_norm_backward(&x2, &layer.post_attention_layernorm, &dn2, eps)?)?;
         // 4. output projection
         let dy = project_backward(&y, &dx2, &a.o_proj, &u[3], &mut grads[3])?;
@@ -412,13 +433,8 @@ pub(super) fn layer(
             }
         };
         // 1. the three projections of n1, then the norm, plus the residual's dx2
-        let dn1 = ops::add(
-            &ops::add(
-                &project_backward(&n1, &dq, &a.q_proj, &u[0], &mut grads[0])?,
-                &project_backward(&n1, &dk, &a.k_proj, &u[1], &mut grads[1])?,
-            )?,
-            &project_backward(&n1, &dv, &a.v_proj, &u[2], &mut grads[2])?,
-        )?;
+        let dn1 =
+            shared_input_backward(&n1, &[(&dq, &a.q_proj, &u[0]), (&dk, &a.k_proj, &u[1]), (&dv, &a.v_proj, &u[2])], &mut grads[0..3])?;
         let dx = ops::add(&dx2, &ops::rms_norm_backward(&xd, &layer.input_layernorm, &dn1, eps)?)?.reshape((b, l, hidden))?;
         let grads: Vec<Tensor> = grads.into_iter().flatten().collect();
         if outside_graph {

@@ -238,6 +238,32 @@ pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor, packed: Option<&PackedWeigh
     dx.reshape(shape)
 }
 
+/// `Σ g_t @ w_t` over `terms` `(g_t [.., out_t], w_t [out_t, in], packed_t)`: the input
+/// gradient of linear layers that share their input (a layer's q, k, v; gate and up),
+/// `[.., in]`. With every weight packed for the f32 kernel, one product over all terms
+/// ([`PackedWeight::matmul_nn_sum`]); otherwise each term by [`plain_linear_t`], added in
+/// order. Either way a row's gradient comes from that row's `g_t` alone.
+pub(crate) fn plain_linear_t_sum(terms: &[(&Tensor, &Tensor, Option<&PackedWeight>)]) -> Result<Tensor> {
+    let Some(&(g0, w0, _)) = terms.first() else { candle_core::bail!("a sum of no input gradients") };
+    let packed: Option<Vec<&PackedWeight>> = terms.iter().map(|t| t.2).collect();
+    if let Some(packed) = packed {
+        let dims = g0.dims().to_vec();
+        let rows = g0.elem_count() / dims.last().copied().unwrap_or(1).max(1);
+        let gs = terms.iter().map(|(g, w, _)| g.reshape((rows, w.dim(0)?))).collect::<Result<Vec<_>>>()?;
+        let pairs: Vec<(&PackedWeight, &Tensor)> = packed.into_iter().zip(&gs).collect();
+        if let Some(dx) = PackedWeight::matmul_nn_sum(&pairs) {
+            let mut shape = dims;
+            *shape.last_mut().unwrap() = w0.dim(1)?;
+            return dx?.reshape(shape);
+        }
+    }
+    let mut dx = plain_linear_t(g0, w0, terms[0].2)?;
+    for &(g, w, packed) in &terms[1..] {
+        dx = add(&dx, &plain_linear_t(g, w, packed)?)?;
+    }
+    Ok(dx)
+}
+
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`, with `w` frozen.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let xd = x.detach().contiguous()?;
@@ -1188,6 +1214,38 @@ mod tests {
         let d = d.to_scalar::<f32>().unwrap();
         let largest = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < tol * largest.max(1.0), "max abs diff {d} >= {tol} x {}", largest.max(1.0));
+    }
+
+    /// The input gradient of projections sharing their input (q, k, v of SmolLM2's widths):
+    /// with weights packed for the f32 kernel, one product equal to the terms' products
+    /// added, to float summation order, and each row of a tall batch equal to the row alone,
+    /// bit for bit; without packed weights, the terms' products added in order, bit for bit.
+    #[test]
+    fn input_gradients_of_a_shared_input_add_up() {
+        use crate::runtime::blas::ComputeDtype;
+        let dev = Device::Cpu;
+        let (h, kv, m) = (64, 32, 40);
+        let ws: Vec<Tensor> = [h, kv, kv].iter().map(|&out| Tensor::randn(0f32, 0.1, (out, h), &dev).unwrap()).collect();
+        let gs: Vec<Tensor> = [h, kv, kv].iter().map(|&out| Tensor::randn(0f32, 1., (m, out), &dev).unwrap()).collect();
+        let added = (0..3).map(|t| plain_linear_t(&gs[t], &ws[t], None).unwrap()).reduce(|a, b| add(&a, &b).unwrap()).unwrap();
+        let plain: Vec<_> = (0..3).map(|t| (&gs[t], &ws[t], None)).collect();
+        assert_eq!(plain_linear_t_sum(&plain).unwrap().to_vec2::<f32>().unwrap(), added.to_vec2::<f32>().unwrap());
+        if !crate::runtime::sgemm::available() {
+            eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
+            return;
+        }
+        let packed: Vec<PackedWeight> = ws.iter().map(|w| PackedWeight::new(w, ComputeDtype::F32).unwrap()).collect();
+        let pairs: Vec<(&PackedWeight, &Tensor)> = packed.iter().zip(&gs).collect();
+        assert!(PackedWeight::matmul_nn_sum(&pairs).is_some(), "weights packed for the f32 kernel take one product");
+        let terms: Vec<_> = (0..3).map(|t| (&gs[t], &ws[t], Some(&packed[t]))).collect();
+        let summed = plain_linear_t_sum(&terms).unwrap();
+        close(&summed, &added, 1e-5);
+        let tall = summed.to_vec2::<f32>().unwrap();
+        for i in [0, m / 2, m - 1] {
+            let rows: Vec<Tensor> = gs.iter().map(|g| g.narrow(0, i, 1).unwrap()).collect();
+            let alone: Vec<_> = (0..3).map(|t| (&rows[t], &ws[t], Some(&packed[t]))).collect();
+            assert_eq!(plain_linear_t_sum(&alone).unwrap().to_vec2::<f32>().unwrap()[0], tall[i], "row {i}");
+        }
     }
 
     /// An op whose inputs track a gradient only in part still passes it to the one that
