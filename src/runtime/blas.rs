@@ -422,6 +422,36 @@ impl PackedWeight {
         Tensor::from_vec(values, (g.dim(0)?, n), &Device::Cpu)
     }
 
+    /// `x @ w_o^T` for each of `weights` (all packed for the f32 kernel, sharing the input
+    /// width) on `x` `[m, in]` (f32 CPU): one `[m, out_o]` tensor each, with
+    /// [`Self::matmul_nt`]'s values, as one call of the kernel
+    /// ([`crate::runtime::sgemm::matmul_many`]). `None` where a weight is packed for bf16 or
+    /// `x` is not on the CPU; then each product runs alone.
+    ///
+    /// # Errors
+    /// When `x`'s width is not the weights' input width.
+    pub fn matmul_nt_many(weights: &[&PackedWeight], x: &Tensor) -> Option<candle_core::Result<Vec<Tensor>>> {
+        let panels: Vec<&crate::runtime::sgemm::Panels> = weights
+            .iter()
+            .map(|p| match &p.0 {
+                Packed::F32 { forward, .. } => Some(forward),
+                Packed::Bf16 { .. } => None,
+            })
+            .collect::<Option<_>>()?;
+        if panels.is_empty() || !matches!(x.device(), Device::Cpu) {
+            return None;
+        }
+        Some((|| {
+            let (m, kx) = x.dims2()?;
+            if let Some(p) = panels.iter().find(|p| p.dims().0 != kx) {
+                candle_core::bail!("packed matmul: input rows of {kx} values against a weight of {}", p.dims().0);
+            }
+            let x = x.to_dtype(DType::F32)?.contiguous()?;
+            let outs = with_f32(&x, |v| crate::runtime::sgemm::matmul_many(&panels, v, m, threads())).expect("a contiguous f32 CPU tensor");
+            outs.into_iter().zip(&panels).map(|(values, p)| Tensor::from_vec(values, (m, p.dims().1), &Device::Cpu)).collect()
+        })())
+    }
+
     /// `Σ g_t @ w_t` for `terms` `(w_t, g_t)`: weights `[out_t, in]` packed for the f32 kernel
     /// and output gradients `g_t` `[m, out_t]` (f32 CPU), as one product on the kernel
     /// ([`crate::runtime::sgemm::matmul_plain_sum`]): `[m, in]`, the input gradient of

@@ -102,6 +102,47 @@ impl Panels {
     }
 }
 
+/// `x @ B_o` for each of `sets` (panels of the same `k`, e.g. a layer's q, k, v or gate and
+/// up): one `[m, n_o]` output each, row-major, with [`Panels::matmul`]'s bits. Their column
+/// panels are split over the threads together, so the threads are woken once and share the
+/// work evenly (a 192-wide k or v projection alone is 6 panels).
+///
+/// # Panics
+/// When `x` is not `m × k` or the sets' `k` differ.
+pub fn matmul_many(sets: &[&Panels], x: &[f32], m: usize, threads: usize) -> Vec<Vec<f32>> {
+    let Some(first) = sets.first() else { return Vec::new() };
+    let k = first.k;
+    assert!(sets.iter().all(|p| p.k == k), "panels of different reductions");
+    assert_eq!(x.len(), m * k, "input of {} values is not {m} x {k}", x.len());
+    let counts: Vec<usize> = sets.iter().map(|p| p.n.div_ceil(NR)).collect();
+    let mut outs: Vec<Vec<f32>> = sets.iter().map(|p| Vec::with_capacity(m * p.n)).collect();
+    if m == 0 {
+        return outs;
+    }
+    let columns: usize = sets.iter().map(|p| p.n).sum();
+    let threads = if m * k * columns >= THREADED_PRODUCT { threads } else { 1 };
+    let passes: Vec<(usize, usize)> = (0..k).step_by(KC).map(|p0| (0, p0)).collect();
+    let ptrs: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
+    split_units(counts.iter().sum(), threads, |from, to| {
+        let mut start = 0;
+        for ((set, &count), out) in sets.iter().zip(&counts).zip(&ptrs) {
+            let (lo, hi) = (from.max(start), to.min(start + count));
+            if lo < hi {
+                let terms = [Term { a: x, k, b: RhsLayout::Panels { values: &set.values, k } }];
+                // SAFETY: this call writes only panels [lo, hi) of its output (room for
+                // m × n), disjoint between threads; `x` is m × k and the panels hold k × n.
+                unsafe { panels_kernel(&terms, &passes, m, set.n, out.0, lo - start, hi - start) }
+            }
+            start += count;
+        }
+    });
+    for (out, p) in outs.iter_mut().zip(sets) {
+        // SAFETY: every panel of every output was stored (the threads' ranges cover them).
+        unsafe { out.set_len(m * p.n) };
+    }
+    outs
+}
+
 /// `g @ w` for row-major `g` `[m, k]` and `w` `[k, n]` read where it lies (no copy): a linear
 /// layer's input gradient, `w` being its weight `[out, in]`. `None` unless `n` is a multiple
 /// of 16 and the CPU has AVX-512F.
@@ -464,5 +505,27 @@ mod tests {
             }
         }
         assert!(matmul_plain_sum(&[(&[0.0; 40][..], &[0.0; 40][..], 1)], 40, 40, 1).is_none(), "40 columns");
+    }
+
+    /// Several panel sets over one input (q, k, v's widths, and an odd multiple of 16) give
+    /// each set's own product, bit for bit, on one thread or several.
+    #[test]
+    fn products_over_one_input_equal_each_alone() {
+        if !available() {
+            eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
+            return;
+        }
+        let k = 600;
+        let sets: Vec<Panels> =
+            [96, 32, 48].iter().enumerate().map(|(t, &n)| Panels::transposed(&values(n * k, 30 + t as u32), n, k).unwrap()).collect();
+        let refs: Vec<&Panels> = sets.iter().collect();
+        for &(m, threads) in &[(1, 1), (13, 2), (250, 2), (40, 3)] {
+            let x = values(m * k, 40);
+            let many = matmul_many(&refs, &x, m, threads);
+            for (got, p) in many.iter().zip(&sets) {
+                assert_eq!(*got, p.matmul(&x, m, 1), "{m} rows on {threads} threads");
+            }
+        }
+        assert!(matmul_many(&refs, &[], 0, 2).iter().all(|o| o.is_empty()));
     }
 }

@@ -363,6 +363,32 @@ impl Decoder {
     /// A projection of layer `layer`, plus the adapter's low-rank update when it has one.
     fn project(&self, x: &Tensor, lin: &Linear, layer: usize, module: Proj, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let y = ops::linear(x, &lin.weight, lin.packed.as_ref(), lin.bias.as_ref())?;
+        Self::add_delta(y, x, layer, module, lora)
+    }
+
+    /// [`Self::project`] of one input through the projections `lins` (`modules`) that share
+    /// it: without a graph to record (generation), their frozen products as one call
+    /// ([`ops::plain_linear_many`]: the threads woken once, a batch's k and v products
+    /// shared out with q's), the same values; the adapter's updates in the same order.
+    fn project_shared<const N: usize>(
+        &self,
+        x: &Tensor,
+        lins: [&Linear; N],
+        layer: usize,
+        modules: [Proj; N],
+        lora: Option<&dyn Adapter>,
+    ) -> Result<[Tensor; N]> {
+        let ys = if x.track_op() {
+            lins.iter().map(|lin| ops::linear(x, &lin.weight, lin.packed.as_ref(), lin.bias.as_ref())).collect::<Result<Vec<_>>>()?
+        } else {
+            ops::plain_linear_many(x, &lins.map(|l| (&l.weight, l.packed.as_deref(), l.bias.as_ref())))?
+        };
+        let out = ys.into_iter().zip(modules).map(|(y, module)| Self::add_delta(y, x, layer, module, lora)).collect::<Result<Vec<_>>>()?;
+        Ok(out.try_into().expect("one output per projection"))
+    }
+
+    /// `y` plus the adapter's update of `module` at `layer` for input `x`, if it has one.
+    fn add_delta(y: Tensor, x: &Tensor, layer: usize, module: Proj, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let delta = match lora {
             Some(adapter) => adapter.delta(layer, module, x)?,
             None => None,
@@ -389,9 +415,7 @@ impl Decoder {
         let (b, l, _) = x.dims3()?;
         let (nh, nkv, d) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         // 1. projections, split into heads: [b, heads, l, d]
-        let q = self.project(x, &a.q_proj, i, Proj::QProj, lora)?;
-        let k = self.project(x, &a.k_proj, i, Proj::KProj, lora)?;
-        let v = self.project(x, &a.v_proj, i, Proj::VProj, lora)?;
+        let [q, k, v] = self.project_shared(x, [&a.q_proj, &a.k_proj, &a.v_proj], i, [Proj::QProj, Proj::KProj, Proj::VProj], lora)?;
         // packed sequences without Qwen3's norms: rotary embedding and attention straight from
         // the projections (as the training path's layer node does), heads merged
         if let (Masking::Segments(segments, masks), None, None, true) = (masking, &a.q_norm, &a.k_norm, cache.is_none()) {
@@ -451,8 +475,7 @@ impl Decoder {
 
     fn mlp(&self, i: usize, x: &Tensor, lora: Option<&dyn Adapter>) -> Result<Tensor> {
         let m = &self.layers[i].mlp;
-        let gate = self.project(x, &m.gate_proj, i, Proj::GateProj, lora)?;
-        let up = self.project(x, &m.up_proj, i, Proj::UpProj, lora)?;
+        let [gate, up] = self.project_shared(x, [&m.gate_proj, &m.up_proj], i, [Proj::GateProj, Proj::UpProj], lora)?;
         self.project(&ops::swiglu(&gate, &up)?, &m.down_proj, i, Proj::DownProj, lora)
     }
 

@@ -185,10 +185,23 @@ impl Update {
 /// [`ops::segmented_low_rank`] chooses), so the node's value stays the composed layer's.
 fn project(x: &Tensor, lin: &Linear, u: &mut Update, products: ops::Products) -> Result<Tensor> {
     let y = ops::plain_linear(x, &lin.weight, lin.packed.as_deref(), lin.bias.as_ref())?;
+    add_low_rank(y, x, u, products)
+}
+
+/// [`project`] of one input `x` through projections that share it (a layer's q, k, v; gate
+/// and up), their frozen products as one call ([`ops::plain_linear_many`]: the threads
+/// woken once, the narrow k and v products' panels shared out with q's), the same values.
+fn project_shared(x: &Tensor, lins: &[&Linear], u: &mut [Update], products: ops::Products) -> Result<Vec<Tensor>> {
+    let frozen: Vec<_> = lins.iter().map(|l| (&l.weight, l.packed.as_deref(), l.bias.as_ref())).collect();
+    ops::plain_linear_many(x, &frozen)?.into_iter().zip(u).map(|(y, u)| add_low_rank(y, x, u, products)).collect()
+}
+
+/// `y` plus update `u` of input `x` (kept in `u` for the backward), or `y` when untouched.
+fn add_low_rank(y: Tensor, x: &Tensor, u: &mut Update, products: ops::Products) -> Result<Tensor> {
     if u.is_untouched() {
         return Ok(y);
     }
-    let (delta, kept) = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, lin.weight.dim(0)?, products)?;
+    let (delta, kept) = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, y.dim(candle_core::D::Minus1)?, products)?;
     u.kept = kept;
     let dtype = y.dtype();
     ops::add(&y, &delta.to_dtype(dtype)?)
@@ -350,9 +363,8 @@ pub(super) fn layer(
     // 1. attention block: n1 = norm(x); q, k, v [n, heads·d]
     let xd = x.detach().reshape((n, hidden))?.contiguous()?;
     let n1 = candle_nn::ops::rms_norm(&xd, &layer.input_layernorm, eps as f32)?;
-    let q = project(&n1, &a.q_proj, &mut u[0], products)?;
-    let k = project(&n1, &a.k_proj, &mut u[1], products)?;
-    let v = project(&n1, &a.v_proj, &mut u[2], products)?;
+    let [q, k, v]: [Tensor; 3] =
+        project_shared(&n1, &[&a.q_proj, &a.k_proj, &a.v_proj], &mut u[0..3], products)?.try_into().expect("three projections");
     let (y, kept) = match (masking, &a.q_norm, &a.k_norm) {
         // 2-3. packed sequences without Qwen3's norms: rotary embedding and attention within
         //      each sequence, straight from the projections: y [n, nh·d]
@@ -382,8 +394,8 @@ pub(super) fn layer(
     let x2 = ops::add(&xd, &project(&y, &a.o_proj, &mut u[3], products)?)?;
     // 5. MLP block: out = x2 + down(silu(gate(n2)) · up(n2))
     let n2 = candle_nn::ops::rms_norm(&x2, &layer.post_attention_layernorm, eps as f32)?;
-    let gate = project(&n2, &m.gate_proj, &mut u[4], products)?;
-    let up = project(&n2, &m.up_proj, &mut u[5], products)?;
+    let [gate, up]: [Tensor; 2] =
+        project_shared(&n2, &[&m.gate_proj, &m.up_proj], &mut u[4..6], products)?.try_into().expect("two projections");
     let s = ops::swiglu_forward(&gate, &up)?;
     let out = ops::add(&x2, &project(&s, &m.down_proj, &mut u[6], products)?)?.reshape((b, l, hidden))?;
     if !trains {

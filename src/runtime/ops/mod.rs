@@ -238,6 +238,35 @@ pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor, packed: Option<&PackedWeigh
     dx.reshape(shape)
 }
 
+/// [`plain_linear`] of one input `x` `[.., in]` through several linear layers `(w_o, packed_o,
+/// bias_o)` (a layer's q, k, v; gate and up): one `[.., out_o]` tensor each, with
+/// [`plain_linear`]'s values. With every weight packed for the f32 kernel, one call of the
+/// kernel for all ([`PackedWeight::matmul_nt_many`]); otherwise one [`plain_linear`] each.
+pub(crate) fn plain_linear_many(x: &Tensor, lins: &[(&Tensor, Option<&PackedWeight>, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
+    let packed: Option<Vec<&PackedWeight>> = lins.iter().map(|l| l.1).collect();
+    if let Some(packed) = packed {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap();
+        let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
+        if let Some(ys) = PackedWeight::matmul_nt_many(&packed, &x2) {
+            return ys?
+                .into_iter()
+                .zip(lins)
+                .map(|(y, &(w, _, b))| {
+                    let y = match b {
+                        Some(b) => y.broadcast_add(b)?,
+                        None => y,
+                    };
+                    let mut out = dims.clone();
+                    *out.last_mut().unwrap() = w.dim(0)?;
+                    y.reshape(out)
+                })
+                .collect();
+        }
+    }
+    lins.iter().map(|&(w, packed, b)| plain_linear(x, w, packed, b)).collect()
+}
+
 /// `Σ g_t @ w_t` over `terms` `(g_t [.., out_t], w_t [out_t, in], packed_t)`: the input
 /// gradient of linear layers that share their input (a layer's q, k, v; gate and up),
 /// `[.., in]`. With every weight packed for the f32 kernel, one product over all terms
@@ -1245,6 +1274,32 @@ mod tests {
             let rows: Vec<Tensor> = gs.iter().map(|g| g.narrow(0, i, 1).unwrap()).collect();
             let alone: Vec<_> = (0..3).map(|t| (&rows[t], &ws[t], Some(&packed[t]))).collect();
             assert_eq!(plain_linear_t_sum(&alone).unwrap().to_vec2::<f32>().unwrap()[0], tall[i], "row {i}");
+        }
+    }
+
+    /// One input through several linear layers (biases on two of three): each output
+    /// equals its own `plain_linear`, bit for bit, with packed f32 weights and without.
+    #[test]
+    fn linear_layers_over_one_input_equal_each_alone() {
+        use crate::runtime::blas::ComputeDtype;
+        let dev = Device::Cpu;
+        let (h, m) = (64, 40);
+        let ws: Vec<Tensor> = [h, 32, 48].iter().map(|&out| Tensor::randn(0f32, 0.1, (out, h), &dev).unwrap()).collect();
+        let bs: Vec<Option<Tensor>> =
+            [Some(h), Some(32), None].iter().map(|o| o.map(|o| Tensor::randn(0f32, 1., o, &dev).unwrap())).collect();
+        let x = Tensor::randn(0f32, 1., (2, m / 2, h), &dev).unwrap();
+        let packed: Vec<Option<PackedWeight>> =
+            ws.iter().map(|w| crate::runtime::sgemm::available().then(|| PackedWeight::new(w, ComputeDtype::F32).unwrap())).collect();
+        for with_packed in [false, true] {
+            let lins: Vec<_> = (0..3).map(|o| (&ws[o], packed[o].as_ref().filter(|_| with_packed), bs[o].as_ref())).collect();
+            let many = plain_linear_many(&x, &lins).unwrap();
+            for (y, &(w, p, b)) in many.iter().zip(&lins) {
+                assert_eq!(y.to_vec3::<f32>().unwrap(), plain_linear(&x, w, p, b).unwrap().to_vec3::<f32>().unwrap());
+            }
+        }
+        if packed.iter().all(Option::is_some) {
+            let all: Vec<&PackedWeight> = packed.iter().flatten().collect();
+            assert!(PackedWeight::matmul_nt_many(&all, &x.reshape((m, h)).unwrap()).is_some(), "packed f32 weights take one call");
         }
     }
 
