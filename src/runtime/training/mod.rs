@@ -410,11 +410,14 @@ mod tests {
     /// dropout on: a 2-token sequence, one sequence alone, one under a causal mask (not packed), and two
     /// adapters' sequences packed in one row. Also a Qwen3 whose layers have a query norm
     /// and no key norm (no checkpoint has that, but the layers' fields allow it): each
-    /// path applies the one norm.
+    /// path applies the one norm. Each with the projections on OpenBLAS and, on an AVX-512 CPU,
+    /// packed for the f32 kernel (where the node runs the projections that share an input as
+    /// one product, and the composed path one by one).
     #[test]
     fn a_layer_as_one_node_equals_the_composed_layer() {
-        for model_type in ["llama", "qwen2", "qwen3", "qwen3, q_norm only"] {
-            let dec = match model_type.split_once(',') {
+        let kinds = ["llama", "qwen2", "qwen3", "qwen3, q_norm only"];
+        for (model_type, packed) in kinds.iter().flat_map(|&k| [(k, false), (k, true)]) {
+            let mut dec = match model_type.split_once(',') {
                 Some((base, _)) => {
                     let mut dec = decoder(base);
                     dec.layers.iter_mut().for_each(|l| l.self_attn.k_norm = None);
@@ -422,6 +425,14 @@ mod tests {
                 }
                 None => decoder(model_type),
             };
+            if packed {
+                if !crate::runtime::sgemm::available() {
+                    continue;
+                }
+                dec.set_compute_dtype(crate::runtime::blas::ComputeDtype::F32).unwrap();
+                assert!(dec.layers.iter().all(|l| l.self_attn.k_proj.packed.is_some() && l.mlp.up_proj.packed.is_some()));
+            }
+            let model_type = if packed { format!("{model_type}, packed") } else { model_type.to_string() };
             let ids: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 64).collect();
             // on all seven projections, and on the paper's q and v (the others untouched)
             for targets in [&Proj::ALL[..], &[Proj::QProj, Proj::VProj]] {
