@@ -1245,7 +1245,7 @@ mod tests {
         assert!(d < tol * largest.max(1.0), "max abs diff {d} >= {tol} x {}", largest.max(1.0));
     }
 
-    /// The input gradient of projections sharing their input (q, k, v of SmolLM2's widths):
+    /// The input gradient of projections sharing their input (q, k, v of a small model):
     /// with weights packed for the f32 kernel, one product equal to the terms' products
     /// added, to float summation order, and each row of a tall batch equal to the row alone,
     /// bit for bit; without packed weights, the terms' products added in order, bit for bit.
