@@ -72,7 +72,8 @@ struct Args {
     /// (for machines without the model file, e.g. a GPU box): decode, batched decode, training.
     #[arg(long)]
     synthetic: bool,
-    /// `cpu` or `cuda:N` (with --synthetic).
+    /// `cpu` or `cuda:N`: where the model (the GGUF, or the random weights of --synthetic)
+    /// runs. On a GPU, only the many-self-edits figure (--only-many) reads the GGUF.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Precision of the frozen weights' products (`model.compute_dtype`): f32, or bf16 on
@@ -188,8 +189,10 @@ fn main() -> anyhow::Result<()> {
     if a.synthetic {
         return synthetic(&a);
     }
+    let device = selfedit::runtime::device::parse_device(&a.device)?;
+    anyhow::ensure!(device.is_cpu() || a.only_many, "--device {}: with the GGUF, a GPU runs only --only-many", a.device);
     let t0 = Instant::now();
-    let mut m = selfedit::runtime::formats::load(&a.model, &Device::Cpu)?;
+    let mut m = selfedit::runtime::formats::load(&a.model, &device)?;
     m.decoder.set_compute_dtype(a.compute_dtype)?;
     println!("# compute dtype: {:?}", m.decoder.compute_dtype());
     report("load_s", t0.elapsed().as_secs_f64(), "s");

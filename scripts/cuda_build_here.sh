@@ -8,12 +8,15 @@
 #   (cudarc's dynamic-linking): we link against empty stub libraries with the real sonames,
 #   and the GPU machine's real libraries are found at run time (LD_LIBRARY_PATH);
 # - OpenBLAS is left out (--no-default-features): the GPU machine need not have it.
-# Output: gpu-bin/{tiny_models,runtime}.xz (compressed to fit the 64 MiB carry limit).
+# Output: gpu-bin/{tiny_models,grouped,runtime}.xz (compressed to fit the 64 MiB carry limit),
+# built in the same target folder as --check (candle's CUDA kernels compiled once for both).
 # On the GPU machine:
 #   cd gpu-bin && xz -d *.xz && chmod +x * && cd ..
 #   export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/nvidia/lib64
 #   SELFEDIT_TEST_DEVICE=cuda:0 ./gpu-bin/tiny_models --ignored --nocapture
+#   SELFEDIT_TEST_DEVICE=cuda:0 SELFEDIT_MODEL=/path/to/SmolLM2.gguf ./gpu-bin/grouped --nocapture
 #   ./gpu-bin/runtime --synthetic --device cuda:0
+#   ./gpu-bin/runtime --model /path/to/SmolLM2.gguf --device cuda:0 --only-many
 # With --check it builds nothing to run: `cargo clippy -D warnings` over every target of the
 # CUDA build (library, stage binaries, tests, benches), so a change that breaks the GPU build
 # is found on a CPU machine (`make check-cuda`; its own target folder, ~7 min cold).
@@ -44,9 +47,11 @@ for spec in driver:cuda:libcuda.so.1 cublas:cublas:libcublas.so.13 cublaslt:cubl
   gcc -shared -fPIC -o "$CU/lib/lib$name.so" -Wl,-soname,"$soname" "$TK/$name.c"
 done
 export PATH=$CU/bin:$PATH CUDA_ROOT=$CU CUDA_PATH=$CU CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-cargo build --release --no-default-features --features cuda --test tiny_models --bench runtime
+export CARGO_TARGET_DIR=${CUDA_CHECK_TARGET:-$HOME/.cache/selfedit-cuda-target}
+cargo build --release --no-default-features --features cuda --test tiny_models --test grouped --bench runtime
 mkdir -p gpu-bin && rm -f gpu-bin/*
-cp "$(ls -t target/release/deps/tiny_models-* | grep -v '\.d$' | head -1)" gpu-bin/tiny_models
-cp "$(ls -t target/release/deps/runtime-* | grep -v '\.d$' | head -1)" gpu-bin/runtime
+for b in tiny_models grouped runtime; do
+  cp "$(ls -t "$CARGO_TARGET_DIR"/release/deps/$b-* | grep -v '\.d$' | head -1)" gpu-bin/$b
+done
 strip gpu-bin/* && xz -T2 -6 gpu-bin/*
 ls -la gpu-bin

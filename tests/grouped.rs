@@ -7,6 +7,13 @@
 //! the loss run per sequence at the sequence's own shapes), so the results agree to float
 //! summation order at most: 1e-5 relative on the loss curves, 1e-4 of the largest entry on
 //! the weights. On the machine this was written on they were bit-identical (max diff 0).
+//!
+//! On a GPU (`SELFEDIT_TEST_DEVICE=cuda:0`, a `--features cuda` build) the model runs in bf16
+//! and cuBLAS may pick another kernel, so another summation order, for a matrix of more rows;
+//! each product is rounded to bf16 (8 bits of mantissa, 0.4%), and such a difference grows over
+//! the steps. There the tests allow 2e-2 relative on the losses and 5e-2 of the largest
+//! entry on the weights, and compare answers by how many agree; each test prints what it
+//! measured before it asserts.
 
 mod common;
 
@@ -86,8 +93,10 @@ fn a_group_trains_each_adapter_exactly_as_alone() {
     assert_eq!(report.max_in_flight, 4);
     assert!(finish_order != (0..CASES.len()).collect::<Vec<_>>(), "adapters leave as they finish, not in order: {finish_order:?}");
     let total_steps: usize = solo.iter().map(|(_, r)| r.steps).sum();
-    let mut max_w = 0f32;
-    let mut max_l = 0f32;
+    // bit-level agreement in f32 on the CPU; bf16 rounding on a GPU (see the module's doc)
+    let (loss_tol, weight_tol) = if m.decoder.dtype() == candle_core::DType::F32 { (1e-5, 1e-4) } else { (2e-2, 5e-2) };
+    let mut max_l = vec![0f32; CASES.len()];
+    let mut max_w = vec![0f32; CASES.len()];
     for (k, ((w_solo, r_solo), g)) in solo.iter().zip(&grouped).enumerate() {
         let (w_group, r_group) = g.as_ref().unwrap_or_else(|| panic!("adapter {k} never finished"));
         assert_eq!(r_group.steps, r_solo.steps, "adapter {k}: steps");
@@ -95,18 +104,22 @@ fn a_group_trains_each_adapter_exactly_as_alone() {
         assert_eq!(r_group.learning_rates, r_solo.learning_rates, "adapter {k}: learning rates");
         assert_eq!(r_group.step_losses.len(), r_solo.step_losses.len());
         for (a, b) in r_group.step_losses.iter().zip(&r_solo.step_losses) {
-            let d = (a - b).abs() / b.abs().max(1e-6);
-            max_l = max_l.max(d);
-            assert!(d <= 1e-5, "adapter {k}: loss {a} grouped vs {b} alone");
+            max_l[k] = max_l[k].max((a - b).abs() / b.abs().max(1e-6));
         }
         let scale = w_solo.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = w_group.iter().zip(w_solo).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        max_w = max_w.max(diff / scale);
-        assert!(diff <= 1e-4 * scale, "adapter {k}: weights differ by {diff} (largest entry {scale})");
+        max_w[k] = w_group.iter().zip(w_solo).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
         // the adapter was trained: its weights moved from their initial values
         assert!(weights(&job(k).adapter) != *w_group, "adapter {k} did not change");
     }
-    eprintln!("grouped vs solo over {total_steps} steps: max relative loss diff {max_l:e}, weight diff {max_w:e}");
+    eprintln!(
+        "grouped vs solo on {:?} ({:?}) over {total_steps} steps: max relative loss diff per adapter {max_l:?}, weight diff {max_w:?}",
+        m.device(),
+        m.decoder.dtype()
+    );
+    for k in 0..CASES.len() {
+        assert!(max_l[k] <= loss_tol, "adapter {k}: losses grouped and alone differ by {:e} relative", max_l[k]);
+        assert!(max_w[k] <= weight_tol, "adapter {k}: weights differ by {:e} of the largest entry", max_w[k]);
+    }
 }
 
 /// An adapter whose update is far from zero, so each answers differently.
@@ -171,13 +184,28 @@ fn a_batch_of_many_adapters_answers_as_each_adapter_alone() {
     for (k, o) in owners.into_iter().zip(outs) {
         grouped[k].push(o.text);
     }
+    let mut same = 0;
     for k in 0..models.len() {
         let mut a = alone[k].clone();
         let mut g = grouped[k].clone();
         a.sort();
         g.sort();
-        assert_eq!(g, a, "model {:?}: answers in a mixed batch differ from answers alone", models[k]);
+        // answers both ways, as multisets (a mixed batch returns them in another order)
+        let mut left = g.clone();
+        for x in &a {
+            if let Some(i) = left.iter().position(|y| y == x) {
+                left.swap_remove(i);
+                same += 1;
+            }
+        }
+        if m.decoder.dtype() == candle_core::DType::F32 {
+            assert_eq!(g, a, "model {:?}: answers in a mixed batch differ from answers alone", models[k]);
+        }
     }
+    let total: usize = alone.iter().map(|a| a.len()).sum();
+    eprintln!("answers on {:?} ({:?}): {same} of {total} the same in mixed batches as alone", m.device(), m.decoder.dtype());
+    // bf16 on a GPU: a batch's shape can change a logit's last bit, and a sampled answer with it
+    assert!(2 * same >= total, "only {same} of {total} answers in mixed batches equal those alone");
     // the adapters really change the answers, so a row given the wrong adapter would show
     assert!(alone[1] != alone[0] && alone[2] != alone[1] && alone[3] != alone[2], "{alone:?}");
 }

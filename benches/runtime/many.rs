@@ -87,8 +87,26 @@ fn peak_1024(product: impl Fn(&candle_core::Tensor, &candle_core::Tensor) -> any
     Ok(2.0 * 1024f64.powi(3) / median(times) / 1e9)
 }
 
-/// fp32 matmul peak of this machine: a 1024³ sgemm through the same OpenBLAS, GFLOP/s.
-fn matmul_peak_gflops() -> anyhow::Result<f64> {
+/// The matmul peak of the model's device, GFLOP/s: on the CPU the fp32 peak (a 1024³ sgemm
+/// through the same OpenBLAS), on a GPU the bf16 peak of the dtype the model runs in there (an
+/// 8192³ product through cuBLAS, median of 7 after 3 warm-ups, each waited for).
+fn matmul_peak_gflops(dev: &candle_core::Device) -> anyhow::Result<f64> {
+    if !dev.is_cpu() {
+        let n = 8192;
+        let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(candle_core::DType::BF16)?;
+        let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(candle_core::DType::BF16)?;
+        let mut times = Vec::new();
+        for i in 0..10 {
+            dev.synchronize()?;
+            let t = Instant::now();
+            drop(a.matmul(&b)?);
+            dev.synchronize()?;
+            if i >= 3 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        return Ok(2.0 * (n as f64).powi(3) / median(times) / 1e9);
+    }
     peak_1024(|a, b| {
         match selfedit::runtime::blas::matmul_nt(a, b) {
             Some(c) => drop(c?),
@@ -257,8 +275,9 @@ fn train_flops_per_token(m: &LoadedModel) -> f64 {
 }
 
 pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epochs: usize, eval_batch: usize) -> anyhow::Result<()> {
-    let peak = matmul_peak_gflops()?;
-    report("matmul_peak_gflops", peak, "GFLOP/s");
+    let dev = m.device().clone();
+    let peak = matmul_peak_gflops(&dev)?;
+    report(if dev.is_cpu() { "matmul_peak_gflops" } else { "device_bf16_matmul_peak_gflops" }, peak, "GFLOP/s");
     if m.decoder.compute_dtype() == selfedit::runtime::blas::ComputeDtype::Bf16 {
         report("amx_bf16_peak_gflops", amx_peak_gflops()?, "GFLOP/s");
     }
@@ -321,7 +340,7 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         // the peak again, right after the group: this VM's speed drifts by 20-25% within
         // minutes, and the fraction is taken of the faster of the two readings (so a slow
         // spell at the start cannot flatter it)
-        let peak_after = matmul_peak_gflops()?;
+        let peak_after = matmul_peak_gflops(&dev)?;
         report(&name("matmul_peak_gflops_after"), peak_after, "GFLOP/s");
         let best_peak = peak.max(peak_after);
         report(&name("grouped_train_fraction_of_peak"), positions * flops / rep.seconds / 1e9 / best_peak, "");
@@ -373,7 +392,7 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
     }
     // the parts of a mean pass (through OpenBLAS, as training), after the groups, since their
     // inputs would otherwise count in the groups' peak RSS
-    for (g, segments, pass, best_peak) in passes.into_iter().filter(|_| selfedit::runtime::blas::ENABLED) {
+    for (g, segments, pass, best_peak) in passes.into_iter().filter(|_| selfedit::runtime::blas::ENABLED && dev.is_cpu()) {
         let (projections, lm_head, attention, low_rank) = pass_parts(m, segments, len.round() as usize)?;
         let name = |s: &str| format!("{s}_group{g}");
         // the ceiling of `grouped_train_fraction_of_peak`: the fraction the pass's frozen
@@ -390,7 +409,7 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
 
     // 3. the ceiling: the same frozen-weight products with nothing else (last, since its
     //    inputs would otherwise count in the groups' peak RSS)
-    if selfedit::runtime::blas::ENABLED {
+    if selfedit::runtime::blas::ENABLED && dev.is_cpu() {
         for rows in [32, 256, 512] {
             let g = frozen_gemm_gflops(m, rows)?;
             report(&format!("frozen_gemm_gflops_rows{rows}"), g, "GFLOP/s");

@@ -23,7 +23,8 @@ pub fn model_path() -> PathBuf {
 /// projections take the AVX-512 kernel where the CPU has it ([`selfedit::runtime::sgemm`]),
 /// and the work split over the runtime's workers, which a stage's `main` starts
 /// ([`selfedit::runtime::parallel::start_workers`]; `runtime::parallel`'s unit tests cover
-/// the scoped threads used without them).
+/// the scoped threads used without them). On the device `$SELFEDIT_TEST_DEVICE` names
+/// (`cuda:0` on a GPU build; the CPU when unset), where a GPU runs it in bf16.
 pub fn smollm() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
@@ -31,10 +32,16 @@ pub fn smollm() -> &'static LoadedModel {
         let _ = selfedit::runtime::parallel::start_workers(selfedit::runtime::blas::threads() - 1);
         let path = model_path();
         assert!(path.exists(), "{} is missing: run `make model` (make test does it for you)", path.display());
-        let mut m = selfedit::runtime::formats::load(&path, &Device::Cpu).expect("loading SmolLM2");
+        let mut m = selfedit::runtime::formats::load(&path, &test_device()).expect("loading SmolLM2");
         m.decoder.set_compute_dtype(Default::default()).expect("the default compute dtype");
         m
     })
+}
+
+/// The device of [`smollm`]: `$SELFEDIT_TEST_DEVICE` (`cpu`, `cuda:N`), the CPU when unset.
+pub fn test_device() -> Device {
+    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    selfedit::runtime::device::parse_device(&spec).expect("SELFEDIT_TEST_DEVICE")
 }
 
 pub fn data(name: &str) -> PathBuf {
