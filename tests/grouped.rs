@@ -10,10 +10,13 @@
 //!
 //! On a GPU (`SELFEDIT_TEST_DEVICE=cuda:0`, a `--features cuda` build) the model runs in bf16
 //! and cuBLAS may pick another kernel, so another summation order, for a matrix of more rows;
-//! each product is rounded to bf16 (8 bits of mantissa, 0.4%), and such a difference grows over
-//! the steps. There the tests allow 2e-2 relative on the losses and 5e-2 of the largest
-//! entry on the weights, and compare answers by how many agree; each test prints what it
-//! measured before it asserts.
+//! each product is rounded to bf16 (8 bits of mantissa, 0.4%). AdamW divides each entry's step
+//! by its own gradient's scale, so an entry whose gradient is near zero moves by up to the
+//! learning rate per step in whichever direction the rounding points: the weights can differ
+//! by several steps' worth where the losses barely do. There the test asks the loss curves and
+//! each adapter's loss after training to agree within 2e-2 relative, prints the weights' gaps,
+//! and the generation test counts how many answers agree; each prints what it measured before
+//! it asserts.
 
 mod common;
 
@@ -69,36 +72,46 @@ fn weights(a: &LoraAdapter) -> Vec<f32> {
     a.vars().iter().flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
+/// Mean loss of `adapter` over self-edit `k`'s sequences (dropout off).
+fn end_loss(k: usize, adapter: &LoraAdapter) -> f32 {
+    let m = common::smollm();
+    let examples = job(k).examples;
+    let total: f32 = examples
+        .iter()
+        .map(|e| {
+            let loss = m.decoder.sequence_loss(&e.ids, e.loss_from, Some(adapter)).unwrap();
+            loss.to_dtype(candle_core::DType::F32).unwrap().to_scalar::<f32>().unwrap()
+        })
+        .sum();
+    total / examples.len() as f32
+}
+
 #[test]
 fn a_group_trains_each_adapter_exactly_as_alone() {
     let m = common::smollm();
     // solo, one adapter at a time
-    let solo: Vec<(Vec<f32>, TrainReport)> = (0..CASES.len())
-        .map(|k| {
-            let mut j = job(k);
-            let report = train_lora(&m.decoder, &mut j.adapter, &j.examples, &j.config, |_, _, _| {}).unwrap();
-            (weights(&j.adapter), report)
-        })
-        .collect();
+    let alone = |k: usize| -> (LoraAdapter, TrainReport) {
+        let mut j = job(k);
+        let report = train_lora(&m.decoder, &mut j.adapter, &j.examples, &j.config, |_, _, _| {}).unwrap();
+        (j.adapter, report)
+    };
+    let solo: Vec<(LoraAdapter, TrainReport)> = (0..CASES.len()).map(alone).collect();
     // grouped: 4 slots for 6 adapters, so two join when others leave
-    let mut grouped: Vec<Option<(Vec<f32>, TrainReport)>> = vec![None; CASES.len()];
+    let mut grouped: Vec<Option<(LoraAdapter, TrainReport)>> = (0..CASES.len()).map(|_| None).collect();
     let mut finish_order = Vec::new();
     let report = train_group(&m.decoder, (0..CASES.len()).map(job), GroupLimits::adapters(4), |k, r| {
-        let (adapter, rep) = r?;
         finish_order.push(k);
-        grouped[k] = Some((weights(&adapter), rep));
+        grouped[k] = Some(r?);
         Ok(())
     })
     .unwrap();
     assert_eq!(report.max_in_flight, 4);
     assert!(finish_order != (0..CASES.len()).collect::<Vec<_>>(), "adapters leave as they finish, not in order: {finish_order:?}");
     let total_steps: usize = solo.iter().map(|(_, r)| r.steps).sum();
-    // bit-level agreement in f32 on the CPU; bf16 rounding on a GPU (see the module's doc)
-    let (loss_tol, weight_tol) = if m.decoder.dtype() == candle_core::DType::F32 { (1e-5, 1e-4) } else { (2e-2, 5e-2) };
-    let mut max_l = vec![0f32; CASES.len()];
-    let mut max_w = vec![0f32; CASES.len()];
-    for (k, ((w_solo, r_solo), g)) in solo.iter().zip(&grouped).enumerate() {
-        let (w_group, r_group) = g.as_ref().unwrap_or_else(|| panic!("adapter {k} never finished"));
+    let n = CASES.len();
+    let (mut max_l, mut max_w, mut update_gap, mut end_gap) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    for (k, ((a_solo, r_solo), g)) in solo.iter().zip(&grouped).enumerate() {
+        let (a_group, r_group) = g.as_ref().unwrap_or_else(|| panic!("adapter {k} never finished"));
         assert_eq!(r_group.steps, r_solo.steps, "adapter {k}: steps");
         assert_eq!(r_group.tokens, r_solo.tokens, "adapter {k}: tokens");
         assert_eq!(r_group.learning_rates, r_solo.learning_rates, "adapter {k}: learning rates");
@@ -106,19 +119,39 @@ fn a_group_trains_each_adapter_exactly_as_alone() {
         for (a, b) in r_group.step_losses.iter().zip(&r_solo.step_losses) {
             max_l[k] = max_l[k].max((a - b).abs() / b.abs().max(1e-6));
         }
-        let scale = w_solo.iter().fold(0f32, |m, x| m.max(x.abs()));
-        max_w[k] = w_group.iter().zip(w_solo).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        let (w_start, w_solo, w_group) = (weights(&job(k).adapter), weights(a_solo), weights(a_group));
         // the adapter was trained: its weights moved from their initial values
-        assert!(weights(&job(k).adapter) != *w_group, "adapter {k} did not change");
+        assert!(w_start != w_group, "adapter {k} did not change");
+        let scale = w_solo.iter().fold(0f32, |m, x| m.max(x.abs()));
+        max_w[k] = w_group.iter().zip(&w_solo).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        // the gap between the two adapters against how far training moved the solo one
+        let norm = |xs: &mut dyn Iterator<Item = f32>| xs.map(|x| x * x).sum::<f32>().sqrt();
+        let moved = norm(&mut w_solo.iter().zip(&w_start).map(|(a, b)| a - b));
+        update_gap[k] = norm(&mut w_group.iter().zip(&w_solo).map(|(a, b)| a - b)) / moved;
+        let (e_solo, e_group) = (end_loss(k, a_solo), end_loss(k, a_group));
+        end_gap[k] = (e_group - e_solo).abs() / e_solo;
     }
-    eprintln!(
-        "grouped vs solo on {:?} ({:?}) over {total_steps} steps: max relative loss diff per adapter {max_l:?}, weight diff {max_w:?}",
-        m.device(),
-        m.decoder.dtype()
-    );
-    for k in 0..CASES.len() {
-        assert!(max_l[k] <= loss_tol, "adapter {k}: losses grouped and alone differ by {:e} relative", max_l[k]);
-        assert!(max_w[k] <= weight_tol, "adapter {k}: weights differ by {:e} of the largest entry", max_w[k]);
+    let on = format!("{:?} ({:?})", m.device(), m.decoder.dtype());
+    eprintln!("grouped vs solo on {on} over {total_steps} steps, per adapter: largest relative step-loss gap {max_l:?}; largest weight gap / largest entry {max_w:?}; weight gap / solo update (L2) {update_gap:?}; relative gap of the loss after training {end_gap:?}");
+    if m.decoder.dtype() == candle_core::DType::F32 {
+        // the same arithmetic: bit-level agreement (see the module's doc)
+        for k in 0..n {
+            assert!(max_l[k] <= 1e-5, "adapter {k}: losses grouped and alone differ by {:e} relative", max_l[k]);
+            assert!(max_w[k] <= 1e-4, "adapter {k}: weights differ by {:e} of the largest entry", max_w[k]);
+        }
+        return;
+    }
+    // bf16 on a GPU: is one adapter trained alone twice the same? (the gaps above are then
+    // the batch shape's alone)
+    let worst = (0..n).max_by(|&a, &b| max_w[a].total_cmp(&max_w[b])).unwrap();
+    let (again, _) = alone(worst);
+    let (w1, w2) = (weights(&solo[worst].0), weights(&again));
+    let scale = w1.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let repeat = w1.iter().zip(&w2).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    eprintln!("adapter {worst} trained alone twice on {on}: largest weight gap / largest entry {repeat:e}");
+    for k in 0..n {
+        assert!(max_l[k] <= 2e-2, "adapter {k}: losses grouped and alone differ by {:e} relative", max_l[k]);
+        assert!(end_gap[k] <= 2e-2, "adapter {k}: its loss after training differs by {:e} relative", end_gap[k]);
     }
 }
 

@@ -79,6 +79,9 @@ pub struct AdamW {
     vars: Vec<Var>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// On a GPU, the moments of every variable end to end, `[Σ elements]` each; `m` and `v`
+    /// are then views into them (see [`Self::step_flat`]).
+    flat: Option<(Tensor, Tensor)>,
     t: usize,
     pub beta1: f64,
     pub beta2: f64,
@@ -90,7 +93,7 @@ impl AdamW {
     pub fn new(vars: Vec<Var>) -> candle_core::Result<Self> {
         let m = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let v = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { vars, m, v, t: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })
+        Ok(Self { vars, m, v, flat: None, t: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })
     }
 
     /// One update with gradients `grads` (same order as the variables).
@@ -99,6 +102,9 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
+        if self.vars.first().is_some_and(|v| !v.device().is_cpu()) {
+            return self.step_flat(grads, lr, bc1, bc2);
+        }
         for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
             if self.step_cpu(i, g, lr, bc1, bc2)? {
                 continue;
@@ -175,12 +181,61 @@ impl AdamW {
         Ok(true)
     }
 
+    /// [`Self::step`] for every variable at once, over the variables, gradients and moments
+    /// laid end to end: the same element-wise candle ops as the composed update, so the same
+    /// bits, in a dozen kernels instead of a dozen per variable. For a model on a GPU, where
+    /// each kernel costs its launch whatever its size: the paper's q/v adapter has 120
+    /// variables, and the per-variable update with the clipping took 42% of grouped training
+    /// on an H200 (twenty-sixth session). The moments stay end to end between steps.
+    ///
+    /// Errors: a gradient whose shape is not its variable's; fewer gradients than variables.
+    fn step_flat(&mut self, grads: &[Tensor], lr: f64, bc1: f64, bc2: f64) -> candle_core::Result<()> {
+        let n = self.vars.len();
+        if grads.len() < n {
+            candle_core::bail!("AdamW: {} gradients for {n} variables", grads.len());
+        }
+        for (i, (g, var)) in grads.iter().zip(&self.vars).enumerate() {
+            if g.shape() != var.shape() {
+                candle_core::bail!("AdamW: gradient {i} has shape {:?}, its variable {:?}", g.dims(), var.dims());
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let end_to_end = |ts: Vec<&Tensor>| -> candle_core::Result<Tensor> {
+            Tensor::cat(&ts.into_iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?, 0)
+        };
+        let (m, v) = match self.flat.take() {
+            Some(mv) => mv,
+            None => (end_to_end(self.m.iter().collect())?, end_to_end(self.v.iter().collect())?),
+        };
+        let g = end_to_end(grads[..n].iter().collect())?;
+        let theta = end_to_end(self.vars.iter().map(|v| v.as_tensor()).collect())?;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let m = ((&m * b1)? + (&g * (1.0 - b1))?)?;
+        let v = ((&v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let theta = if self.weight_decay > 0.0 { (theta * (1.0 - lr * self.weight_decay))? } else { theta };
+        let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
+        let theta = (theta - ((&m / denom)? * (lr / bc1))?)?;
+        let mut start = 0;
+        for i in 0..n {
+            let (len, shape) = (self.vars[i].elem_count(), self.vars[i].shape().clone());
+            self.vars[i].set(&theta.narrow(0, start, len)?.reshape(shape.clone())?)?;
+            self.m[i] = m.narrow(0, start, len)?.reshape(shape.clone())?;
+            self.v[i] = v.narrow(0, start, len)?.reshape(shape)?;
+            start += len;
+        }
+        self.flat = Some((m, v));
+        Ok(())
+    }
+
     /// Optimizer state for checkpoints: step count, first and second moments.
     pub fn state(&self) -> (usize, &[Tensor], &[Tensor]) {
         (self.t, &self.m, &self.v)
     }
 
     pub fn set_state(&mut self, t: usize, m: Vec<Tensor>, v: Vec<Tensor>) {
+        self.flat = None;
         self.t = t;
         self.m = m;
         self.v = v;
@@ -402,6 +457,49 @@ mod tests {
         let ((_, m1, v1), (_, m2, v2)) = (fused.state(), composed.state());
         assert_eq!((bits(&m1[0]), bits(&v1[0])), (bits(&m2[0]), bits(&v2[0])), "moments");
         assert_ne!(bits(a.as_tensor()), bits(&start), "the weights moved");
+    }
+
+    /// The update over the variables laid end to end (a GPU's) gives the per-variable composed
+    /// update bit for bit, here on the CPU: three variables of different shapes, three steps
+    /// with weight decay, a restore of the moments midway (which the end-to-end copy must not
+    /// outlive), and a gradient of the wrong shape refused.
+    #[test]
+    fn adamw_end_to_end_equals_adamw_per_variable() {
+        let dev = candle_core::Device::Cpu;
+        let shapes = [(4, 6), (6, 4), (1, 5)];
+        let start: Vec<Tensor> = shapes.iter().map(|&s| Tensor::randn(0f32, 1., s, &dev).unwrap()).collect();
+        let vars = || start.iter().map(|t| candle_core::Var::from_tensor(t).unwrap()).collect::<Vec<_>>();
+        let (va, vb) = (vars(), vars());
+        let (mut flat, mut composed) = (super::AdamW::new(va.clone()).unwrap(), super::AdamW::new(vb.clone()).unwrap());
+        flat.weight_decay = 0.01;
+        composed.weight_decay = 0.01;
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for step in 0..3 {
+            // transposed twice: not contiguous, so the composed path runs, not the CPU's fused one
+            let gs: Vec<Tensor> =
+                shapes.iter().map(|&s| (Tensor::randn(0f32, 1e-2, s, &dev).unwrap() * (step as f64 - 1.0)).unwrap()).collect();
+            let odd: Vec<Tensor> = gs.iter().map(|g| g.t().unwrap().contiguous().unwrap().t().unwrap()).collect();
+            flat.t += 1;
+            let (bc1, bc2) = (1.0 - 0.9f64.powi(flat.t as i32), 1.0 - 0.999f64.powi(flat.t as i32));
+            flat.step_flat(&gs, 1e-3, bc1, bc2).unwrap();
+            composed.step(&odd, 1e-3).unwrap();
+            assert!(flat.flat.is_some(), "step {step}: the moments stay end to end");
+            if step == 1 {
+                let (t, m, v) = composed.state();
+                flat.set_state(t, m.to_vec(), v.to_vec());
+                assert!(flat.flat.is_none(), "a restore drops the end-to-end moments");
+            }
+        }
+        for i in 0..shapes.len() {
+            assert_eq!(bits(va[i].as_tensor()), bits(vb[i].as_tensor()), "variable {i}");
+            let ((_, m1, v1), (_, m2, v2)) = (flat.state(), composed.state());
+            assert_eq!((bits(&m1[i]), bits(&v1[i])), (bits(&m2[i]), bits(&v2[i])), "moments of {i}");
+            assert_eq!(m1[i].dims(), va[i].dims());
+            assert_ne!(bits(va[i].as_tensor()), bits(&start[i]), "variable {i} moved");
+        }
+        let wrong = vec![Tensor::zeros((6, 4), DType::F32, &dev).unwrap(); 3];
+        let err = flat.step_flat(&wrong, 1e-3, 1.0, 1.0).unwrap_err().to_string();
+        assert!(err.contains("gradient 0 has shape [6, 4]"), "{err}");
     }
 
     /// A layer as one node of the graph gives the losses of the composed layer bit for bit
