@@ -858,10 +858,138 @@ impl SavedProbabilities {
     }
 }
 
+/// The segments of a packed `[1, heads, n, d]` tensor as one batch `[S, heads, L, d]`, each
+/// padded to the longest, `L` rows, with one mask `[S, 1, L, L]` for all: each segment's own
+/// mask where its rows meet its keys, its padding keys masked, and each padding row attending
+/// to its segment's first key alone (a row with every key masked would give NaN, which the
+/// backward would spread: 0 · NaN is NaN).
+///
+/// Why: off the CPU every kernel costs its launch whatever its size, and attention one segment
+/// at a time launches ~25 kernels a segment a layer, forward and backward (53% of a grouped
+/// H200 pass was backward: twenty-sixth session). Padded, a layer's attention is one batch.
+struct PaddedSegments {
+    /// `[S · L]`: the packed row each padded row reads (a padding row its segment's last).
+    gather: Tensor,
+    /// `[n]`: the padded row each packed row comes from.
+    scatter: Tensor,
+    /// `[S, 1, L, 1]`: 1 on a segment's rows, 0 on padding.
+    valid: Tensor,
+    mask: Tensor,
+    count: usize,
+    longest: usize,
+}
+
+impl PaddedSegments {
+    /// Errors: a mask that is not `[.., len, len]` for its segment (the segments themselves
+    /// are checked by the callers).
+    fn new(segments: &[(usize, usize)], masks: &[Option<Tensor>], device: &candle_core::Device, dtype: DType) -> Result<Self> {
+        let (count, longest) = (segments.len(), segments.iter().map(|s| s.1).max().unwrap_or(0));
+        let n: usize = segments.iter().map(|s| s.1).sum();
+        let (mut gather, mut scatter, mut valid) = (Vec::with_capacity(count * longest), vec![0u32; n], vec![0f32; count * longest]);
+        // the frame: padding keys and padding rows masked; each segment's own mask is added to it
+        let mut frame = vec![0f32; count * longest * longest];
+        // where each padded score takes its value from the segments' own masks laid end to end,
+        // `own_len` (a zero appended there) for the frame alone
+        let own_len: usize = segments.iter().zip(masks).map(|(s, m)| if m.is_some() { s.1 * s.1 } else { 0 }).sum();
+        let mut own_index = vec![own_len as u32; count * longest * longest];
+        let mut own = Vec::new();
+        let mut own_start = 0;
+        for (i, (&(start, len), mask)) in segments.iter().zip(masks).enumerate() {
+            if let Some(m) = mask {
+                if m.elem_count() != len * len || m.dims().last() != Some(&len) {
+                    candle_core::bail!("segment {i} of {len} rows has a mask of shape {:?}", m.dims());
+                }
+                own.push(m.flatten_all()?.to_dtype(dtype)?);
+            }
+            for row in 0..longest {
+                let padded = i * longest + row;
+                gather.push((start + row.min(len - 1)) as u32);
+                if row < len {
+                    scatter[start + row] = padded as u32;
+                    valid[padded] = 1.0;
+                }
+                for key in 0..longest {
+                    let at = padded * longest + key;
+                    let masked = if row < len { key >= len } else { key != 0 };
+                    if masked {
+                        frame[at] = f32::NEG_INFINITY;
+                    } else if row < len && mask.is_some() {
+                        own_index[at] = (own_start + row * len + key) as u32;
+                    }
+                }
+            }
+            if mask.is_some() {
+                own_start += len * len;
+            }
+        }
+        own.push(Tensor::zeros(1, dtype, device)?);
+        let own = Tensor::cat(&own, 0)?.index_select(&Tensor::from_vec(own_index, count * longest * longest, device)?, 0)?;
+        let frame = Tensor::from_vec(frame, count * longest * longest, device)?.to_dtype(dtype)?;
+        Ok(Self {
+            gather: Tensor::from_vec(gather, count * longest, device)?,
+            scatter: Tensor::from_vec(scatter, n, device)?,
+            valid: Tensor::from_vec(valid, (count, 1, longest, 1), device)?.to_dtype(dtype)?,
+            mask: (own + frame)?.reshape((count, 1, longest, longest))?,
+            count,
+            longest,
+        })
+    }
+
+    /// `[1, h, n, d]` → `[S, h, L, d]`.
+    fn batch(&self, t: &Tensor) -> Result<Tensor> {
+        let (_, h, _, d) = t.dims4()?;
+        t.contiguous()?.index_select(&self.gather, 2)?.reshape((h, self.count, self.longest, d))?.transpose(0, 1)?.contiguous()
+    }
+
+    /// `[S, h, L, d]` → `[1, h, n, d]`, the padding rows dropped.
+    fn unbatch(&self, t: &Tensor) -> Result<Tensor> {
+        let (_, h, _, d) = t.dims4()?;
+        t.transpose(0, 1)?.contiguous()?.reshape((1, h, self.count * self.longest, d))?.index_select(&self.scatter, 2)
+    }
+}
+
+/// [`segmented_attention`]'s value over the segments padded into one batch
+/// ([`PaddedSegments`]): `q` `[1, heads, n, d]`, `k` and `v` `[1, kv_heads, n, d]`.
+pub(crate) fn padded_attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+    masks: &[Option<Tensor>],
+) -> Result<Tensor> {
+    let p = PaddedSegments::new(segments, masks, q.device(), q.dtype())?;
+    p.unbatch(&attention_forward(&p.batch(q)?, &p.batch(k)?, &p.batch(v)?, Some(&p.mask))?)
+}
+
+/// [`padded_attention_forward`]'s gradients of `q`, `k` and `v` for output gradient `g`
+/// `[1, heads, n, d]`. The padding rows get a zero output gradient, so they add nothing to
+/// any real row's gradient (their probabilities are finite, their keys' exactly 0).
+pub(crate) fn padded_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+    masks: &[Option<Tensor>],
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let p = PaddedSegments::new(segments, masks, q.device(), q.dtype())?;
+    let g = p.batch(g)?.broadcast_mul(&p.valid)?;
+    let (dq, dk, dv) = attention_backward(&p.batch(q)?, &p.batch(k)?, &p.batch(v)?, Some(&p.mask), &g)?;
+    Ok((p.unbatch(&dq)?, p.unbatch(&dk)?, p.unbatch(&dv)?))
+}
+
+/// Whether attention over these segments runs padded into one batch: off the CPU, where
+/// launches dominate; the CPU keeps each segment at its own shapes (grouped training there
+/// equals solo bit for bit).
+fn pads_segments(q: &Tensor, segments: &[(usize, usize)]) -> bool {
+    !q.device().is_cpu() && segments.len() > 1 && segments.iter().all(|s| s.1 > 0)
+}
+
 /// [`segmented_attention`]'s value (segments already checked), and the probabilities it
 /// keeps for [`segmented_attention_backward`]. In f32 on the CPU, segments of up to
-/// [`short_attention::MAX_LEN`] rows take [`short_attention`]; the others, and every
-/// segment elsewhere, the batched products of [`attention_forward`].
+/// [`short_attention::MAX_LEN`] rows take [`short_attention`]; the others the batched
+/// products of [`attention_forward`]; off the CPU, all segments at once, padded
+/// ([`padded_attention_forward`]).
 pub(crate) fn segmented_attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -870,6 +998,9 @@ pub(crate) fn segmented_attention_forward(
     masks: &[Option<Tensor>],
 ) -> Result<(Tensor, SavedProbabilities)> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if pads_segments(&q, segments) {
+        return Ok((padded_attention_forward(&q, &k, &v, segments, masks)?, SavedProbabilities::default()));
+    }
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let batched = |i: usize| {
         let s = segments[i];
@@ -911,6 +1042,9 @@ pub(crate) fn segmented_attention_backward(
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, g.contiguous()?);
+    if pads_segments(&q, segments) {
+        return padded_attention_backward(&q, &k, &v, segments, masks, &g);
+    }
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let batched = |i: usize| {
         let s = segments[i];
@@ -1223,6 +1357,48 @@ pub(crate) fn attention_backward(
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Attention over segments padded into one batch (a GPU's path, run here on the CPU)
+    /// equals attention one segment at a time, value and gradients, to float summation
+    /// order: grouped query heads, causal masks, a lone row without a mask, a segment whose
+    /// own mask is not causal (finite penalties, so its placement in the batch shows), and
+    /// the longest segment not first.
+    #[test]
+    fn padded_segments_attend_as_each_segment_alone() {
+        let dev = Device::Cpu;
+        let (heads, kv, d) = (4, 2, 8);
+        let segments = [(0, 3), (3, 1), (4, 6), (10, 4)];
+        let n = 14;
+        let causal = |l: usize| crate::runtime::model::causal_mask(1, l, 0, &[0], &dev, DType::F32).unwrap();
+        let penalties = Tensor::from_vec((0..16).map(|i| -((i * 7 % 5) as f32) * 0.7).collect::<Vec<_>>(), (1, 1, 4, 4), &dev).unwrap();
+        let masks = [Some(causal(3)), None, Some(causal(6)), Some(penalties)];
+        let q = Tensor::randn(0f32, 1., (1, heads, n, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (1, kv, n, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, kv, n, d), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1., (1, heads, n, d), &dev).unwrap();
+        let mut alone = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (s, m) in segments.iter().zip(&masks) {
+            let part = |t: &Tensor| segment_of(t, *s).unwrap();
+            alone.0.push(attention_forward(&part(&q), &part(&k), &part(&v), m.as_ref()).unwrap());
+            let (dq, dk, dv) = attention_backward(&part(&q), &part(&k), &part(&v), m.as_ref(), &part(&g)).unwrap();
+            alone.1.push(dq);
+            alone.2.push(dk);
+            alone.3.push(dv);
+        }
+        let y = padded_attention_forward(&q, &k, &v, &segments, &masks).unwrap();
+        let (dq, dk, dv) = padded_attention_backward(&q, &k, &v, &segments, &masks, &g).unwrap();
+        for (name, padded, each) in [("value", y, &alone.0), ("dq", dq, &alone.1), ("dk", dk, &alone.2), ("dv", dv, &alone.3)] {
+            let want = Tensor::cat(each, 2).unwrap();
+            assert_eq!(padded.dims(), want.dims(), "{name}");
+            let gap = (&padded - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(gap <= 1e-5 * scale.max(1.0), "{name}: padded and alone differ by {gap} (largest {scale})");
+        }
+        // a mask that does not fit its segment is refused, naming the segment
+        let wrong = [Some(causal(3)), None, Some(causal(5)), None];
+        let err = padded_attention_forward(&q, &k, &v, &segments, &wrong).unwrap_err().to_string();
+        assert!(err.contains("segment 2 of 6 rows"), "{err}");
+    }
 
     /// `y` and `y2` give each of `vars` the same gradient (max abs difference below `tol`)
     /// under one random cotangent.
