@@ -303,12 +303,15 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         eval_s += t.elapsed().as_secs_f64();
     }
     let solo = solo_n.min(n).max(1) as f64;
-    report("foreign_cores_solo", fg.cores(), "cores");
-    report("solo_train_tokens_per_s", tokens as f64 / train_s, "tok/s");
-    report("solo_train_gflops", positions as f64 * flops / train_s / 1e9, "GFLOP/s");
-    report("self_edit_train_seconds_solo", train_s / solo, "s");
-    report("self_edit_eval_seconds_solo", eval_s / solo, "s");
-    report("self_edit_seconds_solo", (train_s + eval_s) / solo, "s");
+    // (none with --solo-self-edits 0: only the grouped figures)
+    if solo_n > 0 {
+        report("foreign_cores_solo", fg.cores(), "cores");
+        report("solo_train_tokens_per_s", tokens as f64 / train_s, "tok/s");
+        report("solo_train_gflops", positions as f64 * flops / train_s / 1e9, "GFLOP/s");
+        report("self_edit_train_seconds_solo", train_s / solo, "s");
+        report("self_edit_eval_seconds_solo", eval_s / solo, "s");
+        report("self_edit_seconds_solo", (train_s + eval_s) / solo, "s");
+    }
 
     // 2. grouped: all self-edits through one group, then all their answers in shared batches
     let len = mean_sequence_positions(m, n, epochs)?;
