@@ -745,7 +745,8 @@ pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, keys: usize, mask: O
 /// [`attention`] of sequences packed end to end along `l`: segment `(start, len)` of `q`
 /// (`[1, heads, Σ len, d]`), `k` and `v` (`[1, kv_heads, Σ len, d]`) attends within itself
 /// only, under `masks[i]` (as in [`attention`], broadcastable to `[1, 1, len, len]`).
-/// Returns `[1, heads, Σ len, d]`, each segment equal to [`attention`] of that segment alone.
+/// Returns `[1, heads, Σ len, d]`, each segment equal to [`attention`] of that segment alone
+/// (off the CPU, where the segments run padded into one batch, to float summation order).
 ///
 /// Errors: `masks` not one per segment, or segments that do not cover `l` in order.
 ///
@@ -866,22 +867,29 @@ impl SavedProbabilities {
 ///
 /// Why: off the CPU every kernel costs its launch whatever its size, and attention one segment
 /// at a time launches ~25 kernels a segment a layer, forward and backward (53% of a grouped
-/// H200 pass was backward: twenty-sixth session). Padded, a layer's attention is one batch.
+/// H200 pass was backward: twenty-sixth session). Padded, a layer's attention is one batch;
+/// its work grows with `S · L²` instead of `Σ len²`, and the layout is built again for each
+/// layer, forward and backward (a host loop over `S · L²` and two uploads of that size: small
+/// next to the launches it saves at the paper's ~34-token sequences, and not measured apart).
 struct PaddedSegments {
     /// `[S · L]`: the packed row each padded row reads (a padding row its segment's last).
     gather: Tensor,
     /// `[n]`: the padded row each packed row comes from.
     scatter: Tensor,
-    /// `[S, 1, L, 1]`: 1 on a segment's rows, 0 on padding.
+    /// `[S, 1, L, 1]`: 1 on a segment's rows, 0 on padding, in the inputs' dtype.
     valid: Tensor,
+    /// `[S, 1, L, L]`, added to the scores, in the inputs' dtype: 0 or −∞ (or a segment's own
+    /// finite penalties).
     mask: Tensor,
+    /// `S`, the segments.
     count: usize,
+    /// `L`, the longest segment's rows.
     longest: usize,
 }
 
 impl PaddedSegments {
-    /// Errors: a mask that is not `[.., len, len]` for its segment (the segments themselves
-    /// are checked by the callers).
+    /// Errors: an empty segment; a mask that does not broadcast to `[1, 1, len, len]` for its
+    /// segment (the segments' tiling is checked by the callers).
     fn new(segments: &[(usize, usize)], masks: &[Option<Tensor>], device: &candle_core::Device, dtype: DType) -> Result<Self> {
         let (count, longest) = (segments.len(), segments.iter().map(|s| s.1).max().unwrap_or(0));
         let n: usize = segments.iter().map(|s| s.1).sum();
@@ -895,11 +903,14 @@ impl PaddedSegments {
         let mut own = Vec::new();
         let mut own_start = 0;
         for (i, (&(start, len), mask)) in segments.iter().zip(masks).enumerate() {
+            if len == 0 {
+                candle_core::bail!("segment {i} is empty: padded attention needs rows in every segment");
+            }
             if let Some(m) = mask {
-                if m.elem_count() != len * len || m.dims().last() != Some(&len) {
-                    candle_core::bail!("segment {i} of {len} rows has a mask of shape {:?}", m.dims());
-                }
-                own.push(m.flatten_all()?.to_dtype(dtype)?);
+                let full = m
+                    .broadcast_as((1, 1, len, len))
+                    .map_err(|_| candle_core::Error::Msg(format!("segment {i} of {len} rows has a mask of shape {:?}", m.dims())))?;
+                own.push(full.contiguous()?.flatten_all()?.to_dtype(dtype)?);
             }
             for row in 0..longest {
                 let padded = i * longest + row;
@@ -950,6 +961,8 @@ impl PaddedSegments {
 
 /// [`segmented_attention`]'s value over the segments padded into one batch
 /// ([`PaddedSegments`]): `q` `[1, heads, n, d]`, `k` and `v` `[1, kv_heads, n, d]`.
+///
+/// Errors: an empty segment, or a mask that does not fit its segment.
 pub(crate) fn padded_attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -1185,7 +1198,8 @@ pub(crate) fn segmented_rope_attention_forward(
     let (nh, nkv, d) = heads;
     let (q, k, v, cos, sin) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, cos.contiguous()?, sin.contiguous()?);
     if !short_applies(&[&q, &k, &v, &cos, &sin]) {
-        // elsewhere (GPUs): split, rotate, attend per segment, merge, each over all rows
+        // elsewhere (GPUs): split, rotate, attend (all segments at once, padded:
+        // `segmented_attention_forward`), merge, each over all rows
         let (qr, kr) = (
             candle_nn::rotary_emb::rope(&to_heads(&q, nh, d)?, &cos, &sin)?,
             candle_nn::rotary_emb::rope(&to_heads(&k, nkv, d)?, &cos, &sin)?,
@@ -1398,6 +1412,18 @@ mod tests {
         let wrong = [Some(causal(3)), None, Some(causal(5)), None];
         let err = padded_attention_forward(&q, &k, &v, &segments, &wrong).unwrap_err().to_string();
         assert!(err.contains("segment 2 of 6 rows"), "{err}");
+        // a mask that broadcasts (one penalty per key) is laid out as its full square
+        let per_key = Tensor::new(&[0f32, -1.0, -2.5, 0.5], &dev).unwrap().reshape((1, 1, 1, 4)).unwrap();
+        let (two, two_masks) = ([(0, 10), (10, 4)], [Some(causal(10)), Some(per_key.clone())]);
+        let y = padded_attention_forward(&q, &k, &v, &two, &two_masks).unwrap();
+        let part = |t: &Tensor| segment_of(t, (10, 4)).unwrap();
+        let square = per_key.broadcast_as((1, 1, 4, 4)).unwrap().contiguous().unwrap();
+        let want = attention_forward(&part(&q), &part(&k), &part(&v), Some(&square)).unwrap();
+        let gap = (y.narrow(2, 10, 4).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(gap <= 1e-5, "a broadcast mask: gap {gap}");
+        // an empty segment is refused, not read past the end
+        let err = padded_attention_forward(&q, &k, &v, &[(0, 14), (14, 0)], &[Some(causal(14)), None]).unwrap_err().to_string();
+        assert!(err.contains("segment 1 is empty"), "{err}");
     }
 
     /// `y` and `y2` give each of `vars` the same gradient (max abs difference below `tol`)

@@ -62,8 +62,17 @@ pub(super) fn load_checkpoint(dir: &Path, adapter: &LoraAdapter, opt: &mut AdamW
         let value = get(format!("var.{i:05}"))?;
         ensure!(value.dims() == var.dims(), "{}: variable {i} has shape {:?}, the adapter {:?}", dir.display(), value.dims(), var.dims());
         var.set(&value)?;
-        m.push(get(format!("m.{i:05}"))?);
-        v.push(get(format!("v.{i:05}"))?);
+        for (name, list) in [("m", &mut m), ("v", &mut v)] {
+            let moment = get(format!("{name}.{i:05}"))?;
+            ensure!(
+                moment.dims() == var.dims(),
+                "{}: moment {name} of variable {i} has shape {:?}, the variable {:?}",
+                dir.display(),
+                moment.dims(),
+                var.dims()
+            );
+            list.push(moment);
+        }
     }
     opt.set_state(state.adam_t, m, v);
     Ok(Some((state.step, state.report)))

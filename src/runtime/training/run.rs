@@ -99,8 +99,9 @@ fn squared_norm(g: &Tensor) -> candle_core::Result<f64> {
 }
 
 /// Σ of the squared entries of all of `gs`, in f64: tensor by tensor, in order, on the CPU;
-/// on a GPU in one reduction over the tensors end to end, read back once (a read per tensor
-/// waits on the device each time: 120 waits a step for the paper's q/v adapter).
+/// on a GPU over the tensors laid end to end (a copy each) in one reduction, read back once
+/// (a read per tensor waits on the device each time: 120 waits a step for the paper's q/v
+/// adapter).
 fn squared_norm_all(gs: &[Tensor]) -> candle_core::Result<f64> {
     if gs.is_empty() || gs[0].device().is_cpu() {
         return gs.iter().map(squared_norm).sum();
