@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, on a GPU machine with the driver and CUDA 13 libraries but no Rust toolchain,
 # from the binaries `scripts/cuda_build_here.sh` leaves in gpu-bin/:
-#   1. tiny_models' GPU test: bf16 logits and LoRA gradients against the f32 CPU model, training,
-#      generation with the KV cache;
+#   1. tiny_models' GPU tests: bf16 logits and LoRA gradients against the f32 CPU model, training,
+#      generation with the KV cache; packed attention (padded on a GPU) against each segment alone;
 #   2. tests/grouped.rs on the real SmolLM2 in bf16: a group of 6 self-edits against each alone,
 #      and a generation batch of several adapters against each alone;
 #   3. the many-self-edits benchmark at the paper's settings (16 self-edits, 4 alone, groups of
@@ -35,7 +35,7 @@ step() {
   echo "=== $name: exit $? after $((SECONDS - t0)) s ==="
 }
 export SELFEDIT_TEST_DEVICE=cuda:0 SELFEDIT_MODEL=$MODEL
-step 60 tiny_models ./gpu-bin/tiny_models --ignored --nocapture gpu_agrees_with_cpu_and_trains
+step 60 tiny_models ./gpu-bin/tiny_models --ignored --nocapture gpu_
 step 150 grouped ./gpu-bin/grouped --nocapture --test-threads=1
 step 200 bench_paper ./gpu-bin/runtime --model "$MODEL" --device cuda:0 --only-many --self-edits 16 --solo-self-edits 4 --group-sizes 16
 step 60 bench_synthetic ./gpu-bin/runtime --synthetic --device cuda:0

@@ -190,6 +190,63 @@ fn gpu_agrees_with_cpu_and_trains() {
     assert_eq!(outs.len(), 2);
 }
 
+/// On a GPU only, like the test above: attention over packed segments, which off the CPU runs
+/// the segments padded into one batch, against each segment alone, value and gradients, in
+/// the device's bf16 (tolerance: 2e-2 of each result's largest entry, bf16's rounding over a
+/// softmax and two products). Also runs on the CPU (`SELFEDIT_TEST_DEVICE=cpu`), where each
+/// segment keeps its own shapes.
+#[test]
+#[ignore]
+fn gpu_segments_attend_as_each_alone() {
+    use selfedit::runtime::ops::{attention, segmented_attention};
+    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    let dev = selfedit::runtime::device::parse_device(&spec).unwrap();
+    let dtype = selfedit::runtime::device::default_dtype(&dev);
+    let (heads, kv, d) = (4, 2, 16);
+    let segments = [(0, 5), (5, 1), (6, 12), (18, 7)];
+    let n = 25;
+    let var = |h: usize, seed: f64| {
+        let t = (Tensor::randn(0f32, 1., (1, h, n, d), &Device::Cpu).unwrap() * seed).unwrap();
+        candle_core::Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(&dev).unwrap()).unwrap()
+    };
+    let (q, k, v) = (var(heads, 1.0), var(kv, 1.0), var(kv, 1.0));
+    let g = Tensor::randn(0f32, 1., (1, heads, n, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+    let masks: Vec<Option<Tensor>> = segments
+        .iter()
+        .map(|&(_, len)| (len > 1).then(|| selfedit::runtime::model::causal_mask(1, len, 0, &[0], &dev, dtype).unwrap()))
+        .collect();
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    // packed: one op over all segments
+    let y = segmented_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &segments, &masks).unwrap();
+    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let packed: Vec<Tensor> =
+        [&y, grads.get(q.as_tensor()).unwrap(), grads.get(k.as_tensor()).unwrap(), grads.get(v.as_tensor()).unwrap()].map(f32s).to_vec();
+    // alone: each segment through `attention`, joined
+    let mut alone: Vec<Vec<Tensor>> = vec![Vec::new(); 4];
+    for (&(start, len), mask) in segments.iter().zip(&masks) {
+        let part = |t: &Tensor| t.narrow(2, start, len).unwrap().contiguous().unwrap();
+        let (qs, ks, vs) = (
+            candle_core::Var::from_tensor(&part(q.as_tensor())).unwrap(),
+            candle_core::Var::from_tensor(&part(k.as_tensor())).unwrap(),
+            candle_core::Var::from_tensor(&part(v.as_tensor())).unwrap(),
+        );
+        let ys = attention(qs.as_tensor(), ks.as_tensor(), vs.as_tensor(), mask.as_ref()).unwrap();
+        let gs = (&ys * &part(&g)).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, t) in
+            [&ys, gs.get(qs.as_tensor()).unwrap(), gs.get(ks.as_tensor()).unwrap(), gs.get(vs.as_tensor()).unwrap()].into_iter().enumerate()
+        {
+            alone[i].push(f32s(t));
+        }
+    }
+    for (i, name) in ["value", "dq", "dk", "dv"].iter().enumerate() {
+        let want = Tensor::cat(&alone[i], 2).unwrap();
+        let gap = (&packed[i] - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        eprintln!("{spec} {name}: packed against alone, largest gap {gap} of {scale}");
+        assert!(gap <= 2e-2 * scale, "{spec} {name}: packed and alone differ by {gap} (largest {scale})");
+    }
+}
+
 /// A long run stopped midway resumes from its checkpoint and ends exactly where an
 /// uninterrupted run ends (adapter, optimizer moments, loss curve).
 #[test]

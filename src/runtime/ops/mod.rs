@@ -694,7 +694,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention with grouped KV heads.
 ///
 /// `q`: `[b, heads, lq, d]`; `k`, `v`: `[b, kv_heads, lk, d]`; `mask`: additive,
-/// broadcastable to `[b, 1, lq, lk]` (0 or -inf), or `None` for no mask.
+/// `b · lq · lk` entries laid out as `[b, 1, lq, lk]` (0 or -inf; not broadcast: a mask of
+/// another size is an error), or `None` for no mask.
 /// Query heads `h` use KV head `h / (heads / kv_heads)`, as in Hugging Face's `repeat_kv`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
@@ -744,7 +745,7 @@ pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, keys: usize, mask: O
 
 /// [`attention`] of sequences packed end to end along `l`: segment `(start, len)` of `q`
 /// (`[1, heads, Σ len, d]`), `k` and `v` (`[1, kv_heads, Σ len, d]`) attends within itself
-/// only, under `masks[i]` (as in [`attention`], broadcastable to `[1, 1, len, len]`).
+/// only, under `masks[i]` (as in [`attention`], `[1, 1, len, len]`).
 /// Returns `[1, heads, Σ len, d]`, each segment equal to [`attention`] of that segment alone
 /// (off the CPU, where the segments run padded into one batch, to float summation order).
 ///
