@@ -9,6 +9,8 @@
 #      16);
 #   4. the synthetic benchmark (random weights of SmolLM2's shape): decode, training;
 #   5. 64 self-edits of 2 epochs in one group of 64, to see how a larger group scales.
+# A model larger than what one call to the GPU machine may carry can travel in parts
+# (`split -b 53M MODEL part.` here, `cat part.* > MODEL` there), in calls made while it stays warm.
 # Usage: scripts/gpu_check.sh MODEL.gguf OUTDIR. Each step has its own time limit and the script
 # goes on after a failure, so one run reports every step; OUTDIR/log holds everything.
 set -uo pipefail
