@@ -110,7 +110,7 @@ impl AdamW {
         if self.vars.first().is_some_and(|v| !v.device().is_cpu()) {
             return self.step_flat(grads, lr, bc1, bc2);
         }
-        for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
+        for (i, g) in grads.iter().enumerate() {
             if self.step_cpu(i, g, lr, bc1, bc2)? {
                 continue;
             }
@@ -195,12 +195,10 @@ impl AdamW {
     /// took 42% of grouped training on an H200, 15% after (twenty-sixth session). The moments
     /// stay end to end between steps.
     ///
-    /// Errors: a gradient whose shape is not its variable's; fewer gradients than variables.
+    /// Errors: a gradient whose shape is not its variable's ([`Self::step`] has checked that
+    /// there is one gradient per variable).
     fn step_flat(&mut self, grads: &[Tensor], lr: f64, bc1: f64, bc2: f64) -> candle_core::Result<()> {
         let n = self.vars.len();
-        if grads.len() < n {
-            candle_core::bail!("AdamW: {} gradients for {n} variables", grads.len());
-        }
         for (i, (g, var)) in grads.iter().zip(&self.vars).enumerate() {
             if g.shape() != var.shape() {
                 candle_core::bail!("AdamW: gradient {i} has shape {:?}, its variable {:?}", g.dims(), var.dims());
@@ -216,7 +214,7 @@ impl AdamW {
             Some(mv) => mv,
             None => (end_to_end(self.m.iter().collect())?, end_to_end(self.v.iter().collect())?),
         };
-        let g = end_to_end(grads[..n].iter().collect())?;
+        let g = end_to_end(grads.iter().collect())?;
         let theta = end_to_end(self.vars.iter().map(|v| v.as_tensor()).collect())?;
         let (b1, b2) = (self.beta1, self.beta2);
         let m = ((&m * b1)? + (&g * (1.0 - b1))?)?;
