@@ -9,6 +9,9 @@
 #      16);
 #   4. the synthetic benchmark (random weights of SmolLM2's shape): decode, training;
 #   5. 64 self-edits of 2 epochs in one group of 64, to see how a larger group scales.
+# Where gpu-bin/runtime_before exists (a benchmark built from an earlier commit), step 3 runs it
+# too, first, so a change is measured before and after on the same machine (machines differ by
+# tens of percent). STEPS="tiny_models grouped ..." runs only the steps named.
 # A model larger than what one call to the GPU machine may carry can travel in parts
 # (`split -b 53M MODEL part.` here, `cat part.* > MODEL` there), in calls made while it stays warm.
 # Usage: scripts/gpu_check.sh MODEL.gguf OUTDIR. Each step has its own time limit and the script
@@ -29,6 +32,7 @@ nproc
 step() {
   local limit=$1 name=$2
   shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   # a step whose binary did not travel is skipped (the model may have come in another call)
   if [ ! -x "$1" ]; then echo "=== $name: skipped, no $1 ==="; return; fi
   echo "=== $name (limit ${limit}s) ==="
@@ -39,6 +43,7 @@ step() {
 export SELFEDIT_TEST_DEVICE=cuda:0 SELFEDIT_MODEL=$MODEL
 step 60 tiny_models ./gpu-bin/tiny_models --ignored --nocapture gpu_
 step 150 grouped ./gpu-bin/grouped --nocapture --test-threads=1
+step 200 bench_paper_before ./gpu-bin/runtime_before --model "$MODEL" --device cuda:0 --only-many --self-edits 16 --solo-self-edits 4 --group-sizes 16
 step 200 bench_paper ./gpu-bin/runtime --model "$MODEL" --device cuda:0 --only-many --self-edits 16 --solo-self-edits 4 --group-sizes 16
 step 60 bench_synthetic ./gpu-bin/runtime --synthetic --device cuda:0
 step 90 bench_64 ./gpu-bin/runtime --model "$MODEL" --device cuda:0 --only-many --self-edits 64 --solo-self-edits 0 --group-sizes 64 --self-edit-epochs 2

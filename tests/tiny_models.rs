@@ -247,6 +247,59 @@ fn gpu_segments_attend_as_each_alone() {
     }
 }
 
+/// On a GPU only: the low-rank updates of a pass's segments, which off the CPU run as one
+/// batch with ranks padded to the largest, against each segment alone, value and gradients
+/// (the factors are f32 on every device; tolerance 1e-4 of each result's largest entry, for
+/// the device's batched products summing in another order). Also runs on the CPU
+/// (`SELFEDIT_TEST_DEVICE=cpu`), where each segment keeps its own shapes.
+#[test]
+#[ignore]
+fn gpu_low_rank_segments_update_as_each_alone() {
+    use selfedit::runtime::ops::{segmented_low_rank, LowRankSegment};
+    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    let dev = selfedit::runtime::device::parse_device(&spec).unwrap();
+    let (in_dim, out) = (64, 48);
+    let var = |shape: (usize, usize)| candle_core::Var::randn(0f32, 1.0, shape, &dev).unwrap();
+    // (rows, rank, scale)
+    let shapes = [(9, 16, 2.0), (1, 8, 0.5), (23, 32, 1.0), (14, 4, 4.0)];
+    let n: usize = shapes.iter().map(|s| s.0).sum();
+    let h = var((n, in_dim));
+    let factors: Vec<_> = shapes.iter().map(|&(_, r, _)| (var((r, in_dim)), var((out, r)))).collect();
+    let g = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+    let segment = |len: usize, i: usize| LowRankSegment {
+        len,
+        factors: Some((factors[i].0.as_tensor().clone(), factors[i].1.as_tensor().clone())),
+        scale: shapes[i].2,
+    };
+    // packed: one op over all segments
+    let segments: Vec<_> = shapes.iter().enumerate().map(|(i, s)| segment(s.0, i)).collect();
+    let y = segmented_low_rank(h.as_tensor(), &segments).unwrap();
+    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut start = 0;
+    for (i, &(len, _, _)) in shapes.iter().enumerate() {
+        // alone: the segment's rows as their own input
+        let hs = candle_core::Var::from_tensor(&h.narrow(0, start, len).unwrap()).unwrap();
+        let ys = segmented_low_rank(hs.as_tensor(), &[segment(len, i)]).unwrap();
+        let gs = (&ys * &g.narrow(0, start, len).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (factors[i].0.as_tensor(), factors[i].1.as_tensor());
+        for (name, packed, alone) in [
+            ("value", y.narrow(0, start, len).unwrap(), ys.clone()),
+            ("dh", grads.get(h.as_tensor()).unwrap().narrow(0, start, len).unwrap(), gs.get(hs.as_tensor()).unwrap().clone()),
+            ("dA", grads.get(a).unwrap().clone(), gs.get(a).unwrap().clone()),
+            ("dB", grads.get(b).unwrap().clone(), gs.get(b).unwrap().clone()),
+        ] {
+            let (packed, alone) = (cpu(&packed), cpu(&alone));
+            assert_eq!(packed.dims(), alone.dims(), "{spec} segment {i} {name}");
+            let gap = (&packed - &alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = alone.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            eprintln!("{spec} segment {i} {name}: packed against alone, largest gap {gap} of {scale}");
+            assert!(gap <= 1e-4 * scale, "{spec} segment {i} {name}: packed and alone differ by {gap} (largest {scale})");
+        }
+        start += len;
+    }
+}
+
 /// A long run stopped midway resumes from its checkpoint and ends exactly where an
 /// uninterrupted run ends (adapter, optimizer moments, loss curve).
 #[test]

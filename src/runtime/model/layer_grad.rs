@@ -139,8 +139,9 @@ impl LowRank {
 pub(super) struct Update {
     pub(super) segments: Vec<LowRankSegment>,
     mask: Option<Tensor>,
-    /// Each segment's `scale · h Aᵀ` from the forward ([`project`]), for the backward.
-    kept: Vec<Option<Tensor>>,
+    /// What the forward ([`project`]) keeps for the backward: each segment's `scale · h Aᵀ`, or
+    /// off the CPU the padded batch.
+    kept: ops::KeptUpdate,
 }
 
 impl Update {
@@ -163,7 +164,7 @@ impl Update {
             segments.push(LowRankSegment { len, factors, scale });
         }
         let mask = if any_mask { Some(Tensor::cat(&masks, 0)?) } else { None };
-        Ok(Self { segments, mask, kept: Vec::new() })
+        Ok(Self { segments, mask, kept: ops::KeptUpdate::default() })
     }
 
     pub(super) fn is_untouched(&self) -> bool {
@@ -201,7 +202,7 @@ fn add_low_rank(y: Tensor, x: &Tensor, u: &mut Update, products: ops::Products) 
     if u.is_untouched() {
         return Ok(y);
     }
-    let (delta, kept) = ops::segmented_low_rank_forward(&u.input(x)?, &u.segments, y.dim(candle_core::D::Minus1)?, products)?;
+    let (delta, kept) = ops::low_rank_forward(&u.input(x)?, &u.segments, y.dim(candle_core::D::Minus1)?, products)?;
     u.kept = kept;
     let dtype = y.dtype();
     ops::add(&y, &delta.to_dtype(dtype)?)
@@ -238,7 +239,7 @@ fn add_low_rank_backward(dx: Tensor, x: &Tensor, g: &Tensor, u: &Update, grads: 
     if u.is_untouched() {
         return Ok(dx);
     }
-    let (dh, dfactors) = ops::segmented_low_rank_backward(&u.input(x)?, &u.segments, &u.kept, g)?;
+    let (dh, dfactors) = ops::low_rank_backward(&u.input(x)?, &u.segments, &u.kept, g)?;
     for (da, db) in dfactors {
         grads.push(da.flatten_all()?);
         grads.push(db.flatten_all()?);

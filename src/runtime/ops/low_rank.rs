@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use candle_core::{DType, Tensor};
 
-use super::{bmm, par_segments, with_cpu_f32, Backward3, Result, Tap};
+use super::{bmm, par_segments, with_cpu_f32, Backward3, PaddedRows, Result, Tap};
 use crate::runtime::parallel::SharedOut;
 use crate::runtime::{blas, sgemm};
 
@@ -42,10 +42,10 @@ pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Ten
     let hd = h.detach().to_dtype(DType::F32)?;
     let factored: Vec<&(Tensor, Tensor)> = segments.iter().filter_map(|s| s.factors.as_ref()).collect();
     if !(h.track_op() || factored.iter().any(|(a, b)| a.track_op() || b.track_op())) {
-        return Ok(segmented_low_rank_forward(&hd, segments, out, Products::Library)?.0);
+        return Ok(low_rank_forward(&hd, segments, out, Products::Library)?.0);
     }
     // something trains: the products of a training pass (as the decoder's own layer node)
-    let (value, u) = segmented_low_rank_forward(&hd, segments, out, Products::Kernel)?;
+    let (value, u) = low_rank_forward(&hd, segments, out, Products::Kernel)?;
     // the graph sees all factors as two inputs: A stacked by rows [Σ r, in], B side by
     // side [out, Σ r]
     let a_all = Tensor::cat(&factored.iter().map(|(a, _)| a).collect::<Vec<_>>(), 0)?;
@@ -55,7 +55,7 @@ pub fn segmented_low_rank(h: &Tensor, segments: &[LowRankSegment]) -> Result<Ten
         .map(|s| LowRankSegment { factors: s.factors.as_ref().map(|(a, b)| (a.detach(), b.detach())), ..s.clone() })
         .collect();
     let backward: Backward3 = Box::new(move |g| {
-        let (dh, dfactors) = segmented_low_rank_backward(&hd, &detached, &u, g)?;
+        let (dh, dfactors) = low_rank_backward(&hd, &detached, &u, g)?;
         let (da, db): (Vec<Tensor>, Vec<Tensor>) = dfactors.into_iter().unzip();
         Ok((dh.to_dtype(h_dtype)?, Tensor::cat(&da, 0)?, Tensor::cat(&db, 1)?))
     });
@@ -81,8 +81,8 @@ pub fn segmented_low_rank_pass(h: &Tensor, segments: &[LowRankSegment], g: &Tens
         candle_core::bail!("segmented_low_rank_pass: output gradient {:?} for [{}, {out}]", g.dims(), h.dim(0)?);
     }
     let hd = h.detach().to_dtype(DType::F32)?;
-    let (y, u) = segmented_low_rank_forward(&hd, segments, out, Products::Kernel)?;
-    let (dh, dfactors) = segmented_low_rank_backward(&hd, segments, &u, g)?;
+    let (y, u) = low_rank_forward(&hd, segments, out, Products::Kernel)?;
+    let (dh, dfactors) = low_rank_backward(&hd, segments, &u, g)?;
     Ok((y, dh, dfactors))
 }
 
@@ -128,6 +128,136 @@ pub(crate) enum Products {
     /// product with them): training passes, tens of rows per segment and factors that change
     /// every step. Other widths, other dtypes and CPUs without AVX-512 take the library.
     Kernel,
+}
+
+/// What a low-rank forward keeps for its backward: each segment's scaled `u`
+/// ([`segmented_low_rank_forward`]), or off the CPU the pass's padded batch
+/// ([`PaddedUpdate`]).
+#[derive(Debug)]
+pub(crate) enum KeptUpdate {
+    Segments(Vec<Option<Tensor>>),
+    Padded(PaddedUpdate),
+}
+
+impl Default for KeptUpdate {
+    fn default() -> Self {
+        Self::Segments(Vec::new())
+    }
+}
+
+/// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
+/// `[n, out]`, and what its backward ([`low_rank_backward`]) needs. Off the CPU, when every
+/// segment of two or more has factors and rows, all of them run as one padded batch
+/// ([`padded_forward`]); otherwise each segment at its own shapes
+/// ([`segmented_low_rank_forward`]).
+pub(crate) fn low_rank_forward(h: &Tensor, segments: &[LowRankSegment], out: usize, products: Products) -> Result<(Tensor, KeptUpdate)> {
+    if pads_updates(h, segments) {
+        let (y, p) = padded_forward(h, segments)?;
+        return Ok((y, KeptUpdate::Padded(p)));
+    }
+    let (y, u) = segmented_low_rank_forward(h, segments, out, products)?;
+    Ok((y, KeptUpdate::Segments(u)))
+}
+
+/// [`low_rank_forward`]'s gradients for output gradient `g` `[n, out]`: `h`'s `[n, in]` in f32
+/// and each factored segment's `(dA, dB)`, in order.
+///
+/// Errors: `kept` from other segments, or `g` not `[n, out]`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn low_rank_backward(
+    h: &Tensor,
+    segments: &[LowRankSegment],
+    kept: &KeptUpdate,
+    g: &Tensor,
+) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    match kept {
+        KeptUpdate::Segments(u) => segmented_low_rank_backward(h, segments, u, g),
+        KeptUpdate::Padded(p) => {
+            if p.ranks.len() != segments.len() || p.rows.scatter.dim(0)? != g.dim(0)? {
+                candle_core::bail!(
+                    "low_rank_backward: a padded forward of {} segments for {} segments, {} rows",
+                    p.ranks.len(),
+                    segments.len(),
+                    g.dim(0)?
+                );
+            }
+            padded_backward(p, g)
+        }
+    }
+}
+
+/// Whether a pass's updates run as one padded batch: off the CPU (where each of the ~12
+/// kernels a segment's update launches, forward and backward, costs its launch whatever its
+/// size), two segments or more, every one with rows and factors.
+fn pads_updates(h: &Tensor, segments: &[LowRankSegment]) -> bool {
+    !h.device().is_cpu() && segments.len() > 1 && segments.iter().all(|s| s.len > 0 && s.factors.is_some())
+}
+
+/// A pass's factored segments as one batch ([`PaddedRows`]), kept from [`padded_forward`] for
+/// [`padded_backward`]. Ranks are padded with zeros to the largest, `r`: a padded `A` row and
+/// `B` column add exact zeros to every product, so each segment's values are its own (to the
+/// summation order of the device's batched products).
+#[derive(Debug)]
+pub(crate) struct PaddedUpdate {
+    rows: PaddedRows,
+    /// `[S, L, in]`: each segment's inputs, padded.
+    h: Tensor,
+    /// `[S, r, in]`: the segments' `A`, stacked.
+    a: Tensor,
+    /// `[S, out, r]`: the segments' `B`, stacked.
+    b: Tensor,
+    /// `[S, 1, 1]`: each segment's scale.
+    scale: Tensor,
+    /// `[S, L, r]`: `scale · h Aᵀ`.
+    u: Tensor,
+    /// Each segment's own rank.
+    ranks: Vec<usize>,
+}
+
+/// Every segment's update in one batch: `u = scale · h_pad Aᵀ` `[S, L, r]`, `y = u Bᵀ`
+/// `[S, L, out]`, unpadded to `[n, out]`. Each `A`, `B` is stacked once here (a copy a
+/// segment) and the products are two batched calls, where segment by segment they were ~5
+/// kernels a segment. The factors are read detached: the callers' own backward gives their
+/// gradients.
+fn padded_forward(h: &Tensor, segments: &[LowRankSegment]) -> Result<(Tensor, PaddedUpdate)> {
+    let lens: Vec<usize> = segments.iter().map(|s| s.len).collect();
+    let rows = PaddedRows::new(&lens, h.device(), DType::F32)?;
+    let mut factors = Vec::with_capacity(segments.len());
+    for (i, s) in segments.iter().enumerate() {
+        match &s.factors {
+            Some((a, b)) => factors.push((a.detach(), b.detach())),
+            None => candle_core::bail!("padded low-rank update: segment {i} has no factors"),
+        }
+    }
+    let ranks = factors.iter().map(|(a, _)| a.dim(0)).collect::<Result<Vec<_>>>()?;
+    let r = ranks.iter().copied().max().unwrap_or(0);
+    let a = Tensor::stack(&factors.iter().zip(&ranks).map(|((a, _), &ra)| a.pad_with_zeros(0, 0, r - ra)).collect::<Result<Vec<_>>>()?, 0)?;
+    let b = Tensor::stack(&factors.iter().zip(&ranks).map(|((_, b), &rb)| b.pad_with_zeros(1, 0, r - rb)).collect::<Result<Vec<_>>>()?, 0)?;
+    let scale = Tensor::from_vec(segments.iter().map(|s| s.scale as f32).collect::<Vec<_>>(), (segments.len(), 1, 1), h.device())?;
+    let hp = rows.batch(h)?;
+    // [S, L, in] x [S, in, r] -> [S, L, r], then [S, L, r] x [S, r, out] -> [S, L, out]
+    let u = bmm(&hp, &a, false, true)?.broadcast_mul(&scale)?;
+    let y = rows.unbatch(&bmm(&u, &b, false, true)?)?;
+    Ok((y, PaddedUpdate { rows, h: hp, a, b, scale, u, ranks }))
+}
+
+/// [`padded_forward`]'s gradients for output gradient `g` `[n, out]`: `dh` `[n, in]` and each
+/// segment's `(dA [r_s, in], dB [out, r_s])`, its rank's part of the batch's. The padding rows'
+/// gradient is zeroed first, so their inputs (copies of a real row) add nothing to `dA`, `dB`.
+#[allow(clippy::type_complexity)]
+fn padded_backward(p: &PaddedUpdate, g: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    let g = p.rows.batch(&g.to_dtype(DType::F32)?)?.broadcast_mul(&p.rows.valid)?; // [S, L, out]
+    let du = bmm(&g, &p.b, false, false)?.broadcast_mul(&p.scale)?; // [S, L, r]
+    let dh = p.rows.unbatch(&bmm(&du, &p.a, false, false)?)?; // [n, in]
+    let da = bmm(&du, &p.h, true, false)?; // [S, r, in]
+    let db = bmm(&g, &p.u, true, false)?; // [S, out, r]
+    let dfactors = p
+        .ranks
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| Ok((da.get(i)?.narrow(0, 0, r)?, db.get(i)?.narrow(1, 0, r)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((dh, dfactors))
 }
 
 /// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
@@ -527,6 +657,49 @@ unsafe fn transpose16(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The padded batch that a GPU pass takes ([`padded_forward`], [`padded_backward`]), run
+    /// here on the CPU, against each segment alone: segments of different lengths, ranks
+    /// (padded to the largest with zeros) and scales give each its own value, input gradient
+    /// and factor gradients at its own rank; the padding rows reach none of them.
+    #[test]
+    fn padded_segments_update_as_each_alone() {
+        let dev = Device::Cpu;
+        let (n, in_dim, out) = (40, 24, 20);
+        let h = Tensor::randn(0f32, 1.0, (n, in_dim), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+        let factor = |r: usize| (Tensor::randn(0f32, 1.0, (r, in_dim), &dev).unwrap(), Tensor::randn(0f32, 1.0, (out, r), &dev).unwrap());
+        // (rows, rank, scale): the longest segment is not the first, nor the highest rank
+        let shapes = [(7, 8, 2.0), (1, 4, 0.5), (19, 16, 1.25), (13, 2, 3.0)];
+        let segments: Vec<LowRankSegment> =
+            shapes.iter().map(|&(len, r, scale)| LowRankSegment { len, factors: Some(factor(r)), scale }).collect();
+        let (y, p) = padded_forward(&h, &segments).unwrap();
+        let (dh, dfactors) = padded_backward(&p, &g).unwrap();
+        assert_eq!((y.dims(), dh.dims(), dfactors.len()), (&[n, out][..], &[n, in_dim][..], 4));
+        let mut start = 0;
+        for (i, s) in segments.iter().enumerate() {
+            let (a, b) = s.factors.as_ref().unwrap();
+            let (hs, gs) = (h.narrow(0, start, s.len).unwrap(), g.narrow(0, start, s.len).unwrap());
+            // alone, composed of candle's ops in f32
+            let u = (hs.matmul(&a.t().unwrap()).unwrap() * s.scale).unwrap();
+            let du = (gs.matmul(b).unwrap() * s.scale).unwrap();
+            close(&y.narrow(0, start, s.len).unwrap(), &u.matmul(&b.t().unwrap()).unwrap(), 1e-5);
+            close(&dh.narrow(0, start, s.len).unwrap(), &du.matmul(a).unwrap(), 1e-5);
+            let (da, db) = &dfactors[i];
+            assert_eq!((da.dims(), db.dims()), (a.dims(), b.dims()), "segment {i}'s gradients at its own rank");
+            close(da, &du.t().unwrap().matmul(&hs).unwrap(), 1e-5);
+            close(db, &gs.t().unwrap().matmul(&u).unwrap(), 1e-5);
+            start += s.len;
+        }
+        // through the kept state: another pass's gradient is refused
+        let kept = KeptUpdate::Padded(p);
+        assert!(low_rank_backward(&h, &segments[..3], &kept, &g).is_err(), "three segments for a pass of four");
+        assert!(low_rank_backward(&h, &segments, &kept, &g.narrow(0, 0, 30).unwrap()).is_err(), "30 rows for 40");
+        // a segment without factors cannot be padded
+        let mut bare = segments.clone();
+        bare[1].factors = None;
+        assert!(padded_forward(&h, &bare).unwrap_err().to_string().contains("segment 1 has no factors"));
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()

@@ -35,8 +35,8 @@ mod short_attention;
 pub(crate) mod simd;
 
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
+pub(crate) use low_rank::{low_rank_backward, low_rank_forward, KeptUpdate, Products};
 pub use low_rank::{segmented_low_rank, segmented_low_rank_pass, LowRankSegment};
-pub(crate) use low_rank::{segmented_low_rank_backward, segmented_low_rank_forward, Products};
 pub(crate) use short_attention::MAX_LEN as SHORT_ATTENTION_MAX_LEN;
 
 use std::mem::MaybeUninit;
@@ -849,9 +849,9 @@ fn with_inputs<R>(
 
 /// What a segmented attention's forward keeps for its backward: the probabilities of each
 /// segment [`short_attention`] computed (none for the others, whose backward recomputes
-/// them).
+/// them), and off the CPU the padded layout ([`PaddedSegments`]), built once for both.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct SavedProbabilities(Vec<Option<short_attention::Probabilities>>);
+pub(crate) struct SavedProbabilities(Vec<Option<short_attention::Probabilities>>, Option<Arc<PaddedSegments>>);
 
 impl SavedProbabilities {
     /// Segment `i`'s, if its forward kept them.
@@ -860,58 +860,35 @@ impl SavedProbabilities {
     }
 }
 
-/// The segments of a packed `[1, heads, n, d]` tensor as one batch `[S, heads, L, d]`, each
-/// padded to the longest, `L` rows, with one mask `[S, 1, L, L]` for all: each segment's own
-/// mask where its rows meet its keys, its padding keys masked, and each padding row attending
-/// to its segment's first key alone (a row with every key masked would give NaN, which the
-/// backward would spread: 0 · NaN is NaN).
-///
-/// Why: off the CPU every kernel costs its launch whatever its size, and attention one segment
-/// at a time launches ~25 kernels a segment a layer, forward and backward (53% of a grouped
-/// H200 pass was backward: twenty-sixth session). Padded, a layer's attention is one batch;
-/// its work grows with `S · L²` instead of `Σ len²`, and the layout is built again for each
-/// layer, forward and backward (a host loop over `S · L²` and two uploads of that size: small
-/// next to the launches it saves at the paper's ~34-token sequences, and not measured apart).
-struct PaddedSegments {
+/// Consecutive row segments of a packed `[n, w]` tensor as one batch `[S, L, w]`, each padded
+/// to the longest, `L` rows: the layout [`PaddedSegments`] (attention) and the low-rank updates
+/// ([`low_rank`]) batch a pass's sequences with off the CPU, where every kernel costs its launch
+/// whatever its size.
+#[derive(Debug)]
+struct PaddedRows {
     /// `[S · L]`: the packed row each padded row reads (a padding row its segment's last).
     gather: Tensor,
     /// `[n]`: the padded row each packed row comes from.
     scatter: Tensor,
-    /// `[S, 1, L, 1]`: 1 on a segment's rows, 0 on padding, in the inputs' dtype.
+    /// `[S, L, 1]`: 1 on a segment's rows, 0 on padding, in the dtype asked for.
     valid: Tensor,
-    /// `[S, 1, L, L]`, added to the scores, in the inputs' dtype: 0 or −∞ (or a segment's own
-    /// finite penalties).
-    mask: Tensor,
     /// `S`, the segments.
     count: usize,
     /// `L`, the longest segment's rows.
     longest: usize,
 }
 
-impl PaddedSegments {
-    /// Errors: an empty segment; a mask that does not broadcast to `[1, 1, len, len]` for its
-    /// segment (the segments' tiling is checked by the callers).
-    fn new(segments: &[(usize, usize)], masks: &[Option<Tensor>], device: &candle_core::Device, dtype: DType) -> Result<Self> {
-        let (count, longest) = (segments.len(), segments.iter().map(|s| s.1).max().unwrap_or(0));
-        let n: usize = segments.iter().map(|s| s.1).sum();
+impl PaddedRows {
+    /// Segments of `lens` rows, in order. Errors: an empty segment (its padding rows would
+    /// have no row to read).
+    fn new(lens: &[usize], device: &candle_core::Device, dtype: DType) -> Result<Self> {
+        let (count, longest) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
+        let n: usize = lens.iter().sum();
         let (mut gather, mut scatter, mut valid) = (Vec::with_capacity(count * longest), vec![0u32; n], vec![0f32; count * longest]);
-        // the frame: padding keys and padding rows masked; each segment's own mask is added to it
-        let mut frame = vec![0f32; count * longest * longest];
-        // where each padded score takes its value from the segments' own masks laid end to end,
-        // `own_len` (a zero appended there) for the frame alone
-        let own_len: usize = segments.iter().zip(masks).map(|(s, m)| if m.is_some() { s.1 * s.1 } else { 0 }).sum();
-        let mut own_index = vec![own_len as u32; count * longest * longest];
-        let mut own = Vec::new();
-        let mut own_start = 0;
-        for (i, (&(start, len), mask)) in segments.iter().zip(masks).enumerate() {
+        let mut start = 0;
+        for (i, &len) in lens.iter().enumerate() {
             if len == 0 {
-                candle_core::bail!("segment {i} is empty: padded attention needs rows in every segment");
-            }
-            if let Some(m) = mask {
-                let full = m
-                    .broadcast_as((1, 1, len, len))
-                    .map_err(|_| candle_core::Error::Msg(format!("segment {i} of {len} rows has a mask of shape {:?}", m.dims())))?;
-                own.push(full.contiguous()?.flatten_all()?.to_dtype(dtype)?);
+                candle_core::bail!("segment {i} is empty: padded segments need rows in every segment");
             }
             for row in 0..longest {
                 let padded = i * longest + row;
@@ -920,8 +897,75 @@ impl PaddedSegments {
                     scatter[start + row] = padded as u32;
                     valid[padded] = 1.0;
                 }
+            }
+            start += len;
+        }
+        Ok(Self {
+            gather: Tensor::from_vec(gather, count * longest, device)?,
+            scatter: Tensor::from_vec(scatter, n, device)?,
+            valid: Tensor::from_vec(valid, (count, longest, 1), device)?.to_dtype(dtype)?,
+            count,
+            longest,
+        })
+    }
+
+    /// `[n, w]` → `[S, L, w]`.
+    fn batch(&self, t: &Tensor) -> Result<Tensor> {
+        let w = t.dim(1)?;
+        t.contiguous()?.index_select(&self.gather, 0)?.reshape((self.count, self.longest, w))
+    }
+
+    /// `[S, L, w]` → `[n, w]`, the padding rows dropped.
+    fn unbatch(&self, t: &Tensor) -> Result<Tensor> {
+        let w = t.dim(2)?;
+        t.contiguous()?.reshape((self.count * self.longest, w))?.index_select(&self.scatter, 0)
+    }
+}
+
+/// The segments of a packed `[1, heads, n, d]` tensor as one batch `[S, heads, L, d]`, each
+/// padded to the longest, `L` rows ([`PaddedRows`]), with one mask `[S, 1, L, L]` for all:
+/// each segment's own mask where its rows meet its keys, its padding keys masked, and each
+/// padding row attending to its segment's first key alone (a row with every key masked would
+/// give NaN, which the backward would spread: 0 · NaN is NaN).
+///
+/// Why: off the CPU every kernel costs its launch whatever its size, and attention one segment
+/// at a time launches ~25 kernels a segment a layer, forward and backward (53% of a grouped
+/// H200 pass was backward: twenty-sixth session). Padded, a layer's attention is one batch;
+/// its work grows with `S · L²` instead of `Σ len²`. A layer's forward builds the layout (a
+/// host loop over `S · L²` and a few uploads) and keeps it for its backward.
+#[derive(Debug)]
+pub(crate) struct PaddedSegments {
+    rows: PaddedRows,
+    /// `[S, 1, L, L]`, added to the scores, in the inputs' dtype: 0 or −∞ (or a segment's own
+    /// finite penalties).
+    mask: Tensor,
+}
+
+impl PaddedSegments {
+    /// Errors: an empty segment; a mask that does not broadcast to `[1, 1, len, len]` for its
+    /// segment (the segments' tiling is checked by the callers).
+    fn new(segments: &[(usize, usize)], masks: &[Option<Tensor>], device: &candle_core::Device, dtype: DType) -> Result<Self> {
+        let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
+        let rows = PaddedRows::new(&lens, device, dtype)?;
+        let (count, longest) = (rows.count, rows.longest);
+        // the frame: padding keys and padding rows masked; each segment's own mask is added to it
+        let mut frame = vec![0f32; count * longest * longest];
+        // where each padded score takes its value from the segments' own masks laid end to end,
+        // `own_len` (a zero appended there) for the frame alone
+        let own_len: usize = segments.iter().zip(masks).map(|(s, m)| if m.is_some() { s.1 * s.1 } else { 0 }).sum();
+        let mut own_index = vec![own_len as u32; count * longest * longest];
+        let mut own = Vec::new();
+        let mut own_start = 0;
+        for (i, (&(_, len), mask)) in segments.iter().zip(masks).enumerate() {
+            if let Some(m) = mask {
+                let full = m
+                    .broadcast_as((1, 1, len, len))
+                    .map_err(|_| candle_core::Error::Msg(format!("segment {i} of {len} rows has a mask of shape {:?}", m.dims())))?;
+                own.push(full.contiguous()?.flatten_all()?.to_dtype(dtype)?);
+            }
+            for row in 0..longest {
                 for key in 0..longest {
-                    let at = padded * longest + key;
+                    let at = (i * longest + row) * longest + key;
                     let masked = if row < len { key >= len } else { key != 0 };
                     if masked {
                         frame[at] = f32::NEG_INFINITY;
@@ -937,57 +981,42 @@ impl PaddedSegments {
         own.push(Tensor::zeros(1, dtype, device)?);
         let own = Tensor::cat(&own, 0)?.index_select(&Tensor::from_vec(own_index, count * longest * longest, device)?, 0)?;
         let frame = Tensor::from_vec(frame, count * longest * longest, device)?.to_dtype(dtype)?;
-        Ok(Self {
-            gather: Tensor::from_vec(gather, count * longest, device)?,
-            scatter: Tensor::from_vec(scatter, n, device)?,
-            valid: Tensor::from_vec(valid, (count, 1, longest, 1), device)?.to_dtype(dtype)?,
-            mask: (own + frame)?.reshape((count, 1, longest, longest))?,
-            count,
-            longest,
-        })
+        Ok(Self { mask: (own + frame)?.reshape((count, 1, longest, longest))?, rows })
     }
 
-    /// `[1, h, n, d]` → `[S, h, L, d]`.
+    /// `[1, h, n, d]` → `[S, h, L, d]` (the rows gathered along `n`, as [`PaddedRows::batch`]).
     fn batch(&self, t: &Tensor) -> Result<Tensor> {
         let (_, h, _, d) = t.dims4()?;
-        t.contiguous()?.index_select(&self.gather, 2)?.reshape((h, self.count, self.longest, d))?.transpose(0, 1)?.contiguous()
+        let (count, longest) = (self.rows.count, self.rows.longest);
+        t.contiguous()?.index_select(&self.rows.gather, 2)?.reshape((h, count, longest, d))?.transpose(0, 1)?.contiguous()
     }
 
     /// `[S, h, L, d]` → `[1, h, n, d]`, the padding rows dropped.
     fn unbatch(&self, t: &Tensor) -> Result<Tensor> {
         let (_, h, _, d) = t.dims4()?;
-        t.transpose(0, 1)?.contiguous()?.reshape((1, h, self.count * self.longest, d))?.index_select(&self.scatter, 2)
+        let (count, longest) = (self.rows.count, self.rows.longest);
+        t.transpose(0, 1)?.contiguous()?.reshape((1, h, count * longest, d))?.index_select(&self.rows.scatter, 2)
+    }
+
+    /// `[S, 1, L, 1]`: 1 on a segment's rows, 0 on padding.
+    fn valid(&self) -> Result<Tensor> {
+        self.rows.valid.reshape((self.rows.count, 1, self.rows.longest, 1))
     }
 }
 
 /// [`segmented_attention`]'s value over the segments padded into one batch
 /// ([`PaddedSegments`]): `q` `[1, heads, n, d]`, `k` and `v` `[1, kv_heads, n, d]`.
 ///
-/// Errors: an empty segment, or a mask that does not fit its segment.
-pub(crate) fn padded_attention_forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    segments: &[(usize, usize)],
-    masks: &[Option<Tensor>],
-) -> Result<Tensor> {
-    let p = PaddedSegments::new(segments, masks, q.device(), q.dtype())?;
+/// Errors: shapes that do not fit the layout.
+fn padded_attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, p: &PaddedSegments) -> Result<Tensor> {
     p.unbatch(&attention_forward(&p.batch(q)?, &p.batch(k)?, &p.batch(v)?, Some(&p.mask))?)
 }
 
 /// [`padded_attention_forward`]'s gradients of `q`, `k` and `v` for output gradient `g`
 /// `[1, heads, n, d]`. The padding rows get a zero output gradient, so they add nothing to
 /// any real row's gradient (their probabilities are finite, their keys' exactly 0).
-pub(crate) fn padded_attention_backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    segments: &[(usize, usize)],
-    masks: &[Option<Tensor>],
-    g: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let p = PaddedSegments::new(segments, masks, q.device(), q.dtype())?;
-    let g = p.batch(g)?.broadcast_mul(&p.valid)?;
+fn padded_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: &PaddedSegments, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = p.batch(g)?.broadcast_mul(&p.valid()?)?;
     let (dq, dk, dv) = attention_backward(&p.batch(q)?, &p.batch(k)?, &p.batch(v)?, Some(&p.mask), &g)?;
     Ok((p.unbatch(&dq)?, p.unbatch(&dk)?, p.unbatch(&dv)?))
 }
@@ -1013,7 +1042,9 @@ pub(crate) fn segmented_attention_forward(
 ) -> Result<(Tensor, SavedProbabilities)> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     if pads_segments(&q, segments) {
-        return Ok((padded_attention_forward(&q, &k, &v, segments, masks)?, SavedProbabilities::default()));
+        let p = PaddedSegments::new(segments, masks, q.device(), q.dtype())?;
+        let y = padded_attention_forward(&q, &k, &v, &p)?;
+        return Ok((y, SavedProbabilities(Vec::new(), Some(Arc::new(p)))));
     }
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let batched = |i: usize| {
@@ -1040,7 +1071,7 @@ pub(crate) fn segmented_attention_forward(
         None => par_segments(&lens, |i| Ok((batched(i)?, None)))?,
     };
     let (values, saved): (Vec<Tensor>, Vec<_>) = values.into_iter().unzip();
-    Ok((Tensor::cat(&values, 2)?, SavedProbabilities(saved)))
+    Ok((Tensor::cat(&values, 2)?, SavedProbabilities(saved, None)))
 }
 
 /// [`segmented_attention`]'s gradients of `q`, `k` and `v` for output gradient `g`, each
@@ -1057,7 +1088,10 @@ pub(crate) fn segmented_attention_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, g.contiguous()?);
     if pads_segments(&q, segments) {
-        return padded_attention_backward(&q, &k, &v, segments, masks, &g);
+        return match &saved.1 {
+            Some(p) => padded_attention_backward(&q, &k, &v, p, &g),
+            None => padded_attention_backward(&q, &k, &v, &PaddedSegments::new(segments, masks, q.device(), q.dtype())?, &g),
+        };
     }
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let batched = |i: usize| {
@@ -1224,7 +1258,7 @@ pub(crate) fn segmented_rope_attention_forward(
     })
     .ok_or_else(|| candle_core::Error::Msg("segmented_rope_attention: inputs not on the CPU in f32".into()))??;
     let (values, saved): (Vec<Tensor>, Vec<_>) = values.into_iter().unzip();
-    Ok((Tensor::cat(&values, 0)?, SavedProbabilities(saved)))
+    Ok((Tensor::cat(&values, 0)?, SavedProbabilities(saved, None)))
 }
 
 /// A segment's heads for the batched products: `q` and `k` rotated, `[1, heads, len, d]`.
@@ -1400,8 +1434,9 @@ mod tests {
             alone.2.push(dk);
             alone.3.push(dv);
         }
-        let y = padded_attention_forward(&q, &k, &v, &segments, &masks).unwrap();
-        let (dq, dk, dv) = padded_attention_backward(&q, &k, &v, &segments, &masks, &g).unwrap();
+        let p = PaddedSegments::new(&segments, &masks, &dev, DType::F32).unwrap();
+        let y = padded_attention_forward(&q, &k, &v, &p).unwrap();
+        let (dq, dk, dv) = padded_attention_backward(&q, &k, &v, &p, &g).unwrap();
         for (name, padded, each) in [("value", y, &alone.0), ("dq", dq, &alone.1), ("dk", dk, &alone.2), ("dv", dv, &alone.3)] {
             let want = Tensor::cat(each, 2).unwrap();
             assert_eq!(padded.dims(), want.dims(), "{name}");
@@ -1411,19 +1446,19 @@ mod tests {
         }
         // a mask that does not fit its segment is refused, naming the segment
         let wrong = [Some(causal(3)), None, Some(causal(5)), None];
-        let err = padded_attention_forward(&q, &k, &v, &segments, &wrong).unwrap_err().to_string();
+        let err = PaddedSegments::new(&segments, &wrong, &dev, DType::F32).unwrap_err().to_string();
         assert!(err.contains("segment 2 of 6 rows"), "{err}");
         // a mask that broadcasts (one penalty per key) is laid out as its full square
         let per_key = Tensor::new(&[0f32, -1.0, -2.5, 0.5], &dev).unwrap().reshape((1, 1, 1, 4)).unwrap();
         let (two, two_masks) = ([(0, 10), (10, 4)], [Some(causal(10)), Some(per_key.clone())]);
-        let y = padded_attention_forward(&q, &k, &v, &two, &two_masks).unwrap();
+        let y = padded_attention_forward(&q, &k, &v, &PaddedSegments::new(&two, &two_masks, &dev, DType::F32).unwrap()).unwrap();
         let part = |t: &Tensor| segment_of(t, (10, 4)).unwrap();
         let square = per_key.broadcast_as((1, 1, 4, 4)).unwrap().contiguous().unwrap();
         let want = attention_forward(&part(&q), &part(&k), &part(&v), Some(&square)).unwrap();
         let gap = (y.narrow(2, 10, 4).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(gap <= 1e-5, "a broadcast mask: gap {gap}");
         // an empty segment is refused, not read past the end
-        let err = padded_attention_forward(&q, &k, &v, &[(0, 14), (14, 0)], &[Some(causal(14)), None]).unwrap_err().to_string();
+        let err = PaddedSegments::new(&[(0, 14), (14, 0)], &[Some(causal(14)), None], &dev, DType::F32).unwrap_err().to_string();
         assert!(err.contains("segment 1 is empty"), "{err}");
     }
 
