@@ -80,7 +80,7 @@ pub struct AdamW {
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// On a GPU, the moments of every variable end to end, `[Σ elements]` each; `m` and `v`
-    /// are then views into them (see [`Self::step_flat`]).
+    /// are then views into them (see [`Self::step_end_to_end`]).
     flat: Option<(Tensor, Tensor)>,
     t: usize,
     pub beta1: f64,
@@ -100,16 +100,14 @@ impl AdamW {
     ///
     /// Errors: not one gradient per variable, or a gradient whose shape is not its variable's.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
-        if grads.len() != self.vars.len() {
-            candle_core::bail!("AdamW: {} gradients for {} variables", grads.len(), self.vars.len());
+        self.check_gradients(grads)?;
+        if self.vars.first().is_some_and(|v| !v.device().is_cpu()) {
+            return self.step_end_to_end(&end_to_end(grads)?, lr);
         }
         self.t += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
-        if self.vars.first().is_some_and(|v| !v.device().is_cpu()) {
-            return self.step_flat(grads, lr, bc1, bc2);
-        }
         for (i, g) in grads.iter().enumerate() {
             if self.step_cpu(i, g, lr, bc1, bc2)? {
                 continue;
@@ -121,6 +119,19 @@ impl AdamW {
             let denom = ((self.v[i].sqrt()? / bc2.sqrt())? + self.eps)?;
             let update = ((&self.m[i] / denom)? * (lr / bc1))?;
             self.vars[i].set(&(theta - update)?)?;
+        }
+        Ok(())
+    }
+
+    /// Errors: not one gradient per variable, or a gradient whose shape is not its variable's.
+    pub fn check_gradients(&self, grads: &[Tensor]) -> candle_core::Result<()> {
+        if grads.len() != self.vars.len() {
+            candle_core::bail!("AdamW: {} gradients for {} variables", grads.len(), self.vars.len());
+        }
+        for (i, (g, var)) in grads.iter().zip(&self.vars).enumerate() {
+            if g.shape() != var.shape() {
+                candle_core::bail!("AdamW: gradient {i} has shape {:?}, its variable {:?}", g.dims(), var.dims());
+            }
         }
         Ok(())
     }
@@ -186,44 +197,42 @@ impl AdamW {
         Ok(true)
     }
 
-    /// [`Self::step`] for every variable at once, over the variables, gradients and moments
-    /// laid end to end: the same element-wise candle ops as the composed update, so the same
-    /// bits. For a model on a GPU, where each kernel costs its launch whatever its size: a
-    /// dozen kernels plus three copies a variable (the gradient and the variable laid end to
-    /// end, the result written back), where the composed update took ~13 kernels a variable.
-    /// The paper's q/v adapter has 120 variables; the per-variable update with the clipping
-    /// took 42% of grouped training on an H200, 15% after (twenty-sixth session). The moments
-    /// stay end to end between steps.
+    /// [`Self::step`] for every variable at once, from gradient `g` `[Σ elements]`: the
+    /// gradients laid end to end in the variables' order ([`end_to_end`]), as a run on a GPU
+    /// clips them. The update runs over the variables, gradient and moments end to end: the
+    /// same element-wise candle ops as the per-variable update, so the same bits. For a model
+    /// on a GPU, where each kernel costs its launch whatever its size: a dozen kernels plus two
+    /// copies a variable (the variable laid end to end, the result written back), where the
+    /// per-variable update took ~13 kernels a variable. The paper's q/v adapter has 120
+    /// variables; the per-variable update with the clipping took 42% of grouped training on an
+    /// H200, 15% after (twenty-sixth session). The moments stay end to end between steps.
     ///
-    /// Errors: a gradient whose shape is not its variable's ([`Self::step`] has checked that
-    /// there is one gradient per variable).
-    fn step_flat(&mut self, grads: &[Tensor], lr: f64, bc1: f64, bc2: f64) -> candle_core::Result<()> {
-        let n = self.vars.len();
-        for (i, (g, var)) in grads.iter().zip(&self.vars).enumerate() {
-            if g.shape() != var.shape() {
-                candle_core::bail!("AdamW: gradient {i} has shape {:?}, its variable {:?}", g.dims(), var.dims());
-            }
+    /// Errors: `g` not `[Σ elements]` of the variables. (Its parts' shapes are the caller's to
+    /// check, [`Self::check_gradients`]: a transposed gradient has the same length.)
+    pub fn step_end_to_end(&mut self, g: &Tensor, lr: f64) -> candle_core::Result<()> {
+        let total: usize = self.vars.iter().map(|v| v.elem_count()).sum();
+        if g.dims() != [total] {
+            candle_core::bail!("AdamW: a gradient end to end of shape {:?} for variables of {total} values", g.dims());
         }
-        if n == 0 {
+        self.t += 1;
+        if total == 0 {
             return Ok(());
         }
-        let end_to_end = |ts: Vec<&Tensor>| -> candle_core::Result<Tensor> {
-            Tensor::cat(&ts.into_iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?, 0)
-        };
+        let (b1, b2) = (self.beta1, self.beta2);
+        let bc1 = 1.0 - b1.powi(self.t as i32);
+        let bc2 = 1.0 - b2.powi(self.t as i32);
         let (m, v) = match self.flat.take() {
             Some(mv) => mv,
-            None => (end_to_end(self.m.iter().collect())?, end_to_end(self.v.iter().collect())?),
+            None => (end_to_end(&self.m)?, end_to_end(&self.v)?),
         };
-        let g = end_to_end(grads.iter().collect())?;
-        let theta = end_to_end(self.vars.iter().map(|v| v.as_tensor()).collect())?;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let m = ((&m * b1)? + (&g * (1.0 - b1))?)?;
+        let theta = end_to_end(&self.vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())?;
+        let m = ((&m * b1)? + (g * (1.0 - b1))?)?;
         let v = ((&v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
         let theta = if self.weight_decay > 0.0 { (theta * (1.0 - lr * self.weight_decay))? } else { theta };
         let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
         let theta = (theta - ((&m / denom)? * (lr / bc1))?)?;
         let mut start = 0;
-        for i in 0..n {
+        for i in 0..self.vars.len() {
             let (len, shape) = (self.vars[i].elem_count(), self.vars[i].shape().clone());
             self.vars[i].set(&theta.narrow(0, start, len)?.reshape(shape.clone())?)?;
             self.m[i] = m.narrow(0, start, len)?.reshape(shape.clone())?;
@@ -245,6 +254,11 @@ impl AdamW {
         self.m = m;
         self.v = v;
     }
+}
+
+/// `ts` flattened and laid end to end, `[Σ elements]` (a copy each, one kernel each on a GPU).
+pub fn end_to_end(ts: &[Tensor]) -> candle_core::Result<Tensor> {
+    Tensor::cat(&ts.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?, 0)
 }
 
 /// The learning rate of optimizer step `step` (0-based) of `total`: linear decay to 0.
@@ -484,9 +498,7 @@ mod tests {
             let gs: Vec<Tensor> =
                 shapes.iter().map(|&s| (Tensor::randn(0f32, 1e-2, s, &dev).unwrap() * (step as f64 - 1.0)).unwrap()).collect();
             let odd: Vec<Tensor> = gs.iter().map(|g| g.t().unwrap().contiguous().unwrap().t().unwrap()).collect();
-            flat.t += 1;
-            let (bc1, bc2) = (1.0 - 0.9f64.powi(flat.t as i32), 1.0 - 0.999f64.powi(flat.t as i32));
-            flat.step_flat(&gs, 1e-3, bc1, bc2).unwrap();
+            flat.step_end_to_end(&super::end_to_end(&gs).unwrap(), 1e-3).unwrap();
             composed.step(&odd, 1e-3).unwrap();
             assert!(flat.flat.is_some(), "step {step}: the moments stay end to end");
             if step == 1 {
@@ -503,8 +515,11 @@ mod tests {
             assert_ne!(bits(va[i].as_tensor()), bits(&start[i]), "variable {i} moved");
         }
         let wrong = vec![Tensor::zeros((6, 4), DType::F32, &dev).unwrap(); 3];
-        let err = flat.step_flat(&wrong, 1e-3, 1.0, 1.0).unwrap_err().to_string();
+        let err = flat.step(&wrong, 1e-3).unwrap_err().to_string();
         assert!(err.contains("gradient 0 has shape [6, 4]"), "{err}");
+        let short = Tensor::zeros(24 + 24 + 9, DType::F32, &dev).unwrap();
+        let err = flat.step_end_to_end(&short, 1e-3).unwrap_err().to_string();
+        assert!(err.contains("of 58 values"), "{err}");
     }
 
     /// A layer as one node of the graph gives the losses of the composed layer bit for bit

@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::{linear_lr, AdamW, TrainConfig, TrainExample, TrainReport};
+use super::{end_to_end, linear_lr, AdamW, TrainConfig, TrainExample, TrainReport};
 use crate::runtime::lora::LoraAdapter;
 use crate::runtime::model::Decoder;
 
@@ -98,16 +98,9 @@ fn squared_norm(g: &Tensor) -> candle_core::Result<f64> {
     }
 }
 
-/// Σ of the squared entries of all of `gs`, in f64: tensor by tensor, in order, on the CPU;
-/// on a GPU over the tensors laid end to end (a copy each) in one reduction, read back once
-/// (a read per tensor waits on the device each time: 120 waits a step for the paper's q/v
-/// adapter).
+/// Σ of the squared entries of all of `gs`, in f64, tensor by tensor, in order.
 fn squared_norm_all(gs: &[Tensor]) -> candle_core::Result<f64> {
-    if gs.is_empty() || gs[0].device().is_cpu() {
-        return gs.iter().map(squared_norm).sum();
-    }
-    let flat = gs.iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::cat(&flat, 0)?.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
+    gs.iter().map(squared_norm).sum()
 }
 
 impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
@@ -244,15 +237,27 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
             .zip(&vars)
             .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
             .collect::<candle_core::Result<_>>()?;
-        // 3. clip the global gradient norm
-        let norm = squared_norm_all(&grads)?.sqrt();
-        if self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm {
-            let s = self.cfg.max_grad_norm / (norm + 1e-6);
-            grads = grads.iter().map(|g| g * s).collect::<candle_core::Result<_>>()?;
-        }
-        // 4. AdamW update at the linearly decayed learning rate
         let lr = linear_lr(self.cfg.learning_rate, self.step, self.total);
-        self.opt.step(&grads, lr)?;
+        let clip =
+            |norm: f64| (self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm).then(|| self.cfg.max_grad_norm / (norm + 1e-6));
+        if grads.first().is_none_or(|g| g.device().is_cpu()) {
+            // 3. clip the global gradient norm
+            if let Some(s) = clip(squared_norm_all(&grads)?.sqrt()) {
+                grads = grads.iter().map(|g| g * s).collect::<candle_core::Result<_>>()?;
+            }
+            // 4. AdamW update at the linearly decayed learning rate
+            self.opt.step(&grads, lr)?;
+        } else {
+            // 3-4 on a GPU, where each kernel costs its launch whatever its size: the gradients
+            // laid end to end once, for the norm (one reduction, read back once), the clipping
+            // (one product) and the update (the same ops, so the same bits, as tensor by tensor)
+            self.opt.check_gradients(&grads)?;
+            let mut g = end_to_end(&grads)?;
+            if let Some(s) = clip(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) {
+                g = (g * s)?;
+            }
+            self.opt.step_end_to_end(&g, lr)?;
+        }
         let window_loss = std::mem::take(&mut self.window_loss) as f32;
         self.report.learning_rates.push(lr);
         self.report.step_losses.push(window_loss);
