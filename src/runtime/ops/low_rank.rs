@@ -27,8 +27,9 @@ pub struct LowRankSegment {
 }
 
 /// `y_s = scale_s · (h_s A_sᵀ) B_sᵀ` for every segment `s` of the rows of `h` `[n, in]`, in
-/// order. Returns `[n, out]` in f32; every segment's value is computed from its own factors
-/// at its own shapes, as it would be alone. Differentiable with respect to `h` and every
+/// order. Returns `[n, out]` in f32; every segment's value is computed from its own factors,
+/// on the CPU at its own shapes, as it would be alone (bit for bit); off the CPU as one padded
+/// batch ([`low_rank_forward`]), equal to it alone to rounding. Differentiable with respect to `h` and every
 /// factor (`h`'s gradient in `h`'s dtype), its products then those of training
 /// (`Products::Kernel`); when nothing tracks a gradient (inference), no graph is recorded
 /// and the library computes the products with the factors where they lie
@@ -115,7 +116,10 @@ fn checked_width(h: &Tensor, segments: &[LowRankSegment], op: &str) -> Result<us
 /// the row count would make a generated row's numbers depend on how many rows of its adapter
 /// share the batch, and a trained sequence's on whether it trains alone or in a group. (The
 /// library's own small-matrix kernels still depend on the shape; for generation, exactness
-/// across batch compositions rests on `tests/grouped.rs`, see the README.)
+/// across batch compositions rests on `tests/grouped.rs`, see the README.) Off the CPU,
+/// where a pass's segments run as one padded batch in training and inference alike
+/// ([`low_rank_forward`]), a sequence's numbers depend on its batch by rounding, as the
+/// frozen products' already do there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Products {
     /// OpenBLAS (or candle) with the factors where they lie: inference, where a decoding
@@ -130,12 +134,13 @@ pub(crate) enum Products {
     Kernel,
 }
 
-/// What a low-rank forward keeps for its backward: each segment's scaled `u`
-/// ([`segmented_low_rank_forward`]), or off the CPU the pass's padded batch
-/// ([`PaddedUpdate`]).
+/// What a low-rank forward keeps for its backward.
 #[derive(Debug)]
 pub(crate) enum KeptUpdate {
+    /// Each segment's scaled `u` `[len, r]` ([`segmented_low_rank_forward`]; `None` for a
+    /// segment without factors, and for every segment in inference).
     Segments(Vec<Option<Tensor>>),
+    /// Off the CPU, the pass's padded batch ([`padded_forward`]).
     Padded(PaddedUpdate),
 }
 
@@ -148,8 +153,11 @@ impl Default for KeptUpdate {
 /// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
 /// `[n, out]`, and what its backward ([`low_rank_backward`]) needs. Off the CPU, when every
 /// segment of two or more has factors and rows, all of them run as one padded batch
-/// ([`padded_forward`]); otherwise each segment at its own shapes
+/// ([`padded_forward`], which needs neither `out` nor `products`: its products are the
+/// device's batched ones); otherwise each segment at its own shapes
 /// ([`segmented_low_rank_forward`]).
+///
+/// Errors: [`segmented_low_rank_forward`]'s, or a device error.
 pub(crate) fn low_rank_forward(h: &Tensor, segments: &[LowRankSegment], out: usize, products: Products) -> Result<(Tensor, KeptUpdate)> {
     if pads_updates(h, segments) {
         let (y, p) = padded_forward(h, segments)?;
@@ -159,10 +167,12 @@ pub(crate) fn low_rank_forward(h: &Tensor, segments: &[LowRankSegment], out: usi
     Ok((y, KeptUpdate::Segments(u)))
 }
 
-/// [`low_rank_forward`]'s gradients for output gradient `g` `[n, out]`: `h`'s `[n, in]` in f32
-/// and each factored segment's `(dA, dB)`, in order.
+/// [`low_rank_forward`]'s gradients for output gradient `g` `[n, out]`, given its input `h`
+/// `[n, in]` (f32) again: `h`'s gradient `[n, in]` in f32 and each factored segment's
+/// `(dA, dB)`, in order.
 ///
-/// Errors: `kept` from other segments, or `g` not `[n, out]`.
+/// Errors: `kept` from a forward over other segments (their rows or ranks), `h` or `g` not of
+/// the segments' rows, or `g` not `[n, out]`.
 #[allow(clippy::type_complexity)]
 pub(crate) fn low_rank_backward(
     h: &Tensor,
@@ -173,15 +183,20 @@ pub(crate) fn low_rank_backward(
     match kept {
         KeptUpdate::Segments(u) => segmented_low_rank_backward(h, segments, u, g),
         KeptUpdate::Padded(p) => {
-            if p.ranks.len() != segments.len() || p.rows.scatter.dim(0)? != g.dim(0)? {
+            let lens: Vec<usize> = segments.iter().map(|s| s.len).collect();
+            let ranks = segments.iter().map(|s| s.factors.as_ref().map_or(Ok(0), |(a, _)| a.dim(0))).collect::<Result<Vec<_>>>()?;
+            if p.rows.lens != lens || p.ranks != ranks {
                 candle_core::bail!(
-                    "low_rank_backward: a padded forward of {} segments for {} segments, {} rows",
-                    p.ranks.len(),
-                    segments.len(),
-                    g.dim(0)?
+                    "low_rank_backward: a padded forward over segments of rows {:?} and ranks {:?}, for rows {lens:?} and ranks {ranks:?}",
+                    p.rows.lens,
+                    p.ranks
                 );
             }
-            padded_backward(p, g)
+            let n: usize = lens.iter().sum();
+            if h.dim(0)? != n || g.dims2()? != (n, p.b.dim(1)?) {
+                candle_core::bail!("low_rank_backward: h {:?} and g {:?} for {n} rows", h.dims(), g.dims());
+            }
+            padded_backward(p, h, g)
         }
     }
 }
@@ -195,13 +210,12 @@ fn pads_updates(h: &Tensor, segments: &[LowRankSegment]) -> bool {
 
 /// A pass's factored segments as one batch ([`PaddedRows`]), kept from [`padded_forward`] for
 /// [`padded_backward`]. Ranks are padded with zeros to the largest, `r`: a padded `A` row and
-/// `B` column add exact zeros to every product, so each segment's values are its own (to the
-/// summation order of the device's batched products).
+/// `B` column add exact zeros to every product, so each segment's values are its own up to
+/// rounding: the device's batched products sum in their own order, and the scale is applied
+/// to `h Aᵀ` (`(s · h Aᵀ) Bᵀ`) where the per-segment path scales the result.
 #[derive(Debug)]
 pub(crate) struct PaddedUpdate {
     rows: PaddedRows,
-    /// `[S, L, in]`: each segment's inputs, padded.
-    h: Tensor,
     /// `[S, r, in]`: the segments' `A`, stacked.
     a: Tensor,
     /// `[S, out, r]`: the segments' `B`, stacked.
@@ -216,9 +230,11 @@ pub(crate) struct PaddedUpdate {
 
 /// Every segment's update in one batch: `u = scale · h_pad Aᵀ` `[S, L, r]`, `y = u Bᵀ`
 /// `[S, L, out]`, unpadded to `[n, out]`. Each `A`, `B` is stacked once here (a copy a
-/// segment) and the products are two batched calls, where segment by segment they were ~5
-/// kernels a segment. The factors are read detached: the callers' own backward gives their
-/// gradients.
+/// segment, and for a segment of a lower rank its zeros and one more copy) and the products
+/// are two batched calls, where segment by segment they were ~5 kernels a segment. The
+/// factors are read detached: the callers' own backward gives their gradients.
+///
+/// Errors: a segment without factors or rows, or factors that do not fit `h`.
 fn padded_forward(h: &Tensor, segments: &[LowRankSegment]) -> Result<(Tensor, PaddedUpdate)> {
     let lens: Vec<usize> = segments.iter().map(|s| s.len).collect();
     let rows = PaddedRows::new(&lens, h.device(), DType::F32)?;
@@ -234,22 +250,25 @@ fn padded_forward(h: &Tensor, segments: &[LowRankSegment]) -> Result<(Tensor, Pa
     let a = Tensor::stack(&factors.iter().zip(&ranks).map(|((a, _), &ra)| a.pad_with_zeros(0, 0, r - ra)).collect::<Result<Vec<_>>>()?, 0)?;
     let b = Tensor::stack(&factors.iter().zip(&ranks).map(|((_, b), &rb)| b.pad_with_zeros(1, 0, r - rb)).collect::<Result<Vec<_>>>()?, 0)?;
     let scale = Tensor::from_vec(segments.iter().map(|s| s.scale as f32).collect::<Vec<_>>(), (segments.len(), 1, 1), h.device())?;
-    let hp = rows.batch(h)?;
     // [S, L, in] x [S, in, r] -> [S, L, r], then [S, L, r] x [S, r, out] -> [S, L, out]
-    let u = bmm(&hp, &a, false, true)?.broadcast_mul(&scale)?;
+    let u = bmm(&rows.batch(h)?, &a, false, true)?.broadcast_mul(&scale)?;
     let y = rows.unbatch(&bmm(&u, &b, false, true)?)?;
-    Ok((y, PaddedUpdate { rows, h: hp, a, b, scale, u, ranks }))
+    Ok((y, PaddedUpdate { rows, a, b, scale, u, ranks }))
 }
 
-/// [`padded_forward`]'s gradients for output gradient `g` `[n, out]`: `dh` `[n, in]` and each
-/// segment's `(dA [r_s, in], dB [out, r_s])`, its rank's part of the batch's. The padding rows'
-/// gradient is zeroed first, so their inputs (copies of a real row) add nothing to `dA`, `dB`.
+/// [`padded_forward`]'s gradients for its input `h` `[n, in]` and output gradient `g`
+/// `[n, out]`: `dh` `[n, in]` and each segment's `(dA [r_s, in], dB [out, r_s])`, its rank's
+/// part of the batch's. The padding rows' gradient is zeroed first, so their inputs (copies
+/// of a real row) add nothing to `dA`, `dB`. (`h` is gathered again rather than kept: a
+/// padded copy per targeted projection per layer would outlive the forward.)
+///
+/// Errors: `h` or `g` not of the batch's rows (checked by [`low_rank_backward`]).
 #[allow(clippy::type_complexity)]
-fn padded_backward(p: &PaddedUpdate, g: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+fn padded_backward(p: &PaddedUpdate, h: &Tensor, g: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
     let g = p.rows.batch(&g.to_dtype(DType::F32)?)?.broadcast_mul(&p.rows.valid)?; // [S, L, out]
     let du = bmm(&g, &p.b, false, false)?.broadcast_mul(&p.scale)?; // [S, L, r]
     let dh = p.rows.unbatch(&bmm(&du, &p.a, false, false)?)?; // [n, in]
-    let da = bmm(&du, &p.h, true, false)?; // [S, r, in]
+    let da = bmm(&du, &p.rows.batch(h)?, true, false)?; // [S, r, in]
     let db = bmm(&g, &p.u, true, false)?; // [S, out, r]
     let dfactors = p
         .ranks
@@ -674,7 +693,7 @@ mod tests {
         let segments: Vec<LowRankSegment> =
             shapes.iter().map(|&(len, r, scale)| LowRankSegment { len, factors: Some(factor(r)), scale }).collect();
         let (y, p) = padded_forward(&h, &segments).unwrap();
-        let (dh, dfactors) = padded_backward(&p, &g).unwrap();
+        let (dh, dfactors) = padded_backward(&p, &h, &g).unwrap();
         assert_eq!((y.dims(), dh.dims(), dfactors.len()), (&[n, out][..], &[n, in_dim][..], 4));
         let mut start = 0;
         for (i, s) in segments.iter().enumerate() {
@@ -691,10 +710,20 @@ mod tests {
             close(db, &gs.t().unwrap().matmul(&u).unwrap(), 1e-5);
             start += s.len;
         }
-        // through the kept state: another pass's gradient is refused
+        // through the kept state: the same gradients, and another pass's segments refused
         let kept = KeptUpdate::Padded(p);
+        let (dh2, _) = low_rank_backward(&h, &segments, &kept, &g).unwrap();
+        assert_eq!(max_diff(&dh2, &dh), 0.0);
         assert!(low_rank_backward(&h, &segments[..3], &kept, &g).is_err(), "three segments for a pass of four");
         assert!(low_rank_backward(&h, &segments, &kept, &g.narrow(0, 0, 30).unwrap()).is_err(), "30 rows for 40");
+        let mut moved = segments.clone();
+        (moved[0].len, moved[2].len) = (8, 18);
+        let err = low_rank_backward(&h, &moved, &kept, &g).unwrap_err().to_string();
+        assert!(err.contains("rows [7, 1, 19, 13]"), "the same rows split otherwise: {err}");
+        let mut ranked = segments.clone();
+        ranked[3].factors = Some(factor(4));
+        let err = low_rank_backward(&h, &ranked, &kept, &g).unwrap_err().to_string();
+        assert!(err.contains("ranks [8, 4, 16, 2]"), "another rank: {err}");
         // a segment without factors cannot be padded
         let mut bare = segments.clone();
         bare[1].factors = None;

@@ -18,9 +18,10 @@
 //!   small and recomputing them was half of attention's backward);
 //! - [`lm_head_cross_entropy`]: logits are never materialised in the graph;
 //! - [`segmented_attention`] and [`segmented_low_rank`]: one op for all sequences of a
-//!   packed batch, each at its own shapes, the sequences split between the cores
-//!   ([`par_segments`]); a short sequence's attention in f32 on the CPU is computed one
-//!   query row at a time (`short_attention`);
+//!   packed batch, on the CPU each at its own shapes, the sequences split between the cores
+//!   ([`par_segments`]), a short sequence's attention in f32 computed one query row at a
+//!   time (`short_attention`); off the CPU all sequences padded into one batch
+//!   ([`PaddedRows`]), equal to each alone to rounding;
 //! - [`segmented_rope_attention`]: the same straight from the q, k and v projections, with
 //!   the rotary embedding, heads split and merged on the fly;
 //! - [`cached_attention`], forward only (inference): a decoding step's attention read from
@@ -872,6 +873,8 @@ struct PaddedRows {
     scatter: Tensor,
     /// `[S, L, 1]`: 1 on a segment's rows, 0 on padding, in the dtype asked for.
     valid: Tensor,
+    /// Each segment's rows, in order.
+    lens: Vec<usize>,
     /// `S`, the segments.
     count: usize,
     /// `L`, the longest segment's rows.
@@ -904,18 +907,19 @@ impl PaddedRows {
             gather: Tensor::from_vec(gather, count * longest, device)?,
             scatter: Tensor::from_vec(scatter, n, device)?,
             valid: Tensor::from_vec(valid, (count, longest, 1), device)?.to_dtype(dtype)?,
+            lens: lens.to_vec(),
             count,
             longest,
         })
     }
 
-    /// `[n, w]` → `[S, L, w]`.
+    /// `[n, w]` → `[S, L, w]`. Errors: `t` not 2-D, or not `n` rows.
     fn batch(&self, t: &Tensor) -> Result<Tensor> {
         let w = t.dim(1)?;
         t.contiguous()?.index_select(&self.gather, 0)?.reshape((self.count, self.longest, w))
     }
 
-    /// `[S, L, w]` → `[n, w]`, the padding rows dropped.
+    /// `[S, L, w]` → `[n, w]`, the padding rows dropped. Errors: `t` not `[S, L, w]`.
     fn unbatch(&self, t: &Tensor) -> Result<Tensor> {
         let w = t.dim(2)?;
         t.contiguous()?.reshape((self.count * self.longest, w))?.index_select(&self.scatter, 0)
@@ -1088,9 +1092,11 @@ pub(crate) fn segmented_attention_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, g.contiguous()?);
     if pads_segments(&q, segments) {
+        // the forward's layout, if it was built for these segments
+        let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
         return match &saved.1 {
-            Some(p) => padded_attention_backward(&q, &k, &v, p, &g),
-            None => padded_attention_backward(&q, &k, &v, &PaddedSegments::new(segments, masks, q.device(), q.dtype())?, &g),
+            Some(p) if p.rows.lens == lens => padded_attention_backward(&q, &k, &v, p, &g),
+            _ => padded_attention_backward(&q, &k, &v, &PaddedSegments::new(segments, masks, q.device(), q.dtype())?, &g),
         };
     }
     let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();

@@ -257,6 +257,8 @@ impl AdamW {
 }
 
 /// `ts` flattened and laid end to end, `[Σ elements]` (a copy each, one kernel each on a GPU).
+///
+/// Errors: no tensors, or tensors of different dtypes or devices.
 pub fn end_to_end(ts: &[Tensor]) -> candle_core::Result<Tensor> {
     Tensor::cat(&ts.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?, 0)
 }

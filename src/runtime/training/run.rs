@@ -238,12 +238,15 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
             .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
             .collect::<candle_core::Result<_>>()?;
         let lr = linear_lr(self.cfg.learning_rate, self.step, self.total);
-        let clip =
-            |norm: f64| (self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm).then(|| self.cfg.max_grad_norm / (norm + 1e-6));
+        // the factor that clips a global norm above `max_grad_norm` (none when clipping is off)
+        let max = self.cfg.max_grad_norm;
+        let clip = |norm: f64| (norm > max).then(|| max / (norm + 1e-6));
         if grads.first().is_none_or(|g| g.device().is_cpu()) {
             // 3. clip the global gradient norm
-            if let Some(s) = clip(squared_norm_all(&grads)?.sqrt()) {
-                grads = grads.iter().map(|g| g * s).collect::<candle_core::Result<_>>()?;
+            if max > 0.0 {
+                if let Some(s) = clip(squared_norm_all(&grads)?.sqrt()) {
+                    grads = grads.iter().map(|g| g * s).collect::<candle_core::Result<_>>()?;
+                }
             }
             // 4. AdamW update at the linearly decayed learning rate
             self.opt.step(&grads, lr)?;
@@ -253,8 +256,10 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
             // (one product) and the update (the same ops, so the same bits, as tensor by tensor)
             self.opt.check_gradients(&grads)?;
             let mut g = end_to_end(&grads)?;
-            if let Some(s) = clip(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) {
-                g = (g * s)?;
+            if max > 0.0 {
+                if let Some(s) = clip(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) {
+                    g = (g * s)?;
+                }
             }
             self.opt.step_end_to_end(&g, lr)?;
         }
