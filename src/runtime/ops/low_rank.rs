@@ -205,7 +205,12 @@ pub(crate) fn low_rank_backward(
 /// kernels a segment's update launches, forward and backward, costs its launch whatever its
 /// size), two segments or more, every one with rows and factors.
 fn pads_updates(h: &Tensor, segments: &[LowRankSegment]) -> bool {
-    !h.device().is_cpu() && segments.len() > 1 && segments.iter().all(|s| s.len > 0 && s.factors.is_some())
+    !h.device().is_cpu() && paddable(segments)
+}
+
+/// [`pads_updates`]' condition on the segments (apart, so a CPU test can check it).
+fn paddable(segments: &[LowRankSegment]) -> bool {
+    segments.len() > 1 && segments.iter().all(|s| s.len > 0 && s.factors.is_some())
 }
 
 /// A pass's factored segments as one batch ([`PaddedRows`]), kept from [`padded_forward`] for
@@ -715,7 +720,10 @@ mod tests {
         let (dh2, _) = low_rank_backward(&h, &segments, &kept, &g).unwrap();
         assert_eq!(max_diff(&dh2, &dh), 0.0);
         assert!(low_rank_backward(&h, &segments[..3], &kept, &g).is_err(), "three segments for a pass of four");
-        assert!(low_rank_backward(&h, &segments, &kept, &g.narrow(0, 0, 30).unwrap()).is_err(), "30 rows for 40");
+        let err = low_rank_backward(&h, &segments, &kept, &g.narrow(0, 0, 30).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("for 40 rows"), "g of 30 rows for 40: {err}");
+        let err = low_rank_backward(&h.narrow(0, 0, 30).unwrap(), &segments, &kept, &g).unwrap_err().to_string();
+        assert!(err.contains("for 40 rows"), "h of 30 rows for 40: {err}");
         let mut moved = segments.clone();
         (moved[0].len, moved[2].len) = (8, 18);
         let err = low_rank_backward(&h, &moved, &kept, &g).unwrap_err().to_string();
@@ -724,10 +732,14 @@ mod tests {
         ranked[3].factors = Some(factor(4));
         let err = low_rank_backward(&h, &ranked, &kept, &g).unwrap_err().to_string();
         assert!(err.contains("ranks [8, 4, 16, 2]"), "another rank: {err}");
-        // a segment without factors cannot be padded
+        // a segment without factors cannot be padded, nor an empty one, and one alone is not
         let mut bare = segments.clone();
         bare[1].factors = None;
         assert!(padded_forward(&h, &bare).unwrap_err().to_string().contains("segment 1 has no factors"));
+        let mut empty = segments.clone();
+        empty[2].len = 0;
+        assert!(paddable(&segments) && paddable(&segments[1..3]));
+        assert!(!paddable(&bare) && !paddable(&empty) && !paddable(&segments[..1]) && !paddable(&[]));
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

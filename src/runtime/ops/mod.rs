@@ -1029,7 +1029,12 @@ fn padded_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: &PaddedSegme
 /// launches dominate; the CPU keeps each segment at its own shapes (grouped training there
 /// equals solo bit for bit).
 fn pads_segments(q: &Tensor, segments: &[(usize, usize)]) -> bool {
-    !q.device().is_cpu() && segments.len() > 1 && segments.iter().all(|s| s.1 > 0)
+    !q.device().is_cpu() && paddable(segments)
+}
+
+/// [`pads_segments`]' condition on the segments (apart, so a CPU test can check it).
+fn paddable(segments: &[(usize, usize)]) -> bool {
+    segments.len() > 1 && segments.iter().all(|s| s.1 > 0)
 }
 
 /// [`segmented_attention`]'s value (segments already checked), and the probabilities it
@@ -1463,6 +1468,9 @@ mod tests {
         let want = attention_forward(&part(&q), &part(&k), &part(&v), Some(&square)).unwrap();
         let gap = (y.narrow(2, 10, 4).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(gap <= 1e-5, "a broadcast mask: gap {gap}");
+        // only two segments or more, none empty, are padded
+        assert!(paddable(&segments) && paddable(&segments[..2]));
+        assert!(!paddable(&segments[..1]) && !paddable(&[(0, 14), (14, 0)]) && !paddable(&[]));
         // an empty segment is refused, not read past the end
         let err = PaddedSegments::new(&[(0, 14), (14, 0)], &[Some(causal(14)), None], &dev, DType::F32).unwrap_err().to_string();
         assert!(err.contains("segment 1 is empty"), "{err}");
