@@ -10,7 +10,9 @@
 //!
 //! On a GPU (`SELFEDIT_TEST_DEVICE=cuda:0`, a `--features cuda` build) the model runs in bf16
 //! and cuBLAS may pick another kernel, so another summation order, for a matrix of more rows;
-//! each product is rounded to bf16 (8 bits of mantissa, 0.4%). AdamW divides each entry's step
+//! attention and the low-rank updates run over a pass's sequences padded into one batch, so
+//! a sequence's products are no longer at its own shapes; each product is rounded to bf16 (8
+//! bits of mantissa, 0.4%). AdamW divides each entry's step
 //! by its own gradient's scale, so an entry whose gradient is near zero moves by up to the
 //! learning rate per step in whichever direction the rounding points: the weights can differ
 //! by several steps' worth where the losses barely do. There the test asks the loss curves and

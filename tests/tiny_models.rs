@@ -122,8 +122,7 @@ fn lora_gradients_match_finite_differences() {
 #[test]
 #[ignore]
 fn gpu_agrees_with_cpu_and_trains() {
-    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
-    let dev = selfedit::runtime::device::parse_device(&spec).unwrap();
+    let (spec, dev) = common::device_or("cuda:0");
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("qwen3");
     write_tiny_checkpoint(dir.path(), &cfg, 11);
@@ -199,8 +198,7 @@ fn gpu_agrees_with_cpu_and_trains() {
 #[ignore]
 fn gpu_segments_attend_as_each_alone() {
     use selfedit::runtime::ops::{attention, segmented_attention};
-    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
-    let dev = selfedit::runtime::device::parse_device(&spec).unwrap();
+    let (spec, dev) = common::device_or("cuda:0");
     let dtype = selfedit::runtime::device::default_dtype(&dev);
     let (heads, kv, d) = (4, 2, 16);
     let segments = [(0, 5), (5, 1), (6, 12), (18, 7)];
@@ -256,8 +254,7 @@ fn gpu_segments_attend_as_each_alone() {
 #[ignore]
 fn gpu_low_rank_segments_update_as_each_alone() {
     use selfedit::runtime::ops::{segmented_low_rank, LowRankSegment};
-    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
-    let dev = selfedit::runtime::device::parse_device(&spec).unwrap();
+    let (spec, dev) = common::device_or("cuda:0");
     let (in_dim, out) = (64, 48);
     let var = |shape: (usize, usize)| candle_core::Var::randn(0f32, 1.0, shape, &dev).unwrap();
     // (rows, rank, scale)

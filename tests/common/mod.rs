@@ -40,8 +40,15 @@ pub fn smollm() -> &'static LoadedModel {
 
 /// The device of [`smollm`]: `$SELFEDIT_TEST_DEVICE` (`cpu`, `cuda:N`), the CPU when unset.
 pub fn test_device() -> Device {
-    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    selfedit::runtime::device::parse_device(&spec).expect("SELFEDIT_TEST_DEVICE")
+    device_or("cpu").1
+}
+
+/// `$SELFEDIT_TEST_DEVICE` as written (`default` when unset) and the device it names: the
+/// ignored GPU tests take `cuda:0` by default.
+pub fn device_or(default: &str) -> (String, Device) {
+    let spec = std::env::var("SELFEDIT_TEST_DEVICE").unwrap_or_else(|_| default.into());
+    let dev = selfedit::runtime::device::parse_device(&spec).expect("SELFEDIT_TEST_DEVICE");
+    (spec, dev)
 }
 
 pub fn data(name: &str) -> PathBuf {

@@ -29,8 +29,8 @@ pub struct LowRankSegment {
 /// `y_s = scale_s · (h_s A_sᵀ) B_sᵀ` for every segment `s` of the rows of `h` `[n, in]`, in
 /// order. Returns `[n, out]` in f32; every segment's value is computed from its own factors,
 /// on the CPU at its own shapes, as it would be alone (bit for bit); off the CPU as one padded
-/// batch ([`low_rank_forward`]), equal to it alone to rounding. Differentiable with respect to `h` and every
-/// factor (`h`'s gradient in `h`'s dtype), its products then those of training
+/// batch ([`low_rank_forward`]), equal to it alone to rounding. Differentiable with respect to
+/// `h` and every factor (`h`'s gradient in `h`'s dtype), its products then those of training
 /// (`Products::Kernel`); when nothing tracks a gradient (inference), no graph is recorded
 /// and the library computes the products with the factors where they lie
 /// (`Products::Library`).

@@ -1096,15 +1096,14 @@ pub(crate) fn segmented_attention_backward(
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, g.contiguous()?);
+    let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     if pads_segments(&q, segments) {
         // the forward's layout, if it was built for these segments
-        let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
         return match &saved.1 {
             Some(p) if p.rows.lens == lens => padded_attention_backward(&q, &k, &v, p, &g),
             _ => padded_attention_backward(&q, &k, &v, &PaddedSegments::new(segments, masks, q.device(), q.dtype())?, &g),
         };
     }
-    let lens: Vec<usize> = segments.iter().map(|s| s.1).collect();
     let batched = |i: usize| {
         let s = segments[i];
         attention_backward(&segment_of(&q, s)?, &segment_of(&k, s)?, &segment_of(&v, s)?, masks[i].as_ref(), &segment_of(&g, s)?)
