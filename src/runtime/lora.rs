@@ -448,9 +448,16 @@ mod tests {
         let live = lora.delta(1, Proj::QProj, &x).unwrap().unwrap();
         let frozen = Frozen(&lora).delta(1, Proj::QProj, &x).unwrap().unwrap();
         assert!(live.track_op() && !frozen.track_op());
-        let diff: f32 = (live - &frozen).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert_eq!(diff, 0.0);
-        assert!(frozen.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        // Training's products (the f32 kernel where it fits) and inference's (the library)
+        // agree to float summation order. With OpenBLAS, which sums this rank-4 reduction in
+        // the kernel's order, bit for bit; built without it (candle's gemm), one ulp apart here.
+        let diff: f32 = (live - &frozen).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let largest: f32 = frozen.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(largest > 0.0);
+        assert!(diff <= 1e-6 * largest, "frozen update {diff} from the live one, largest entry {largest}");
+        if crate::runtime::blas::ENABLED {
+            assert_eq!(diff, 0.0);
+        }
         assert!(Frozen(&lora).delta(1, Proj::KProj, &x).unwrap().is_none());
         // and in factored form (what a packed batch of adapters takes), cut from the graph too
         match Frozen(&lora).low_rank(1, Proj::QProj, 3).unwrap() {

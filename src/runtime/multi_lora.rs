@@ -333,7 +333,13 @@ mod tests {
         let live = rows.delta(0, Proj::QProj, &x).unwrap().unwrap();
         let frozen = crate::runtime::model::Frozen(&rows).delta(0, Proj::QProj, &x).unwrap().unwrap();
         assert!(live.track_op() && !frozen.track_op());
-        assert_eq!((live - frozen).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // to float summation order, bit for bit with OpenBLAS (as `Frozen`'s own test says)
+        let largest = frozen.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (live - frozen).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(largest > 0.0 && diff <= 1e-6 * largest, "frozen update {diff} from the live one, largest entry {largest}");
+        if crate::runtime::blas::ENABLED {
+            assert_eq!(diff, 0.0);
+        }
         assert!(rows.low_rank_parts(0, Proj::QProj, (1, 15)).is_err());
     }
 
