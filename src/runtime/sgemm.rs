@@ -35,6 +35,12 @@ const KC: usize = 256;
 /// once per such chunk of rows). Measured here at 440 × 576 -> 1,536 with weights read from
 /// memory: 120, 240 and all rows at once were within the machine's noise, 240 slightly ahead.
 const MC: usize = 240;
+/// Column panels whose outputs stay in L2 across the reduction passes: 48 panels are 1,536
+/// columns (the widest projection), so a chunk of [`MC`] rows keeps 1.5 MB of outputs there.
+/// A wider product (the LM head, 49,152 columns) runs group after group: each group's
+/// outputs take all their passes before the next group's start, where walking all panels
+/// per pass wrote and read back 25 MB of outputs per pass at 128 rows.
+const NC_PANELS: usize = 48;
 /// Products of at least this many multiply-adds are split over [`crate::runtime::blas::threads`]
 /// threads by column panels ([`crate::runtime::parallel::split_units`]).
 const THREADED_PRODUCT: usize = 1 << 23;
@@ -265,7 +271,9 @@ unsafe fn product_into(terms: &[Term], m: usize, n: usize, threads: usize, c: *m
 }
 
 /// Panels `[from, to)` of `c` (`[m, n]`, row-major) = `Σ a_t @ B_t`, by the reduction
-/// `passes` `(term, first index)` in order, the first storing and the others adding.
+/// `passes` `(term, first index)` in order, the first storing and the others adding: chunks
+/// of [`MC`] rows, in each groups of [`NC_PANELS`] panels, each group through all the passes
+/// (the order of the loops changes no sum: every value's passes run in order).
 ///
 /// # Safety
 /// Each term's `a` is `m × k` and its `b` holds `k × n` values; `c` has room for `m * n` f32
@@ -273,42 +281,47 @@ unsafe fn product_into(terms: &[Term], m: usize, n: usize, threads: usize, c: *m
 unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: usize, c: *mut f32, from: usize, to: usize) {
     for i0 in (0..m).step_by(MC) {
         let i1 = (i0 + MC).min(m);
-        for (s, &(t, p0)) in passes.iter().enumerate() {
-            let Term { a, k, b } = terms[t];
-            let kc = KC.min(k - p0);
-            let blocks = (i1 - i0).div_ceil(MR);
-            for p in from..to {
-                let width = NR.min(n - p * NR);
-                let (bp, ldb) = b.panel(p, width, p0);
-                // The chunk this thread reads next, fetched into L2 while this one is
-                // computed, its rows spread over this chunk's row blocks: the weight streams
-                // from memory, and a chunk's 256 rows of 128 bytes lie 2-6 KB apart in the
-                // row-major layout, where the hardware prefetchers do not follow.
-                let next = if p + 1 < to {
-                    Some((p + 1, s))
-                } else if s + 1 < passes.len() {
-                    Some((from, s + 1))
-                } else if i1 < m {
-                    Some((from, 0))
-                } else {
-                    None
-                };
-                let (pf, pf_ld, pf_kc) = match next {
-                    Some((q, s2)) => {
-                        let (t2, q0) = passes[s2];
-                        let (ptr, ld) = terms[t2].b.panel(q, NR.min(n - q * NR), q0);
-                        (ptr, ld, KC.min(terms[t2].k - q0))
+        for g0 in (from..to).step_by(NC_PANELS) {
+            let g1 = (g0 + NC_PANELS).min(to);
+            for (s, &(t, p0)) in passes.iter().enumerate() {
+                let Term { a, k, b } = terms[t];
+                let kc = KC.min(k - p0);
+                let blocks = (i1 - i0).div_ceil(MR);
+                for p in g0..g1 {
+                    let width = NR.min(n - p * NR);
+                    let (bp, ldb) = b.panel(p, width, p0);
+                    // The chunk this thread reads next, fetched into L2 while this one is
+                    // computed, its rows spread over this chunk's row blocks: the weight streams
+                    // from memory, and a chunk's 256 rows of 128 bytes lie 2-6 KB apart in the
+                    // row-major layout, where the hardware prefetchers do not follow.
+                    let next = if p + 1 < g1 {
+                        Some((p + 1, s))
+                    } else if s + 1 < passes.len() {
+                        Some((g0, s + 1))
+                    } else if g1 < to {
+                        Some((g1, 0))
+                    } else if i1 < m {
+                        Some((from, 0))
+                    } else {
+                        None
+                    };
+                    let (pf, pf_ld, pf_kc) = match next {
+                        Some((q, s2)) => {
+                            let (t2, q0) = passes[s2];
+                            let (ptr, ld) = terms[t2].b.panel(q, NR.min(n - q * NR), q0);
+                            (ptr, ld, KC.min(terms[t2].k - q0))
+                        }
+                        None => (std::ptr::null(), 0, 0),
+                    };
+                    let per_block = pf_kc.div_ceil(blocks);
+                    for (blk, i) in (i0..i1).step_by(MR).enumerate() {
+                        let rows = MR.min(i1 - i);
+                        let ap = a.as_ptr().add(i * k + p0);
+                        let cp = c.add(i * n + p * NR);
+                        let first = (blk * per_block).min(pf_kc);
+                        let prefetch = Prefetch { at: pf.wrapping_add(first * pf_ld), ld: pf_ld, rows: per_block.min(pf_kc - first) };
+                        block(rows, width, ap, k, bp, ldb, kc, cp, n, s > 0, prefetch);
                     }
-                    None => (std::ptr::null(), 0, 0),
-                };
-                let per_block = pf_kc.div_ceil(blocks);
-                for (blk, i) in (i0..i1).step_by(MR).enumerate() {
-                    let rows = MR.min(i1 - i);
-                    let ap = a.as_ptr().add(i * k + p0);
-                    let cp = c.add(i * n + p * NR);
-                    let first = (blk * per_block).min(pf_kc);
-                    let prefetch = Prefetch { at: pf.wrapping_add(first * pf_ld), ld: pf_ld, rows: per_block.min(pf_kc - first) };
-                    block(rows, width, ap, k, bp, ldb, kc, cp, n, s > 0, prefetch);
                 }
             }
         }
@@ -442,7 +455,17 @@ mod tests {
             eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
             return;
         }
-        for &(m, k, n, threads) in &[(1, 5, 16, 1), (13, 70, 48, 2), (25, 2100, 80, 2), (12, 33, 32, 3), (300, 600, 80, 2)] {
+        // the last two wider than a group of panels (`NC_PANELS`), cut into groups on each thread
+        let wide = 2 * NC_PANELS * NR + 16;
+        for &(m, k, n, threads) in &[
+            (1, 5, 16, 1),
+            (13, 70, 48, 2),
+            (25, 2100, 80, 2),
+            (12, 33, 32, 3),
+            (300, 600, 80, 2),
+            (20, 300, wide, 1),
+            (250, 600, wide, 2),
+        ] {
             let x = values(m * k, 1);
             let w = values(n * k, 2);
             // x @ w^T, w [n, k]
@@ -470,6 +493,14 @@ mod tests {
         for i in 0..m {
             let alone = matmul_plain(&x[i * k..(i + 1) * k], 1, &w, k, n, 1).unwrap();
             assert_eq!(alone, tall[i * n..(i + 1) * n], "row {i}");
+        }
+        // rows of a wide product, each against itself alone
+        let (m, k, n) = (250, 300, wide);
+        let (x, wide_w) = (values(m * k, 8), values(n * k, 9));
+        let panels = Panels::transposed(&wide_w, n, k).unwrap();
+        let tall = panels.matmul(&x, m, 2);
+        for i in [0, 131, m - 1] {
+            assert_eq!(panels.matmul(&x[i * k..(i + 1) * k], 1, 1), tall[i * n..(i + 1) * n], "row {i} of a wide product");
         }
         assert!(Panels::transposed(&w, 40, 2100 * 48 / 40).is_none(), "40 columns are not a multiple of 16");
     }

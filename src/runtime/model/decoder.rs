@@ -195,13 +195,11 @@ pub struct Decoder {
     pub norm: Tensor,
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
     pub lm_head: Tensor,
-    /// `lm_head` packed for AMX when the model computes in bf16 ([`Self::set_compute_dtype`]);
-    /// in f32 it stays unpacked (OpenBLAS) for the loss and [`Self::forward_all`].
+    /// `lm_head` laid out once for its products in the model's compute dtype
+    /// ([`Self::set_compute_dtype`]): for AMX in bf16, in the f32 kernel's panels in f32 on
+    /// AVX-512 (+113 MB for SmolLM2); the loss, [`Self::forward_all`] and generation's
+    /// last-position logits all use it. `None`: OpenBLAS / candle's products.
     pub lm_head_packed: Option<Arc<PackedWeight>>,
-    /// In f32 on AVX-512, `lm_head` in the f32 kernel's panels for the last-position logits
-    /// of generation only ([`Self::forward_last`]: a batch's 1-64 rows, where the kernel ran
-    /// ~1.8x OpenBLAS), while the loss's 440-row products keep OpenBLAS; `None` otherwise.
-    pub lm_head_sampling: Option<Arc<PackedWeight>>,
     /// llama.cpp's per-frequency RoPE divisors `[head_dim / 2]` (`rope_freqs.weight`, which
     /// its converter writes for Llama 3.1+ instead of `rope_scaling`); kept so a saved
     /// model carries them.
@@ -262,7 +260,7 @@ impl Decoder {
             None
         };
         let rope = RopeTable::new(cfg, inv_freq, embed_tokens.dtype(), embed_tokens.device())?;
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, lm_head_packed: None, lm_head_sampling: None, rope_freqs, rope })
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, lm_head_packed: None, rope_freqs, rope })
     }
 
     pub fn device(&self) -> &Device {
@@ -286,12 +284,9 @@ impl Decoder {
     /// gradient) in `dtype`, each weight laid out once for them ([`PackedWeight`]):
     /// - bf16: a bf16 copy of each weight beside the f32 one, for SmolLM2-135M 2 × 2 bytes per
     ///   weight, ~540 MB;
-    /// - f32: on a CPU with AVX-512F, each projection's `w^T` cut into panels for
-    ///   [`crate::runtime::sgemm`], for SmolLM2-135M ~425 MB beside the f32 weights; the LM
-    ///   head's loss stays with OpenBLAS, faster than the kernel at its shapes (measured:
-    ///   128-440 rows × 576 -> 49,152), and generation's last-position logits take the kernel
-    ///   ([`Self::lm_head_sampling`], +113 MB). Without AVX-512F, or before this is called,
-    ///   f32 products take OpenBLAS.
+    /// - f32: on a CPU with AVX-512F, each projection's and the LM head's `w^T` cut into
+    ///   panels for [`crate::runtime::sgemm`], for SmolLM2-135M ~425 + 113 MB beside the f32
+    ///   weights. Without AVX-512F, or before this is called, f32 products take OpenBLAS.
     ///
     /// # Errors
     /// Bf16 without AMX ([`crate::runtime::amx::enable`] not called or refused), a model not in
@@ -318,8 +313,7 @@ impl Decoder {
                 packed.push(pack(&self.linear(i, m).weight)?);
             }
         }
-        let lm_head = if dtype.is_f32() { None } else { pack(&self.lm_head)? };
-        let lm_head_sampling = if dtype.is_f32() { pack(&self.lm_head)? } else { None };
+        let lm_head = pack(&self.lm_head)?;
         let mut packed = packed.into_iter();
         for i in 0..self.layers.len() {
             for m in Proj::ALL {
@@ -327,7 +321,6 @@ impl Decoder {
             }
         }
         self.lm_head_packed = lm_head;
-        self.lm_head_sampling = lm_head_sampling;
         Ok(())
     }
 
@@ -533,8 +526,7 @@ impl Decoder {
         let h = self.forward_hidden(batch, cache, lora)?;
         let l = h.dim(1)?;
         let last = h.narrow(1, l - 1, 1)?.squeeze(1)?;
-        let packed = self.lm_head_packed.as_ref().or(self.lm_head_sampling.as_ref());
-        ops::linear(&last, &self.lm_head, packed, None)?.to_dtype(DType::F32)
+        ops::linear(&last, &self.lm_head, self.lm_head_packed.as_ref(), None)?.to_dtype(DType::F32)
     }
 
     /// Logits of every position, `[b, l, vocab]`, in f32.

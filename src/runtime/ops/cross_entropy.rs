@@ -154,7 +154,7 @@ fn rows_cpu(
     if buf.len() != len * vocab {
         candle_core::bail!("lm_head_cross_entropy: {} logits for {len} rows of {vocab}", buf.len());
     }
-    // rows on the cores OpenBLAS leaves idle; each row's loss comes back in row order and is
+    // rows on the cores the product leaves idle; each row's loss comes back in row order and is
     // added to its sequence's total in that order, so the sums do not depend on the split
     let losses = super::split_rows(buf.len(), vocab, vec![&mut buf], |range, mut chunk| {
         simd(
