@@ -393,7 +393,7 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         report(&name("pass_segments"), segments as f64, "");
         passes.push((g, segments, pass, best_peak));
     }
-    // the parts of a mean pass (through OpenBLAS, as training), after the groups, since their
+    // the parts of a mean pass (through the products training uses), after the groups, since their
     // inputs would otherwise count in the groups' peak RSS
     for (g, segments, pass, best_peak) in passes.into_iter().filter(|_| selfedit::runtime::blas::ENABLED && dev.is_cpu()) {
         let (projections, lm_head, attention, low_rank) = pass_parts(m, segments, len.round() as usize)?;

@@ -6,10 +6,10 @@
 //! OpenBLAS (and PyTorch's MKL) reach ~135-150 for the shapes of a LoRA training step, and
 //! those matmuls are nearly all of the step's work. Only contiguous f32 CPU tensors take this
 //! path; anything else (GPU, bf16, strided views) uses candle's matmul. Since the f32 kernel,
-//! OpenBLAS computes the LM head's loss (generation's last-position logits take the
-//! kernel), attention, the low-rank updates of generation (training's take the kernel where
-//! a product's output width is a multiple of 16, see `ops::Products`), and the projections of
-//! a model whose compute dtype was never set or of a CPU without AVX-512.
+//! OpenBLAS computes attention, the low-rank updates of generation (training's take the
+//! kernel where a product's output width is a multiple of 16, see `ops::Products`), and the
+//! projections and LM head of a model whose compute dtype was never set or of a CPU without
+//! AVX-512.
 
 use std::mem::MaybeUninit;
 
@@ -290,7 +290,8 @@ fn kernel_advice(name: &str, avx512: bool, avx2: bool) -> Option<String> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
-    /// OpenBLAS sgemm (or candle's matmul) on the f32 weights.
+    /// The f32 weights: on the AVX-512 kernel ([`crate::runtime::sgemm`]) where the CPU has it,
+    /// else OpenBLAS sgemm (or candle's matmul).
     #[default]
     F32,
     /// The weights rounded to bf16 once and multiplied on AMX tiles with f32 accumulation

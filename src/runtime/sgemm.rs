@@ -455,8 +455,9 @@ mod tests {
             eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
             return;
         }
-        // the last two wider than a group of panels (`NC_PANELS`), cut into groups on each thread
-        let wide = 2 * NC_PANELS * NR + 16;
+        // the last two wider than a group of panels (`NC_PANELS`): 193 panels, the last one 16
+        // wide, cut into groups on one thread and on each of two
+        let wide = 4 * NC_PANELS * NR + 16;
         for &(m, k, n, threads) in &[
             (1, 5, 16, 1),
             (13, 70, 48, 2),

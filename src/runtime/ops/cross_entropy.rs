@@ -68,8 +68,10 @@ pub fn lm_head_cross_entropy_packed(
     // Only the rows with a target go through the LM head. The others' logits would enter no
     // loss and their gradient is zero: an SFT example's prompt, most of its rows. A row's
     // logits depend on that row alone, so leaving the others out changes no number, unless
-    // one row would be left: a product of one row takes another kernel than the same row
-    // among others (`blas::MIN_ROWS`; a 2-token sequence keeps its last row for that reason).
+    // one row would be left: on OpenBLAS (a CPU without AVX-512, or a model whose compute dtype
+    // was never set) a product of one row takes another kernel than the same row among others
+    // (`blas::MIN_ROWS`; a 2-token sequence keeps its last row for that reason). The f32
+    // kernel's rows are independent at any count; the rule costs it nothing.
     let with_target: Vec<u32> = (0..n).filter(|&r| rows[r].0.is_some()).map(|r| r as u32).collect();
     let (hd, rows, scatter) = if with_target.len() < n && with_target.len() >= MIN_ROWS {
         let kept = with_target.iter().map(|&r| rows[r as usize]).collect();

@@ -642,5 +642,24 @@ fn f32_compute_dtype_is_optional_where_the_kernel_cannot_run() {
     assert!(diff < 1e-5, "last-position logits differ from the unpacked product's by {diff}");
     if f32.lm_head_packed.is_some() {
         assert_eq!(max_diff(&last, &all), 0.0, "the packed LM head's last row depends on the rows beside it");
+        // every LM head product reads the packed weight: packed from twice the weight, the
+        // logits double exactly (each term does), and the loss moves with them
+        let mut doubled = f32.clone();
+        let twice = (&f32.lm_head * 2.0).unwrap();
+        doubled.lm_head_packed = Some(std::sync::Arc::new(crate::runtime::blas::PackedWeight::new(&twice, ComputeDtype::F32).unwrap()));
+        let all_twice = (f32.forward_all(&batch, None, None).unwrap() * 2.0).unwrap();
+        assert_eq!(max_diff(&doubled.forward_all(&batch, None, None).unwrap(), &all_twice), 0.0, "forward_all");
+        assert_eq!(max_diff(&doubled.forward_last(&batch, None, None).unwrap(), &(&last * 2.0).unwrap()), 0.0, "forward_last");
+        let loss = |d: &crate::runtime::model::Decoder| -> f32 { d.sequence_loss(&[1, 5, 9, 2], 0, None).unwrap().to_scalar().unwrap() };
+        let packed_losses = |d: &crate::runtime::model::Decoder| -> f32 {
+            d.packed_losses(&[(&[1, 5, 9, 2][..], 0), (&[3, 4, 6][..], 1)], None).unwrap().get(0).unwrap().to_scalar().unwrap()
+        };
+        assert!(
+            (loss(&doubled) - loss(&f32)).abs() > 1e-3,
+            "the loss did not use the packed LM head: {} and {}",
+            loss(&doubled),
+            loss(&f32)
+        );
+        assert!((packed_losses(&doubled) - packed_losses(&f32)).abs() > 1e-3, "packed_losses did not use the packed LM head");
     }
 }
