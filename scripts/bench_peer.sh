@@ -2,7 +2,8 @@
 # Single-adapter LoRA training, selfedit against the Python peer (../shared/bench/peer_bench.py:
 # PyTorch + transformers + PEFT on the same GGUF), back to back and alternating, so both see
 # the same machine state. Prints each run's tokens/s and, at the end, the medians and the
-# ratios to the peer as RESULT lines. Run by `make bench-peer` (PAIRS, DTYPES).
+# ratios to the peer as RESULT lines (runs that shared the cores with another process left
+# out, FOREIGN_LIMIT). Run by `make bench-peer` (PAIRS, DTYPES).
 #
 # The peer's environment (~5.6 GB: PyPI has only the CUDA build of torch, which runs on the
 # CPU) is made once in .peer/ from ../shared/bench/requirements.txt.
@@ -64,23 +65,30 @@ for i in $(seq 1 "$PAIRS"); do
   foreign=$(figure foreign_cores_train peer "$out")
   echo "RESULT peer_train_tokens_per_s_run$i $tps tok/s"
   echo "RESULT peer_foreign_cores_run$i $foreign cores"
-  echo "peer $tps" >>"$log"
+  echo "peer $tps $foreign" >>"$log"
   for dt in $DTYPES; do
     out=$($CARGO bench $BENCH_FLAGS --bench runtime --quiet -- --model "$MODEL" --quick --skip-gen --self-edits 0 --compute-dtype "$dt" 2>&1) || true
     tps=$(figure train_tokens_per_s "selfedit ($dt)" "$out")
     foreign=$(figure foreign_cores_train "selfedit ($dt)" "$out")
     echo "RESULT train_tokens_per_s_${dt}_run$i $tps tok/s"
     echo "RESULT foreign_cores_${dt}_run$i $foreign cores"
-    echo "$dt $tps" >>"$log"
+    echo "$dt $tps $foreign" >>"$log"
   done
 done
-# medians of each column, and each dtype's median over the peer's
-python3 - "$log" <<'EOF'
-import statistics, sys
+# medians of each column, and each dtype's median over the peer's, leaving out runs that
+# shared the cores with another process (foreign_cores above FOREIGN_LIMIT)
+FOREIGN_LIMIT=${FOREIGN_LIMIT:-0.1} python3 - "$log" <<'EOF'
+import os, statistics, sys
+limit = float(os.environ["FOREIGN_LIMIT"])
 runs = {}
 for line in open(sys.argv[1]):
-    who, value = line.split()
+    who, value, foreign = line.split()
+    if float(foreign) > limit:
+        print(f"bench-peer: left out of the medians: {who} at {value} tok/s, {foreign} foreign cores (limit {limit})", file=sys.stderr)
+        continue
     runs.setdefault(who, []).append(float(value))
+if "peer" not in runs or len(runs) < 2:
+    sys.exit("bench-peer: every run of one side shared its cores with another process; no medians")
 peer = statistics.median(runs.pop("peer"))
 print(f"RESULT peer_train_tokens_per_s_median {peer:.1f} tok/s")
 for dtype, values in runs.items():
