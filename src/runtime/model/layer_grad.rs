@@ -202,10 +202,9 @@ fn add_low_rank(y: Tensor, x: &Tensor, u: &mut Update, products: ops::Products) 
     if u.is_untouched() {
         return Ok(y);
     }
-    let (delta, kept) = ops::low_rank_forward(&u.input(x)?, &u.segments, y.dim(candle_core::D::Minus1)?, products)?;
+    let (y, kept) = ops::low_rank_forward_add(&u.input(x)?, &u.segments, y, products)?;
     u.kept = kept;
-    let dtype = y.dtype();
-    ops::add(&y, &delta.to_dtype(dtype)?)
+    Ok(y)
 }
 
 /// [`project`]'s input gradient for output gradient `g` `[n, out]`; each factored
@@ -239,17 +238,12 @@ fn add_low_rank_backward(dx: Tensor, x: &Tensor, g: &Tensor, u: &Update, grads: 
     if u.is_untouched() {
         return Ok(dx);
     }
-    let (dh, dfactors) = ops::low_rank_backward(&u.input(x)?, &u.segments, &u.kept, g)?;
+    let (dx, dfactors) = ops::low_rank_backward_add(&u.input(x)?, &u.segments, &u.kept, g, dx, u.mask.as_ref())?;
     for (da, db) in dfactors {
         grads.push(da.flatten_all()?);
         grads.push(db.flatten_all()?);
     }
-    let dh = match &u.mask {
-        Some(m) => (dh * m)?,
-        None => dh,
-    };
-    let dtype = dx.dtype();
-    ops::add(&dx, &dh.to_dtype(dtype)?)
+    Ok(dx)
 }
 
 /// Heads of `[n, heads * d]` as `[b, heads, l, d]` (a contiguous copy), and back.

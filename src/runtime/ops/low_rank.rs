@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use candle_core::{DType, Tensor};
 
-use super::{bmm, par_segments, with_cpu_f32, Backward3, PaddedRows, Result, Tap};
+use super::{bmm, par_segments, with_cpu_f32, with_cpu_f32_mut, Backward3, PaddedRows, Result, Tap};
 use crate::runtime::parallel::SharedOut;
 use crate::runtime::{blas, sgemm};
 
@@ -313,37 +313,147 @@ pub(crate) fn segmented_low_rank_forward(
         let (ys, us): (Vec<Tensor>, Vec<Option<Tensor>>) = parts.into_iter().unzip();
         return Ok((Tensor::cat(&ys, 0)?, us));
     }
-    let (n, in_dim) = h.dims2()?;
-    let h = h.contiguous()?;
-    let kernel = products == Products::Kernel && kernel_fits(&h, out);
+    let n = h.dim(0)?;
     let mut y: Vec<f32> = Vec::with_capacity(n * out);
-    let y_ptr = SharedOut(y.as_mut_ptr());
-    let us = with_cpu_f32_or(&h, |hv| {
-        par_segments(&lens, |i| {
-            let s = &segments[i];
-            let y_ptr = &y_ptr;
-            // SAFETY: segment i's rows [starts[i], starts[i] + len) of `y` (capacity n × out)
-            // are written by this call alone; segments are disjoint.
-            let ys = unsafe { std::slice::from_raw_parts_mut(y_ptr.0.add(starts[i] * out), s.len * out) };
-            let Some((a, b)) = &s.factors else {
-                ys.fill(0.0);
-                return Ok(None);
-            };
-            if let (true, true, Some(hv)) = (kernel, segment_fits(a, b), hv) {
-                let hs = &hv[starts[i] * in_dim..(starts[i] + s.len) * in_dim];
-                if let Some(u) = kernel_segment_forward(hs, a, b, s.scale, ys)? {
-                    return Ok(Some(Tensor::from_vec(u, (s.len, a.dim(0)?), h.device())?));
-                }
-            }
-            let (ys_t, u) = segment_forward_tensors(&rows_of(&h, hv, starts[i], s.len)?, a, b, s.scale, products)?;
-            copy_into(&ys_t, ys)?;
-            Ok(u)
-        })
-    })?;
-    // SAFETY: every segment wrote all its rows above (zeros, the kernel's product or a copy),
-    // and the segments cover the n rows.
+    let us = cpu_forward(h, segments, out, products, SharedOut(y.as_mut_ptr()), Put::Store)?;
+    // SAFETY: every segment stored all its rows (zeros, the kernel's product or a copy), and
+    // the segments cover the n rows.
     unsafe { y.set_len(n * out) };
     Ok((Tensor::from_vec(y, (n, out), h.device())?, us))
+}
+
+/// [`low_rank_forward`] added to the frozen product `y` `[n, out]`: `y + update`, and what the
+/// backward needs. On the CPU, with `y` a contiguous f32 tensor of its own, in place: each
+/// segment's update is computed into a scratch of its rows and added to `y`'s rows while
+/// they are in cache, one rounding per element as [`super::add`] of the whole update, so the
+/// same bits. Otherwise the update, then [`super::add`].
+///
+/// Why: a grouped pass's updates of all seven projections, written out whole and then read
+/// back by an add that wrote a third tensor, streamed ~3 values per element of every
+/// projection's output through memory ([`Put::Add`]).
+///
+/// Errors: [`low_rank_forward`]'s, and `y` not `[n, out]` for `out` the segments' width.
+pub(crate) fn low_rank_forward_add(h: &Tensor, segments: &[LowRankSegment], y: Tensor, products: Products) -> Result<(Tensor, KeptUpdate)> {
+    let (n, out) = y.dims2()?;
+    let (lens, _) = lens_and_starts(segments);
+    covers(&lens, n, "low_rank_forward_add")?;
+    covers(&lens, h.dim(0)?, "low_rank_forward_add")?;
+    if !in_place(&y) || pads_updates(h, segments) {
+        let (delta, kept) = low_rank_forward(h, segments, out, products)?;
+        return Ok((super::add(&y, &delta.to_dtype(y.dtype())?)?, kept));
+    }
+    let us = with_cpu_f32_mut(&y, |yv| cpu_forward(h, segments, out, products, SharedOut(yv.as_mut_ptr()), Put::Add(None)))
+        .expect("in_place checked a contiguous f32 CPU tensor")?;
+    Ok((y, KeptUpdate::Segments(us)))
+}
+
+/// Whether [`Put::Add`] may write into `t`: a contiguous f32 CPU tensor outside the graph.
+/// (The callers pass tensors they just computed, so no other tensor shares the storage.)
+fn in_place(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && !t.track_op()
+}
+
+/// How a CPU pass puts each segment's rows into its output.
+#[derive(Clone, Copy)]
+enum Put<'m> {
+    /// Stored: the output's rows are uninitialized.
+    Store,
+    /// Added to the values there (`y + update`): computed into a scratch of the segment's
+    /// rows ([`SCRATCH`]), then added, each value first multiplied by the mask's, when given
+    /// (`dx + dh ⊙ m`, `[n, width]`). Rows without factors add zeros.
+    Add(Option<&'m [f32]>),
+}
+
+thread_local! {
+    /// A segment's rows for [`Put::Add`], reused: one sequence's rows of the widest output
+    /// (e.g. 34 × 1536 values) stay in L2, where a fresh `[n, out]` went through memory.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Segment `s`'s rows of an output `width` wide, by `put`: `compute` writes every value of
+/// the slice it is handed (the segment's rows at `start`, or the scratch), then for
+/// [`Put::Add`] they are added to the rows.
+///
+/// # Safety
+/// `out` points at `[n, width]` values of which rows `start .. start + len` are this call's
+/// alone; for [`Put::Add`] they are initialized.
+unsafe fn put_rows<T>(
+    out: &SharedOut,
+    put: Put,
+    start: usize,
+    len: usize,
+    width: usize,
+    compute: impl FnOnce(&mut [f32]) -> Result<T>,
+) -> Result<T> {
+    // SAFETY: passed on from the caller.
+    let rows = unsafe { std::slice::from_raw_parts_mut(out.0.add(start * width), len * width) };
+    let Put::Add(mask) = put else { return compute(rows) };
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < rows.len() {
+            scratch.resize(rows.len(), 0.0);
+        }
+        let delta = &mut scratch[..rows.len()];
+        let value = compute(delta)?;
+        let delta = &*delta;
+        super::simd::simd(
+            #[inline(always)]
+            || match mask {
+                Some(m) => {
+                    for ((y, &d), &m) in rows.iter_mut().zip(delta).zip(&m[start * width..(start + len) * width]) {
+                        *y += d * m;
+                    }
+                }
+                None => {
+                    for (y, &d) in rows.iter_mut().zip(delta) {
+                        *y += d;
+                    }
+                }
+            },
+        );
+        Ok(value)
+    })
+}
+
+/// [`segmented_low_rank_forward`] on the CPU: each segment's `scale · (h_s Aᵀ) Bᵀ` into its
+/// rows of `y` (`[n, out]`) by `put`, over [`par_segments`]' threads; each segment's scaled `u`
+/// (`None` without factors, or in inference) returned.
+fn cpu_forward(
+    h: &Tensor,
+    segments: &[LowRankSegment],
+    out: usize,
+    products: Products,
+    y: SharedOut,
+    put: Put,
+) -> Result<Vec<Option<Tensor>>> {
+    let (lens, starts) = lens_and_starts(segments);
+    let in_dim = h.dim(1)?;
+    let h = h.contiguous()?;
+    let kernel = products == Products::Kernel && kernel_fits(&h, out);
+    with_cpu_f32_or(&h, |hv| {
+        par_segments(&lens, |i| {
+            let s = &segments[i];
+            // SAFETY: segment i's rows [starts[i], starts[i] + len) of `y` are written by this
+            // call alone (segments are disjoint), and the callers hand `put` rows it may use.
+            unsafe {
+                put_rows(&y, put, starts[i], s.len, out, |ys| {
+                    let Some((a, b)) = &s.factors else {
+                        ys.fill(0.0);
+                        return Ok(None);
+                    };
+                    if let (true, true, Some(hv)) = (kernel, segment_fits(a, b), hv) {
+                        let hs = &hv[starts[i] * in_dim..(starts[i] + s.len) * in_dim];
+                        if let Some(u) = kernel_segment_forward(hs, a, b, s.scale, ys)? {
+                            return Ok(Some(Tensor::from_vec(u, (s.len, a.dim(0)?), h.device())?));
+                        }
+                    }
+                    let (ys_t, u) = segment_forward_tensors(&rows_of(&h, hv, starts[i], s.len)?, a, b, s.scale, products)?;
+                    copy_into(&ys_t, ys)?;
+                    Ok(u)
+                })
+            }
+        })
+    })
 }
 
 /// One segment's forward as tensors, the products where the factors lie: `y_s = scale ·
@@ -383,24 +493,14 @@ pub(crate) fn segmented_low_rank_backward(
     u: &[Option<Tensor>],
     g: &Tensor,
 ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-    if u.len() != segments.len() {
-        candle_core::bail!("segmented_low_rank_backward: {} u for {} segments", u.len(), segments.len());
-    }
-    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let g = checked_gradient(h, segments, u, g)?;
     let (lens, starts) = lens_and_starts(segments);
-    covers(&lens, h.dim(0)?, "segmented_low_rank_backward")?;
-    covers(&lens, g.dim(0)?, "segmented_low_rank_backward")?;
-    let check = |i: usize| match (&segments[i].factors, &u[i]) {
-        (Some((a, b)), Some(u)) => Ok(Some((a, b, u))),
-        (None, None) => Ok(None),
-        _ => candle_core::bail!("segmented_low_rank_backward: segment {i}'s u does not match its factors"),
-    };
     if !h.device().is_cpu() {
         // on a GPU: each segment's products where they lie, then one concatenation
         let in_dim = h.dim(1)?;
         let grads = par_segments(&lens, |i| {
             let s = &segments[i];
-            match check(i)? {
+            match segment_with_u(segments, u, i)? {
                 Some((a, b, u)) => {
                     let (dh, da, db) =
                         segment_backward_tensors(&h.narrow(0, starts[i], s.len)?, &g.narrow(0, starts[i], s.len)?, a, b, u, s.scale)?;
@@ -412,41 +512,138 @@ pub(crate) fn segmented_low_rank_backward(
         let (dh, dfactors): (Vec<Tensor>, Vec<Option<(Tensor, Tensor)>>) = grads.into_iter().unzip();
         return Ok((Tensor::cat(&dh, 0)?, dfactors.into_iter().flatten().collect()));
     }
-    let h = h.contiguous()?;
-    let ((n, in_dim), out) = (h.dims2()?, g.dim(1)?);
-    let kernel = kernel_fits(&h, in_dim);
+    let (n, in_dim) = h.dims2()?;
     let mut dh: Vec<f32> = Vec::with_capacity(n * in_dim);
-    let dh_ptr = SharedOut(dh.as_mut_ptr());
+    let dfactors = cpu_backward(h, segments, u, &g, SharedOut(dh.as_mut_ptr()), Put::Store)?;
+    // SAFETY: every segment stored all its rows, and the segments cover the n rows.
+    unsafe { dh.set_len(n * in_dim) };
+    Ok((Tensor::from_vec(dh, (n, in_dim), h.device())?, dfactors))
+}
+
+/// [`low_rank_backward`]'s `h` gradient, times the dropout `mask` `[n, in]` when given, added
+/// to `dx` `[n, in]` (the frozen product's input gradient): `dx + dh ⊙ mask`, and each
+/// factored segment's `(dA, dB)` in order. On the CPU, with `dx` a contiguous f32 tensor of
+/// its own and a per-segment update ([`KeptUpdate::Segments`]), in place, segment by segment
+/// as [`low_rank_forward_add`] (the same roundings as the product and the add in turn, so
+/// the same bits); otherwise [`low_rank_backward`], the mask, then [`super::add`].
+///
+/// Errors: [`low_rank_backward`]'s, and `dx` or `mask` not `[n, in]`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn low_rank_backward_add(
+    h: &Tensor,
+    segments: &[LowRankSegment],
+    kept: &KeptUpdate,
+    g: &Tensor,
+    dx: Tensor,
+    mask: Option<&Tensor>,
+) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    let (n, in_dim) = h.dims2()?;
+    if dx.dims2()? != (n, in_dim) || mask.is_some_and(|m| m.dims() != [n, in_dim]) {
+        candle_core::bail!("low_rank_backward_add: dx {:?} and mask {:?} for h [{n}, {in_dim}]", dx.dims(), mask.map(|m| m.dims()));
+    }
+    let mask = match mask {
+        Some(m) => Some(m.to_dtype(DType::F32)?.contiguous()?),
+        None => None,
+    };
+    let per_segment = match kept {
+        KeptUpdate::Segments(u) => Some(u),
+        KeptUpdate::Padded(_) => None,
+    };
+    let (Some(u), true, true) = (per_segment, in_place(&dx), h.device().is_cpu()) else {
+        let (dh, dfactors) = low_rank_backward(h, segments, kept, g)?;
+        let dh = match &mask {
+            Some(m) => (dh * m)?,
+            None => dh,
+        };
+        return Ok((super::add(&dx, &dh.to_dtype(dx.dtype())?)?, dfactors));
+    };
+    let g = checked_gradient(h, segments, u, g)?;
+    let added = with_cpu_f32_mut(&dx, |dxv| {
+        let into = SharedOut(dxv.as_mut_ptr());
+        match &mask {
+            Some(m) => with_cpu_f32(m, |mv| cpu_backward(h, segments, u, &g, into, Put::Add(Some(mv))))
+                .expect("the mask made a contiguous f32 CPU tensor above"),
+            None => cpu_backward(h, segments, u, &g, into, Put::Add(None)),
+        }
+    });
+    let dfactors = added.expect("in_place checked a contiguous f32 CPU tensor")?;
+    Ok((dx, dfactors))
+}
+
+/// `g` `[n, out]` in f32, contiguous, after checking that there is one `u` per segment and
+/// that the segments cover the rows of `h` and `g`.
+fn checked_gradient(h: &Tensor, segments: &[LowRankSegment], u: &[Option<Tensor>], g: &Tensor) -> Result<Tensor> {
+    if u.len() != segments.len() {
+        candle_core::bail!("segmented_low_rank_backward: {} u for {} segments", u.len(), segments.len());
+    }
+    let (lens, _) = lens_and_starts(segments);
+    covers(&lens, h.dim(0)?, "segmented_low_rank_backward")?;
+    covers(&lens, g.dim(0)?, "segmented_low_rank_backward")?;
+    g.to_dtype(DType::F32)?.contiguous()
+}
+
+/// Segment `i`'s factors and kept `u`, `None` for a segment without factors; an error when
+/// one is there without the other.
+fn segment_with_u<'a>(
+    segments: &'a [LowRankSegment],
+    u: &'a [Option<Tensor>],
+    i: usize,
+) -> Result<Option<(&'a Tensor, &'a Tensor, &'a Tensor)>> {
+    match (&segments[i].factors, &u[i]) {
+        (Some((a, b)), Some(u)) => Ok(Some((a, b, u))),
+        (None, None) => Ok(None),
+        _ => candle_core::bail!("segmented_low_rank_backward: segment {i}'s u does not match its factors"),
+    }
+}
+
+/// [`segmented_low_rank_backward`] on the CPU, for the output gradient `g` `[n, out]` (f32,
+/// contiguous): each segment's `dh_s` into its rows of `dh` (`[n, in]`) by `put`, over
+/// [`par_segments`]' threads; each factored segment's `(dA, dB)` returned in order.
+fn cpu_backward(
+    h: &Tensor,
+    segments: &[LowRankSegment],
+    u: &[Option<Tensor>],
+    g: &Tensor,
+    dh: SharedOut,
+    put: Put,
+) -> Result<Vec<(Tensor, Tensor)>> {
+    let (lens, starts) = lens_and_starts(segments);
+    let h = h.contiguous()?;
+    let ((_, in_dim), out) = (h.dims2()?, g.dim(1)?);
+    let kernel = kernel_fits(&h, in_dim);
     let dfactors = with_cpu_f32_or(&h, |hv| {
-        with_cpu_f32_or(&g, |gv| {
+        with_cpu_f32_or(g, |gv| {
             par_segments(&lens, |i| {
                 let s = &segments[i];
-                let dh_ptr = &dh_ptr;
-                // SAFETY: segment i's rows of `dh` (capacity n × in) are written by this call
-                // alone; segments are disjoint.
-                let dhs = unsafe { std::slice::from_raw_parts_mut(dh_ptr.0.add(starts[i] * in_dim), s.len * in_dim) };
-                let Some((a, b, u)) = check(i)? else {
-                    dhs.fill(0.0);
-                    return Ok(None);
-                };
-                if let (true, true, Some(hv), Some(gv)) = (kernel, segment_fits(a, b), hv, gv) {
-                    let rows = starts[i]..starts[i] + s.len;
-                    let (hs, gs) = (&hv[rows.start * in_dim..rows.end * in_dim], &gv[rows.start * out..rows.end * out]);
-                    if let Some((da, db)) = kernel_segment_backward(hs, gs, a, b, u, s.scale, dhs)? {
-                        let r = a.dim(0)?;
-                        return Ok(Some((Tensor::from_vec(da, (r, in_dim), h.device())?, Tensor::from_vec(db, (out, r), h.device())?)));
-                    }
+                // SAFETY: segment i's rows of `dh` are written by this call alone (segments are
+                // disjoint), and the callers hand `put` rows it may use.
+                unsafe {
+                    put_rows(&dh, put, starts[i], s.len, in_dim, |dhs| {
+                        let Some((a, b, u)) = segment_with_u(segments, u, i)? else {
+                            dhs.fill(0.0);
+                            return Ok(None);
+                        };
+                        if let (true, true, Some(hv), Some(gv)) = (kernel, segment_fits(a, b), hv, gv) {
+                            let rows = starts[i]..starts[i] + s.len;
+                            let (hs, gs) = (&hv[rows.start * in_dim..rows.end * in_dim], &gv[rows.start * out..rows.end * out]);
+                            if let Some((da, db)) = kernel_segment_backward(hs, gs, a, b, u, s.scale, dhs)? {
+                                let r = a.dim(0)?;
+                                return Ok(Some((
+                                    Tensor::from_vec(da, (r, in_dim), h.device())?,
+                                    Tensor::from_vec(db, (out, r), h.device())?,
+                                )));
+                            }
+                        }
+                        let (hs, gs) = (rows_of(&h, hv, starts[i], s.len)?, rows_of(g, gv, starts[i], s.len)?);
+                        let (dh_t, da, db) = segment_backward_tensors(&hs, &gs, a, b, u, s.scale)?;
+                        copy_into(&dh_t, dhs)?;
+                        Ok(Some((da, db)))
+                    })
                 }
-                let (hs, gs) = (rows_of(&h, hv, starts[i], s.len)?, rows_of(&g, gv, starts[i], s.len)?);
-                let (dh_t, da, db) = segment_backward_tensors(&hs, &gs, a, b, u, s.scale)?;
-                copy_into(&dh_t, dhs)?;
-                Ok(Some((da, db)))
             })
         })
     })?;
-    // SAFETY: every segment wrote all its rows above, and the segments cover the n rows.
-    unsafe { dh.set_len(n * in_dim) };
-    Ok((Tensor::from_vec(dh, (n, in_dim), h.device())?, dfactors.into_iter().flatten().collect()))
+    Ok(dfactors.into_iter().flatten().collect())
 }
 
 /// One segment's gradients as tensors, the products where the factors lie: `(dh_s, dA, dB)`
@@ -927,6 +1124,80 @@ mod tests {
             let e = segmented_low_rank_backward(&h, &off, &uk, &g).unwrap_err();
             assert!(e.to_string().contains("segments cover"), "{e}");
         }
+    }
+
+    /// The updates added in place ([`low_rank_forward_add`], [`low_rank_backward_add`]) equal
+    /// the update computed whole and then added ([`super::super::add`]), with the mask's
+    /// product first in the backward, bit for bit: segments on the kernel (ranks 16 and 32),
+    /// off it (rank 8's `h Aᵀ`), without factors (adding zeros turns a `-0.0` into `0.0`, as
+    /// the add did), 71 rows split over two threads; with and without a dropout mask, for
+    /// training's products and inference's. Views that cannot be written in place (a
+    /// transposed `y`) take the add and get the same values; bad shapes are refused.
+    #[test]
+    fn updates_added_in_place_equal_the_update_then_the_add() {
+        let dev = Device::Cpu;
+        let (n, in_dim, out) = (71, 48, 32);
+        let h = Tensor::randn(0f32, 1.0, (n, in_dim), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+        let factors = |r: usize| (Tensor::randn(0f32, 1.0, (r, in_dim), &dev).unwrap(), Tensor::randn(0f32, 1.0, (out, r), &dev).unwrap());
+        let segments = [
+            LowRankSegment { len: 30, factors: Some(factors(16)), scale: 2.0 },
+            LowRankSegment { len: 5, factors: None, scale: 0.0 },
+            LowRankSegment { len: 21, factors: Some(factors(32)), scale: 0.5 },
+            LowRankSegment { len: 15, factors: Some(factors(8)), scale: 1.5 },
+        ];
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // the frozen products' stand-ins, a negative zero in the rows without factors
+        let with_negative_zero = |t: Tensor| {
+            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[31 * t.dim(1).unwrap()] = -0.0;
+            Tensor::from_vec(v, t.dims(), &dev).unwrap()
+        };
+        let y0 = with_negative_zero(Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap());
+        let dx0 = with_negative_zero(Tensor::randn(0f32, 1.0, (n, in_dim), &dev).unwrap());
+        let mask = (Tensor::rand(0f32, 1.0, (n, in_dim), &dev).unwrap().ge(0.3).unwrap().to_dtype(DType::F32).unwrap() / 0.7).unwrap();
+        for products in [Products::Kernel, Products::Library] {
+            let (delta, kept) = low_rank_forward(&h, &segments, out, products).unwrap();
+            let expected = super::super::add(&y0, &delta).unwrap();
+            let (y, kept_add) = low_rank_forward_add(&h, &segments, y0.copy().unwrap(), products).unwrap();
+            assert_eq!(bits(&y), bits(&expected), "{products:?}: forward");
+            let zeros_added: Vec<u32> =
+                bits(&y0.narrow(0, 30, 5).unwrap()).into_iter().map(|b| (f32::from_bits(b) + 0.0).to_bits()).collect();
+            assert_eq!(bits(&y.narrow(0, 30, 5).unwrap()), zeros_added, "zeros added");
+            assert!(zeros_added.contains(&0) && bits(&y0).contains(&(-0f32).to_bits()), "the negative zero is there and made positive");
+            if products == Products::Library {
+                continue;
+            }
+            let (KeptUpdate::Segments(u), KeptUpdate::Segments(u_add)) = (&kept, &kept_add) else { panic!("the CPU keeps segments") };
+            for (a, b) in u.iter().zip(u_add) {
+                assert_eq!(a.as_ref().map(bits), b.as_ref().map(bits), "the kept u");
+            }
+            for m in [None, Some(&mask)] {
+                let (dh, dfactors) = low_rank_backward(&h, &segments, &kept, &g).unwrap();
+                let dh = match m {
+                    Some(m) => (dh * m).unwrap(),
+                    None => dh,
+                };
+                let expected = super::super::add(&dx0, &dh).unwrap();
+                let (dx, dfactors_add) = low_rank_backward_add(&h, &segments, &kept, &g, dx0.copy().unwrap(), m).unwrap();
+                assert_eq!(bits(&dx), bits(&expected), "backward, mask {}", m.is_some());
+                assert_eq!(dfactors.len(), dfactors_add.len());
+                for ((da, db), (da2, db2)) in dfactors.iter().zip(&dfactors_add) {
+                    assert_eq!((bits(da), bits(db)), (bits(da2), bits(db2)), "factor gradients");
+                }
+            }
+        }
+        // a view that is not contiguous takes the add, with the same values
+        let (y, _) = low_rank_forward_add(&h, &segments, y0.t().unwrap().copy().unwrap().t().unwrap(), Products::Kernel).unwrap();
+        let (delta, kept) = low_rank_forward(&h, &segments, out, Products::Kernel).unwrap();
+        assert_eq!(bits(&y), bits(&super::super::add(&y0, &delta).unwrap()), "a transposed y");
+        // shapes that do not match are errors, not rows left out or written past the end
+        let e = low_rank_forward_add(&h, &segments, y0.narrow(0, 0, 70).unwrap().copy().unwrap(), Products::Kernel).unwrap_err();
+        assert!(e.to_string().contains("segments cover"), "{e}");
+        let e = low_rank_backward_add(&h, &segments, &kept, &g, dx0.narrow(1, 0, 32).unwrap().copy().unwrap(), None).unwrap_err();
+        assert!(e.to_string().contains("low_rank_backward_add"), "{e}");
+        let e = low_rank_backward_add(&h, &segments, &kept, &g, dx0.copy().unwrap(), Some(&mask.narrow(0, 0, 70).unwrap())).unwrap_err();
+        assert!(e.to_string().contains("low_rank_backward_add"), "{e}");
     }
 
     /// Three segments (rank 2, no update, rank 3) against the same products composed of

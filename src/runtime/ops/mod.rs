@@ -36,7 +36,7 @@ mod short_attention;
 pub(crate) mod simd;
 
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_packed};
-pub(crate) use low_rank::{low_rank_backward, low_rank_forward, KeptUpdate, Products};
+pub(crate) use low_rank::{low_rank_backward_add, low_rank_forward_add, KeptUpdate, Products};
 pub use low_rank::{segmented_low_rank, segmented_low_rank_pass, LowRankSegment};
 pub(crate) use short_attention::MAX_LEN as SHORT_ATTENTION_MAX_LEN;
 
