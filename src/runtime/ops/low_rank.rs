@@ -804,7 +804,7 @@ fn scaled(y: Tensor, scale: f64) -> Result<Tensor> {
 /// Why by hand: candle's strided copy computes an index per element, and was slower than the
 /// products it fed; value by value, the transposes of a grouped pass's factors and gradients
 /// still took ~7% of its low-rank updates' samples.
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(super) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const T: usize = 16;
     assert_eq!(v.len(), rows * cols, "{} values are not {rows} x {cols}", v.len());
     let mut out: Vec<f32> = Vec::with_capacity(rows * cols);

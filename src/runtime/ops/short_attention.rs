@@ -305,7 +305,13 @@ fn sum_block<'a, const N: usize, I: Iterator<Item = (f32, &'a [f32])>>(terms: I,
 #[inline(always)]
 fn probabilities(qi: &[f32], kt: &[f32], s: &Sequence, i: usize, keys: usize, scale: f32, p: &mut [f32]) {
     row_products(qi, kt, padded(s.len), padded(keys), p);
-    let p = &mut p[..keys];
+    softmax_row(&mut p[..keys], s, i, scale);
+}
+
+/// Row `i`'s scores over its keys (`p`, `q_i kᵀ`) into its probabilities, in place: the scale,
+/// the mask, then the softmax.
+#[inline(always)]
+fn softmax_row(p: &mut [f32], s: &Sequence, i: usize, scale: f32) {
     match s.mask {
         Some(m) => {
             for (pj, &mj) in p.iter_mut().zip(&m[i * s.len..]) {
@@ -340,6 +346,9 @@ fn copy_heads(from: &[f32], to: &mut [f32], layout: Layout, count: usize, len: u
 /// costs ~2.5 ms a layer on one core here, forward and backward), and SmolLM2's 3 KV heads
 /// split 2 : 1 over two cores, its 9 query heads 5 : 4.
 pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> (Vec<f32>, Probabilities) {
+    if on_kernel(h) {
+        return products::forward(x, h, s, threads);
+    }
     let ranges = crate::runtime::parallel::even_ranges(h.heads, threads);
     let mut parts = crate::runtime::parallel::run_parts(ranges, |r| (r.clone(), forward_heads(x, h, s, r))).into_iter();
     let (_, (mut out, mut values)) = parts.next().expect("at least one range of query heads");
@@ -462,6 +471,9 @@ pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: u
         assert_eq!(shape, (h.heads, s.len, h.heads * offsets[s.len]), "short_attention::backward: probabilities kept for another sequence");
     }
     let rows = Rows { keys, offsets, kept };
+    if on_kernel(h) {
+        return products::backward(x, g, h, s, threads, &rows);
+    }
     if threads <= 1 {
         return backward_heads(x, g, h, s, &rows);
     }
@@ -713,10 +725,252 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, rows: &Rows) ->
     [dq, dk, dv]
 }
 
+/// Whether a sequence's attention takes the f32 kernel ([`products`]): an AVX-512 CPU and a
+/// head dimension of whole 16-lane vectors (SmolLM2's 64, Qwen's 128). Tests can send it down
+/// the row-at-a-time path instead ([`tests::rows_path`]).
+fn on_kernel(h: Heads) -> bool {
+    #[cfg(test)]
+    if tests::ROWS_PATH.with(|r| r.get()) {
+        return false;
+    }
+    crate::runtime::sgemm::available() && h.d.is_multiple_of(L) && h.d > 0
+}
+
+/// Attention of one sequence as products on the f32 kernel, a head at a time: `S = Q Kᵀ`,
+/// `O = P V` forward; `dP = dO Vᵀ`, `dQ = dS K` per query head and `dK = Σ dSᵀ Q`,
+/// `dV = Σ Pᵀ dO` over a KV head's query heads backward.
+///
+/// Why: row at a time ([`row_products`], [`weighted_sum`]), a 128-token sequence's attention
+/// ran at ~40 GFLOP/s on two cores, 11% of a 128-token training step (README, "Where a
+/// single-adapter f32 step goes"); the kernel runs these `[len, d] × [d, len]` products
+/// several times faster, even counting the masked half of the scores that it computes and
+/// drops (a row's scores past its keys, exact zeros in `P` and `dS` for the products after).
+///
+/// Every value is computed from its own sequence by the same products whatever the threads
+/// (a kernel's output row depends on its input row alone, `dK` and `dV` row ranges split
+/// between threads), so the bits are the same alone and in a group, on one thread and two.
+/// They are not the row-at-a-time path's: the sums run in another order.
+mod products {
+    use super::*;
+    use crate::runtime::ops::low_rank::transpose;
+    use crate::runtime::parallel::{even_ranges, run_parts};
+    use crate::runtime::sgemm;
+
+    /// A KV head's keys (rotated) and values, `kp`, `vp` `[padded(len), d]`, the padding rows
+    /// zero (the right-hand sides of products whose reduction runs over `padded(len)` keys),
+    /// and transposed, `kt`, `vt` `[d, padded(len)]` (the padding columns zero).
+    struct Kv {
+        kp: Vec<f32>,
+        vp: Vec<f32>,
+        kt: Vec<f32>,
+        vt: Vec<f32>,
+    }
+
+    impl Kv {
+        fn load(x: &Inputs, h: Heads, s: &Sequence, kv: usize) -> Self {
+            let (d, len, lp) = (h.d, s.len, padded(s.len));
+            let (mut kp, mut vp) = (vec![0f32; lp * d], vec![0f32; lp * d]);
+            load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut kp[..len * d]);
+            load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vp[..len * d]);
+            let (kt, vt) = (transpose(&kp, lp, d), transpose(&vp, lp, d));
+            Self { kp, vp, kt, vt }
+        }
+    }
+
+    /// `g @ w` on the kernel, on this thread: `g` `[m, k]`, `w` `[k, n]`.
+    fn product(g: &[f32], m: usize, w: &[f32], k: usize, n: usize) -> Vec<f32> {
+        sgemm::matmul_plain(g, m, w, k, n, 1).expect("on_kernel checked the kernel and the widths")
+    }
+
+    /// One query head's probabilities, `[len, padded(len)]`, row `i` zero past its `keys[i]`:
+    /// the scores `q kᵀ` as one product, then [`softmax_row`] on each row's keys.
+    fn head_probabilities(qs: &[f32], kt: &[f32], h: Heads, s: &Sequence, keys: &[usize], scale: f32) -> Vec<f32> {
+        let lp = padded(s.len);
+        let mut p = product(qs, s.len, kt, h.d, lp);
+        simd::simd(
+            #[inline(always)]
+            || {
+                for (i, (row, &ki)) in p.chunks_exact_mut(lp).zip(keys).enumerate() {
+                    softmax_row(&mut row[..ki], s, i, scale);
+                    row[ki..].fill(0.0);
+                }
+            },
+        );
+        p
+    }
+
+    /// [`super::forward`] on the kernel: the query heads split over up to `threads` threads.
+    pub(super) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> (Vec<f32>, Probabilities) {
+        let ranges = even_ranges(h.heads, threads);
+        let mut parts = run_parts(ranges, |r| (r.clone(), forward_heads(x, h, s, r))).into_iter();
+        let (_, (mut out, mut values)) = parts.next().expect("at least one range of query heads");
+        for (heads, (part, p)) in parts {
+            copy_heads(&part, &mut out, x.layout, h.heads, s.len, h.d, heads);
+            values.extend_from_slice(&p);
+        }
+        (out, Probabilities { values, heads: h.heads, rows: s.len })
+    }
+
+    /// [`forward`] for the query heads `heads` (the others' outputs zero), and their
+    /// probabilities laid out as in [`Probabilities`].
+    fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
+        let (d, len, lp) = (h.d, s.len, padded(s.len));
+        let rep = h.heads / h.kv_heads;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let keys: Vec<usize> = (0..len).map(|i| s.keys(i)).collect();
+        let mut out = vec![0f32; h.heads * len * d];
+        let mut kept = Vec::with_capacity(heads.len() * keys.iter().sum::<usize>());
+        let mut kv: Option<(usize, Kv)> = None;
+        let mut qs = vec![0f32; len * d];
+        for head in heads {
+            if kv.as_ref().is_none_or(|(j, _)| *j != head / rep) {
+                kv = Some((head / rep, Kv::load(x, h, s, head / rep)));
+            }
+            let Some((_, Kv { kt, vp, .. })) = &kv else { unreachable!("loaded above") };
+            load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
+            // 1. P [len, lp], then O = P V [len, d]
+            let p = head_probabilities(&qs, kt, h, s, &keys, scale);
+            let o = product(&p, len, vp, lp, d);
+            for (i, (oi, &ki)) in o.chunks_exact(d).zip(&keys).enumerate() {
+                let at = x.layout.at(h.heads, len, d, head, i);
+                out[at..at + d].copy_from_slice(oi);
+                kept.extend_from_slice(&p[i * lp..i * lp + ki]);
+            }
+        }
+        (out, kept)
+    }
+
+    /// One query head's rows kept by [`backward`]'s first phase for its second: the queries
+    /// `q` and output gradients `g` `[len, d]`, and `Pᵀ`, `dSᵀ` `[padded(len), len]`.
+    struct HeadProducts {
+        q: Vec<f32>,
+        g: Vec<f32>,
+        pt: Vec<f32>,
+        dst: Vec<f32>,
+    }
+
+    /// [`super::backward`] on the kernel, over up to `threads` threads, in two phases:
+    /// 1. the query heads split evenly: each head's `P` (kept or recomputed), `dP = dO Vᵀ`,
+    ///    `dS = P ⊙ (dP - rowsum(dP ⊙ P))` and `dQ = dS K / √d`;
+    /// 2. the keys split evenly: for every KV head, its keys' rows of `dK = Σ dSᵀ Q / √d` and
+    ///    `dV = Σ Pᵀ dO`, the sums over its query heads as one product each (head after head
+    ///    in the reduction).
+    pub(super) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize, rows: &Rows) -> [Vec<f32>; 3] {
+        let (d, len, lp) = (h.d, s.len, padded(s.len));
+        let rep = h.heads / h.kv_heads;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let keys = &rows.keys;
+
+        // 1. per query head: P, dS and dQ
+        let phase1 = |heads: std::ops::Range<usize>| -> (Vec<f32>, Vec<HeadProducts>) {
+            let mut dq = vec![0f32; h.heads * len * d];
+            let mut kept = Vec::with_capacity(heads.len());
+            let mut kv: Option<(usize, Kv)> = None;
+            for head in heads {
+                if kv.as_ref().is_none_or(|(j, _)| *j != head / rep) {
+                    kv = Some((head / rep, Kv::load(x, h, s, head / rep)));
+                }
+                let Some((_, Kv { kp, kt, vt, .. })) = &kv else { unreachable!("loaded above") };
+                let (mut q, mut gs) = (vec![0f32; len * d], vec![0f32; len * d]);
+                load(x.q, x.head(h.heads, head, true), h, s, &mut q);
+                load(g, x.head(h.heads, head, false), h, s, &mut gs);
+                let p = match rows.kept {
+                    Some(kept) => {
+                        let mut p = vec![0f32; len * lp];
+                        for (i, row) in p.chunks_exact_mut(lp).enumerate() {
+                            let at = head * rows.offsets[len] + rows.offsets[i];
+                            row[..keys[i]].copy_from_slice(&kept.values[at..at + keys[i]]);
+                        }
+                        p
+                    }
+                    None => head_probabilities(&q, kt, h, s, keys, scale),
+                };
+                // dP [len, lp], into dS in place (zero past each row's keys, as P)
+                let mut ds = product(&gs, len, vt, d, lp);
+                simd::simd(
+                    #[inline(always)]
+                    || {
+                        for ((dsi, pi), &ki) in ds.chunks_exact_mut(lp).zip(p.chunks_exact(lp)).zip(keys) {
+                            let row = row_sum(&pi[..ki], &dsi[..ki]);
+                            for (dsj, &pj) in dsi[..ki].iter_mut().zip(&pi[..ki]) {
+                                *dsj = pj * (*dsj - row);
+                            }
+                            dsi[ki..].fill(0.0);
+                        }
+                    },
+                );
+                let mut dqs = product(&ds, len, kp, lp, d);
+                dqs.iter_mut().for_each(|v| *v *= scale);
+                store(&dqs, x.head(h.heads, head, true), h, s, &mut dq);
+                kept.push(HeadProducts { q, g: gs, pt: transpose(&p, len, lp), dst: transpose(&ds, len, lp) });
+            }
+            (dq, kept)
+        };
+        let mut dq = None;
+        let mut heads = Vec::with_capacity(h.heads);
+        for (range, (part, kept)) in run_parts(even_ranges(h.heads, threads), |r| (r.clone(), phase1(r))) {
+            match &mut dq {
+                None => dq = Some(part),
+                Some(dq) => copy_heads(&part, dq, x.layout, h.heads, len, d, range),
+            }
+            heads.extend(kept);
+        }
+        let dq = dq.expect("at least one range of query heads");
+
+        // 2. per KV head, the keys' rows of dK and dV: `len` rows of `[lp, len] × [len, d]`
+        //    products summed over the KV head's query heads
+        let phase2 = |keys: std::ops::Range<usize>| -> (std::ops::Range<usize>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+            let (mut dks, mut dvs) = (Vec::with_capacity(h.kv_heads), Vec::with_capacity(h.kv_heads));
+            for kv in 0..h.kv_heads {
+                let group = &heads[kv * rep..(kv + 1) * rep];
+                let terms = |left: fn(&HeadProducts) -> &[f32], right: fn(&HeadProducts) -> &[f32]| -> Vec<(&[f32], &[f32], usize)> {
+                    group.iter().map(|r| (&left(r)[keys.start * len..keys.end * len], right(r), len)).collect()
+                };
+                let sum = |terms: Vec<(&[f32], &[f32], usize)>| {
+                    sgemm::matmul_plain_sum(&terms, keys.len(), d, 1).expect("on_kernel checked the kernel and the widths")
+                };
+                let mut dk = sum(terms(|r| &r.dst, |r| &r.q));
+                dk.iter_mut().for_each(|v| *v *= scale);
+                dks.push(dk);
+                dvs.push(sum(terms(|r| &r.pt, |r| &r.g)));
+            }
+            (keys, dks, dvs)
+        };
+        let (mut dk, mut dv) = (vec![0f32; h.kv_heads * len * d], vec![0f32; h.kv_heads * len * d]);
+        let (mut dks, mut dvs) = (vec![vec![0f32; len * d]; h.kv_heads], vec![vec![0f32; len * d]; h.kv_heads]);
+        for (range, pk, pv) in run_parts(even_ranges(len, threads), phase2) {
+            for kv in 0..h.kv_heads {
+                dks[kv][range.start * d..range.end * d].copy_from_slice(&pk[kv]);
+                dvs[kv][range.start * d..range.end * d].copy_from_slice(&pv[kv]);
+            }
+        }
+        for kv in 0..h.kv_heads {
+            store(&dks[kv], x.head(h.kv_heads, kv, true), h, s, &mut dk);
+            store(&dvs[kv], x.head(h.kv_heads, kv, false), h, s, &mut dv);
+        }
+        [dq, dk, dv]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    thread_local! {
+        /// Set by [`rows_path`]: [`on_kernel`] answers no on this thread.
+        pub(super) static ROWS_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// `f` with this thread's attention on the row-at-a-time path, as on a CPU without the
+    /// kernel. (The path is chosen on the calling thread, so the threads a sequence's heads
+    /// split onto follow it.)
+    pub(super) fn rows_path<R>(f: impl FnOnce() -> R) -> R {
+        ROWS_PATH.with(|r| r.set(true));
+        let out = f();
+        ROWS_PATH.with(|r| r.set(false));
+        out
+    }
 
     fn randn(n: usize) -> Vec<f32> {
         Tensor::randn(0f32, 1., n, &Device::Cpu).unwrap().to_vec1().unwrap()
@@ -808,7 +1062,8 @@ mod tests {
 
     /// A mask whose rows see scattered keys (each row its own key, up to 0, 8 or 16 keys past
     /// it, a quarter of those hidden), so that `keys(i)` does not grow with `i` and masked keys
-    /// lie inside it: the split backward and forward on 2 to 7 threads give the one-thread bits.
+    /// lie inside it: the split backward and forward on 2 to 7 threads give the one-thread bits,
+    /// on both paths.
     #[test]
     fn scattered_masks_split_to_the_same_bits() {
         let (heads, kv_heads, d, len) = (6, 2, 16, 40);
@@ -823,22 +1078,37 @@ mod tests {
         assert!((1..len).any(|i| s.keys(i) < s.keys(i - 1)), "keys(i) should not grow with i");
         let h = Heads { heads, kv_heads, d, rows: len };
         let (cos, sin) = (randn(len * d / 2), randn(len * d / 2));
-        for layout in [Layout::HeadMajor, Layout::TokenMajor] {
-            let x = Inputs { q: &q, k: &k, v: &v, layout, rotary: Some((&cos, &sin)) };
-            let (y, grads) = (forward(&x, h, &s, 1), backward_kept(&x, &g, h, &s, 1));
-            for threads in 2..=7 {
-                assert_eq!(forward(&x, h, &s, threads), y, "{layout:?} value, {threads} threads");
-                assert_eq!(backward_kept(&x, &g, h, &s, threads), grads, "{layout:?} gradients, {threads} threads");
+        let check = |path: &str| {
+            for layout in [Layout::HeadMajor, Layout::TokenMajor] {
+                let x = Inputs { q: &q, k: &k, v: &v, layout, rotary: Some((&cos, &sin)) };
+                let (y, grads) = (forward(&x, h, &s, 1), backward_kept(&x, &g, h, &s, 1));
+                for threads in 2..=7 {
+                    assert_eq!(forward(&x, h, &s, threads), y, "{path}: {layout:?} value, {threads} threads");
+                    assert_eq!(backward_kept(&x, &g, h, &s, threads), grads, "{path}: {layout:?} gradients, {threads} threads");
+                }
             }
-        }
+        };
+        check("kernel where available");
+        rows_path(|| check("row at a time"));
     }
 
     /// Forward and backward against the batched products' attention (`ops::attention`
     /// with a causal mask, or none), for one-token, odd-width and GQA sequences; and a
     /// causal mask that also hides the first key from every later row, so that masked keys
-    /// lie before a row's last unmasked one (a causal mask's all lie after it).
+    /// lie before a row's last unmasked one (a causal mask's all lie after it). Both paths:
+    /// the kernel's products ([`products`]) where the CPU has it, and row at a time.
     #[test]
     fn matches_the_batched_products() {
+        // SmolLM2's heads take the kernel where there is one (d = 8 and 20 never do)
+        let smollm2 = Heads { heads: 9, kv_heads: 3, d: 64, rows: 1 };
+        assert_eq!(on_kernel(smollm2), crate::runtime::sgemm::available());
+        assert!(!rows_path(|| on_kernel(smollm2)), "rows_path turns the kernel off");
+        check_against_the_batched_products("kernel where available");
+        rows_path(|| check_against_the_batched_products("row at a time"));
+    }
+
+    /// [`matches_the_batched_products`] on the path [`on_kernel`] chooses (`path` names it).
+    fn check_against_the_batched_products(path: &str) {
         let cases = [
             (4, 2, 8, 1, false, false),
             (9, 3, 64, 34, true, false),
@@ -862,20 +1132,28 @@ mod tests {
             // the heads (and in the backward the keys) split between threads: the same bits, in
             // both layouts
             for threads in [2, 3] {
-                assert_eq!(forward(&x, h, &s, threads), (y.clone(), kept.clone()), "value, {threads} threads");
-                assert_eq!(backward_kept(&x, &g, h, &s, threads), [dq.clone(), dk.clone(), dv.clone()], "gradients, {threads} threads");
+                assert_eq!(forward(&x, h, &s, threads), (y.clone(), kept.clone()), "{path}: value, {threads} threads");
+                assert_eq!(
+                    backward_kept(&x, &g, h, &s, threads),
+                    [dq.clone(), dk.clone(), dv.clone()],
+                    "{path}: gradients, {threads} threads"
+                );
                 let t = Inputs { layout: Layout::TokenMajor, ..x };
-                assert_eq!(forward(&t, h, &s, threads), forward(&t, h, &s, 1), "token-major value, {threads} threads");
+                assert_eq!(forward(&t, h, &s, threads), forward(&t, h, &s, 1), "{path}: token-major value, {threads} threads");
                 assert_eq!(
                     backward_kept(&t, &g, h, &s, threads),
                     backward_kept(&t, &g, h, &s, 1),
-                    "token-major gradients, {threads} threads"
+                    "{path}: token-major gradients, {threads} threads"
                 );
                 // rotated as loaded, and the gradients rotated back as stored
                 let (cos, sin) = (randn(rows * d / 2), randn(rows * d / 2));
                 let r = Inputs { rotary: Some((&cos, &sin)), ..t };
-                assert_eq!(forward(&r, h, &s, threads), forward(&r, h, &s, 1), "rotated value, {threads} threads");
-                assert_eq!(backward_kept(&r, &g, h, &s, threads), backward_kept(&r, &g, h, &s, 1), "rotated gradients, {threads} threads");
+                assert_eq!(forward(&r, h, &s, threads), forward(&r, h, &s, 1), "{path}: rotated value, {threads} threads");
+                assert_eq!(
+                    backward_kept(&r, &g, h, &s, threads),
+                    backward_kept(&r, &g, h, &s, 1),
+                    "{path}: rotated gradients, {threads} threads"
+                );
             }
             // the reference on the same rows
             let part = |x: &[f32], n: usize| {
@@ -889,9 +1167,9 @@ mod tests {
                 let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
                 let largest = want.iter().fold(1f32, |m, x| m.max(x.abs()));
                 // f32::max drops a NaN, so a non-finite value fails here rather than passing
-                assert!(got.iter().all(|x| x.is_finite()), "{what} of heads {heads}/{kv_heads}, d {d}, len {len}: not finite");
+                assert!(got.iter().all(|x| x.is_finite()), "{path}: {what} of heads {heads}/{kv_heads}, d {d}, len {len}: not finite");
                 let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(diff < 1e-5 * largest, "{what} of heads {heads}/{kv_heads}, d {d}, len {len}: differs by {diff}");
+                assert!(diff < 1e-5 * largest, "{path}: {what} of heads {heads}/{kv_heads}, d {d}, len {len}: differs by {diff}");
             }
         }
     }
