@@ -1,7 +1,8 @@
-//! Attention of one short sequence on the CPU in f32, one query row at a time: the
-//! per-sequence attention of a training pass, forward and backward (the forward keeps its
-//! probabilities for the backward, [`Probabilities`]; [`super::attention`]'s backward
-//! recomputes them, to keep memory linear in a long sequence's length).
+//! Attention of one short sequence on the CPU in f32: the per-sequence attention of a
+//! training pass, forward and backward (the forward keeps its probabilities for the backward,
+//! [`Probabilities`]; [`super::attention`]'s backward recomputes them, to keep memory linear
+//! in a long sequence's length). On an AVX-512 CPU a head at a time, as products on the f32
+//! kernel ([`products`]); elsewhere one query row at a time, as described below.
 //!
 //! Why: through batched OpenBLAS products and candle's elementwise ops, one sequence of
 //! ~34 tokens and 9 heads took ~10 candle ops forward and ~20 backward (a copy of each of
