@@ -323,7 +323,7 @@ pub(crate) fn segmented_low_rank_forward(
 }
 
 /// [`low_rank_forward`] added to the frozen product `y` `[n, out]`: `y + update`, and what the
-/// backward needs. On the CPU, with `y` a contiguous f32 tensor of its own, in place: each
+/// backward needs. On the CPU, with `y` a contiguous f32 tensor outside the graph, in place: each
 /// segment's update is computed into a scratch of its rows and added to `y`'s rows while
 /// they are in cache, one rounding per element as [`super::add`] of the whole update, so the
 /// same bits. Otherwise the update, then [`super::add`].
@@ -332,12 +332,16 @@ pub(crate) fn segmented_low_rank_forward(
 /// back by an add that wrote a third tensor, streamed ~3 values per element of every
 /// projection's output through memory ([`Put::Add`]).
 ///
-/// Errors: [`low_rank_forward`]'s, and `y` not `[n, out]` for `out` the segments' width.
+/// The caller hands over a `y` whose storage no other live tensor shares (a product it
+/// just computed): written in place, such a tensor would change too. This is not checked.
+///
+/// Errors: [`low_rank_forward`]'s, and `y` or a segment's factors not of `[n, out]` for
+/// `h` `[n, in]` (`A` `[r, in]`, `B` `[out, r]`).
 pub(crate) fn low_rank_forward_add(h: &Tensor, segments: &[LowRankSegment], y: Tensor, products: Products) -> Result<(Tensor, KeptUpdate)> {
     let (n, out) = y.dims2()?;
-    let (lens, _) = lens_and_starts(segments);
-    covers(&lens, n, "low_rank_forward_add")?;
-    covers(&lens, h.dim(0)?, "low_rank_forward_add")?;
+    if checked_width(h, segments, "low_rank_forward_add")? != out || h.dim(0)? != n {
+        candle_core::bail!("low_rank_forward_add: an update of h {:?} into y {:?}", h.dims(), y.dims());
+    }
     if !in_place(&y) || pads_updates(h, segments) {
         let (delta, kept) = low_rank_forward(h, segments, out, products)?;
         return Ok((super::add(&y, &delta.to_dtype(y.dtype())?)?, kept));
@@ -365,8 +369,10 @@ enum Put<'m> {
 }
 
 thread_local! {
-    /// A segment's rows for [`Put::Add`], reused: one sequence's rows of the widest output
-    /// (e.g. 34 × 1536 values) stay in L2, where a fresh `[n, out]` went through memory.
+    /// A segment's rows for [`Put::Add`], reused: one segment's rows of the widest output
+    /// (a self-edit's 34-token sequence × 1536 values, ~200 KB; 128 tokens, 786 KB) stay in
+    /// L2, where a fresh `[n, out]` went through memory. Each thread keeps its own, as large as
+    /// the largest it needed, for the life of the thread.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -525,7 +531,8 @@ pub(crate) fn segmented_low_rank_backward(
 /// factored segment's `(dA, dB)` in order. On the CPU, with `dx` a contiguous f32 tensor of
 /// its own and a per-segment update ([`KeptUpdate::Segments`]), in place, segment by segment
 /// as [`low_rank_forward_add`] (the same roundings as the product and the add in turn, so
-/// the same bits); otherwise [`low_rank_backward`], the mask, then [`super::add`].
+/// the same bits); otherwise [`low_rank_backward`], the mask, then [`super::add`]. As for
+/// [`low_rank_forward_add`]'s `y`, no other live tensor may share `dx`'s storage (not checked).
 ///
 /// Errors: [`low_rank_backward`]'s, and `dx` or `mask` not `[n, in]`.
 #[allow(clippy::type_complexity)]
@@ -1130,7 +1137,7 @@ mod tests {
     /// the update computed whole and then added ([`super::super::add`]), with the mask's
     /// product first in the backward, bit for bit: segments on the kernel (ranks 16 and 32),
     /// off it (rank 8's `h Aᵀ`), without factors (adding zeros turns a `-0.0` into `0.0`, as
-    /// the add did), 71 rows split over two threads; with and without a dropout mask, for
+    /// the add did), 71 rows (split over two threads where the build has two); with and without a dropout mask, for
     /// training's products and inference's. Views that cannot be written in place (a
     /// transposed `y`) take the add and get the same values; bad shapes are refused.
     #[test]
@@ -1159,8 +1166,10 @@ mod tests {
         for products in [Products::Kernel, Products::Library] {
             let (delta, kept) = low_rank_forward(&h, &segments, out, products).unwrap();
             let expected = super::super::add(&y0, &delta).unwrap();
-            let (y, kept_add) = low_rank_forward_add(&h, &segments, y0.copy().unwrap(), products).unwrap();
+            let y_in = y0.copy().unwrap();
+            let (y, kept_add) = low_rank_forward_add(&h, &segments, y_in.clone(), products).unwrap();
             assert_eq!(bits(&y), bits(&expected), "{products:?}: forward");
+            assert_eq!(bits(&y_in), bits(&y), "{products:?}: written in place, into the storage handed over");
             let zeros_added: Vec<u32> =
                 bits(&y0.narrow(0, 30, 5).unwrap()).into_iter().map(|b| (f32::from_bits(b) + 0.0).to_bits()).collect();
             assert_eq!(bits(&y.narrow(0, 30, 5).unwrap()), zeros_added, "zeros added");
@@ -1179,8 +1188,10 @@ mod tests {
                     None => dh,
                 };
                 let expected = super::super::add(&dx0, &dh).unwrap();
-                let (dx, dfactors_add) = low_rank_backward_add(&h, &segments, &kept, &g, dx0.copy().unwrap(), m).unwrap();
+                let dx_in = dx0.copy().unwrap();
+                let (dx, dfactors_add) = low_rank_backward_add(&h, &segments, &kept, &g, dx_in.clone(), m).unwrap();
                 assert_eq!(bits(&dx), bits(&expected), "backward, mask {}", m.is_some());
+                assert_eq!(bits(&dx_in), bits(&dx), "backward written in place");
                 assert_eq!(dfactors.len(), dfactors_add.len());
                 for ((da, db), (da2, db2)) in dfactors.iter().zip(&dfactors_add) {
                     assert_eq!((bits(da), bits(db)), (bits(da2), bits(db2)), "factor gradients");
@@ -1193,7 +1204,9 @@ mod tests {
         assert_eq!(bits(&y), bits(&super::super::add(&y0, &delta).unwrap()), "a transposed y");
         // shapes that do not match are errors, not rows left out or written past the end
         let e = low_rank_forward_add(&h, &segments, y0.narrow(0, 0, 70).unwrap().copy().unwrap(), Products::Kernel).unwrap_err();
-        assert!(e.to_string().contains("segments cover"), "{e}");
+        assert!(e.to_string().contains("low_rank_forward_add"), "{e}");
+        let e = low_rank_forward_add(&h, &segments, y0.narrow(1, 0, 16).unwrap().copy().unwrap(), Products::Kernel).unwrap_err();
+        assert!(e.to_string().contains("low_rank_forward_add"), "{e}");
         let e = low_rank_backward_add(&h, &segments, &kept, &g, dx0.narrow(1, 0, 32).unwrap().copy().unwrap(), None).unwrap_err();
         assert!(e.to_string().contains("low_rank_backward_add"), "{e}");
         let e = low_rank_backward_add(&h, &segments, &kept, &g, dx0.copy().unwrap(), Some(&mask.narrow(0, 0, 70).unwrap())).unwrap_err();

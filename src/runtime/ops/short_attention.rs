@@ -347,7 +347,7 @@ fn copy_heads(from: &[f32], to: &mut [f32], layout: Layout, count: usize, len: u
 /// costs ~2.5 ms a layer on one core here, forward and backward), and SmolLM2's 3 KV heads
 /// split 2 : 1 over two cores, its 9 query heads 5 : 4.
 pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> (Vec<f32>, Probabilities) {
-    if on_kernel(h) {
+    if on_kernel(h) && s.len > 0 {
         return products::forward(x, h, s, threads);
     }
     let ranges = crate::runtime::parallel::even_ranges(h.heads, threads);
@@ -455,8 +455,10 @@ fn forward_heads(x: &Inputs, h: Heads, s: &Sequence, heads: std::ops::Range<usiz
 /// rotation. With `P` the probabilities: `dV = Pᵀ dO`, `dP = dO Vᵀ`,
 /// `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = dS K / √d`, `dK = dSᵀ Q / √d`.
 ///
-/// On one thread, one pass over each KV head's query heads ([`backward_heads`]). On more, two
-/// phases ([`backward_split`]): split by KV heads, SmolLM2's 3 would leave two cores at 2 : 1,
+/// Where the kernel runs ([`on_kernel`]), as products a head at a time ([`products`]).
+/// Otherwise row at a time: on one thread, one pass over each KV head's query heads
+/// ([`backward_heads`]); on more, two phases ([`backward_split`]): split by KV heads,
+/// SmolLM2's 3 would leave two cores at 2 : 1,
 /// and a KV head's `dK` and `dV` sum over its query heads, so those cannot simply be split
 /// by query heads. Every sum keeps its order, so the numbers are the same bits whatever
 /// `threads`.
@@ -472,7 +474,7 @@ pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: u
         assert_eq!(shape, (h.heads, s.len, h.heads * offsets[s.len]), "short_attention::backward: probabilities kept for another sequence");
     }
     let rows = Rows { keys, offsets, kept };
-    if on_kernel(h) {
+    if on_kernel(h) && s.len > 0 {
         return products::backward(x, g, h, s, threads, &rows);
     }
     if threads <= 1 {
@@ -481,7 +483,7 @@ pub(crate) fn backward(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: u
     backward_split(x, g, h, s, threads, &rows)
 }
 
-/// What both backward paths know of a sequence's rows: each row's `keys`, where its keys
+/// What the backward paths know of a sequence's rows: each row's `keys`, where its keys
 /// start in a row-after-row layout (`offsets`, [`row_offsets`]), and the forward's
 /// probabilities when kept.
 struct Rows<'a> {
@@ -727,8 +729,10 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, rows: &Rows) ->
 }
 
 /// Whether a sequence's attention takes the f32 kernel ([`products`]): an AVX-512 CPU and a
-/// head dimension of whole 16-lane vectors (SmolLM2's 64, Qwen's 128). Tests can send it down
-/// the row-at-a-time path instead ([`tests::rows_path`]).
+/// head dimension of whole 16-lane vectors (SmolLM2's 64, Qwen's 128). (The callers also
+/// leave an empty sequence to the row path, which returns empty outputs: the kernel takes
+/// no product without columns.) Tests can send it down
+/// the row-at-a-time path instead (`tests::rows_path`).
 fn on_kernel(h: Heads) -> bool {
     #[cfg(test)]
     if tests::ROWS_PATH.with(|r| r.get()) {
@@ -1093,6 +1097,25 @@ mod tests {
         rows_path(|| check("row at a time"));
     }
 
+    /// An empty sequence (a pass may hold one) gets empty outputs and gradients on both paths,
+    /// not a product without columns.
+    #[test]
+    fn an_empty_sequence_has_empty_outputs() {
+        let h = Heads { heads: 9, kv_heads: 3, d: 64, rows: 4 };
+        let (q, kv, g) = (randn(h.heads * 4 * h.d), randn(h.kv_heads * 4 * h.d), randn(h.heads * 4 * h.d));
+        let s = Sequence { start: 2, len: 0, mask: None };
+        let x = Inputs { q: &q, k: &kv, v: &kv, layout: Layout::HeadMajor, rotary: None };
+        let check = || {
+            for threads in [1, 2] {
+                let (y, kept) = forward(&x, h, &s, threads);
+                assert!(y.is_empty());
+                assert!(backward(&x, &g, h, &s, threads, Some(&kept)).iter().all(Vec::is_empty));
+            }
+        };
+        check();
+        rows_path(check);
+    }
+
     /// Forward and backward against the batched products' attention (`ops::attention`
     /// with a causal mask, or none), for one-token, odd-width and GQA sequences; and a
     /// causal mask that also hides the first key from every later row, so that masked keys
@@ -1117,6 +1140,7 @@ mod tests {
             (3, 1, 16, 5, false, false),
             (2, 1, 16, 6, true, true),
             (9, 3, 64, 128, true, false),
+            (4, 2, 16, 1, true, false),
         ];
         for (heads, kv_heads, d, len, causal, first_hidden) in cases {
             let rows = len + 3; // the sequence sits inside a longer row
