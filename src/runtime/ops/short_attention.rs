@@ -337,6 +337,26 @@ fn copy_heads(from: &[f32], to: &mut [f32], layout: Layout, count: usize, len: u
     }
 }
 
+/// `part(heads)` for the query heads split evenly over up to `threads` threads: each part's
+/// output (`[heads, len, d]` laid out as `layout`, only its own heads written) copied into the
+/// first part's, and what the parts kept, in head order.
+fn over_query_heads<K: Send>(
+    layout: Layout,
+    h: Heads,
+    len: usize,
+    threads: usize,
+    part: impl Fn(std::ops::Range<usize>) -> (Vec<f32>, Vec<K>) + Sync,
+) -> (Vec<f32>, Vec<K>) {
+    use crate::runtime::parallel::{even_ranges, run_parts};
+    let mut parts = run_parts(even_ranges(h.heads, threads), |r| (r.clone(), part(r))).into_iter();
+    let (_, (mut out, mut kept)) = parts.next().expect("at least one range of query heads");
+    for (heads, (other, k)) in parts {
+        copy_heads(&other, &mut out, layout, h.heads, len, h.d, heads);
+        kept.extend(k);
+    }
+    (out, kept)
+}
+
 /// `softmax(q kᵀ / √d + mask) v` of sequence `s`, its `len` rows laid out as the inputs
 /// (`[heads, len, d]` or `[len, heads · d]`), the query heads split over up to `threads`
 /// threads (each head computed by the same code whatever the split: the same numbers); and
@@ -350,13 +370,7 @@ pub(crate) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> (Ve
     if on_kernel(h) && s.len > 0 {
         return products::forward(x, h, s, threads);
     }
-    let ranges = crate::runtime::parallel::even_ranges(h.heads, threads);
-    let mut parts = crate::runtime::parallel::run_parts(ranges, |r| (r.clone(), forward_heads(x, h, s, r))).into_iter();
-    let (_, (mut out, mut values)) = parts.next().expect("at least one range of query heads");
-    for (heads, (part, p)) in parts {
-        copy_heads(&part, &mut out, x.layout, h.heads, s.len, h.d, heads);
-        values.extend_from_slice(&p);
-    }
+    let (out, values) = over_query_heads(x.layout, h, s.len, threads, |r| forward_heads(x, h, s, r));
     (out, Probabilities { values, heads: h.heads, rows: s.len })
 }
 
@@ -528,7 +542,7 @@ struct HeadRows {
 ///    and `dV` rows, summed over the KV head's query heads and their rows in the order
 ///    [`backward_heads`] sums them, so each element gets the same additions in the same order.
 fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize, seq_rows: &Rows) -> [Vec<f32>; 3] {
-    use crate::runtime::parallel::{even_ranges, run_parts};
+    use crate::runtime::parallel::run_parts;
     let (d, len, lp) = (h.d, s.len, padded(s.len));
     let rep = h.heads / h.kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
@@ -578,16 +592,7 @@ fn backward_split(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, threads: usize,
         );
         (dq, kept)
     };
-    let mut dq = None;
-    let mut rows = Vec::with_capacity(h.heads);
-    for (heads, (part, kept)) in run_parts(even_ranges(h.heads, threads), |r| (r.clone(), phase1(r))) {
-        match &mut dq {
-            None => dq = Some(part),
-            Some(dq) => copy_heads(&part, dq, x.layout, h.heads, len, d, heads),
-        }
-        rows.extend(kept);
-    }
-    let dq = dq.expect("at least one range of query heads");
+    let (dq, rows) = over_query_heads(x.layout, h, len, threads, phase1);
 
     // 2. per (KV head, key): dK and dV rows, the keys split by the rows that see them
     // key j's work: the rows that see it (keys(i) > j), plus one so that no unit weighs 0
@@ -806,13 +811,7 @@ mod products {
 
     /// [`super::forward`] on the kernel: the query heads split over up to `threads` threads.
     pub(super) fn forward(x: &Inputs, h: Heads, s: &Sequence, threads: usize) -> (Vec<f32>, Probabilities) {
-        let ranges = even_ranges(h.heads, threads);
-        let mut parts = run_parts(ranges, |r| (r.clone(), forward_heads(x, h, s, r))).into_iter();
-        let (_, (mut out, mut values)) = parts.next().expect("at least one range of query heads");
-        for (heads, (part, p)) in parts {
-            copy_heads(&part, &mut out, x.layout, h.heads, s.len, h.d, heads);
-            values.extend_from_slice(&p);
-        }
+        let (out, values) = over_query_heads(x.layout, h, s.len, threads, |r| forward_heads(x, h, s, r));
         (out, Probabilities { values, heads: h.heads, rows: s.len })
     }
 
@@ -911,16 +910,7 @@ mod products {
             }
             (dq, kept)
         };
-        let mut dq = None;
-        let mut heads = Vec::with_capacity(h.heads);
-        for (range, (part, kept)) in run_parts(even_ranges(h.heads, threads), |r| (r.clone(), phase1(r))) {
-            match &mut dq {
-                None => dq = Some(part),
-                Some(dq) => copy_heads(&part, dq, x.layout, h.heads, len, d, range),
-            }
-            heads.extend(kept);
-        }
-        let dq = dq.expect("at least one range of query heads");
+        let (dq, heads) = over_query_heads(x.layout, h, len, threads, phase1);
 
         // 2. per KV head, the keys' rows of dK and dV: `len` rows of `[lp, len] × [len, d]`
         //    products summed over the KV head's query heads
