@@ -328,9 +328,9 @@ pub(crate) fn segmented_low_rank_forward(
 /// they are in cache, one rounding per element as [`super::add`] of the whole update, so the
 /// same bits. Otherwise the update, then [`super::add`].
 ///
-/// Why: a grouped pass's updates of all seven projections, written out whole and then read
-/// back by an add that wrote a third tensor, streamed ~3 values per element of every
-/// projection's output through memory ([`Put::Add`]).
+/// Why: each adapted projection's update, written out whole and then read back by an add
+/// that wrote a third tensor, streamed ~3 values per element of its output through memory
+/// ([`Put::Add`]).
 ///
 /// The caller hands over a `y` whose storage no other live tensor shares (a product it
 /// just computed): written in place, such a tensor would change too. This is not checked.

@@ -770,7 +770,8 @@ mod products {
 
     /// A KV head's keys (rotated) and values, `kp`, `vp` `[padded(len), d]`, the padding rows
     /// zero (the right-hand sides of products whose reduction runs over `padded(len)` keys),
-    /// and transposed, `kt`, `vt` `[d, padded(len)]` (the padding columns zero).
+    /// and transposed, `kt`, `vt` `[d, padded(len)]` (the padding columns zero; `vt` only for
+    /// the backward, which alone reads it, empty otherwise).
     struct Kv {
         kp: Vec<f32>,
         vp: Vec<f32>,
@@ -779,12 +780,13 @@ mod products {
     }
 
     impl Kv {
-        fn load(x: &Inputs, h: Heads, s: &Sequence, kv: usize) -> Self {
+        fn load(x: &Inputs, h: Heads, s: &Sequence, kv: usize, values_transposed: bool) -> Self {
             let (d, len, lp) = (h.d, s.len, padded(s.len));
             let (mut kp, mut vp) = (vec![0f32; lp * d], vec![0f32; lp * d]);
             load(x.k, x.head(h.kv_heads, kv, true), h, s, &mut kp[..len * d]);
             load(x.v, x.head(h.kv_heads, kv, false), h, s, &mut vp[..len * d]);
-            let (kt, vt) = (transpose(&kp, lp, d), transpose(&vp, lp, d));
+            let kt = transpose(&kp, lp, d);
+            let vt = if values_transposed { transpose(&vp, lp, d) } else { Vec::new() };
             Self { kp, vp, kt, vt }
         }
     }
@@ -830,7 +832,7 @@ mod products {
         let mut qs = vec![0f32; len * d];
         for head in heads {
             if kv.as_ref().is_none_or(|(j, _)| *j != head / rep) {
-                kv = Some((head / rep, Kv::load(x, h, s, head / rep)));
+                kv = Some((head / rep, Kv::load(x, h, s, head / rep, false)));
             }
             let Some((_, Kv { kt, vp, .. })) = &kv else { unreachable!("loaded above") };
             load(x.q, x.head(h.heads, head, true), h, s, &mut qs);
@@ -874,7 +876,7 @@ mod products {
             let mut kv: Option<(usize, Kv)> = None;
             for head in heads {
                 if kv.as_ref().is_none_or(|(j, _)| *j != head / rep) {
-                    kv = Some((head / rep, Kv::load(x, h, s, head / rep)));
+                    kv = Some((head / rep, Kv::load(x, h, s, head / rep, true)));
                 }
                 let Some((_, Kv { kp, kt, vt, .. })) = &kv else { unreachable!("loaded above") };
                 let (mut q, mut gs) = (vec![0f32; len * d], vec![0f32; len * d]);
@@ -916,22 +918,22 @@ mod products {
 
         // 2. per KV head, the keys' rows of dK and dV: `len` rows of `[lp, len] × [len, d]`
         //    products summed over the KV head's query heads
-        let phase2 = |keys: std::ops::Range<usize>| -> (std::ops::Range<usize>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let phase2 = |js: std::ops::Range<usize>| -> (std::ops::Range<usize>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
             let (mut dks, mut dvs) = (Vec::with_capacity(h.kv_heads), Vec::with_capacity(h.kv_heads));
             for kv in 0..h.kv_heads {
                 let group = &heads[kv * rep..(kv + 1) * rep];
                 let terms = |left: fn(&HeadProducts) -> &[f32], right: fn(&HeadProducts) -> &[f32]| -> Vec<(&[f32], &[f32], usize)> {
-                    group.iter().map(|r| (&left(r)[keys.start * len..keys.end * len], right(r), len)).collect()
+                    group.iter().map(|r| (&left(r)[js.start * len..js.end * len], right(r), len)).collect()
                 };
                 let sum = |terms: Vec<(&[f32], &[f32], usize)>| {
-                    sgemm::matmul_plain_sum(&terms, keys.len(), d, 1).expect("on_kernel checked the kernel and the widths")
+                    sgemm::matmul_plain_sum(&terms, js.len(), d, 1).expect("on_kernel checked the kernel and the widths")
                 };
                 let mut dk = sum(terms(|r| &r.dst, |r| &r.q));
                 dk.iter_mut().for_each(|v| *v *= scale);
                 dks.push(dk);
                 dvs.push(sum(terms(|r| &r.pt, |r| &r.g)));
             }
-            (keys, dks, dvs)
+            (js, dks, dvs)
         };
         let (mut dk, mut dv) = (vec![0f32; h.kv_heads * len * d], vec![0f32; h.kv_heads * len * d]);
         let (mut dks, mut dvs) = (vec![vec![0f32; len * d]; h.kv_heads], vec![vec![0f32; len * d]; h.kv_heads]);
