@@ -357,7 +357,7 @@ pub(super) fn layer(
 
     // 1. attention block: n1 = norm(x); q, k, v [n, heads·d]
     let xd = x.detach().reshape((n, hidden))?.contiguous()?;
-    let n1 = candle_nn::ops::rms_norm(&xd, &layer.input_layernorm, eps as f32)?;
+    let n1 = ops::rms_norm_forward(&xd, &layer.input_layernorm, eps)?;
     let [q, k, v]: [Tensor; 3] =
         project_shared(&n1, &[&a.q_proj, &a.k_proj, &a.v_proj], &mut u[0..3], products)?.try_into().expect("three projections");
     let (y, kept) = match (masking, &a.q_norm, &a.k_norm) {
@@ -373,7 +373,7 @@ pub(super) fn layer(
             let (q, k, v) = (split_heads(&q, b, l, nh, d)?, split_heads(&k, b, l, nkv, d)?, split_heads(&v, b, l, nkv, d)?);
             // each norm on its own, as the composed path applies them
             let norm = |t: &Tensor, w: &Option<Tensor>| match w {
-                Some(w) => candle_nn::ops::rms_norm(t, w, eps as f32),
+                Some(w) => ops::rms_norm_forward(t, w, eps),
                 None => Ok(t.clone()),
             };
             let (qn, kn) = (norm(&q, q_norm)?, norm(&k, k_norm)?);
@@ -388,7 +388,7 @@ pub(super) fn layer(
     // 4. output projection and residual: x2 = x + o(y)
     let x2 = ops::add(&xd, &project(&y, &a.o_proj, &mut u[3], products)?)?;
     // 5. MLP block: out = x2 + down(silu(gate(n2)) · up(n2))
-    let n2 = candle_nn::ops::rms_norm(&x2, &layer.post_attention_layernorm, eps as f32)?;
+    let n2 = ops::rms_norm_forward(&x2, &layer.post_attention_layernorm, eps)?;
     let [gate, up]: [Tensor; 2] =
         project_shared(&n2, &[&m.gate_proj, &m.up_proj], &mut u[4..6], products)?.try_into().expect("two projections");
     let s = ops::swiglu_forward(&gate, &up)?;

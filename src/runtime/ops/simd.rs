@@ -158,6 +158,32 @@ pub(crate) fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f64 {
     sum
 }
 
+/// RMSNorm of one row `x` (`d` values) with weight `w`: `x / sqrt(mean(x^2) + eps) * w`, into
+/// `out` (which may be uninitialized: every element is written, none read). The mean is
+/// summed over [`LANES`] partial sums, then in lane order, then the tail (as
+/// [`rms_norm_backward_row`]'s); each element is divided, then multiplied, as candle's CPU
+/// `rms_norm` computes it.
+#[inline(always)]
+pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    let d = x.len();
+    assert!(w.len() == d && out.len() == d, "rms_norm_row: operands of different lengths");
+    let mut squares = [0f32; LANES];
+    let body = d - d % LANES;
+    for xc in x[..body].chunks_exact(LANES) {
+        for l in 0..LANES {
+            squares[l] += xc[l] * xc[l];
+        }
+    }
+    let mut square = squares.iter().sum::<f32>();
+    for &x in &x[body..] {
+        square += x * x;
+    }
+    let m = (square / d as f32 + eps).sqrt();
+    for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+        o.write(x / m * w);
+    }
+}
+
 /// RMSNorm's input gradient for one row `x` (`d` values) with weight `w` and output gradient
 /// `g`: `r g w - x r^3 mean(g w x)`, `r = (mean(x^2) + eps)^-1/2`, into `out` (which may be
 /// uninitialized: every element is written, none read). Both means are summed over
