@@ -344,6 +344,51 @@ mod tests {
         assert!(rows.low_rank_parts(0, Proj::QProj, (1, 15)).is_err());
     }
 
+    /// Generation's updates added in place (`Frozen::add_delta`): the update then the add to
+    /// float rounding, and each segment's rows those of its adapter alone (or the frozen
+    /// product's, without one), bit for bit, at ranks the kernel takes.
+    #[test]
+    fn frozen_updates_added_in_place_equal_each_adapter_alone() {
+        use crate::runtime::model::Frozen;
+        let cfg = ModelConfig::tiny_for_tests();
+        let make = |r: usize, seed| {
+            let a = LoraAdapter::new(&cfg, LoraConfig::paper(r, 2.0 * r as f64, 0.0), seed, &Device::Cpu).unwrap();
+            for proj in [Proj::QProj, Proj::VProj] {
+                let b = &a.pair(0, proj).unwrap().b;
+                b.set(&Tensor::randn(0f32, 1.0, b.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+            a
+        };
+        let (a, b) = (make(16, 1), make(32, 2));
+        let (a, b): (&dyn Adapter, &dyn Adapter) = (&a, &b);
+        let spans = [(0, 2, Some(a)), (2, 1, None), (3, 3, Some(b))];
+        let rows = SegmentedAdapters::new(SegmentAxis::Rows, &spans.map(|(_, len, ad)| (len, ad)));
+        let x = Tensor::randn(0f32, 1.0, (6, 1, 32), &Device::Cpu).unwrap();
+        for (proj, out) in [(Proj::QProj, 32), (Proj::VProj, 16)] {
+            let y = Tensor::randn(0f32, 1.0, (6, 1, out), &Device::Cpu).unwrap();
+            // `add_delta` writes into the storage of the `y` it is handed: a copy each time
+            let got = Frozen(&rows).add_delta(0, proj, &x, y.copy().unwrap()).unwrap();
+            let want = (&y + Frozen(&rows).delta(0, proj, &x).unwrap().unwrap()).unwrap();
+            let largest = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-5 * largest, "{proj:?}: in place {diff} from the update then the add, largest {largest}");
+            assert!(!got.track_op());
+            for (start, len, ad) in spans {
+                let (xs, ys) = (x.narrow(0, start, len).unwrap(), y.narrow(0, start, len).unwrap().copy().unwrap());
+                let alone = match ad {
+                    Some(ad) => Frozen(ad).add_delta(0, proj, &xs, ys).unwrap(),
+                    None => ys,
+                };
+                let part = got.narrow(0, start, len).unwrap();
+                assert_eq!(part.to_vec3::<f32>().unwrap(), alone.to_vec3::<f32>().unwrap(), "{proj:?} rows {start}..{}", start + len);
+            }
+        }
+        // an untouched projection: `y` as handed over
+        let y = Tensor::randn(0f32, 1.0, (6, 1, 32), &Device::Cpu).unwrap();
+        let got = Frozen(&rows).add_delta(0, Proj::OProj, &x, y.copy().unwrap()).unwrap();
+        assert_eq!(got.to_vec3::<f32>().unwrap(), y.to_vec3::<f32>().unwrap());
+    }
+
     /// Segments along the tokens axis need one packed row: activations of two rows are
     /// refused, not split as if they were one.
     #[test]
