@@ -764,7 +764,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// from `p_r` on, so that its numbers are those of the row alone, unpadded. A padding query's
 /// output is zeros (it feeds only padding positions, which no real query attends to).
 /// `None` when no row has such keys (the batched products then give each row its numbers
-/// alone).
+/// alone), and off the CPU.
 ///
 /// Why: the batched products reduce over all of a row's keys, and the library's small-matrix
 /// kernels sum in an order that depends on their count: left padding moved a row's logits by
@@ -772,7 +772,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// change sampled answers with their neighbours in the batch.
 fn left_padded_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
     let ((b, heads, lq, d), (_, _, lk, _)) = (q.dims4()?, k.dims4()?);
-    if lq == 0 || lk < lq || mask.dims() != [b, 1, lq, lk] {
+    // on a GPU the products are equal to rounding anyway, and reading the mask would wait on it
+    if !q.device().is_cpu() || lq == 0 || lk < lq || mask.dims() != [b, 1, lq, lk] {
         return Ok(None);
     }
     // each row's keys masked for its last query, from the first; padding only if every query
