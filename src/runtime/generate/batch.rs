@@ -196,9 +196,9 @@ fn draw_unconstrained(
 /// Drops the finished rows from a decoding batch once a quarter of it has finished: copying
 /// the cache costs about one decode step's memory traffic, and each dropped row saves its
 /// share of every later step. Geometric, so at most a few copies per batch. Never down to
-/// one row: a lone row's OpenBLAS products (the low-rank updates; the frozen products too
-/// without the f32 kernel) take candle's kernel instead (see `runtime::blas`), whose last
-/// bits differ.
+/// one row: a lone row's OpenBLAS products (the low-rank updates at ranks the f32 kernel does
+/// not take; the frozen products too without the f32 kernel) take candle's kernel instead
+/// (see `runtime::blas`), whose last bits differ.
 fn worth_compacting(finished: usize, rows: usize) -> bool {
     finished > 0 && 4 * finished >= rows && rows - finished >= 2
 }

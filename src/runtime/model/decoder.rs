@@ -50,6 +50,10 @@ pub trait Adapter: Sync {
 
     /// `y` plus the update of `proj` for input `x` (`y` `[.., out]`, the frozen product of
     /// `x`, handed over by the decoder), in `y`'s dtype. Default: [`Self::delta`], then an add.
+    ///
+    /// `y` is handed over: an implementation may write the sum into its storage ([`Frozen`]
+    /// does), so pass a tensor whose storage no other live tensor shares, such as a product
+    /// just computed (a `Tensor::clone` shares it; `Tensor::copy` does not).
     fn add_delta(&self, layer: usize, proj: Proj, x: &Tensor, y: Tensor) -> Result<Tensor> {
         plus(y, self.delta(layer, proj, x)?)
     }
@@ -72,8 +76,9 @@ fn plus(y: Tensor, delta: Option<Tensor>) -> Result<Tensor> {
 /// update tracks its ops, the decoder takes its training path, and the whole forward
 /// graph stays alive until the logits are dropped (measured: a 64-row generation prefill
 /// held 3.6 GB, against ~0.1 GB with the updates detached). The values are equal to float
-/// summation order: detached factors take inference's low-rank products, tracked ones
-/// training's (`ops::Products`).
+/// summation order: [`Adapter::delta`] of detached factors takes the library's low-rank
+/// products; [`Adapter::add_delta`], which the decoder calls, and tracked factors the
+/// kernel's (`ops::Products`).
 pub struct Frozen<'a>(pub &'a dyn Adapter);
 
 impl Adapter for Frozen<'_> {

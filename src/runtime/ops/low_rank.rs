@@ -141,7 +141,9 @@ pub(crate) enum Products {
 #[derive(Debug)]
 pub(crate) enum KeptUpdate {
     /// Each segment's scaled `u` `[len, r]` ([`segmented_low_rank_forward`]; `None` for a
-    /// segment without factors, and for every segment in inference).
+    /// segment without factors, and for every segment on the library's products,
+    /// [`Products::Library`]; on the kernel's, kept even where nothing needs it: generation
+    /// drops it).
     Segments(Vec<Option<Tensor>>),
     /// Off the CPU, the pass's padded batch ([`padded_forward`]).
     Padded(PaddedUpdate),
@@ -290,7 +292,8 @@ fn padded_backward(p: &PaddedUpdate, h: &Tensor, g: &Tensor) -> Result<(Tensor, 
 /// [`segmented_low_rank`]'s value for `h` `[n, in]` in f32 (segments already checked),
 /// `[n, out]`: u_s = scale · h_s A_sᵀ `[len, r]`, y_s = u_s B_sᵀ `[len, out]`. Also returns
 /// each factored segment's `u` (scaled; `None` for a segment without factors, and for every
-/// segment in inference, [`Products::Library`]), which [`segmented_low_rank_backward`] needs.
+/// segment on the library's products, [`Products::Library`]), which
+/// [`segmented_low_rank_backward`] needs.
 ///
 /// Training ([`Products::Kernel`]) writes each segment whose rank and output width are
 /// multiples of 16 straight into the rows of the result on the f32 kernel

@@ -776,15 +776,18 @@ fn left_padded_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> R
     if !q.device().is_cpu() || lq == 0 || lk < lq || mask.dims() != [b, 1, lq, lk] {
         return Ok(None);
     }
-    // each row's keys masked for its last query, from the first; padding only if every query
-    // at or after them masks them too
+    // each row's keys masked for its last query, from the first: padding only if every query
+    // at or after them masks them too, and every query before them (a padding query) sees
+    // none of the keys after them
     let cached = lk - lq;
     let values: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let masked = |m: &f32| *m == f32::NEG_INFINITY;
     let mut pads = Vec::with_capacity(b);
     for row in values.chunks_exact(lq * lk) {
-        let p = row[(lq - 1) * lk..].iter().take_while(|m| m.is_infinite()).count();
-        let queries = row.chunks_exact(lk).skip(p.saturating_sub(cached));
-        if !queries.into_iter().all(|m| m[..p].iter().all(|m| m.is_infinite())) {
+        let p = row[(lq - 1) * lk..].iter().take_while(|m| masked(m)).count();
+        let (padding, real) = row.split_at(p.saturating_sub(cached).min(lq) * lk);
+        let padding_sees_padding = padding.chunks_exact(lk).all(|m| m[p..].iter().all(masked));
+        if !(padding_sees_padding && real.chunks_exact(lk).all(|m| m[..p].iter().all(masked))) {
             return Ok(None);
         }
         pads.push(p);
@@ -1531,7 +1534,7 @@ mod tests {
         let (heads, kv, d) = (4, 2, 8);
         let segments = [(0, 3), (3, 1), (4, 6), (10, 4)];
         let n = 14;
-        let causal = |l: usize| padded_causal_mask(1, l, 0, &[0], &dev, DType::F32).unwrap();
+        let causal = |l: usize| crate::runtime::model::causal_mask(1, l, 0, &[0], &dev, DType::F32).unwrap();
         let penalties = Tensor::from_vec((0..16).map(|i| -((i * 7 % 5) as f32) * 0.7).collect::<Vec<_>>(), (1, 1, 4, 4), &dev).unwrap();
         let masks = [Some(causal(3)), None, Some(causal(6)), Some(penalties)];
         let q = Tensor::randn(0f32, 1., (1, heads, n, d), &dev).unwrap();
@@ -1728,23 +1731,6 @@ mod tests {
         same_gradients(&y, &y2, &[xs], 1e-3);
     }
 
-    /// `[b, 1, l, cached + l]`: 0 where a query sees a key, -inf elsewhere; row `r`'s first
-    /// `pads[r]` keys padding, seen by no other query (a padding query sees itself).
-    fn padded_causal_mask(b: usize, l: usize, cached: usize, pads: &[usize], dev: &Device, _: DType) -> Result<Tensor> {
-        let total = cached + l;
-        let mut m = vec![0f32; b * l * total];
-        for (r, &p) in pads.iter().enumerate() {
-            for i in 0..l {
-                for j in 0..total {
-                    if j > cached + i || (j < p && j != cached + i) {
-                        m[(r * l + i) * total + j] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(m, (b, 1, l, total), dev)
-    }
-
     /// A left-padded batch without a graph, as generation runs it (keys and values views of a
     /// cache longer than the keys): each row's real queries get the numbers of that row alone,
     /// unpadded, bit for bit, its padding queries zeros; a prefill and a decoding step.
@@ -1753,13 +1739,13 @@ mod tests {
         let dev = Device::Cpu;
         let (heads, kv, d, capacity) = (4, 2, 8, 24);
         let pads = [0usize, 3, 9];
-        for (lq, lk) in [(13, 13), (1, 13)] {
+        for (lq, lk) in [(13, 13), (1, 13), (6, 13)] {
             let cached = lk - lq;
             let b = pads.len();
             let q = Tensor::randn(0f32, 1., (b, heads, lq, d), &dev).unwrap();
             let kc = Tensor::randn(0f32, 1., (b, kv, capacity, d), &dev).unwrap();
             let vc = Tensor::randn(0f32, 1., (b, kv, capacity, d), &dev).unwrap();
-            let mask = padded_causal_mask(b, lq, cached, &pads, &dev, DType::F32).unwrap();
+            let mask = crate::runtime::model::causal_mask(b, lq, cached, &pads, &dev, DType::F32).unwrap();
             let y = attention(&q, &kc.narrow(2, 0, lk).unwrap(), &vc.narrow(2, 0, lk).unwrap(), Some(&mask)).unwrap();
             assert_eq!(y.dims(), [b, heads, lq, d]);
             for (r, &p) in pads.iter().enumerate() {
@@ -1771,7 +1757,7 @@ mod tests {
                 };
                 let (ko, vo) = (own(&kc), own(&vc));
                 let qo = q.narrow(0, r, 1).unwrap().narrow(2, first, lq - first).unwrap().contiguous().unwrap();
-                let mo = padded_causal_mask(1, lq - first, cached.saturating_sub(p), &[0], &dev, DType::F32).unwrap();
+                let mo = crate::runtime::model::causal_mask(1, lq - first, cached.saturating_sub(p), &[0], &dev, DType::F32).unwrap();
                 let keys = lk - p;
                 let alone = attention(&qo, &ko.narrow(2, 0, keys).unwrap(), &vo.narrow(2, 0, keys).unwrap(), Some(&mo)).unwrap();
                 let got = y.narrow(0, r, 1).unwrap();
@@ -1780,9 +1766,23 @@ mod tests {
                 assert!(flat(got.narrow(2, 0, first).unwrap()).iter().all(|&x| x == 0.0), "row {r}: its padding queries");
             }
             // without padding, the batched products (which give each row its numbers alone)
-            let plain = padded_causal_mask(b, lq, cached, &[0; 3], &dev, DType::F32).unwrap();
+            let plain = crate::runtime::model::causal_mask(b, lq, cached, &[0; 3], &dev, DType::F32).unwrap();
             let (k, v) = (kc.narrow(2, 0, lk).unwrap(), vc.narrow(2, 0, lk).unwrap());
             assert!(left_padded_attention(&q, &k, &v, &plain).unwrap().is_none());
+            // row 2's first 9 keys are not padding if a real query other than the last sees one,
+            // or a padding query sees past them: then the batched products
+            let first = 9usize.saturating_sub(cached);
+            let seen_at = |query: usize, key: usize| {
+                let mut m = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                m[(2 * lq + query) * lk + key] = 0.0;
+                Tensor::from_vec(m, mask.shape(), &dev).unwrap()
+            };
+            if lq - first >= 2 {
+                assert!(left_padded_attention(&q, &k, &v, &seen_at(lq - 2, 0)).unwrap().is_none());
+            }
+            if first > 0 {
+                assert!(left_padded_attention(&q, &k, &v, &seen_at(0, 9)).unwrap().is_none());
+            }
         }
     }
 
@@ -2083,7 +2083,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1., (b, kv_heads, capacity, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1., (b, kv_heads, capacity, d), &dev).unwrap();
         let pads: Vec<usize> = (0..b).map(|r| r % 4).collect();
-        let mask = padded_causal_mask(b, 1, keys - 1, &pads, &dev, DType::F32).unwrap();
+        let mask = crate::runtime::model::causal_mask(b, 1, keys - 1, &pads, &dev, DType::F32).unwrap();
         let (kv, vv) = (k.narrow(2, 0, keys).unwrap(), v.narrow(2, 0, keys).unwrap());
         for m in [Some(&mask), None] {
             let got = cached_attention(&q, &k, &v, keys, m).expect("the kernel applies").unwrap();
