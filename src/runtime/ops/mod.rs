@@ -744,6 +744,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `b · lq · lk` entries laid out as `[b, 1, lq, lk]` (0 or -inf; not broadcast: a mask of
 /// another size is an error), or `None` for no mask.
 /// Query heads `h` use KV head `h / (heads / kv_heads)`, as in Hugging Face's `repeat_kv`.
+/// Without a graph, on the CPU, a row's leading keys that only its own padding queries see
+/// (left padding) are left out and those queries' outputs are zeros (`left_padded_attention`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     if !(q.track_op() || k.track_op() || v.track_op()) {
@@ -766,8 +768,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// `None` when no row has such keys (the batched products then give each row its numbers
 /// alone), and off the CPU.
 ///
-/// Why: the batched products reduce over all of a row's keys, and the library's small-matrix
-/// kernels sum in an order that depends on their count: left padding moved a row's logits by
+/// Why: the batched products reduce over all of a row's keys, and the library's kernels
+/// (candle's gemm for a cache's views, which OpenBLAS's batched path declines) sum in an
+/// order that depends on their count: left padding moved a row's logits by
 /// ~4e-5 in f32 and ~0.15 in bf16 (a prompt of 4 tokens padded by 9, SmolLM2), enough to
 /// change sampled answers with their neighbours in the batch.
 fn left_padded_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
