@@ -366,8 +366,12 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (6, 1, 32), &Device::Cpu).unwrap();
         for (proj, out) in [(Proj::QProj, 32), (Proj::VProj, 16)] {
             let y = Tensor::randn(0f32, 1.0, (6, 1, out), &Device::Cpu).unwrap();
-            // `add_delta` writes into the storage of the `y` it is handed: a copy each time
-            let got = Frozen(&rows).add_delta(0, proj, &x, y.copy().unwrap()).unwrap();
+            // `add_delta` writes into the storage of the `y` it is handed: a copy each time, and
+            // a second handle on that copy sees the sum (the in-place path, not the default's add)
+            let handed = y.copy().unwrap();
+            let alias = handed.clone();
+            let got = Frozen(&rows).add_delta(0, proj, &x, handed).unwrap();
+            assert_eq!(alias.to_vec3::<f32>().unwrap(), got.to_vec3::<f32>().unwrap(), "{proj:?}: the sum written where y lay");
             let want = (&y + Frozen(&rows).delta(0, proj, &x).unwrap().unwrap()).unwrap();
             let largest = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

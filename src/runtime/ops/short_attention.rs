@@ -736,8 +736,8 @@ fn backward_heads(x: &Inputs, g: &[f32], h: Heads, s: &Sequence, rows: &Rows) ->
 /// Whether a sequence's attention takes the f32 kernel ([`products`]): an AVX-512 CPU and a
 /// head dimension of whole 16-lane vectors (SmolLM2's 64, Qwen's 128). (The callers also
 /// leave an empty sequence to the row path, which returns empty outputs: the kernel takes
-/// no product without columns.) Tests can send it down
-/// the row-at-a-time path instead (`tests::rows_path`).
+/// no product without columns.) Tests can send it down the row-at-a-time path instead
+/// (`tests::rows_path`).
 fn on_kernel(h: Heads) -> bool {
     #[cfg(test)]
     if tests::ROWS_PATH.with(|r| r.get()) {
