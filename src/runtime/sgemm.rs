@@ -320,12 +320,45 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                         let cp = c.add(i * n + p * NR);
                         let first = (blk * per_block).min(pf_kc);
                         let prefetch = Prefetch { at: pf.wrapping_add(first * pf_ld), ld: pf_ld, rows: per_block.min(pf_kc - first) };
+                        // the outputs of the block after this one, into L1 while this one is
+                        // computed: they are usually fresh memory, not in any cache (a pass
+                        // writes new activations), and a store or load that misses stalls
+                        let (next_c, next_rows, next_width) = if i + MR < i1 {
+                            (c.add((i + MR) * n + p * NR), MR.min(i1 - i - MR), width)
+                        } else if p + 1 < g1 {
+                            (c.add(i0 * n + (p + 1) * NR), MR.min(i1 - i0), NR.min(n - (p + 1) * NR))
+                        } else {
+                            (c, 0, 0)
+                        };
+                        prefetch_rows(next_c, n, next_rows, next_width);
                         block(rows, width, ap, k, bp, ldb, kc, cp, n, s > 0, prefetch);
                     }
                 }
             }
         }
     }
+}
+
+/// Fetches `rows` rows of `width` values (16 or 32), `ld` apart from `at`, into L1: a hint,
+/// which never faults and changes no value.
+#[inline(always)]
+fn prefetch_rows(at: *const f32, ld: usize, rows: usize, width: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for r in 0..rows {
+            let line = at.wrapping_add(r * ld).cast::<i8>();
+            // SAFETY: a prefetch reads nothing the program sees and never faults.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(line);
+                if width > 16 {
+                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (at, ld, rows, width);
 }
 
 /// Rows of the weight to fetch into L2 during a block (two 64-byte lines each, `ld` values
