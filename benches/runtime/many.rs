@@ -413,11 +413,18 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
     // 3. the ceiling: the same frozen-weight products with nothing else (last, since its
     //    inputs would otherwise count in the groups' peak RSS)
     if selfedit::runtime::blas::ENABLED && dev.is_cpu() {
+        let mut gflops = Vec::new();
         for rows in [32, 256, 512] {
             let g = frozen_gemm_gflops(m, rows)?;
             report(&format!("frozen_gemm_gflops_rows{rows}"), g, "GFLOP/s");
             report(&format!("frozen_gemm_fraction_of_peak_rows{rows}"), g / peak, "");
+            gflops.push(g);
         }
+        // The lowest grouped ÷ solo training cost the products allow: a solo pass (one
+        // sequence of ~34 tokens) runs them at ~32 rows, a full group at ~512, and if
+        // everything beside the products took no time, the ratio would be their speeds'.
+        // Any other work, the same per token in both, moves the ratio towards 1.
+        report("grouped_over_solo_train_bound_products_only", gflops[0] / gflops[2], "");
     }
     Ok(())
 }
