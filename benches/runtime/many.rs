@@ -420,10 +420,11 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
             report(&format!("frozen_gemm_fraction_of_peak_rows{rows}"), g / peak, "");
             gflops.push(g);
         }
-        // The lowest grouped ÷ solo training cost the products allow: a solo pass (one
-        // sequence of ~34 tokens) runs them at ~32 rows, a full group at ~512, and if
-        // everything beside the products took no time, the ratio would be their speeds'.
-        // Any other work, the same per token in both, moves the ratio towards 1.
+        // The lowest grouped ÷ solo training cost the products allow, an estimate: a solo
+        // pass (one sequence of ~34 tokens) runs them at ~32 rows, a full group at ~450-520
+        // (the 512-row speed is within a few percent of the 256-row one), and if everything
+        // beside the products took no time, the ratio would be their speeds'. Any other
+        // work, the same per token in both, moves the ratio towards 1.
         report("grouped_over_solo_train_bound_products_only", gflops[0] / gflops[2], "");
     }
     Ok(())
