@@ -6,8 +6,9 @@
 //! it had copied the same way on the step before: in a profile of single-adapter f32
 //! training, `sgemm_incopy` and `sgemm_itcopy` were 27% of all samples against 48% in
 //! `sgemm_kernel`. Here the weight of `x @ w^T` is cut into column panels once, at load
-//! ([`Panels`]), and the input gradient `g @ w` reads `w`'s rows where they lie; only the
-//! activations are read per call, and they stay in cache.
+//! ([`Panels`]), and the input gradient `g @ w` reads `w`'s rows where they lie (a slice whose
+//! rows lie a multiple of 1 KB apart is first copied together, in `panels_kernel`); only
+//! the activations are read per call, and they stay in cache.
 //!
 //! The kernel keeps a block of [`MR`] rows × 32 columns in 24 AVX-512 registers and adds one
 //! rank-1 update per reduction index (a broadcast of each row's value times two vectors of the
@@ -279,6 +280,7 @@ unsafe fn product_into(terms: &[Term], m: usize, n: usize, threads: usize, c: *m
 /// Each term's `a` is `m × k` and its `b` holds `k × n` values; `c` has room for `m * n` f32
 /// that no other thread touches in these panels.
 unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: usize, c: *mut f32, from: usize, to: usize) {
+    let mut slice: Vec<f32> = Vec::new();
     for i0 in (0..m).step_by(MC) {
         let i1 = (i0 + MC).min(m);
         for g0 in (from..to).step_by(NC_PANELS) {
@@ -289,7 +291,20 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                 let blocks = (i1 - i0).div_ceil(MR);
                 for p in g0..g1 {
                     let width = NR.min(n - p * NR);
-                    let (bp, ldb) = b.panel(p, width, p0);
+                    let (mut bp, mut ldb) = b.panel(p, width, p0);
+                    // Rows a multiple of 1 KB apart (a row-major weight 256·j wide: down's input
+                    // gradient, 1,536) fall on few of L1's sets and evict each other before the
+                    // next row block reads them again: copied together first, where at least 4
+                    // row blocks read them (timed alone, 4 alternating rounds at 576 -> 1,536:
+                    // 520 rows 218-235 -> 223-258 GFLOP/s, 128 rows 181-192 -> 196-205). The
+                    // same values in the same order: no bit changes.
+                    if blocks >= 4 && (ldb * 4).is_multiple_of(1024) && ldb != width {
+                        slice.clear();
+                        for r in 0..kc {
+                            slice.extend_from_slice(std::slice::from_raw_parts(bp.add(r * ldb), width));
+                        }
+                        (bp, ldb) = (slice.as_ptr(), width);
+                    }
                     // The chunk this thread reads next, fetched into L2 while this one is
                     // computed, its rows spread over this chunk's row blocks: the weight streams
                     // from memory, and a chunk's 256 rows of 128 bytes lie 2-6 KB apart in the
@@ -527,6 +542,18 @@ mod tests {
         for i in 0..m {
             let alone = matmul_plain(&x[i * k..(i + 1) * k], 1, &w, k, n, 1).unwrap();
             assert_eq!(alone, tall[i * n..(i + 1) * n], "row {i}");
+        }
+        // a row-major weight whose rows lie 1 KB apart, with enough row blocks to be copied
+        // together first: the values, and each row equal to itself alone (not copied)
+        let (m, k, n) = (60, 600, 256);
+        let (x, w3) = (values(m * k, 10), values(k * n, 11));
+        let tall = matmul_plain(&x, m, &w3, k, n, 2).unwrap();
+        let want = reference(&x, |p, j| w3[p * n + j], m, k, n);
+        for (g, r) in tall.iter().zip(&want) {
+            assert!((*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt(), "nn {m}x{k}x{n}: {g} vs {r}");
+        }
+        for i in [0, 37, m - 1] {
+            assert_eq!(matmul_plain(&x[i * k..(i + 1) * k], 1, &w3, k, n, 1).unwrap(), tall[i * n..(i + 1) * n], "row {i}");
         }
         // rows of a wide product, each against itself alone
         let (m, k, n) = (250, 300, wide);
