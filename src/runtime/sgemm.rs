@@ -296,7 +296,7 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                     // gradient, 1,536) fall on few of L1's sets and evict each other before the
                     // next row block reads them again: copied together first, where at least 4
                     // row blocks read them (timed alone, 4 alternating rounds at 576 -> 1,536:
-                    // 520 rows 218-235 -> 223-258 GFLOP/s, 128 rows 181-192 -> 196-205). The
+                    // 520 rows 218-235 -> 223-258 GFLOP/s, 128 rows 142-192 -> 196-205). The
                     // same values in the same order: no bit changes.
                     if blocks >= 4 && (ldb * 4).is_multiple_of(1024) && ldb != width {
                         slice.clear();
