@@ -8,7 +8,8 @@
 //! `sgemm_kernel`. Here the weight of `x @ w^T` is cut into column panels once, at load
 //! ([`Panels`]), and the input gradient `g @ w` reads `w`'s rows where they lie (a slice whose
 //! rows lie a multiple of 1 KB apart is first copied together, in `panels_kernel`); only
-//! the activations are read per call, and they stay in cache.
+//! the activations are read per call, and they stay in cache (input rows a multiple of 4 KB
+//! apart, which would all fall on one L1 set, are copied together per reduction pass).
 //!
 //! The kernel keeps a block of [`MR`] rows × 32 columns in 24 AVX-512 registers and adds one
 //! rank-1 update per reduction index (a broadcast of each row's value times two vectors of the
@@ -535,6 +536,8 @@ mod tests {
             // thread (2 panels), and on two (3 panels: one thread copies, the other does not)
             (30, 2048, 64, 1),
             (130, 1024, 96, 2),
+            // ... and over more rows than one chunk ([`MC`]), the second chunk copied too
+            (250, 1024, 64, 1),
             (20, 300, wide, 1),
             (250, 600, wide, 2),
         ] {
