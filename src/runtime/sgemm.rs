@@ -302,12 +302,8 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                 // The same values in the same order: no bit changes.
                 let (mut a0, mut lda) = (a.as_ptr().add(i0 * k + p0), k);
                 if g1 - g0 >= 2 && (k * 4).is_multiple_of(4096) {
-                    rows_copy.clear();
-                    for i in i0..i1 {
-                        rows_copy.extend_from_slice(&a[i * k + p0..i * k + p0 + kc]);
-                        rows_copy.extend_from_slice(&[0.0; 16]);
-                    }
-                    (a0, lda) = (rows_copy.as_ptr(), kc + 16);
+                    // SAFETY: rows i0..i1 of `a` (m × k) hold values p0..p0 + kc.
+                    (a0, lda) = (copy_rows(&mut rows_copy, a0, k, i1 - i0, kc, 16), kc + 16);
                 }
                 for p in g0..g1 {
                     let width = NR.min(n - p * NR);
@@ -319,11 +315,8 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                     // 520 rows 218-235 -> 223-258 GFLOP/s, 128 rows 142-192 -> 196-205). The
                     // same values in the same order: no bit changes.
                     if blocks >= 4 && (ldb * 4).is_multiple_of(1024) && ldb != width {
-                        slice.clear();
-                        for r in 0..kc {
-                            slice.extend_from_slice(std::slice::from_raw_parts(bp.add(r * ldb), width));
-                        }
-                        (bp, ldb) = (slice.as_ptr(), width);
+                        // SAFETY: the panel's kc rows of `width` values, ldb apart, lie in `b`.
+                        (bp, ldb) = (copy_rows(&mut slice, bp, ldb, kc, width, 0), width);
                     }
                     // The chunk this thread reads next, fetched into L2 while this one is
                     // computed, its rows spread over this chunk's row blocks: the weight streams
@@ -372,6 +365,22 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
             }
         }
     }
+}
+
+/// `rows` rows of `len` values, `ld` apart from `at`, copied into `buf` end to end, each
+/// followed by `pad` zeros (so `len + pad` apart): a strided slice gathered where its rows
+/// would fall on few of L1's sets. Returns the copy's first value.
+///
+/// # Safety
+/// `at` points to `rows` rows of `len` readable values, `ld` apart.
+unsafe fn copy_rows(buf: &mut Vec<f32>, at: *const f32, ld: usize, rows: usize, len: usize, pad: usize) -> *const f32 {
+    buf.clear();
+    for r in 0..rows {
+        // SAFETY: row `r` of the caller's `rows` rows holds `len` readable values.
+        buf.extend_from_slice(unsafe { std::slice::from_raw_parts(at.add(r * ld), len) });
+        buf.resize(buf.len() + pad, 0.0);
+    }
+    buf.as_ptr()
 }
 
 /// Fetches `rows` rows of `width` values (16 or 32), `ld` apart from `at`, into L1: a hint,
