@@ -304,6 +304,8 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                 if g1 - g0 >= 2 && (k * 4).is_multiple_of(4096) {
                     // SAFETY: rows i0..i1 of `a` (m × k) hold values p0..p0 + kc.
                     (a0, lda) = (copy_rows(&mut rows_copy, a0, k, i1 - i0, kc, 16), kc + 16);
+                    #[cfg(test)]
+                    tests::COPIES.with(|c| c.set([c.get()[0], c.get()[1] + 1]));
                 }
                 for p in g0..g1 {
                     let width = NR.min(n - p * NR);
@@ -317,6 +319,8 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                     if blocks >= 4 && (ldb * 4).is_multiple_of(1024) && ldb != width {
                         // SAFETY: the panel's kc rows of `width` values, ldb apart, lie in `b`.
                         (bp, ldb) = (copy_rows(&mut slice, bp, ldb, kc, width, 0), width);
+                        #[cfg(test)]
+                        tests::COPIES.with(|c| c.set([c.get()[0] + 1, c.get()[1]]));
                     }
                     // The chunk this thread reads next, fetched into L2 while this one is
                     // computed, its rows spread over this chunk's row blocks: the weight streams
@@ -500,6 +504,22 @@ unsafe fn kernel<const M: usize, const V: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// The strided copies `panels_kernel` made on this thread: `[weight slices, input
+        /// rows' passes]`. The copies change no bit, so only this tells a test that the
+        /// shapes it means to take a copy path take it.
+        pub(super) static COPIES: Cell<[usize; 2]> = const { Cell::new([0, 0]) };
+    }
+
+    /// `f()` and the copies it made on this thread (`[weight slices, input rows' passes]`).
+    fn copies<T>(f: impl FnOnce() -> T) -> (T, [usize; 2]) {
+        let before = COPIES.with(Cell::get);
+        let out = f();
+        let after = COPIES.with(Cell::get);
+        (out, [after[0] - before[0], after[1] - before[1]])
+    }
 
     fn reference(a: &[f32], b: impl Fn(usize, usize) -> f32, m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut out = vec![0f64; m * n];
@@ -547,6 +567,9 @@ mod tests {
             (130, 1024, 96, 2),
             // ... and over more rows than one chunk ([`MC`]), the second chunk copied too
             (250, 1024, 64, 1),
+            // ... and over more panels than one group ([`NC_PANELS`]): copied again in the
+            // second group (2 panels, the last 16 wide)
+            (20, 1024, NC_PANELS * NR + 48, 1),
             (20, 300, wide, 1),
             (250, 600, wide, 2),
         ] {
@@ -582,13 +605,16 @@ mod tests {
         // together first: the values, and each row equal to itself alone (not copied)
         let (m, k, n) = (60, 600, 256);
         let (x, w3) = (values(m * k, 10), values(k * n, 11));
-        let tall = matmul_plain(&x, m, &w3, k, n, 2).unwrap();
+        let (tall, made) = copies(|| matmul_plain(&x, m, &w3, k, n, 2).unwrap());
+        assert!(made[0] > 0 && made[1] == 0, "a slice 1 KB apart read by 5 row blocks is copied: {made:?}");
         let want = reference(&x, |p, j| w3[p * n + j], m, k, n);
         for (g, r) in tall.iter().zip(&want) {
             assert!((*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt(), "nn {m}x{k}x{n}: {g} vs {r}");
         }
         for i in [0, 37, m - 1] {
-            assert_eq!(matmul_plain(&x[i * k..(i + 1) * k], 1, &w3, k, n, 1).unwrap(), tall[i * n..(i + 1) * n], "row {i}");
+            let (alone, made) = copies(|| matmul_plain(&x[i * k..(i + 1) * k], 1, &w3, k, n, 1).unwrap());
+            assert_eq!(made, [0, 0], "one row block reads the slice where it lies");
+            assert_eq!(alone, tall[i * n..(i + 1) * n], "row {i}");
         }
         // rows 4 KB apart: 2 panels on one thread copy them together, one panel each on two
         // threads reads them where they lie (m × k × n is above `THREADED_PRODUCT`): the same
@@ -596,13 +622,23 @@ mod tests {
         let (m, k, n) = (130, 1024, 64);
         assert!(m * k * n >= THREADED_PRODUCT);
         let (x, w4) = (values(m * k, 12), values(k * n, 13));
-        let copied = matmul_plain(&x, m, &w4, k, n, 1).unwrap();
-        assert_eq!(copied, matmul_plain(&x, m, &w4, k, n, 2).unwrap(), "rows copied together against read where they lie");
+        let (copied, made) = copies(|| matmul_plain(&x, m, &w4, k, n, 1).unwrap());
+        assert_eq!(made, [0, k / KC], "2 panels on one thread: the rows copied once a pass");
+        let (apart, made) = copies(|| matmul_plain(&x, m, &w4, k, n, 2).unwrap());
+        assert_eq!(made, [0, 0], "one panel a thread: the rows read where they lie");
+        assert_eq!(copied, apart, "rows copied together against read where they lie");
         let panels = Panels::transposed(&w4, n, k).unwrap();
-        assert_eq!(panels.matmul(&x, m, 1), panels.matmul(&x, m, 2), "the same through panels");
+        let (through_panels, made) = copies(|| panels.matmul(&x, m, 1));
+        assert_eq!(made, [0, k / KC], "the same through panels");
+        assert_eq!(through_panels, panels.matmul(&x, m, 2), "the same through panels");
         for i in [0, 77, m - 1] {
             assert_eq!(matmul_plain(&x[i * k..(i + 1) * k], 1, &w4, k, n, 1).unwrap(), copied[i * n..(i + 1) * n], "row {i}");
         }
+        // over two groups of panels, each group's passes copy the rows again
+        let n = NC_PANELS * NR + 48;
+        let w5 = values(k * n, 14);
+        let (_, made) = copies(|| matmul_plain(&x[..20 * k], 20, &w5, k, n, 1).unwrap());
+        assert_eq!(made, [0, 2 * k / KC], "two groups of 2 or more panels");
         // rows of a wide product, each against itself alone
         let (m, k, n) = (250, 300, wide);
         let (x, wide_w) = (values(m * k, 8), values(n * k, 9));
@@ -623,27 +659,38 @@ mod tests {
             eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
             return;
         }
-        let (n, ks) = (48, [576, 192, 192]);
-        for &(m, threads) in &[(1, 1), (13, 2), (130, 2), (300, 3)] {
-            let gs: Vec<Vec<f32>> = ks.iter().enumerate().map(|(t, &k)| values(m * k, 10 + t as u32)).collect();
-            let ws: Vec<Vec<f32>> = ks.iter().enumerate().map(|(t, &k)| values(k * n, 20 + t as u32)).collect();
-            let terms: Vec<(&[f32], &[f32], usize)> = (0..3).map(|t| (&gs[t][..], &ws[t][..], ks[t])).collect();
-            let got = matmul_plain_sum(&terms, m, n, threads).unwrap();
-            let mut want = vec![0f64; m * n];
-            for t in 0..3 {
-                let k = ks[t];
-                for (o, r) in want.iter_mut().zip(reference(&gs[t], |p, j| ws[t][p * n + j], m, k, n)) {
-                    *o += r;
+        // the second set with reductions a multiple of 1,024 (rows 4 KB apart: copied together
+        // where a thread reads both of the 2 panels)
+        for (n, ks) in [(48, [576, 192, 192]), (48, [1024, 192, 2048])] {
+            let k_sum: usize = ks.iter().sum();
+            for &(m, threads) in &[(1, 1), (13, 2), (130, 2), (300, 3)] {
+                let gs: Vec<Vec<f32>> = ks.iter().enumerate().map(|(t, &k)| values(m * k, 10 + t as u32)).collect();
+                let ws: Vec<Vec<f32>> = ks.iter().enumerate().map(|(t, &k)| values(k * n, 20 + t as u32)).collect();
+                let terms: Vec<(&[f32], &[f32], usize)> = (0..3).map(|t| (&gs[t][..], &ws[t][..], ks[t])).collect();
+                let (got, made) = copies(|| matmul_plain_sum(&terms, m, n, threads).unwrap());
+                if m * k_sum * n < THREADED_PRODUCT || threads == 1 {
+                    let want_copies = ks.iter().filter(|&&k| k % 1024 == 0).map(|&k| k / KC).sum::<usize>();
+                    assert_eq!(made, [0, want_copies], "{m} rows, reductions {ks:?}: the passes copied");
                 }
-            }
-            for (g, r) in got.iter().zip(&want) {
-                assert!((*g as f64 - r).abs() <= 1e-5 * (960f64).sqrt(), "sum {m}x960x{n}: {g} vs {r}");
-            }
-            assert_eq!(matmul_plain_sum(&terms[..1], m, n, threads).unwrap(), matmul_plain(&gs[0], m, &ws[0], ks[0], n, threads).unwrap());
-            for i in [0, m / 2, m - 1] {
-                let rows: Vec<&[f32]> = (0..3).map(|t| &gs[t][i * ks[t]..(i + 1) * ks[t]]).collect();
-                let alone: Vec<(&[f32], &[f32], usize)> = (0..3).map(|t| (rows[t], &ws[t][..], ks[t])).collect();
-                assert_eq!(matmul_plain_sum(&alone, 1, n, 1).unwrap(), got[i * n..(i + 1) * n], "row {i} of {m}");
+                let mut want = vec![0f64; m * n];
+                for t in 0..3 {
+                    let k = ks[t];
+                    for (o, r) in want.iter_mut().zip(reference(&gs[t], |p, j| ws[t][p * n + j], m, k, n)) {
+                        *o += r;
+                    }
+                }
+                for (g, r) in got.iter().zip(&want) {
+                    assert!((*g as f64 - r).abs() <= 1e-5 * (k_sum as f64).sqrt(), "sum {m}x{k_sum}x{n}: {g} vs {r}");
+                }
+                assert_eq!(
+                    matmul_plain_sum(&terms[..1], m, n, threads).unwrap(),
+                    matmul_plain(&gs[0], m, &ws[0], ks[0], n, threads).unwrap()
+                );
+                for i in [0, m / 2, m - 1] {
+                    let rows: Vec<&[f32]> = (0..3).map(|t| &gs[t][i * ks[t]..(i + 1) * ks[t]]).collect();
+                    let alone: Vec<(&[f32], &[f32], usize)> = (0..3).map(|t| (rows[t], &ws[t][..], ks[t])).collect();
+                    assert_eq!(matmul_plain_sum(&alone, 1, n, 1).unwrap(), got[i * n..(i + 1) * n], "row {i} of {m}");
+                }
             }
         }
         assert!(matmul_plain_sum(&[(&[0.0; 40][..], &[0.0; 40][..], 1)], 40, 40, 1).is_none(), "40 columns");
@@ -657,18 +704,25 @@ mod tests {
             eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
             return;
         }
-        let k = 600;
-        let sets: Vec<Panels> =
-            [96, 32, 48].iter().enumerate().map(|(t, &n)| Panels::transposed(&values(n * k, 30 + t as u32), n, k).unwrap()).collect();
-        let refs: Vec<&Panels> = sets.iter().collect();
-        // 6 panels: 3 threads cut the first set in two, 4 threads the first and the last
-        for &(m, threads) in &[(1, 1), (13, 2), (250, 2), (250, 3), (250, 4), (40, 3)] {
-            let x = values(m * k, 40);
-            let many = matmul_many(&refs, &x, m, threads);
-            for (got, p) in many.iter().zip(&sets) {
-                assert_eq!(*got, p.matmul(&x, m, 1), "{m} rows on {threads} threads");
+        // k = 1,024: input rows 4 KB apart, copied where a thread reads 2 or more of a set's panels
+        for k in [600, 1024] {
+            let sets: Vec<Panels> =
+                [96, 32, 48].iter().enumerate().map(|(t, &n)| Panels::transposed(&values(n * k, 30 + t as u32), n, k).unwrap()).collect();
+            let refs: Vec<&Panels> = sets.iter().collect();
+            // 6 panels: 3 threads cut the first set in two, 4 threads the first and the last
+            for &(m, threads) in &[(1, 1), (13, 2), (250, 2), (250, 3), (250, 4), (40, 3)] {
+                let x = values(m * k, 40);
+                let (many, made) = copies(|| matmul_many(&refs, &x, m, threads));
+                if threads == 1 {
+                    // the first set (3 panels) and the last (2) copy, the middle one (1) does not
+                    let want = if k == 1024 { 2 * k / KC } else { 0 };
+                    assert_eq!(made, [0, want], "{m} rows, k {k}: the passes copied");
+                }
+                for (got, p) in many.iter().zip(&sets) {
+                    assert_eq!(*got, p.matmul(&x, m, 1), "{m} rows on {threads} threads, k {k}");
+                }
             }
+            assert!(matmul_many(&refs, &[], 0, 2).iter().all(|o| o.is_empty()));
         }
-        assert!(matmul_many(&refs, &[], 0, 2).iter().all(|o| o.is_empty()));
     }
 }
