@@ -305,7 +305,7 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                     // SAFETY: rows i0..i1 of `a` (m × k) hold values p0..p0 + kc.
                     (a0, lda) = (copy_rows(&mut rows_copy, a0, k, i1 - i0, kc, 16), kc + 16);
                     #[cfg(test)]
-                    tests::COPIES.with(|c| c.set([c.get()[0], c.get()[1] + 1]));
+                    tests::COPIES.with(|made| made.set([made.get()[0], made.get()[1] + 1]));
                 }
                 for p in g0..g1 {
                     let width = NR.min(n - p * NR);
@@ -320,7 +320,7 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                         // SAFETY: the panel's kc rows of `width` values, ldb apart, lie in `b`.
                         (bp, ldb) = (copy_rows(&mut slice, bp, ldb, kc, width, 0), width);
                         #[cfg(test)]
-                        tests::COPIES.with(|c| c.set([c.get()[0] + 1, c.get()[1]]));
+                        tests::COPIES.with(|made| made.set([made.get()[0] + 1, made.get()[1]]));
                     }
                     // The chunk this thread reads next, fetched into L2 while this one is
                     // computed, its rows spread over this chunk's row blocks: the weight streams
@@ -606,7 +606,8 @@ mod tests {
         let (m, k, n) = (60, 600, 256);
         let (x, w3) = (values(m * k, 10), values(k * n, 11));
         let (tall, made) = copies(|| matmul_plain(&x, m, &w3, k, n, 2).unwrap());
-        assert!(made[0] > 0 && made[1] == 0, "a slice 1 KB apart read by 5 row blocks is copied: {made:?}");
+        // this thread's 4 of the 8 panels, each in its 3 passes
+        assert_eq!(made, [4 * k.div_ceil(KC), 0], "a slice 1 KB apart read by 5 row blocks is copied");
         let want = reference(&x, |p, j| w3[p * n + j], m, k, n);
         for (g, r) in tall.iter().zip(&want) {
             assert!((*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt(), "nn {m}x{k}x{n}: {g} vs {r}");
@@ -659,8 +660,8 @@ mod tests {
             eprintln!("no AVX-512F: the f32 kernel is not used on this CPU");
             return;
         }
-        // the second set with reductions a multiple of 1,024 (rows 4 KB apart: copied together
-        // where a thread reads both of the 2 panels)
+        // the second set with two of its three reductions a multiple of 1,024 (rows 4 KB apart:
+        // copied together where a thread reads both of the 2 panels)
         for (n, ks) in [(48, [576, 192, 192]), (48, [1024, 192, 2048])] {
             let k_sum: usize = ks.iter().sum();
             for &(m, threads) in &[(1, 1), (13, 2), (130, 2), (300, 3)] {
@@ -669,7 +670,8 @@ mod tests {
                 let terms: Vec<(&[f32], &[f32], usize)> = (0..3).map(|t| (&gs[t][..], &ws[t][..], ks[t])).collect();
                 let (got, made) = copies(|| matmul_plain_sum(&terms, m, n, threads).unwrap());
                 if m * k_sum * n < THREADED_PRODUCT || threads == 1 {
-                    let want_copies = ks.iter().filter(|&&k| k % 1024 == 0).map(|&k| k / KC).sum::<usize>();
+                    let passes = ks.iter().filter(|&&k| k % 1024 == 0).map(|&k| k / KC).sum::<usize>();
+                    let want_copies = m.div_ceil(MC) * passes;
                     assert_eq!(made, [0, want_copies], "{m} rows, reductions {ks:?}: the passes copied");
                 }
                 let mut want = vec![0f64; m * n];
@@ -709,12 +711,12 @@ mod tests {
             let sets: Vec<Panels> =
                 [96, 32, 48].iter().enumerate().map(|(t, &n)| Panels::transposed(&values(n * k, 30 + t as u32), n, k).unwrap()).collect();
             let refs: Vec<&Panels> = sets.iter().collect();
-            // 6 panels: 3 threads cut the first set in two, 4 threads the first and the last
+            // 6 panels: 3 threads (and 4, which split them the same way, 2 each) cut the first set in two
             for &(m, threads) in &[(1, 1), (13, 2), (250, 2), (250, 3), (250, 4), (40, 3)] {
                 let x = values(m * k, 40);
                 let (many, made) = copies(|| matmul_many(&refs, &x, m, threads));
-                if threads == 1 {
-                    // the first set (3 panels) and the last (2) copy, the middle one (1) does not
+                if m * k * 176 < THREADED_PRODUCT || threads == 1 {
+                    // on one thread: the first set (3 panels) and the last (2) copy, the middle one (1) does not
                     let want = if k == 1024 { 2 * k / KC } else { 0 };
                     assert_eq!(made, [0, want], "{m} rows, k {k}: the passes copied");
                 }
