@@ -652,8 +652,9 @@ mod tests {
     }
 
     /// A sum of products (a layer's q, k, v input gradients: reductions of 576, 192 and 192,
-    /// the first longer than one pass) against an f64 reference; one term gives
-    /// `matmul_plain`'s bits; each row of a tall sum equals the row summed alone, bit for bit.
+    /// the first longer than one pass; and reductions of 1,024, 192 and 2,048, whose input
+    /// rows are copied) against an f64 reference; one term gives `matmul_plain`'s bits; each
+    /// row of a tall sum equals the row summed alone, bit for bit.
     #[test]
     fn sums_of_products_match_f64_and_keep_rows_apart() {
         if !available() {
