@@ -305,7 +305,7 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                     // SAFETY: rows i0..i1 of `a` (m × k) hold values p0..p0 + kc.
                     (a0, lda) = (copy_rows(&mut rows_copy, a0, k, i1 - i0, kc, 16), kc + 16);
                     #[cfg(test)]
-                    tests::COPIES.with(|made| made.set([made.get()[0], made.get()[1] + 1]));
+                    tests::count_copy(1);
                 }
                 for p in g0..g1 {
                     let width = NR.min(n - p * NR);
@@ -320,7 +320,7 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                         // SAFETY: the panel's kc rows of `width` values, ldb apart, lie in `b`.
                         (bp, ldb) = (copy_rows(&mut slice, bp, ldb, kc, width, 0), width);
                         #[cfg(test)]
-                        tests::COPIES.with(|made| made.set([made.get()[0] + 1, made.get()[1]]));
+                        tests::count_copy(0);
                     }
                     // The chunk this thread reads next, fetched into L2 while this one is
                     // computed, its rows spread over this chunk's row blocks: the weight streams
@@ -510,7 +510,16 @@ mod tests {
         /// The strided copies `panels_kernel` made on this thread: `[weight slices, input
         /// rows' passes]`. The copies change no bit, so only this tells a test that the
         /// shapes it means to take a copy path take it.
-        pub(super) static COPIES: Cell<[usize; 2]> = const { Cell::new([0, 0]) };
+        static COPIES: Cell<[usize; 2]> = const { Cell::new([0, 0]) };
+    }
+
+    /// Counts one copy of kind `which` (0: a weight slice, 1: an input rows' pass) on this thread.
+    pub(super) fn count_copy(which: usize) {
+        COPIES.with(|made| {
+            let mut counts = made.get();
+            counts[which] += 1;
+            made.set(counts);
+        });
     }
 
     /// `f()` and the copies it made on this thread (`[weight slices, input rows' passes]`).
