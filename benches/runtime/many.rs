@@ -107,13 +107,69 @@ fn matmul_peak_gflops(dev: &candle_core::Device) -> anyhow::Result<f64> {
         }
         return Ok(2.0 * (n as f64).powi(3) / median(times) / 1e9);
     }
-    peak_1024(|a, b| {
-        match selfedit::runtime::blas::matmul_nt(a, b) {
-            Some(c) => drop(c?),
-            None => drop(a.matmul(&b.t()?)?),
+    peak_1024(sgemm)
+}
+
+/// `a bᵀ` through OpenBLAS (candle's matmul in a build without it), the result dropped.
+fn sgemm(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<()> {
+    match selfedit::runtime::blas::matmul_nt(a, b) {
+        Some(c) => drop(c?),
+        None => drop(a.matmul(&b.t()?)?),
+    }
+    Ok(())
+}
+
+/// The fp32 matmul peak read again and again while a run goes on (on the CPU; on a GPU it
+/// reads nothing): the same 1024³ sgemm as [`matmul_peak_gflops`], a reading the fastest of 3
+/// products (~20 ms: the first may wait for OpenBLAS's threads to wake).
+///
+/// Why: this VM's speed drifts by up to 2x within minutes (the peak read 228 and then 431
+/// GFLOP/s three minutes later in one run), so readings before and after a phase of minutes
+/// may both miss the speed it ran at. The median of readings taken during it is a second
+/// denominator for its fraction of the peak, and the solo and grouped phases' medians show
+/// when a grouped ÷ solo ratio compares phases run at different speeds. (They do not correct
+/// the ratio: scaled by them, three runs' ratios spread wider, 0.55-0.78 against 0.53-0.67.)
+struct PeakSampler {
+    ab: Option<(candle_core::Tensor, candle_core::Tensor)>,
+    readings: Vec<f64>,
+    /// Seconds spent reading, all readings together (for the caller to take out of its timings).
+    seconds: f64,
+}
+
+impl PeakSampler {
+    fn new(dev: &candle_core::Device) -> anyhow::Result<Self> {
+        let ab = if dev.is_cpu() {
+            let cpu = candle_core::Device::Cpu;
+            let rand = || candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &cpu);
+            Some((rand()?, rand()?))
+        } else {
+            None
+        };
+        Ok(Self { ab, readings: Vec::new(), seconds: 0.0 })
+    }
+
+    /// Takes one reading; returns the seconds it took.
+    fn sample(&mut self) -> anyhow::Result<f64> {
+        let Some((a, b)) = &self.ab else { return Ok(0.0) };
+        let started = Instant::now();
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            sgemm(a, b)?;
+            best = best.min(t.elapsed().as_secs_f64());
         }
-        Ok(())
-    })
+        self.readings.push(2.0 * 1024f64.powi(3) / best / 1e9);
+        let took = started.elapsed().as_secs_f64();
+        self.seconds += took;
+        Ok(took)
+    }
+
+    /// The median reading since the last [`Self::take`], GFLOP/s, and forgets them (`None`
+    /// without readings).
+    fn take(&mut self) -> Option<f64> {
+        let readings = std::mem::take(&mut self.readings);
+        (!readings.is_empty()).then(|| median(readings))
+    }
 }
 
 /// bf16 matmul peak of this machine on the AMX path: a 1024³ product of a packed weight,
@@ -285,7 +341,9 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
     report("train_gflop_per_token", flops / 1e9, "GFLOP");
     report("self_edits", n as f64, "");
 
-    // 1. one at a time, as the paper's code: train, then its 15 answers in one batch
+    // 1. one at a time, as the paper's code: train, then its 15 answers in one batch; the
+    //    peak read after each (untimed)
+    let mut sampler = PeakSampler::new(&dev)?;
     let fg = Foreign::new();
     // tokens as Hugging Face counts them (the sequences'), positions as the passes run them
     // (each sequence's tokens but the last): tokens/s is compared with the peer's, GFLOP/s
@@ -296,12 +354,15 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         let t = Instant::now();
         let rep = train_lora(&m.decoder, &mut job.adapter, &job.examples, &job.config, |_, _, _| {})?;
         train_s += t.elapsed().as_secs_f64();
+        sampler.sample()?;
         tokens += rep.tokens;
         positions += rep.tokens - rep.sequences;
         let t = Instant::now();
         generate(m, &[&job.adapter], eval_requests(m, 0)?, 16, |_| {})?;
         eval_s += t.elapsed().as_secs_f64();
+        sampler.sample()?;
     }
+    let solo_peak = sampler.take();
     let solo = solo_n.min(n).max(1) as f64;
     // (none with --solo-self-edits 0: only the grouped figures)
     if solo_n > 0 {
@@ -311,6 +372,9 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         report("self_edit_train_seconds_solo", train_s / solo, "s");
         report("self_edit_eval_seconds_solo", eval_s / solo, "s");
         report("self_edit_seconds_solo", (train_s + eval_s) / solo, "s");
+        if let Some(p) = solo_peak {
+            report("matmul_peak_gflops_during_solo", p, "GFLOP/s");
+        }
     }
 
     // 2. grouped: all self-edits through one group, then all their answers in shared batches
@@ -324,17 +388,35 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         let fg = Foreign::new();
         let rss_before = peak_rss_mib();
         let mut trained: Vec<Option<LoraAdapter>> = (0..n).map(|_| None).collect();
-        let jobs = order.iter().map(|&(k, _)| self_edit(m, k, epochs).expect("self-edit"));
-        let rep = train_group(&m.decoder, jobs, GroupLimits::adapters(g), |k, r| {
+        // the peak read as each adapter finishes, its seconds taken out of the group's: out of
+        // `full.seconds` too while jobs are left to start (the slots were all taken in that
+        // iteration); once the last job has started, the iteration's fullness is not known here
+        // and a reading counts as the drain's (at most the readings of that one iteration, ~20 ms
+        // each, are put on the wrong side)
+        let (started, mut sampled_full) = (std::cell::Cell::new(0), 0.0);
+        let jobs = order.iter().map(|&(k, _)| {
+            started.set(started.get() + 1);
+            self_edit(m, k, epochs).expect("self-edit")
+        });
+        sampler.seconds = 0.0;
+        let mut rep = train_group(&m.decoder, jobs, GroupLimits::adapters(g), |k, r| {
             trained[k] = Some(r?.0);
+            let took = sampler.sample()?;
+            if started.get() < n {
+                sampled_full += took;
+            }
             Ok(())
         })?;
+        rep.seconds -= sampler.seconds;
+        rep.full.seconds -= sampled_full;
         let adapters: Vec<&dyn Adapter> = trained.iter().map(|a| a.as_ref().unwrap() as &dyn Adapter).collect();
         let requests: Vec<GenerationRequest> =
             (0..n).map(|k| eval_requests(m, k)).collect::<anyhow::Result<Vec<_>>>()?.into_iter().flatten().collect();
         let t = Instant::now();
         generate(m, &adapters, requests, eval_batch, |_| {})?;
         let eval = t.elapsed().as_secs_f64();
+        sampler.sample()?;
+        let group_peak = sampler.take();
         let name = |s: &str| format!("{s}_group{g}");
         report(&name("foreign_cores"), fg.cores(), "cores");
         report(&name("grouped_train_tokens_per_s"), rep.tokens as f64 / rep.seconds, "tok/s");
@@ -347,6 +429,10 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
         report(&name("matmul_peak_gflops_after"), peak_after, "GFLOP/s");
         let best_peak = peak.max(peak_after);
         report(&name("grouped_train_fraction_of_peak"), positions * flops / rep.seconds / 1e9 / best_peak, "");
+        if let Some(p) = group_peak {
+            report(&name("matmul_peak_gflops_during"), p, "GFLOP/s");
+            report(&name("grouped_train_fraction_of_peak_during"), positions * flops / rep.seconds / 1e9 / p, "");
+        }
         report(&name("self_edit_train_seconds_grouped"), rep.seconds / n as f64, "s");
         report(&name("self_edit_eval_seconds_grouped"), eval / n as f64, "s");
         report(&name("self_edit_seconds_grouped"), (rep.seconds + eval) / n as f64, "s");
@@ -363,6 +449,9 @@ pub fn run(m: &LoadedModel, n: usize, solo_n: usize, group_sizes: &[usize], epoc
             report(&name("self_edit_seconds_grouped_steady"), (steady_train + eval) / n as f64, "s");
             let full_positions = (full.tokens - full.sequences) as f64;
             report(&name("grouped_train_fraction_of_peak_steady"), full_positions * flops / full.seconds / 1e9 / best_peak, "");
+            if let Some(p) = group_peak {
+                report(&name("grouped_train_fraction_of_peak_steady_during"), full_positions * flops / full.seconds / 1e9 / p, "");
+            }
         }
         // grouped against alone for the same work: the solo self-edits are the first
         // `solo_n`, whose sequences need not average those of all `n` (the first 4 carry ~4%
