@@ -447,7 +447,7 @@ const ELEMENTS_PER_THREAD: usize = 1 << 16;
 /// each range's result, in order.
 ///
 /// Why not rayon: candle's rayon pool is kept to one thread beside OpenBLAS (two spinning
-/// pools slowed training by 40%), while `runtime::parallel`'s workers park within ~50 µs of
+/// pools slowed training by 40%), while `runtime::parallel`'s workers park within a millisecond of
 /// their last part. Every element is computed from its own range alone, so the numbers do not
 /// depend on the split.
 pub(crate) fn split_rows<T: Send, R: Send>(
