@@ -103,6 +103,13 @@ fn run_scoped<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec
 /// gives its core back within a millisecond.
 const WORKER_SPIN: Duration = Duration::from_micros(500);
 
+/// Whether the workers spin [`WORKER_SPIN`] between splits (the products run on them, the
+/// f32 kernel), so that a split hands its parts over within ~1 µs; otherwise they park within
+/// [`WORKER_SPIN_BESIDE_BLAS`] and a split may pay a futex wake.
+pub(crate) fn workers_stay_hot() -> bool {
+    crate::runtime::sgemm::available()
+}
+
 /// [`WORKER_SPIN`] where OpenBLAS computes the products (no AVX-512): its own threads need
 /// the cores the workers spin on, right after the elementwise splits between products, so
 /// the workers give them back soon.
@@ -253,7 +260,7 @@ impl Drop for Workers {
 /// Worker `index`'s loop: wait for a part (spinning, then parked), run it, report it.
 fn work(shared: &Shared, index: usize) {
     let slot = &shared.slots[index];
-    let spin_for = if crate::runtime::sgemm::available() { WORKER_SPIN } else { WORKER_SPIN_BESIDE_BLAS };
+    let spin_for = if workers_stay_hot() { WORKER_SPIN } else { WORKER_SPIN_BESIDE_BLAS };
     let mut seen = 0;
     loop {
         let ready = || slot.sequence.load(Ordering::Acquire) != seen || shared.stop.load(Ordering::Acquire);

@@ -335,7 +335,7 @@ pub(crate) fn rms_norm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tenso
     }
     let y = with_cpu_f32(x, |xs| {
         with_cpu_f32(w, |ws| {
-            let threads = crate::runtime::blas::threads().min(xs.len() / STREAM_ELEMENTS_PER_THREAD);
+            let threads = stream_threads(xs.len());
             // SAFETY: `rms_norm_row` writes every element of each row, and the chunks are
             // whole rows (`xs` is as long as the output).
             let [y] = unsafe {
@@ -383,7 +383,7 @@ fn rms_norm_backward_candle(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Res
 /// The RMSNorm input gradient in one pass per row ([`simd::rms_norm_backward_row`]), for
 /// contiguous f32 CPU tensors of one shape (`None` otherwise): the formula of [`rms_norm`]'s
 /// backward. Rows split over the cores from two threads' worth of
-/// [`STREAM_ELEMENTS_PER_THREAD`] (a grouped pass's `[440, 576]`; one sequence's rows stay on
+/// [`STREAM_ELEMENTS_PER_THREAD`] (a grouped pass's `[440, 576]`, a 128-token sequence's; a 34-token one's rows stay on
 /// one), each row computed by the same code whatever thread runs it.
 fn rms_norm_backward_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Option<Result<Tensor>> {
     let d = w.elem_count();
@@ -393,7 +393,7 @@ fn rms_norm_backward_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Option
     let dx = with_cpu_f32(x, |xs| {
         with_cpu_f32(w, |ws| {
             with_cpu_f32(g, |gs| {
-                let threads = crate::runtime::blas::threads().min(xs.len() / STREAM_ELEMENTS_PER_THREAD);
+                let threads = stream_threads(xs.len());
                 // SAFETY: `rms_norm_backward_row` writes every element of each row, and the
                 // chunks are whole rows (`xs` and `gs` are as long as the output).
                 let [dx] = unsafe {
@@ -459,11 +459,27 @@ pub(crate) fn split_rows<T: Send, R: Send>(
     split_rows_on(crate::runtime::blas::threads().min(len / ELEMENTS_PER_THREAD), len, unit, outs, f)
 }
 
-/// Elements per thread below which [`add`] and the RMSNorm gradient stay on the calling
-/// thread: they stream their operands once and compute little, so a thread's share of a
-/// grouped pass's `[440, 576]` (~127k elements, ~50 µs) pays for handing it to a worker,
-/// where the other elementwise ops wait for [`ELEMENTS_PER_THREAD`].
-const STREAM_ELEMENTS_PER_THREAD: usize = 1 << 16;
+/// Elements per thread below which [`add`] and RMSNorm (both ways) stay on the calling
+/// thread, where the workers stay hot between splits
+/// ([`crate::runtime::parallel::workers_stay_hot`]): they stream their operands once and
+/// compute little, and a hot worker picks its share up within ~1 µs, so a 128-token
+/// sequence's `[127, 576]` (73k elements) splits, a 34-token one's stays on one core. Timed
+/// per op (thirty-sixth session, one adapter on 128-token sequences, 16 steps): that step's
+/// norms and residual adds took 0.183-0.197 s at 2^16 (then on one core), 0.125-0.147 s at
+/// 2^15 (~1.2% of the step). Where the workers park sooner ([`STREAM_ELEMENTS_BESIDE_BLAS`]),
+/// a share must pay for a futex wake.
+const STREAM_ELEMENTS_PER_THREAD: usize = 1 << 15;
+
+/// [`STREAM_ELEMENTS_PER_THREAD`] where OpenBLAS computes the products and the workers park
+/// within 50 µs: a grouped pass's `[440, 576]` (~127k elements, ~50 µs) pays for handing a
+/// share to a worker, where the other elementwise ops wait for [`ELEMENTS_PER_THREAD`].
+const STREAM_ELEMENTS_BESIDE_BLAS: usize = 1 << 16;
+
+/// The streaming ops' threads for `len` elements.
+fn stream_threads(len: usize) -> usize {
+    let per = if crate::runtime::parallel::workers_stay_hot() { STREAM_ELEMENTS_PER_THREAD } else { STREAM_ELEMENTS_BESIDE_BLAS };
+    crate::runtime::blas::threads().min(len / per)
+}
 
 /// `a + b` for tensors of one shape, as candle adds them. Untracked contiguous f32 CPU
 /// tensors of distinct storages, at least two threads' worth of [`STREAM_ELEMENTS_PER_THREAD`],
@@ -481,7 +497,7 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// [`add`] on at most `threads` threads.
 fn add_on(threads: usize, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let threads = threads.min(a.elem_count() / STREAM_ELEMENTS_PER_THREAD);
+    let threads = threads.min(stream_threads(a.elem_count()));
     // two views of one storage would take its (not reentrant) read lock twice below
     let shared = || {
         let (sa, _) = a.storage_and_layout();
