@@ -535,6 +535,18 @@ pub fn threads() -> usize {
     }
 }
 
+/// How the split workers wait between splits ([`crate::runtime::parallel::start_workers`]):
+/// hot where the products run on them (the f32 kernel, on AVX-512 CPUs), parking soon where
+/// OpenBLAS's own threads compute the products on the same cores. The binaries' `main`
+/// applies it.
+pub fn worker_spin() -> crate::runtime::parallel::WorkerSpin {
+    if crate::runtime::sgemm::available() {
+        crate::runtime::parallel::WorkerSpin::Hot
+    } else {
+        crate::runtime::parallel::WorkerSpin::BesideBlas
+    }
+}
+
 /// How many threads candle's rayon pool should have beside BLAS: one, since two pools
 /// spinning on two cores slowed training by 40%; `None` without BLAS (rayon's default).
 /// The binaries' `main` applies it (and sets `RAYON_NUM_THREADS`, which candle reads at

@@ -30,15 +30,34 @@ unsafe impl Sync for SharedOut {}
 /// The workers of this process, once [`start_workers`] ran.
 static WORKERS: OnceLock<Workers> = OnceLock::new();
 
+/// How long the workers of [`start_workers`] check for their next part before they park:
+/// the binary's `main` knows what else needs the cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerSpin {
+    /// The products run on the workers (the f32 kernel on AVX-512, AMX): they spin
+    /// [`WORKER_SPIN`], and a split hands its parts over within ~1 µs.
+    Hot,
+    /// OpenBLAS's own threads compute the products on the same cores: the workers park after
+    /// [`WORKER_SPIN_BESIDE_BLAS`], so that a split may pay a futex wake.
+    BesideBlas,
+}
+
 /// Starts `count` worker threads that every split of this process runs its parts on from
-/// then on (a split of `t` parts uses the caller and `t - 1` workers). For a binary's `main`,
-/// once, before any work: a library never starts threads that outlive its call. `count` is
-/// usually [`crate::runtime::blas::threads`] minus one, the caller being the other core.
+/// then on (a split of `t` parts uses the caller and `t - 1` workers), waiting `spin` for each
+/// next part. For a binary's `main`, once, before any work: a library never starts threads
+/// that outlive its call. `count` is usually [`crate::runtime::blas::threads`] minus one, the
+/// caller being the other core.
 ///
 /// Errors: workers were already started, or the system refused a thread.
-pub fn start_workers(count: usize) -> anyhow::Result<()> {
-    let workers = Workers::new(count)?;
+pub fn start_workers(count: usize, spin: WorkerSpin) -> anyhow::Result<()> {
+    let workers = Workers::new(count, spin)?;
     WORKERS.set(workers).map_err(|_| anyhow::anyhow!("start_workers: the workers of this process were already started"))
+}
+
+/// Whether this process's workers were started [`WorkerSpin::Hot`]: a split's parts start
+/// within ~1 µs, so that smaller work pays for a split (`ops`' streaming elementwise ops).
+pub(crate) fn workers_stay_hot() -> bool {
+    WORKERS.get().is_some_and(|w| w.shared.spin == WorkerSpin::Hot)
 }
 
 /// `f(item)` for every item, results in order: the first item on the calling thread, the
@@ -92,27 +111,18 @@ fn run_scoped<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec
     })
 }
 
-/// How long a worker checks for its next part before it parks, where the products run on
-/// these workers (the f32 kernel, [`crate::runtime::sgemm::available`]). A parked worker
-/// costs a futex wake to resume, on the critical path of the split that wakes it. A step of
-/// one adapter on 128-token sequences has serial stretches of 0.05-1 ms between its splits
-/// (the optimizer, candle's adds, small norms): with 50 µs the worker parked in most of them
-/// and started its parts 8-12 µs late on average (timed per split, thirty-sixth session);
-/// with 500 µs, ~1 µs, and that training ran ~4% faster (in-process alternation: medians
-/// 483.6 → 502-504 tokens/s), grouped training unchanged. Short enough that an idle process
-/// gives its core back within a millisecond.
+/// How long a [`WorkerSpin::Hot`] worker checks for its next part before it parks. A parked
+/// worker costs a futex wake to resume, on the critical path of the split that wakes it. A
+/// step of one adapter on 128-token sequences has serial stretches of 0.05-1 ms between its
+/// splits (the optimizer, candle's adds, small norms): with 50 µs the worker parked in most
+/// of them and started its parts 8-12 µs late on average (timed per split, thirty-sixth
+/// session); with 500 µs, ~1 µs, and that training ran ~4% faster (in-process alternation:
+/// medians 483.6 → 502-504 tokens/s), grouped training unchanged. Short enough that an idle
+/// process gives its core back within a millisecond.
 const WORKER_SPIN: Duration = Duration::from_micros(500);
 
-/// Whether the workers spin [`WORKER_SPIN`] between splits (the products run on them, the
-/// f32 kernel), so that a split hands its parts over within ~1 µs; otherwise they park within
-/// [`WORKER_SPIN_BESIDE_BLAS`] and a split may pay a futex wake.
-pub(crate) fn workers_stay_hot() -> bool {
-    crate::runtime::sgemm::available()
-}
-
-/// [`WORKER_SPIN`] where OpenBLAS computes the products (no AVX-512): its own threads need
-/// the cores the workers spin on, right after the elementwise splits between products, so
-/// the workers give them back soon.
+/// How long a [`WorkerSpin::BesideBlas`] worker checks before it parks: OpenBLAS's threads
+/// need the cores the workers spin on, right after the elementwise splits between products.
 const WORKER_SPIN_BESIDE_BLAS: Duration = Duration::from_micros(50);
 
 /// How long a caller checks that the workers finished before it calls `yield_now` between
@@ -160,6 +170,7 @@ unsafe impl Send for Slot {}
 struct Shared {
     slots: Vec<Slot>,
     stop: AtomicBool,
+    spin: WorkerSpin,
 }
 
 /// Worker threads parked between splits (after a short spin), each with its own mailbox.
@@ -171,7 +182,7 @@ struct Workers {
 }
 
 impl Workers {
-    fn new(count: usize) -> anyhow::Result<Self> {
+    fn new(count: usize, spin: WorkerSpin) -> anyhow::Result<Self> {
         let slots = (0..count)
             .map(|_| Slot {
                 sequence: AtomicUsize::new(0),
@@ -180,7 +191,7 @@ impl Workers {
                 panic: Mutex::new(None),
             })
             .collect();
-        let shared = Arc::new(Shared { slots, stop: AtomicBool::new(false) });
+        let shared = Arc::new(Shared { slots, stop: AtomicBool::new(false), spin });
         // built before the spawns, so that the ones started are stopped if a later one fails
         let mut workers = Self { shared, threads: Vec::with_capacity(count), busy: AtomicBool::new(false) };
         for i in 0..count {
@@ -260,7 +271,10 @@ impl Drop for Workers {
 /// Worker `index`'s loop: wait for a part (spinning, then parked), run it, report it.
 fn work(shared: &Shared, index: usize) {
     let slot = &shared.slots[index];
-    let spin_for = if workers_stay_hot() { WORKER_SPIN } else { WORKER_SPIN_BESIDE_BLAS };
+    let spin_for = match shared.spin {
+        WorkerSpin::Hot => WORKER_SPIN,
+        WorkerSpin::BesideBlas => WORKER_SPIN_BESIDE_BLAS,
+    };
     let mut seen = 0;
     loop {
         let ready = || slot.sequence.load(Ordering::Acquire) != seen || shared.stop.load(Ordering::Acquire);
@@ -303,7 +317,7 @@ mod tests {
     /// (on scoped threads), still run every part once.
     #[test]
     fn workers_run_every_part_once_in_order() {
-        let workers = Workers::new(2).unwrap();
+        let workers = Workers::new(2, WorkerSpin::Hot).unwrap();
         let caller = thread::current().id();
         let on_worker = || thread::current().name().is_some_and(|n| n.starts_with("selfedit-worker-"));
         for round in 0..2000 {
@@ -323,7 +337,7 @@ mod tests {
     /// Dropping the workers stops and joins their threads (each holds the shared mailboxes).
     #[test]
     fn dropped_workers_stop() {
-        let workers = Workers::new(2).unwrap();
+        let workers = Workers::new(2, WorkerSpin::Hot).unwrap();
         assert_eq!(workers.run(vec![1, 2, 3], |x: i32| -x), [-1, -2, -3]);
         let shared = Arc::downgrade(&workers.shared);
         drop(workers);
@@ -335,8 +349,8 @@ mod tests {
     #[test]
     fn started_workers_take_the_splits() {
         // another test of this process may have started them first; either way they run
-        let _ = start_workers(1);
-        assert!(start_workers(1).is_err(), "a second start is refused");
+        let _ = start_workers(1, WorkerSpin::Hot);
+        assert!(start_workers(1, WorkerSpin::Hot).is_err(), "a second start is refused");
         // a test running beside this one may hold the workers for a moment (then scoped threads)
         let on_worker =
             || run_parts(vec![0, 1], |_: i32| thread::current().name().map(str::to_owned))[1].as_deref() == Some("selfedit-worker-0");
@@ -347,14 +361,14 @@ mod tests {
     /// the next split.
     #[test]
     fn a_part_that_panics_is_resumed_on_the_caller() {
-        let workers = Workers::new(1).unwrap();
+        let workers = Workers::new(1, WorkerSpin::BesideBlas).unwrap();
         let got = catch_unwind(AssertUnwindSafe(|| workers.run(vec![0, 1], |x: i32| if x == 1 { panic!("part {x}") } else { x })));
         let message = got.unwrap_err();
         assert_eq!(message.downcast_ref::<String>().map(String::as_str), Some("part 1"));
         assert_eq!(workers.run(vec![3, 4], |x: i32| x * 10), [30, 40]);
         // every part panics: the caller's panic is resumed, and the workers' are not left for
         // the next split
-        let workers = Workers::new(2).unwrap();
+        let workers = Workers::new(2, WorkerSpin::Hot).unwrap();
         let all = catch_unwind(AssertUnwindSafe(|| workers.run(vec![0, 1, 2], |x: i32| -> i32 { panic!("part {x}") })));
         assert_eq!(all.unwrap_err().downcast_ref::<String>().map(String::as_str), Some("part 0"));
         assert_eq!(workers.run(vec![5, 6, 7], |x: i32| x + 1), [6, 7, 8]);

@@ -30,7 +30,9 @@ pub fn init() {
     // Only grants this process the use of AMX tiles (for `compute_dtype = "bf16"`); whether
     // anything uses them is the config's choice.
     selfedit::runtime::amx::enable();
-    if let Err(e) = selfedit::runtime::parallel::start_workers(selfedit::runtime::blas::threads() - 1) {
+    if let Err(e) =
+        selfedit::runtime::parallel::start_workers(selfedit::runtime::blas::threads() - 1, selfedit::runtime::blas::worker_spin())
+    {
         // The splits then start scoped threads, as in tests: slower, the same numbers.
         tracing::warn!("{e}");
     }

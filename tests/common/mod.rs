@@ -29,7 +29,7 @@ pub fn smollm() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
         // Another test of this process may have started them already.
-        let _ = selfedit::runtime::parallel::start_workers(selfedit::runtime::blas::threads() - 1);
+        let _ = selfedit::runtime::parallel::start_workers(selfedit::runtime::blas::threads() - 1, selfedit::runtime::blas::worker_spin());
         let path = model_path();
         assert!(path.exists(), "{} is missing: run `make model` (make test does it for you)", path.display());
         let mut m = selfedit::runtime::formats::load(&path, &test_device()).expect("loading SmolLM2");
