@@ -537,8 +537,10 @@ pub fn threads() -> usize {
 
 /// How the split workers wait between splits ([`crate::runtime::parallel::start_workers`]):
 /// hot where the products run on them (the f32 kernel, on AVX-512 CPUs), parking soon where
-/// OpenBLAS's own threads compute the products on the same cores. The binaries' `main`
-/// applies it.
+/// OpenBLAS's own threads compute the products on the same cores. On an AVX-512 CPU the
+/// products that still take OpenBLAS (a weight not laid out for the kernel: the embedder's,
+/// a library user's) run beside workers that hold the second core for up to 500 µs after
+/// their last split. The binaries' `main` applies it.
 pub fn worker_spin() -> crate::runtime::parallel::WorkerSpin {
     if crate::runtime::sgemm::available() {
         crate::runtime::parallel::WorkerSpin::Hot

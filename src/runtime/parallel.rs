@@ -34,11 +34,11 @@ static WORKERS: OnceLock<Workers> = OnceLock::new();
 /// the binary's `main` knows what else needs the cores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerSpin {
-    /// The products run on the workers (the f32 kernel on AVX-512, AMX): they spin
-    /// [`WORKER_SPIN`], and a split hands its parts over within ~1 µs.
+    /// The products run on the workers (the f32 kernel on AVX-512, AMX): they spin 500 µs,
+    /// and a split hands its parts over within ~1 µs.
     Hot,
     /// OpenBLAS's own threads compute the products on the same cores: the workers park after
-    /// [`WORKER_SPIN_BESIDE_BLAS`], so that a split may pay a futex wake.
+    /// 50 µs, so that a split may pay a futex wake.
     BesideBlas,
 }
 
@@ -116,8 +116,9 @@ fn run_scoped<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec
 /// step of one adapter on 128-token sequences has serial stretches of 0.05-1 ms between its
 /// splits (the optimizer, candle's adds, small norms): with 50 µs the worker parked in most
 /// of them and started its parts 8-12 µs late on average (timed per split, thirty-sixth
-/// session); with 500 µs, ~1 µs, and that training ran ~4% faster (in-process alternation:
-/// medians 483.6 → 502-504 tokens/s), grouped training unchanged. Short enough that an idle
+/// session); with 500 µs, ~1 µs, and that training ran ~4% faster (in-process alternation,
+/// medians: 483.6 tokens/s at 50 µs over five runs, 501.3 at 500 µs over two, 503.6 at 1 ms
+/// over five), grouped training unchanged (50 µs against 1 ms). Short enough that an idle
 /// process gives its core back within a millisecond.
 const WORKER_SPIN: Duration = Duration::from_micros(500);
 

@@ -148,8 +148,8 @@ fn mask_padding(row_logits: &mut [f32], tok_vocab: usize) {
 }
 
 /// Rows to draw per thread below which [`draw_unconstrained`] keeps the draws on fewer
-/// threads: a draw scans the row's ~49k logits (~50-100 µs), a thread takes a few to
-/// ~40 µs to pick its part up (a worker or a scoped thread, see `runtime::parallel`).
+/// threads: a draw scans the row's ~49k logits (~50-100 µs), a thread takes ~1 µs (a hot
+/// worker) to ~40 µs (a parked one, a scoped thread) to pick its part up (`runtime::parallel`).
 const ROWS_PER_DRAW_THREAD: usize = 4;
 
 /// The next token of every live row that is not finished and has no constraint, drawn by

@@ -61,8 +61,8 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, ste
     let mut out = vec![0f32; rows * heads * d];
     let row_out = heads * d;
     // the keys' values read (q kᵀ takes `heads / kv_heads` multiply-adds per value, p v as
-    // many); below 2^16 a part would take about as long as a worker needs to pick it up (a few
-    // to ~40 µs, `runtime::parallel`): an estimate
+    // many); below 2^16 a part would take about as long as a worker needs to pick it up (~1
+    // µs hot, up to ~40 µs parked, `runtime::parallel`): an estimate
     let threads = if rows * kv_heads * keys * d >= 1 << 16 { threads.min(rows).max(1) } else { 1 };
     let ranges = crate::runtime::parallel::even_ranges(rows, threads);
     let mut parts = Vec::with_capacity(ranges.len());

@@ -382,9 +382,9 @@ fn rms_norm_backward_candle(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Res
 
 /// The RMSNorm input gradient in one pass per row ([`simd::rms_norm_backward_row`]), for
 /// contiguous f32 CPU tensors of one shape (`None` otherwise): the formula of [`rms_norm`]'s
-/// backward. Rows split over the cores from two threads' worth of
-/// [`STREAM_ELEMENTS_PER_THREAD`] (a grouped pass's `[440, 576]`, a 128-token sequence's; a 34-token one's rows stay on
-/// one), each row computed by the same code whatever thread runs it.
+/// backward. Rows split over the cores from two threads' worth of elements
+/// ([`stream_threads`]: a grouped pass's `[440, 576]`, and a 128-token sequence's where the
+/// workers stay hot), each row computed by the same code whatever thread runs it.
 fn rms_norm_backward_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Option<Result<Tensor>> {
     let d = w.elem_count();
     if d == 0 || x.shape() != g.shape() || x.dims().last() != Some(&d) {
@@ -464,10 +464,10 @@ pub(crate) fn split_rows<T: Send, R: Send>(
 /// ([`crate::runtime::parallel::workers_stay_hot`]): they stream their operands once and
 /// compute little, and a hot worker picks its share up within ~1 µs, so a 128-token
 /// sequence's `[127, 576]` (73k elements) splits, a 34-token one's stays on one core. Timed
-/// per op (thirty-sixth session, one adapter on 128-token sequences, 16 steps): that step's
-/// norms and residual adds took 0.183-0.197 s at 2^16 (then on one core), 0.125-0.147 s at
-/// 2^15 (~1.2% of the step). Where the workers park sooner ([`STREAM_ELEMENTS_BESIDE_BLAS`]),
-/// a share must pay for a futex wake.
+/// per op (thirty-sixth session, one adapter on 128-token sequences, 16 steps of ~0.28 s):
+/// the norms and residual adds of all 16 steps took 0.183-0.197 s at 2^16 (then on one
+/// core), 0.125-0.147 s at 2^15, a saving of ~1.2% of the run. Where the workers park
+/// sooner ([`STREAM_ELEMENTS_BESIDE_BLAS`]), a share must pay for a futex wake.
 const STREAM_ELEMENTS_PER_THREAD: usize = 1 << 15;
 
 /// [`STREAM_ELEMENTS_PER_THREAD`] where OpenBLAS computes the products and the workers park
@@ -482,7 +482,7 @@ fn stream_threads(len: usize) -> usize {
 }
 
 /// `a + b` for tensors of one shape, as candle adds them. Untracked contiguous f32 CPU
-/// tensors of distinct storages, at least two threads' worth of [`STREAM_ELEMENTS_PER_THREAD`],
+/// tensors of distinct storages, at least two threads' worth of elements ([`stream_threads`]),
 /// are added on up to [`crate::runtime::blas::threads`] threads; anything else by candle
 /// (whose CPU adds run on the calling thread here: its pool is kept to one thread beside
 /// OpenBLAS), so a tensor that tracks a gradient keeps its graph.
@@ -534,8 +534,8 @@ fn add_on(threads: usize, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Rows below which [`par_segments`] keeps every segment on the calling thread: a thread
-/// takes a few to ~40 µs to pick its part up, a decoding step's few rows much less than
-/// that. (Measured in parameters, as by a group's optimizer steps, any two adapters exceed it.)
+/// takes ~1 µs (a hot worker) to ~40 µs (a parked one, a scoped thread) to pick its part up,
+/// a decoding step's few rows much less than that. (Measured in parameters, as by a group's optimizer steps, any two adapters exceed it.)
 const ROWS_TO_SPLIT_SEGMENTS: usize = 64;
 
 /// `f(i)` for every segment `i` of `lens` (rows each, or another measure of each one's
