@@ -447,9 +447,9 @@ const ELEMENTS_PER_THREAD: usize = 1 << 16;
 /// each range's result, in order.
 ///
 /// Why not rayon: candle's rayon pool is kept to one thread beside OpenBLAS (two spinning
-/// pools slowed training by 40%), while `runtime::parallel`'s workers park within a millisecond of
-/// their last part. Every element is computed from its own range alone, so the numbers do not
-/// depend on the split.
+/// pools slowed training by 40%), while `runtime::parallel`'s workers park within a
+/// millisecond of their last part. Every element is computed from its own range alone, so the
+/// numbers do not depend on the split.
 pub(crate) fn split_rows<T: Send, R: Send>(
     len: usize,
     unit: usize,
@@ -535,7 +535,8 @@ fn add_on(threads: usize, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Rows below which [`par_segments`] keeps every segment on the calling thread: a thread
 /// takes ~1 µs (a hot worker) to ~40 µs (a parked one, a scoped thread) to pick its part up,
-/// a decoding step's few rows much less than that. (Measured in parameters, as by a group's optimizer steps, any two adapters exceed it.)
+/// a decoding step's few rows much less than that. (Measured in parameters, as by a group's
+/// optimizer steps, any two adapters exceed it.)
 const ROWS_TO_SPLIT_SEGMENTS: usize = 64;
 
 /// `f(i)` for every segment `i` of `lens` (rows each, or another measure of each one's
