@@ -351,7 +351,6 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                         let ap = a0.add((i - i0) * lda);
                         let cp = c.add(i * n + p * NR);
                         let first = (blk * per_block).min(pf_kc);
-                        let prefetch = Prefetch { at: pf.wrapping_add(first * pf_ld), ld: pf_ld, rows: per_block.min(pf_kc - first) };
                         // the outputs of the block after this one, into L1 while this one is
                         // computed: they are usually fresh memory, not in any cache (a pass
                         // writes new activations), and a store or load that misses stalls
@@ -362,7 +361,18 @@ unsafe fn panels_kernel(terms: &[Term], passes: &[(usize, usize)], m: usize, n: 
                         } else {
                             (c, 0, 0)
                         };
-                        prefetch_rows(next_c, n, next_rows, next_width);
+                        let out_shift = usize::from(next_width > 16);
+                        let out_lines = next_rows << out_shift;
+                        let prefetch = Prefetch {
+                            at: pf.wrapping_add(first * pf_ld),
+                            ld: pf_ld,
+                            rows: per_block.min(pf_kc - first),
+                            out: next_c,
+                            out_ld: n,
+                            out_shift,
+                            out_lines,
+                            out_every: kc.checked_div(out_lines).unwrap_or(usize::MAX).max(1),
+                        };
                         block(rows, width, ap, lda, bp, ldb, kc, cp, n, s > 0, prefetch);
                     }
                 }
@@ -387,35 +397,29 @@ unsafe fn copy_rows(buf: &mut Vec<f32>, at: *const f32, ld: usize, rows: usize, 
     buf.as_ptr()
 }
 
-/// Fetches `rows` rows of `width` values (16 or 32), `ld` apart from `at`, into L1: a hint,
-/// which never faults and changes no value.
-#[inline(always)]
-fn prefetch_rows(at: *const f32, ld: usize, rows: usize, width: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        for r in 0..rows {
-            let line = at.wrapping_add(r * ld).cast::<i8>();
-            // SAFETY: a prefetch reads nothing the program sees and never faults.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(line);
-                if width > 16 {
-                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
-                }
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (at, ld, rows, width);
-}
-
-/// Rows of the weight to fetch into L2 during a block (two 64-byte lines each, `ld` values
-/// apart, from `at`), one per reduction index.
+/// What a register block fetches while it computes, hints that never fault and change no
+/// value: rows of the weight into L2 (two 64-byte lines each, `ld` values apart, from `at`),
+/// one per reduction index; and the next block's outputs into L1 (`out_lines` lines, `1 <<
+/// out_shift` a row, rows `out_ld` values apart from `out`), one every `out_every` indices.
+///
+/// Why the outputs one at a time through the block: fetched all at once before it (24 lines
+/// for a 12 × 32 block), the lines that miss in every cache took all of L1's fill buffers and
+/// the fetches behind them stalled the core (in a profile of grouped training, 4/5 of the
+/// driver's 7.4% of samples sat on them). Spread over the block, in one process with rounds
+/// alternating (thirty-seventh session): the frozen products of a pass at 520 rows, outputs
+/// kept, a median 1.070x of the fetch before the block (24 of 30 rounds faster), at 128 rows
+/// 1.032x (23 of 30); no fetch at all was slower than either. Fetching them within the
+/// block's first half instead gained nothing (0.986x, 9 of 24).
 #[derive(Clone, Copy)]
 struct Prefetch {
     at: *const f32,
     ld: usize,
     rows: usize,
+    out: *const f32,
+    out_ld: usize,
+    out_shift: usize,
+    out_lines: usize,
+    out_every: usize,
 }
 
 /// One register block: `C[rows, width] (+)= A[rows, kc] @ B[kc, width]`.
@@ -476,11 +480,19 @@ unsafe fn kernel<const M: usize, const V: usize>(
             }
         }
     }
+    let (mut next_out, mut j) = (0usize, 0usize);
     for p in 0..kc {
         if p < pf.rows {
             let line = pf.at.add(p * pf.ld).cast::<i8>();
             _mm_prefetch::<_MM_HINT_T1>(line);
             _mm_prefetch::<_MM_HINT_T1>(line.add(64));
+        }
+        if p == next_out && j < pf.out_lines {
+            // line j: row j >> shift, its second 16 values where j is odd and a row has two
+            let line = pf.out.wrapping_add((j >> pf.out_shift) * pf.out_ld + ((j & pf.out_shift) << 4)).cast::<i8>();
+            _mm_prefetch::<_MM_HINT_T0>(line);
+            j += 1;
+            next_out += pf.out_every;
         }
         let bp = b.add(p * ldb);
         let mut bv = [_mm512_setzero_ps(); V];
