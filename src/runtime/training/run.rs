@@ -232,7 +232,7 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
         self.report.tokens += window.iter().map(|&i| self.examples[i].ids.len()).sum::<usize>();
         self.report.sequences += window.len();
         let vars = self.adapter.borrow().vars();
-        let mut grads: Vec<Tensor> = std::mem::replace(&mut self.grads, vec![None; vars.len()])
+        let grads: Vec<Tensor> = std::mem::replace(&mut self.grads, vec![None; vars.len()])
             .into_iter()
             .zip(&vars)
             .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
@@ -242,14 +242,10 @@ impl<A: BorrowMut<LoraAdapter>> AdapterRun<A> {
         let max = self.cfg.max_grad_norm;
         let clip = |norm: f64| (norm > max).then(|| max / (norm + 1e-6));
         if grads.first().is_none_or(|g| g.device().is_cpu()) {
-            // 3. clip the global gradient norm
-            if max > 0.0 {
-                if let Some(s) = clip(squared_norm_all(&grads)?.sqrt()) {
-                    grads = grads.iter().map(|g| g * s).collect::<candle_core::Result<_>>()?;
-                }
-            }
-            // 4. AdamW update at the linearly decayed learning rate
-            self.opt.step(&grads, lr)?;
+            // 3-4. clip the global gradient norm (the factor taken within the update), and
+            //      the AdamW update at the linearly decayed learning rate
+            let scale = if max > 0.0 { clip(squared_norm_all(&grads)?.sqrt()) } else { None };
+            self.opt.step_scaled(&grads, scale, lr)?;
         } else {
             // 3-4 on a GPU, where each kernel costs its launch whatever its size: the gradients
             // laid end to end once, for the norm (one reduction, read back once), the clipping
