@@ -400,16 +400,20 @@ unsafe fn copy_rows(buf: &mut Vec<f32>, at: *const f32, ld: usize, rows: usize, 
 /// What a register block fetches while it computes, hints that never fault and change no
 /// value: rows of the weight into L2 (two 64-byte lines each, `ld` values apart, from `at`),
 /// one per reduction index; and the next block's outputs into L1 (`out_lines` lines, `1 <<
-/// out_shift` a row, rows `out_ld` values apart from `out`), one every `out_every` indices.
+/// out_shift` a row, rows `out_ld` values apart from `out`), one every `out_every` indices
+/// (a reduction shorter than `out_lines` fetches only its first `kc` lines).
 ///
 /// Why the outputs one at a time through the block: fetched all at once before it (24 lines
 /// for a 12 × 32 block), the lines that miss in every cache took all of L1's fill buffers and
 /// the fetches behind them stalled the core (in a profile of grouped training, 4/5 of the
-/// driver's 7.4% of samples sat on them). Spread over the block, in one process with rounds
-/// alternating (thirty-seventh session): the frozen products of a pass at 520 rows, outputs
-/// kept, a median 1.070x of the fetch before the block (24 of 30 rounds faster), at 128 rows
-/// 1.032x (23 of 30); no fetch at all was slower than either. Fetching them within the
-/// block's first half instead gained nothing (0.986x, 9 of 24).
+/// driver's 7.4% of samples sat on them; 2.1% in all after). Spread over the block, timed on
+/// the frozen products of a pass (outputs kept, weights cold) in one process, rounds in the
+/// orders before-through-through-before and the reverse (thirty-seventh session), the ratio
+/// of the medians of 32 rounds: at 520 rows forward 1.052-1.056x (28 and 30 of 32 faster),
+/// input gradients 1.043-1.068x; at 128 rows 1.052x and 1.043x; at 32 rows 1.023x and
+/// 1.007x. (The thirty-third session had tried fetching them in the loop and measured no
+/// gain, with the products at ~250 GFLOP/s.) Fetching them within the block's first half
+/// gained nothing (0.986x).
 #[derive(Clone, Copy)]
 struct Prefetch {
     at: *const f32,
