@@ -165,10 +165,18 @@ impl PackedB {
     /// # Panics
     /// When `x` is not `m × k`, or AMX was not [`enable`]d.
     pub fn matmul(&self, x: &[f32], m: usize, threads: usize) -> Vec<f32> {
+        self.matmul_rounded(&RoundedRows::new(x, m, self.k, threads), threads)
+    }
+
+    /// `x @ B` for `x` already rounded ([`RoundedRows::new`]): [`Self::matmul`]'s values, for
+    /// products that share their input (a layer's `q`, `k`, `v`; `gate`, `up`), which round it once.
+    ///
+    /// # Panics
+    /// When `x`'s rows are not `k` wide, or AMX was not [`enable`]d.
+    pub fn matmul_rounded(&self, x: &RoundedRows, threads: usize) -> Vec<f32> {
         assert!(enabled(), "{UNAVAILABLE}");
-        assert_eq!(x.len(), m * self.k, "input of {} values is not {m} x {}", x.len(), self.k);
-        let m16 = m.div_ceil(BLOCK_N) * BLOCK_N;
-        let a = self.round_rows(x, m, m16);
+        assert_eq!(x.k, self.k, "input rows of {} values against a reduction of {}", x.k, self.k);
+        let (m, m16) = (x.m, x.m16);
         // Left uninitialized: the kernel's first reduction chunk stores every tile of it
         // (zeroing it was 3% of a training profile: the LM head's logits are 25 MB a step).
         let mut out: Vec<f32> = Vec::with_capacity(m16 * self.n);
@@ -180,24 +188,14 @@ impl PackedB {
             let out_ptr = &out_ptr;
             // SAFETY: each call writes only columns [32 from, 32 to) of `out` (capacity
             // m16 * n), disjoint between threads, and reads back only values it stored;
-            // `a` holds m16 rows of k_blocks * 32 bf16.
-            unsafe { self.kernel(&a, m16, out_ptr.0, 2 * from, (2 * to).min(n_blocks)) }
+            // `x` holds m16 rows of k_blocks * 32 bf16.
+            unsafe { self.kernel(&x.values, m16, out_ptr.0, 2 * from, (2 * to).min(n_blocks)) }
         });
         // SAFETY: the kernel calls above stored all m16 x n values (every row block of every
         // column block, at the first chunk), and f32 has no invalid bit patterns.
         unsafe { out.set_len(m16 * self.n) };
         out.truncate(m * self.n);
         out
-    }
-
-    /// `x` `[m, k]` as bf16 `[m16, k_blocks * 32]`, zero-padded.
-    fn round_rows(&self, x: &[f32], m: usize, m16: usize) -> Vec<u16> {
-        let kp = self.k_blocks * BLOCK_K;
-        let mut a = vec![0u16; m16 * kp];
-        for (row, out) in x.chunks(self.k).zip(a.chunks_mut(kp)).take(m) {
-            round_slice(row, &mut out[..self.k]);
-        }
-        a
     }
 
     /// Column blocks `[j0, j1)` of `out` (`[m16, n]`, row-major) = `a @ B`. Stores every
@@ -284,22 +282,67 @@ impl PackedB {
     }
 }
 
+/// The left-hand side of AMX products, `x` `[m, k]` rounded to bf16 and laid out as A tiles:
+/// `[m16, ceil(k / 32) * 32]`, `m16` being `m` rounded up to 16, zero-padded.
+pub struct RoundedRows {
+    values: Vec<u16>,
+    m: usize,
+    m16: usize,
+    k: usize,
+}
+
+impl RoundedRows {
+    /// Rounds row-major `x` `[m, k]`, its rows split over up to `threads` threads.
+    ///
+    /// Why split: the rounding of a grouped pass's ~500 rows ran on the calling thread alone
+    /// before the product's own split, 7% of a bf16 training profile with the second core
+    /// waiting. Each value's rounding is the same on any thread.
+    ///
+    /// # Panics
+    /// When `x` is not `m × k`.
+    pub fn new(x: &[f32], m: usize, k: usize, threads: usize) -> Self {
+        assert_eq!(x.len(), m * k, "input of {} values is not {m} x {k}", x.len());
+        let m16 = m.div_ceil(BLOCK_N) * BLOCK_N;
+        let kp = k.div_ceil(BLOCK_K) * BLOCK_K;
+        let mut values: Vec<u16> = Vec::with_capacity(m16 * kp);
+        let dst = SharedOut(values.as_mut_ptr());
+        split_units(m16, threads, |from, to| {
+            let dst = &dst;
+            for i in from..to {
+                // SAFETY: row i's kp values lie within the capacity (i < m16), and the
+                // threads' rows are disjoint.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.0.add(i * kp).cast::<std::mem::MaybeUninit<u16>>(), kp) };
+                let written = if i < m { round_slice(&x[i * k..(i + 1) * k], &mut row[..k]) } else { 0 };
+                row[written..].iter_mut().for_each(|v| {
+                    v.write(0);
+                });
+            }
+        });
+        // SAFETY: every row of the m16 was written whole above (values, then zeros).
+        unsafe { values.set_len(m16 * kp) };
+        Self { values, m, m16, k }
+    }
+}
+
 /// `out[i] = to_bf16(x[i])`, sixteen at a time with AVX512-BF16 where the CPU has it (every
-/// AMX CPU does; the rounding is the same).
-fn round_slice(x: &[f32], out: &mut [u16]) {
+/// AMX CPU does; the rounding is the same). Returns how many values it wrote: `x.len()`.
+fn round_slice(x: &[f32], out: &mut [std::mem::MaybeUninit<u16>]) -> usize {
+    assert_eq!(x.len(), out.len(), "rounding {} values into {}", x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512bf16") {
         // SAFETY: the feature was just detected; slices are equal in length.
-        return unsafe { round_slice_avx512(x, out) };
+        unsafe { round_slice_avx512(x, out) };
+        return x.len();
     }
     for (o, v) in out.iter_mut().zip(x) {
-        *o = to_bf16(*v);
+        o.write(to_bf16(*v));
     }
+    x.len()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn round_slice_avx512(x: &[f32], out: &mut [u16]) {
+unsafe fn round_slice_avx512(x: &[f32], out: &mut [std::mem::MaybeUninit<u16>]) {
     use std::arch::x86_64::*;
     let full = x.len() / 16 * 16;
     for i in (0..full).step_by(16) {
@@ -308,7 +351,7 @@ unsafe fn round_slice_avx512(x: &[f32], out: &mut [u16]) {
         _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), b);
     }
     for i in full..x.len() {
-        out[i] = to_bf16(x[i]);
+        out[i].write(to_bf16(x[i]));
     }
 }
 
@@ -375,6 +418,15 @@ mod tests {
                 // f32 accumulation of exact bf16 products against an f64 sum.
                 assert!((g - e).abs() <= 1e-5 * k as f32, "{m}x{k}x{n}: {g} against {e}");
             }
+            // The rounded rows, split over threads or not: the same values, zeros past k and m.
+            let rounded = RoundedRows::new(&x, m, k, threads);
+            assert_eq!(rounded.values, RoundedRows::new(&x, m, k, 1).values, "{m}x{k}: rounding split over {threads} threads");
+            let kp = k.div_ceil(BLOCK_K) * BLOCK_K;
+            for (i, row) in rounded.values.chunks(kp).enumerate() {
+                let start = if i < m { k } else { 0 };
+                assert!(row[start..].iter().all(|&v| v == 0), "{m}x{k}: row {i} not zero-padded");
+            }
+            assert_eq!(b.matmul_rounded(&rounded, threads), got, "{m}x{k}x{n}: rounded once, then multiplied");
             // One row alone equals the same row inside the taller product, bit for bit.
             let last = b.matmul(&x[(m - 1) * k..], 1, 1);
             assert_eq!(last[..], got[(m - 1) * n..], "{m}x{k}x{n}: a row alone differs");
@@ -397,8 +449,9 @@ mod tests {
         assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
         assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
         let xs = values(1000, 5);
-        let mut vec = vec![0u16; xs.len()];
-        round_slice(&xs, &mut vec);
-        assert!(xs.iter().zip(&vec).all(|(x, v)| to_bf16(*x) == *v));
+        let mut vec = vec![std::mem::MaybeUninit::new(0u16); xs.len()];
+        assert_eq!(round_slice(&xs, &mut vec), xs.len());
+        // SAFETY: round_slice wrote every value (and they started as zeros).
+        assert!(xs.iter().zip(&vec).all(|(x, v)| to_bf16(*x) == unsafe { v.assume_init() }));
     }
 }

@@ -423,33 +423,62 @@ impl PackedWeight {
         Tensor::from_vec(values, (g.dim(0)?, n), &Device::Cpu)
     }
 
-    /// `x @ w_o^T` for each of `weights` (all packed for the f32 kernel, sharing the input
+    /// `x @ w_o^T` for each of `weights` (all packed for one [`ComputeDtype`], sharing the input
     /// width) on `x` `[m, in]` (f32 CPU): one `[m, out_o]` tensor each, with
-    /// [`Self::matmul_nt`]'s values, as one call of the kernel
-    /// ([`crate::runtime::sgemm::matmul_many`]). `None` where a weight is packed for bf16 or
-    /// `x` is not on the CPU; then each product runs alone.
+    /// [`Self::matmul_nt`]'s values. f32: one call of the kernel
+    /// ([`crate::runtime::sgemm::matmul_many`]); bf16: `x` rounded once for all of them
+    /// ([`crate::runtime::amx::RoundedRows`]). `None` where the weights are packed for
+    /// different dtypes or `x` is not on the CPU; then each product runs alone.
     ///
     /// # Errors
     /// When `x`'s width is not the weights' input width.
     pub fn matmul_nt_many(weights: &[&PackedWeight], x: &Tensor) -> Option<candle_core::Result<Vec<Tensor>>> {
-        let panels: Vec<&crate::runtime::sgemm::Panels> = weights
-            .iter()
-            .map(|p| match &p.0 {
-                Packed::F32 { forward, .. } => Some(forward),
-                Packed::Bf16 { .. } => None,
-            })
-            .collect::<Option<_>>()?;
-        if panels.is_empty() || !matches!(x.device(), Device::Cpu) {
+        let first = weights.first()?;
+        if !matches!(x.device(), Device::Cpu) || weights.iter().any(|p| p.dtype() != first.dtype()) {
             return None;
         }
         Some((|| {
             let (m, kx) = x.dims2()?;
-            if let Some(p) = panels.iter().find(|p| p.dims().0 != kx) {
-                candle_core::bail!("packed matmul: input rows of {kx} values against a weight of {}", p.dims().0);
+            let dims: Vec<(usize, usize)> = weights
+                .iter()
+                .map(|p| match &p.0 {
+                    Packed::F32 { forward, .. } => forward.dims(),
+                    Packed::Bf16 { forward, .. } => forward.dims(),
+                })
+                .collect();
+            if let Some((k, _)) = dims.iter().find(|(k, _)| *k != kx) {
+                candle_core::bail!("packed matmul: input rows of {kx} values against a weight of {k}");
             }
             let x = x.to_dtype(DType::F32)?.contiguous()?;
-            let outs = with_f32(&x, |v| crate::runtime::sgemm::matmul_many(&panels, v, m, threads())).expect("a contiguous f32 CPU tensor");
-            outs.into_iter().zip(&panels).map(|(values, p)| Tensor::from_vec(values, (m, p.dims().1), &Device::Cpu)).collect()
+            let outs = with_f32(&x, |v| match first.dtype() {
+                ComputeDtype::F32 => {
+                    let panels: Vec<&crate::runtime::sgemm::Panels> = weights
+                        .iter()
+                        .filter_map(|p| match &p.0 {
+                            Packed::F32 { forward, .. } => Some(forward),
+                            Packed::Bf16 { .. } => None,
+                        })
+                        .collect();
+                    crate::runtime::sgemm::matmul_many(&panels, v, m, threads())
+                }
+                ComputeDtype::Bf16 => {
+                    // Each product on the threads where it alone would take them; the rounding
+                    // where any does.
+                    let product_threads = |n: usize| if m * kx * n >= AMX_THREADED_PRODUCT { threads() } else { 1 };
+                    let round_threads = dims.iter().map(|&(_, n)| product_threads(n)).max().unwrap_or(1);
+                    let rounded = crate::runtime::amx::RoundedRows::new(v, m, kx, round_threads);
+                    weights
+                        .iter()
+                        .zip(&dims)
+                        .filter_map(|(p, &(_, n))| match &p.0 {
+                            Packed::Bf16 { forward, .. } => Some(forward.matmul_rounded(&rounded, product_threads(n))),
+                            Packed::F32 { .. } => None,
+                        })
+                        .collect()
+                }
+            })
+            .expect("a contiguous f32 CPU tensor");
+            outs.into_iter().zip(&dims).map(|(values, &(_, n))| Tensor::from_vec(values, (m, n), &Device::Cpu)).collect()
         })())
     }
 

@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 
 /// An output buffer shared by the threads of one split: the column panels of a hand-written
 /// product ([`crate::runtime::sgemm`], [`crate::runtime::amx`]) or the row segments of a
-/// packed batch (`ops::segmented_low_rank`), each thread writing only its own part.
-pub(crate) struct SharedOut(pub(crate) *mut f32);
+/// packed batch (`ops::segmented_low_rank`), or the rows of a product's input rounded to bf16
+/// ([`crate::runtime::amx`]), each thread writing only its own part.
+pub(crate) struct SharedOut<T = f32>(pub(crate) *mut T);
 // SAFETY: every user hands each thread a disjoint range (columns or rows) to write, and no
 // thread reads what another wrote.
-unsafe impl Sync for SharedOut {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
 
 /// The workers of this process, once [`start_workers`] ran.
 static WORKERS: OnceLock<Workers> = OnceLock::new();

@@ -241,8 +241,9 @@ pub(crate) fn plain_linear_t(g: &Tensor, w: &Tensor, packed: Option<&PackedWeigh
 
 /// [`plain_linear`] of one input `x` `[.., in]` through several linear layers `(w_o, packed_o,
 /// bias_o)` (a layer's q, k, v; gate and up): one `[.., out_o]` tensor each, with
-/// [`plain_linear`]'s values. With every weight packed for the f32 kernel, one call of the
-/// kernel for all ([`PackedWeight::matmul_nt_many`]); otherwise one [`plain_linear`] each.
+/// [`plain_linear`]'s values. With every weight packed for one dtype, one call of the f32
+/// kernel for all, or (bf16) `x` rounded once for all ([`PackedWeight::matmul_nt_many`]);
+/// otherwise one [`plain_linear`] each.
 pub(crate) fn plain_linear_many(x: &Tensor, lins: &[(&Tensor, Option<&PackedWeight>, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
     let packed: Option<Vec<&PackedWeight>> = lins.iter().map(|l| l.1).collect();
     if let Some(packed) = packed {
@@ -1665,18 +1666,23 @@ mod tests {
         let bs: Vec<Option<Tensor>> =
             [Some(h), Some(32), None].iter().map(|o| o.map(|o| Tensor::randn(0f32, 1., o, &dev).unwrap())).collect();
         let x = Tensor::randn(0f32, 1., (2, m / 2, h), &dev).unwrap();
-        let packed: Vec<Option<PackedWeight>> =
-            ws.iter().map(|w| crate::runtime::sgemm::available().then(|| PackedWeight::new(w, ComputeDtype::F32).unwrap())).collect();
-        for with_packed in [false, true] {
-            let lins: Vec<_> = (0..3).map(|o| (&ws[o], packed[o].as_ref().filter(|_| with_packed), bs[o].as_ref())).collect();
-            let many = plain_linear_many(&x, &lins).unwrap();
-            for (y, &(w, p, b)) in many.iter().zip(&lins) {
-                assert_eq!(y.to_vec3::<f32>().unwrap(), plain_linear(&x, w, p, b).unwrap().to_vec3::<f32>().unwrap());
+        // bf16 where this machine has AMX (the test process may ask for it, as `main` does).
+        let dtypes = [(ComputeDtype::F32, crate::runtime::sgemm::available()), (ComputeDtype::Bf16, crate::runtime::amx::enable())];
+        for (dtype, _) in dtypes.iter().filter(|d| d.1) {
+            let packed: Vec<PackedWeight> = ws.iter().map(|w| PackedWeight::new(w, *dtype).unwrap()).collect();
+            for with_packed in [false, true] {
+                let lins: Vec<_> = (0..3).map(|o| (&ws[o], Some(&packed[o]).filter(|_| with_packed), bs[o].as_ref())).collect();
+                let many = plain_linear_many(&x, &lins).unwrap();
+                for (y, &(w, p, b)) in many.iter().zip(&lins) {
+                    assert_eq!(y.to_vec3::<f32>().unwrap(), plain_linear(&x, w, p, b).unwrap().to_vec3::<f32>().unwrap(), "{dtype:?}");
+                }
             }
+            let all: Vec<&PackedWeight> = packed.iter().collect();
+            assert!(PackedWeight::matmul_nt_many(&all, &x.reshape((m, h)).unwrap()).is_some(), "{dtype:?} weights take one call");
         }
-        if packed.iter().all(Option::is_some) {
-            let all: Vec<&PackedWeight> = packed.iter().flatten().collect();
-            assert!(PackedWeight::matmul_nt_many(&all, &x.reshape((m, h)).unwrap()).is_some(), "packed f32 weights take one call");
+        let [f32_packed, bf16_packed] = [ComputeDtype::F32, ComputeDtype::Bf16].map(|d| PackedWeight::new(&ws[0], d).ok());
+        if let (Some(a), Some(b)) = (f32_packed, bf16_packed) {
+            assert!(PackedWeight::matmul_nt_many(&[&a, &b], &x.reshape((m, h)).unwrap()).is_none(), "mixed dtypes run alone");
         }
     }
 
