@@ -427,8 +427,8 @@ impl PackedWeight {
     /// width) on `x` `[m, in]` (f32 CPU): one `[m, out_o]` tensor each, with
     /// [`Self::matmul_nt`]'s values. f32: one call of the kernel
     /// ([`crate::runtime::sgemm::matmul_many`]); bf16: `x` rounded once for all of them
-    /// ([`crate::runtime::amx::RoundedRows`]). `None` where the weights are packed for
-    /// different dtypes or `x` is not on the CPU; then each product runs alone.
+    /// ([`crate::runtime::amx::RoundedRows`]). `None` where `weights` is empty, they are packed
+    /// for different dtypes or `x` is not on the CPU; then each product runs alone.
     ///
     /// # Errors
     /// When `x`'s width is not the weights' input width.
@@ -454,9 +454,9 @@ impl PackedWeight {
                 ComputeDtype::F32 => {
                     let panels: Vec<&crate::runtime::sgemm::Panels> = weights
                         .iter()
-                        .filter_map(|p| match &p.0 {
-                            Packed::F32 { forward, .. } => Some(forward),
-                            Packed::Bf16 { .. } => None,
+                        .map(|p| match &p.0 {
+                            Packed::F32 { forward, .. } => forward,
+                            Packed::Bf16 { .. } => unreachable!("one dtype, checked above"),
                         })
                         .collect();
                     crate::runtime::sgemm::matmul_many(&panels, v, m, threads())
@@ -470,9 +470,9 @@ impl PackedWeight {
                     weights
                         .iter()
                         .zip(&dims)
-                        .filter_map(|(p, &(_, n))| match &p.0 {
-                            Packed::Bf16 { forward, .. } => Some(forward.matmul_rounded(&rounded, product_threads(n))),
-                            Packed::F32 { .. } => None,
+                        .map(|(p, &(_, n))| match &p.0 {
+                            Packed::Bf16 { forward, .. } => forward.matmul_rounded(&rounded, product_threads(n)),
+                            Packed::F32 { .. } => unreachable!("one dtype, checked above"),
                         })
                         .collect()
                 }

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 /// ([`crate::runtime::amx`]), each thread writing only its own part.
 pub(crate) struct SharedOut<T = f32>(pub(crate) *mut T);
 // SAFETY: every user hands each thread a disjoint range (columns or rows) to write, and no
-// thread reads what another wrote.
+// thread reads what another wrote. `T: Send`: the values a thread writes are used by the owner
+// afterwards, as they would be had it been handed a disjoint `&mut [T]`.
 unsafe impl<T: Send> Sync for SharedOut<T> {}
 
 /// The workers of this process, once [`start_workers`] ran.

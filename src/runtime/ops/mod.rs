@@ -1656,7 +1656,8 @@ mod tests {
     }
 
     /// One input through several linear layers (biases on two of three): each output
-    /// equals its own `plain_linear`, bit for bit, with packed f32 weights and without.
+    /// equals its own `plain_linear`, bit for bit, without packed weights and with weights
+    /// packed for f32 or (where the machine has AMX) bf16.
     #[test]
     fn linear_layers_over_one_input_equal_each_alone() {
         use crate::runtime::blas::ComputeDtype;
@@ -1668,15 +1669,22 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (2, m / 2, h), &dev).unwrap();
         // bf16 where this machine has AMX (the test process may ask for it, as `main` does).
         let dtypes = [(ComputeDtype::F32, crate::runtime::sgemm::available()), (ComputeDtype::Bf16, crate::runtime::amx::enable())];
-        for (dtype, _) in dtypes.iter().filter(|d| d.1) {
-            let packed: Vec<PackedWeight> = ws.iter().map(|w| PackedWeight::new(w, *dtype).unwrap()).collect();
-            for with_packed in [false, true] {
-                let lins: Vec<_> = (0..3).map(|o| (&ws[o], Some(&packed[o]).filter(|_| with_packed), bs[o].as_ref())).collect();
-                let many = plain_linear_many(&x, &lins).unwrap();
-                for (y, &(w, p, b)) in many.iter().zip(&lins) {
-                    assert_eq!(y.to_vec3::<f32>().unwrap(), plain_linear(&x, w, p, b).unwrap().to_vec3::<f32>().unwrap(), "{dtype:?}");
-                }
+        let packed: Vec<(ComputeDtype, Vec<PackedWeight>)> = dtypes
+            .iter()
+            .filter(|d| d.1)
+            .map(|&(dtype, _)| (dtype, ws.iter().map(|w| PackedWeight::new(w, dtype).unwrap()).collect()))
+            .collect();
+        let unpacked: Vec<Option<&PackedWeight>> = vec![None; 3];
+        for (name, weights) in std::iter::once(("unpacked", unpacked))
+            .chain(packed.iter().map(|(d, p)| (if d.is_f32() { "f32" } else { "bf16" }, p.iter().map(Some).collect())))
+        {
+            let lins: Vec<_> = (0..3).map(|o| (&ws[o], weights[o], bs[o].as_ref())).collect();
+            let many = plain_linear_many(&x, &lins).unwrap();
+            for (y, &(w, p, b)) in many.iter().zip(&lins) {
+                assert_eq!(y.to_vec3::<f32>().unwrap(), plain_linear(&x, w, p, b).unwrap().to_vec3::<f32>().unwrap(), "{name}");
             }
+        }
+        for (dtype, packed) in &packed {
             let all: Vec<&PackedWeight> = packed.iter().collect();
             assert!(PackedWeight::matmul_nt_many(&all, &x.reshape((m, h)).unwrap()).is_some(), "{dtype:?} weights take one call");
         }
