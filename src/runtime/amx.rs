@@ -23,7 +23,7 @@
 use std::arch::asm;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::runtime::parallel::{split_units, SharedOut};
+use crate::runtime::parallel::{split_balanced, split_units, SharedOut};
 
 /// Columns of a tile block (16 f32 accumulators of 64 bytes).
 const BLOCK_N: usize = 16;
@@ -184,7 +184,7 @@ impl PackedB {
         // Threads take whole pairs of column blocks, so every column gets the same kernel.
         let pairs = n_blocks.div_ceil(2);
         let out_ptr = SharedOut(out.as_mut_ptr());
-        split_units(pairs, threads, |from, to| {
+        split_balanced(pairs, threads, |from, to| {
             let out_ptr = &out_ptr;
             // SAFETY: each call writes only columns [32 from, 32 to) of `out` (capacity
             // m16 * n), disjoint between threads, and reads back only values it stored;

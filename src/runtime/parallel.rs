@@ -1,10 +1,11 @@
-//! Work split over the cores: contiguous ranges of a job, the first on the calling thread,
-//! the others on the worker threads a binary's `main` started ([`start_workers`]), or on
-//! scoped threads where none were started (library users; most tests) or they are busy. One place for the splits
-//! of the hand-written products ([`crate::runtime::sgemm`], [`crate::runtime::amx`]), the
-//! per-sequence work of a grouped pass, the elementwise ops and adds ([`crate::runtime::ops`]),
-//! a group's optimizer steps ([`crate::runtime::training`]), and a decoding step's draws
-//! ([`crate::runtime::generate`]).
+//! Work split over the cores: contiguous ranges of a job, even ([`split_units`]) or sized by
+//! how fast each core ran the last ones ([`split_balanced`], the products), the first on the
+//! calling thread, the others on the worker threads a binary's `main` started
+//! ([`start_workers`]), or on scoped threads where none were started (library users; most
+//! tests) or they are busy. One place for the splits of the hand-written products
+//! ([`crate::runtime::sgemm`], [`crate::runtime::amx`]), the per-sequence work of a grouped
+//! pass, the elementwise ops and adds ([`crate::runtime::ops`]), a group's optimizer steps
+//! ([`crate::runtime::training`]), and a decoding step's draws ([`crate::runtime::generate`]).
 //!
 //! Why workers: a grouped training run split its work ~500 times a second, and a scoped
 //! thread costs ~20-40 µs to start before its share can begin, on the critical path of every
@@ -14,7 +15,7 @@ use std::any::Any;
 use std::cell::UnsafeCell;
 use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -94,6 +95,110 @@ pub(crate) fn even_ranges(units: usize, threads: usize) -> Vec<Range<usize>> {
 /// depend on the split.
 pub(crate) fn split_units(units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
     run_parts(even_ranges(units, threads), |r| work(r.start, r.end));
+}
+
+/// [`split_weighted`] by this process's speeds: the hand-written products' column panels
+/// ([`crate::runtime::sgemm`], [`crate::runtime::amx`]).
+pub(crate) fn split_balanced(units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
+    // The unit tests count the strided copies a thread's panels make (`sgemm`'s tests), which
+    // depends on its range: there the speeds stay equal and the split even.
+    split_weighted(&SPEEDS, !cfg!(test), units, threads, work)
+}
+
+/// The parts of a split that [`Speeds`] keeps a speed for: part `i` runs on worker `i - 1`
+/// (part 0 on the caller) whenever the workers take the split.
+const SPEED_PARTS: usize = 8;
+
+/// How far one reading moves a part's speed ([`Speeds::record`]): ~50 products (a tenth of a
+/// grouped pass) make up most of the estimate, so it follows a core that slows for seconds,
+/// while one product's noise moves a boundary by a fraction of a unit.
+const SPEED_STEP: f32 = 0.02;
+
+/// Parts that ran shorter than this give no reading (a timer's and a wake-up's microseconds
+/// would be most of it).
+const SPEED_MIN_PART: Duration = Duration::from_micros(40);
+
+/// How fast each part of a split ran its units, relative to part 0, as the natural log of
+/// the ratio of units per second, learnt from the splits' timings ([`split_weighted`]). A
+/// speed is a hint for sizing the next split's ranges: it never changes a value computed.
+pub(crate) struct Speeds([AtomicU32; SPEED_PARTS]);
+
+/// The products' speeds ([`split_balanced`]).
+static SPEEDS: Speeds = Speeds::new();
+
+impl Speeds {
+    /// Every part as fast as part 0.
+    pub(crate) const fn new() -> Self {
+        Self([const { AtomicU32::new(0) }; SPEED_PARTS])
+    }
+
+    /// Part `i`'s log relative speed (an f32 kept in an `AtomicU32`).
+    fn get(&self, i: usize) -> f32 {
+        f32::from_bits(self.0[i].load(Ordering::Relaxed))
+    }
+
+    /// `0..units` in `threads` (at most [`SPEED_PARTS`]) contiguous ranges in order, each
+    /// sized by its part's speed; some may be empty. With equal speeds, within one unit of each
+    /// other.
+    fn ranges(&self, units: usize, threads: usize) -> Vec<Range<usize>> {
+        let weights: Vec<f32> = (0..threads).map(|i| self.get(i).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        let (mut start, mut sum) = (0, 0.0);
+        let mut ranges = Vec::with_capacity(threads);
+        for (i, w) in weights.iter().enumerate() {
+            sum += w;
+            let end = if i + 1 == threads { units } else { ((units as f32 * sum / total).round() as usize).clamp(start, units) };
+            ranges.push(start..end);
+            start = end;
+        }
+        ranges
+    }
+
+    /// Moves each part's speed towards what one split measured: `(units, time)` per part.
+    /// Parts shorter than [`SPEED_MIN_PART`] give no reading, and a reading is bounded to
+    /// e^±1, so that a part interrupted mid-way moves the estimate little.
+    fn record(&self, timed: &[(usize, Duration)]) {
+        let Some(&(len0, t0)) = timed.first() else { return };
+        if len0 == 0 || t0 < SPEED_MIN_PART {
+            return;
+        }
+        let rate0 = len0 as f32 / t0.as_secs_f32();
+        for (i, &(len, t)) in timed.iter().enumerate().skip(1).take(SPEED_PARTS - 1) {
+            if len == 0 || t < SPEED_MIN_PART {
+                continue;
+            }
+            let reading = ((len as f32 / t.as_secs_f32()) / rate0).ln().clamp(-1.0, 1.0);
+            let now = self.get(i);
+            // one split updates a part at a time (the workers serve one split at once); a lost
+            // update between two threads' splits costs one reading
+            self.0[i].store((now + SPEED_STEP * (reading - now)).clamp(-1.5, 1.5).to_bits(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// `work(from, to)` over `0..units` in at most `threads` contiguous ranges in order, like
+/// [`split_units`], but each part's range sized by how fast that part's thread ran the
+/// earlier splits (`speeds`): on a VM whose cores run at different speeds (this one's second
+/// core read ~1.5x slower than the first in slow spells, and an even split left the first
+/// waiting ~23% of its time), the slower core gets fewer units. Each range stays whole, as
+/// the products' prefetching and copies expect. Which thread computes a unit changes with the
+/// speeds, so callers compute each unit's values the same wherever it runs. `learn`: whether
+/// this split's timings move `speeds`.
+pub(crate) fn split_weighted(speeds: &Speeds, learn: bool, units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
+    let threads = threads.clamp(1, units.max(1));
+    if threads == 1 || threads > SPEED_PARTS {
+        return split_units(units, threads, work);
+    }
+    let timed = run_parts(speeds.ranges(units, threads), |r| {
+        let t = Instant::now();
+        if !r.is_empty() {
+            work(r.start, r.end);
+        }
+        (r.len(), t.elapsed())
+    });
+    if learn {
+        speeds.record(&timed);
+    }
 }
 
 /// [`run_parts`] on scoped threads, one per item after the first.
@@ -335,6 +440,41 @@ mod tests {
         assert_eq!(many, (1..8).collect::<Vec<_>>());
         let nested = workers.run(vec![10usize, 20], |x| workers.run(vec![x, x + 1], |y| y * 2));
         assert_eq!(nested, [vec![20, 22], vec![40, 42]]);
+    }
+
+    /// Weighted ranges start even, follow a part that runs its units at half the speed of
+    /// part 0 (it ends with a third of them), ignore parts too short to time, and come back
+    /// once the speeds are equal again; on threads they cover every unit once.
+    #[test]
+    fn weighted_ranges_follow_the_parts_speeds() {
+        let speeds = Speeds::new();
+        assert_eq!(speeds.ranges(18, 2), [0..9, 9..18]);
+        assert_eq!(speeds.ranges(10, 3), [0..3, 3..7, 7..10]);
+        let us = Duration::from_micros;
+        for _ in 0..400 {
+            let r = speeds.ranges(1536, 2);
+            // part 1 takes 2 µs a unit, part 0 1 µs
+            speeds.record(&[(r[0].len(), us(r[0].len() as u64)), (r[1].len(), us(2 * r[1].len() as u64))]);
+        }
+        let r = speeds.ranges(1536, 2);
+        assert!((1000..=1048).contains(&r[0].end), "part 0 of two, the other half as fast: {r:?}");
+        assert_eq!(speeds.ranges(18, 2), [0..12, 12..18]);
+        // too short to time: no reading
+        let before = speeds.get(1);
+        speeds.record(&[(9, us(10)), (9, us(1000))]);
+        assert_eq!(speeds.get(1), before);
+        for _ in 0..400 {
+            let r = speeds.ranges(1536, 2);
+            speeds.record(&[(r[0].len(), us(r[0].len() as u64)), (r[1].len(), us(r[1].len() as u64))]);
+        }
+        assert_eq!(speeds.ranges(18, 2), [0..9, 9..18]);
+        for (units, threads) in [(0, 2), (1, 2), (5, 8), (18, 2), (1536, 3), (7, 1), (9, 12)] {
+            let seen: Vec<AtomicUsize> = (0..units).map(|_| AtomicUsize::new(0)).collect();
+            split_weighted(&speeds, true, units, threads, |from, to| {
+                seen[from..to].iter().for_each(|s| _ = s.fetch_add(1, Ordering::Relaxed));
+            });
+            assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1), "{units} units over {threads}: a unit ran twice or never");
+        }
     }
 
     /// Dropping the workers stops and joins their threads (each holds the shared mailboxes).

@@ -21,7 +21,7 @@
 //! sequence packed with others (grouped training, mixed generation batches) gets the same
 //! numbers as alone, bit for bit.
 
-use crate::runtime::parallel::{split_units, SharedOut};
+use crate::runtime::parallel::{split_balanced, SharedOut};
 
 /// Rows of a register block: 12 rows × 2 vectors = 24 accumulators, 2 for the weight's row,
 /// 1 for the broadcast, of AVX-512's 32 registers.
@@ -44,7 +44,7 @@ const MC: usize = 240;
 /// per pass wrote and read back 25 MB of outputs per pass at 128 rows.
 const NC_PANELS: usize = 48;
 /// Products of at least this many multiply-adds are split over [`crate::runtime::blas::threads`]
-/// threads by column panels ([`crate::runtime::parallel::split_units`]).
+/// threads by column panels, sized by the cores' speeds ([`crate::runtime::parallel::split_balanced`]).
 const THREADED_PRODUCT: usize = 1 << 23;
 
 /// Whether this CPU can run the kernel (AVX-512F).
@@ -131,7 +131,7 @@ pub fn matmul_many(sets: &[&Panels], x: &[f32], m: usize, threads: usize) -> Vec
     let threads = if m * k * columns >= THREADED_PRODUCT { threads } else { 1 };
     let passes: Vec<(usize, usize)> = (0..k).step_by(KC).map(|p0| (0, p0)).collect();
     let ptrs: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-    split_units(counts.iter().sum(), threads, |from, to| {
+    split_balanced(counts.iter().sum(), threads, |from, to| {
         let mut start = 0;
         for ((set, &count), out) in sets.iter().zip(&counts).zip(&ptrs) {
             let (lo, hi) = (from.max(start), to.min(start + count));
@@ -263,7 +263,7 @@ unsafe fn product_into(terms: &[Term], m: usize, n: usize, threads: usize, c: *m
         terms.iter().enumerate().flat_map(|(t, term)| (0..term.k).step_by(KC).map(move |p0| (t, p0))).collect();
     debug_assert!(!passes.is_empty(), "a product with no reduction stores nothing");
     let out_ptr = SharedOut(c);
-    split_units(panels, threads, |from, to| {
+    split_balanced(panels, threads, |from, to| {
         let out_ptr = &out_ptr;
         // SAFETY: each call writes only panels [from, to) of `c` (room for m * n), disjoint
         // between threads, and reads back only values it stored; each term's `a` is m × k
