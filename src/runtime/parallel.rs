@@ -91,8 +91,7 @@ pub(crate) fn even_ranges(units: usize, threads: usize) -> Vec<Range<usize>> {
 }
 
 /// `work(from, to)` over `0..units` in at most `threads` contiguous ranges ([`even_ranges`],
-/// [`run_parts`]): the products split their columns this way, so a row's arithmetic does not
-/// depend on the split.
+/// [`run_parts`]): rows of elementwise ops, rows rounded for AMX ([`crate::runtime::amx`]).
 pub(crate) fn split_units(units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
     run_parts(even_ranges(units, threads), |r| work(r.start, r.end));
 }
@@ -101,7 +100,8 @@ pub(crate) fn split_units(units: usize, threads: usize, work: impl Fn(usize, usi
 /// ([`crate::runtime::sgemm`], [`crate::runtime::amx`]).
 pub(crate) fn split_balanced(units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
     // The unit tests count the strided copies a thread's panels make (`sgemm`'s tests), which
-    // depends on its range: there the speeds stay equal and the split even.
+    // depends on its range, and they start the process's workers: there the speeds stay equal
+    // (the parts within one unit of each other).
     split_weighted(&SPEEDS, !cfg!(test), units, threads, work)
 }
 
@@ -111,7 +111,7 @@ const SPEED_PARTS: usize = 8;
 
 /// How far one reading moves a part's speed ([`Speeds::record`]): ~50 products (a tenth of a
 /// grouped pass) make up most of the estimate, so it follows a core that slows for seconds,
-/// while one product's noise moves a boundary by a fraction of a unit.
+/// while one product's reading moves a boundary by at most ~1% of the units.
 const SPEED_STEP: f32 = 0.02;
 
 /// Parts that ran shorter than this give no reading (a timer's and a wake-up's microseconds
@@ -121,14 +121,14 @@ const SPEED_MIN_PART: Duration = Duration::from_micros(40);
 /// How fast each part of a split ran its units, relative to part 0, as the natural log of
 /// the ratio of units per second, learnt from the splits' timings ([`split_weighted`]). A
 /// speed is a hint for sizing the next split's ranges: it never changes a value computed.
-pub(crate) struct Speeds([AtomicU32; SPEED_PARTS]);
+struct Speeds([AtomicU32; SPEED_PARTS]);
 
 /// The products' speeds ([`split_balanced`]).
 static SPEEDS: Speeds = Speeds::new();
 
 impl Speeds {
     /// Every part as fast as part 0.
-    pub(crate) const fn new() -> Self {
+    const fn new() -> Self {
         Self([const { AtomicU32::new(0) }; SPEED_PARTS])
     }
 
@@ -156,7 +156,8 @@ impl Speeds {
 
     /// Moves each part's speed towards what one split measured: `(units, time)` per part.
     /// Parts shorter than [`SPEED_MIN_PART`] give no reading, and a reading is bounded to
-    /// e^±1, so that a part interrupted mid-way moves the estimate little.
+    /// e^±1 (so is the estimate, an average of readings), so that a part interrupted mid-way
+    /// moves it little.
     fn record(&self, timed: &[(usize, Duration)]) {
         let Some(&(len0, t0)) = timed.first() else { return };
         if len0 == 0 || t0 < SPEED_MIN_PART {
@@ -171,7 +172,7 @@ impl Speeds {
             let now = self.get(i);
             // one split updates a part at a time (the workers serve one split at once); a lost
             // update between two threads' splits costs one reading
-            self.0[i].store((now + SPEED_STEP * (reading - now)).clamp(-1.5, 1.5).to_bits(), Ordering::Relaxed);
+            self.0[i].store((now + SPEED_STEP * (reading - now)).to_bits(), Ordering::Relaxed);
         }
     }
 }
@@ -182,9 +183,13 @@ impl Speeds {
 /// core read ~1.5x slower than the first in slow spells, and an even split left the first
 /// waiting ~23% of its time), the slower core gets fewer units. Each range stays whole, as
 /// the products' prefetching and copies expect. Which thread computes a unit changes with the
-/// speeds, so callers compute each unit's values the same wherever it runs. `learn`: whether
-/// this split's timings move `speeds`.
-pub(crate) fn split_weighted(speeds: &Speeds, learn: bool, units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
+/// speeds, so callers compute each unit's values the same wherever it runs.
+///
+/// `threads` ranges (at most `units`; an empty one is not run), or [`split_units`]' even
+/// split above [`SPEED_PARTS`] threads. The timings move `speeds` where `learn` is set and
+/// the split ran on the workers of [`start_workers`]: a part on a scoped thread (no workers,
+/// or busy ones: a split within another's part) says nothing of a core's speed.
+fn split_weighted(speeds: &Speeds, learn: bool, units: usize, threads: usize, work: impl Fn(usize, usize) + Sync) {
     let threads = threads.clamp(1, units.max(1));
     if threads == 1 || threads > SPEED_PARTS {
         return split_units(units, threads, work);
@@ -194,10 +199,10 @@ pub(crate) fn split_weighted(speeds: &Speeds, learn: bool, units: usize, threads
         if !r.is_empty() {
             work(r.start, r.end);
         }
-        (r.len(), t.elapsed())
+        (r.len(), t.elapsed(), ON_WORKER.get())
     });
-    if learn {
-        speeds.record(&timed);
+    if learn && timed[1..].iter().all(|t| t.2) {
+        speeds.record(&timed.iter().map(|&(len, t, _)| (len, t)).collect::<Vec<_>>());
     }
 }
 
@@ -376,8 +381,14 @@ impl Drop for Workers {
     }
 }
 
+thread_local! {
+    /// This thread is one of the workers of [`start_workers`] (or of a [`Workers`] a test made).
+    static ON_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Worker `index`'s loop: wait for a part (spinning, then parked), run it, report it.
 fn work(shared: &Shared, index: usize) {
+    ON_WORKER.set(true);
     let slot = &shared.slots[index];
     let spin_for = match shared.spin {
         WorkerSpin::Hot => WORKER_SPIN,
@@ -427,7 +438,12 @@ mod tests {
     fn workers_run_every_part_once_in_order() {
         let workers = Workers::new(2, WorkerSpin::Hot).unwrap();
         let caller = thread::current().id();
-        let on_worker = || thread::current().name().is_some_and(|n| n.starts_with("selfedit-worker-"));
+        // by name, and as `split_weighted` tells the workers' parts from scoped threads'
+        let on_worker = || {
+            let named = thread::current().name().is_some_and(|n| n.starts_with("selfedit-worker-"));
+            assert_eq!(ON_WORKER.get(), named, "a worker's flag against its name");
+            named
+        };
         for round in 0..2000 {
             let items: Vec<usize> = (0..3).map(|i| round * 3 + i).collect();
             let out = workers.run(items, |x| (x * x, thread::current().id(), on_worker()));

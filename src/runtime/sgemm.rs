@@ -113,7 +113,8 @@ impl Panels {
 /// `x @ B_o` for each of `sets` (panels of the same `k`, e.g. a layer's q, k, v or gate and
 /// up): one `[m, n_o]` output each, row-major, with [`Panels::matmul`]'s bits. Their column
 /// panels are split over the threads together, so the threads are woken once and share the
-/// work evenly (a 192-wide k or v projection alone is 6 panels).
+/// work by their speeds ([`crate::runtime::parallel::split_balanced`]; a 192-wide k or v
+/// projection alone is 6 panels).
 ///
 /// # Panics
 /// When `x` is not `m × k` or the sets' `k` differ.
@@ -737,7 +738,7 @@ mod tests {
             let sets: Vec<Panels> =
                 [96, 32, 48].iter().enumerate().map(|(t, &n)| Panels::transposed(&values(n * k, 30 + t as u32), n, k).unwrap()).collect();
             let refs: Vec<&Panels> = sets.iter().collect();
-            // 6 panels: 3 threads (and 4, which split them the same way, 2 each) cut the first set in two
+            // 6 panels: 3 threads (2 each) and 4 (2, 1, 2, 1) cut the first set in two
             for &(m, threads) in &[(1, 1), (13, 2), (250, 2), (250, 3), (250, 4), (40, 3)] {
                 let x = values(m * k, 40);
                 let (many, made) = copies(|| matmul_many(&refs, &x, m, threads));
