@@ -176,16 +176,17 @@ empty :=
 space := $(empty) $(empty)
 
 .PHONY: pipeline paths stamps status paper-json collapse generator iterations validation report FORCE
-# Stamps and shard tables are made by pattern rules: keep them (make would delete them as
-# intermediate files, and the next run would redo everything after them).
-.SECONDARY:
+# Stamps and shard tables are made by pattern rules. Every one is named as a prerequisite,
+# so none is intermediate: a deleted one is made again, and what depends on it reruns.
+# (.SECONDARY without names made every file intermediate, and make then skipped a deleted
+# table whose dependents were up to date: tests/pipeline.rs deletes one.)
 
 # The validation split runs when the config has validation passages.
 HAS_VALIDATION := $(shell grep -qE '^validation_passages *= *[1-9]' $(CONFIG) 2>/dev/null && echo 1)
 V := $(I)/validation
 VAL_ARGS := $(STAGE_ARGS) --split validation
 
-pipeline: $(I)/archive.parquet $(if $(HAS_VALIDATION),$(V)/template_stats.parquet,)  ## run one iteration of CONFIG (default configs/tiny.toml), ITER=k
+pipeline: $(I)/archive.parquet $(if $(HAS_VALIDATION),$(V)/template_stats.parquet $(V)/scores.parquet,)  ## run one iteration of CONFIG (default configs/tiny.toml), ITER=k
 	@$(BIN)/summary $(OUT)
 	@echo "results: $(I)/ (template_stats.parquet, archive.parquet, answers.parquet, ...)"
 
@@ -207,8 +208,10 @@ paths:  ## print the output paths for CONFIG, ITER and SHARDS
 # lists exactly the stages a real run executes. Before the first build the rule below makes
 # them.
 ifneq ($(and $(wildcard $(BIN)/stamp),$(filter pipeline validation generator $(OUT)/%,$(MAKECMDGOALS))),)
-STAMPED := $(shell mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS) 2>&1)
-$(if $(STAMPED),$(info $(STAMPED)))
+# The stamp's messages go straight to stderr (a $(shell)'s output would lose its line breaks),
+# and make 4.3 does not export variables to $(shell), so OpenBLAS's kernels are named here.
+STAMP_RC := $(shell mkdir -p $(STAMPS) && $(if $(OPENBLAS_CORETYPE),OPENBLAS_CORETYPE=$(OPENBLAS_CORETYPE) )$(BIN)/stamp $(STAGE_ARGS) >&2; echo $$?)
+$(if $(filter 0,$(STAMP_RC)),,$(error $(BIN)/stamp failed on $(CONFIG) (its message is above); fix that and run make again))
 endif
 
 stamps: $(BUILD)
@@ -259,15 +262,19 @@ $(I)/answers.parquet: $(foreach s,$(SHARD_IDS),$(I)/answers.shard-$(s)-of-$(SHAR
 	$(call job,iter$(ITER)-evaluate)$(BIN)/evaluate $(STAGE_ARGS) --merge $(SHARDS)
 endif
 
-$(I)/template_stats.parquet: $(I)/answers.parquet
-	$(call job,iter$(ITER)-score)$(BIN)/score $(STAGE_ARGS)
+# `score` writes two tables. A pattern rule with two targets tells make so: either one deleted
+# reruns it. (A grouped rule, `&:`, would too, but make 4.3's dry runs then skip what follows.)
+# The stem is the iteration's folder, or its validation folder.
+%/template_stats.parquet %/scores.parquet: %/answers.parquet
+	$(if $(filter $(V),$*),$(call job,iter$(ITER)-val-score)$(BIN)/score $(VAL_ARGS),$(call job,iter$(ITER)-score)$(BIN)/score $(STAGE_ARGS))
 
-$(I)/archive.parquet: $(I)/template_stats.parquet $(STAMPS)/archive.hash
+# (scores.parquet too: it names score's other table, so a deleted one reruns score and this)
+$(I)/archive.parquet: $(I)/template_stats.parquet $(I)/scores.parquet $(STAMPS)/archive.hash
 	$(call job,iter$(ITER)-update-archive)$(BIN)/update-archive $(STAGE_ARGS)
 
 # Validation: the iteration's model, 1 template, 1 completion, exploit sampling, on the
 # held-out passages; the same tables under iter<k>/validation/.
-validation: $(V)/template_stats.parquet  ## score iteration ITER's model on the validation passages
+validation: $(V)/template_stats.parquet $(V)/scores.parquet  ## score iteration ITER's model on the validation passages
 
 $(V)/templates.parquet: $(STAMPS)/templates.hash $(ARCHIVE_IN) $(GEN_DEP)
 	$(call job,iter$(ITER)-val-generate-templates)$(BIN)/generate-templates $(VAL_ARGS) $(MODEL_ARG) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
@@ -281,12 +288,9 @@ $(V)/adapters.parquet: $(V)/self_edits.parquet $(STAMPS)/train.hash
 $(V)/answers.parquet: $(V)/adapters.parquet $(STAMPS)/evaluate.hash
 	$(call job,iter$(ITER)-val-evaluate)$(BIN)/evaluate $(VAL_ARGS) $(MODEL_ARG)
 
-$(V)/template_stats.parquet: $(V)/answers.parquet
-	$(call job,iter$(ITER)-val-score)$(BIN)/score $(VAL_ARGS)
-
 # Improving the generator after iteration ITER (ReST-EM): examples, then LoRA + merge.
 # (the archive too: the novelty variant ranks examples by its novelty column)
-$(I)/sft.parquet: $(I)/template_stats.parquet $(I)/archive.parquet $(STAMPS)/sft.hash
+$(I)/sft.parquet: $(I)/template_stats.parquet $(I)/scores.parquet $(I)/archive.parquet $(STAMPS)/sft.hash
 	$(call job,iter$(ITER)-build-sft)$(BIN)/build-sft $(STAGE_ARGS) $(if $(ARCHIVE_IN),--archive $(ARCHIVE_IN),)
 
 $(I)/generator/config.json: $(I)/sft.parquet
@@ -304,7 +308,7 @@ iterations: $(BUILD)  ## run ITERS iterations of CONFIG, the generator improved 
 	done
 
 status:  ## the experiment's Slurm jobs and which of iteration ITER's stage files exist
-	@if command -v squeue >/dev/null; then squeue -u "$$(id -un)" -o '%.12i %.45j %.9T %.10M %R' | grep -E 'JOBID|selfedit-$(EXP)-' || echo "no Slurm jobs of $(EXP)"; fi
+	@if [ "$(SCHEDULER)" = slurm ] && command -v squeue >/dev/null; then squeue -u "$$(id -un)" -o '%.12i %.45j %.9T %.10M %R' | grep -E 'JOBID|selfedit-$(EXP)-' || echo "no Slurm jobs of $(EXP)"; fi
 	@for f in $(OUT)/articles.parquet $(foreach t,templates self_edits adapters answers scores template_stats archive sft,$(I)/$(t).parquet) \
 	  $(I)/generator/config.json $(if $(HAS_VALIDATION),$(V)/template_stats.parquet,); do \
 	  if [ -e $$f ]; then echo "done     $$f"; else echo "missing  $$f"; fi; done

@@ -157,6 +157,20 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     std::fs::write(&cfg, &text).unwrap();
     run_cfg(&cfg);
 
+    // a deleted table is made again, and what depends on it reruns, nothing before it (each
+    // target is a file, none intermediate); `score` writes two tables, either one missing reruns it
+    for (table, stages) in
+        [("answers.parquet", &["evaluate ", "score ", "update-archive"][..]), ("scores.parquet", &["score ", "update-archive"])]
+    {
+        std::fs::remove_file(it.join(table)).unwrap();
+        let dry = make(&a).arg("-n").output().unwrap();
+        let dry = String::from_utf8_lossy(&dry.stdout).to_string();
+        let listed: Vec<&str> = stage_bins.iter().copied().filter(|b| dry.contains(&format!("/{b}"))).collect();
+        assert_eq!(listed, stages, "make -n after deleting {table}:\n{dry}");
+        run_make(&a);
+        assert!(it.join(table).exists(), "make did not make {table} again");
+    }
+
     // the collapse analysis and the report draw from these tables
     let out = Command::new("make")
         .current_dir(root())

@@ -151,12 +151,27 @@ pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// The content hash of what `stage` depends on: its config sections and prompt files.
+/// The content hash of what `stage` depends on: its config sections, prompt files and, for
+/// `prepare`, the passage files it reads (an edited file selects its passages again).
+///
+/// Errors: a prompt file or a passage file that cannot be read, named with its config field.
 pub fn stage_hash(exp: &Experiment, stage: Stage) -> anyhow::Result<String> {
     let c = &exp.config;
     let prompts = Prompts::load(&c.prompts_dir)?;
+    let file_hash = |field: &str, path: &Path| {
+        std::fs::read(path)
+            .map(|bytes| crate::util::hash::hash_bytes(&bytes))
+            .with_context(|| format!("data.{field}: reading {} (the passages to select from)", path.display()))
+    };
     let v = match stage.settings() {
-        Stage::Prepare => serde_json::json!([c.data]),
+        Stage::Prepare => {
+            let train = file_hash("train_path", &c.data.train_path)?;
+            let validation = match (&c.data.validation_path, c.data.validation_passages > 0) {
+                (Some(path), true) => Some(file_hash("validation_path", path)?),
+                _ => None,
+            };
+            serde_json::json!([c.data, train, validation])
+        }
         Stage::Templates => serde_json::json!([
             c.variant,
             c.seed,
@@ -228,5 +243,32 @@ pub fn done(stage: &str, path: &Path, rows: usize, detail: &str) {
         println!("{stage}: wrote {} ({rows} rows)", path.display());
     } else {
         println!("{stage}: wrote {} ({rows} rows; {detail})", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The prepare stamp follows the passage file's contents, not only its path, and no other
+    /// stage's stamp moves with it; a missing file is an error naming the field.
+    #[test]
+    fn prepare_stamp_follows_the_passage_files_contents() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let passages = dir.path().join("passages.json");
+        let text = std::fs::read_to_string(root.join("data/demo_passages.json")).unwrap();
+        std::fs::write(&passages, &text).unwrap();
+        exp.config.data.train_path = passages.clone();
+        let before = (stage_hash(&exp, Stage::Prepare).unwrap(), stage_hash(&exp, Stage::Train).unwrap());
+        assert_eq!(stage_hash(&exp, Stage::Prepare).unwrap(), before.0, "the hash is stable");
+        std::fs::write(&passages, text.replace("41 members", "43 members")).unwrap();
+        let after = (stage_hash(&exp, Stage::Prepare).unwrap(), stage_hash(&exp, Stage::Train).unwrap());
+        assert_ne!(after.0, before.0, "an edited passage file must rerun prepare-data");
+        assert_eq!(after.1, before.1, "training does not read the passage file");
+        std::fs::remove_file(&passages).unwrap();
+        let e = format!("{:#}", stage_hash(&exp, Stage::Prepare).unwrap_err());
+        assert!(e.contains("data.train_path") && e.contains("passages.json"), "{e}");
     }
 }
