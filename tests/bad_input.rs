@@ -261,6 +261,11 @@ fn data_and_config_errors_name_the_file_the_place_and_what_was_expected() {
         ("train_passages = 2", "train_passages = \"two\"", ["train_passages", "expected"]),
         ("variant = \"no-archive\"", "variant = \"novelty-x\"", ["variant", "unknown variant"]),
         ("grader = \"heuristic\"", "grader = \"oracle\"", ["grader", "unknown variant"]),
+        // the baseline's and the generator's LoRA settings are checked as the bounds are
+        ("learning_rate = 1e-3, num_epochs", "learning_rate = -1e-3, num_epochs", ["baseline.hyperparameters.learning_rate", "> 0"]),
+        ("learning_rate = 3e-4", "learning_rate = -3e-4", ["sft.learning_rate", "> 0"]),
+        ("lora_rank = 16", "lora_rank = 0", ["sft.lora_rank", ">= 1"]),
+        ("max_grad_norm = 1.0", "max_grad_norm = -1.0", ["training.max_grad_norm", ">= 0"]),
     ] {
         assert!(tiny.contains(from), "configs/tiny.toml no longer has {from}");
         let path = dir.path().join("bad.toml");

@@ -125,7 +125,8 @@ fn default_thinking_tokens() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingSection {
-    /// Append the passage itself as one more training sequence (SEAL: yes; the paper's code: no).
+    /// Append the passage itself as one more training sequence (SEAL: yes; the paper's code: no;
+    /// never under `baseline-passage`, whose one sequence is the passage).
     pub append_passage: bool,
     pub max_len: usize,
     /// The projections the self-edit adapters train (the paper: `q_proj`, `v_proj`).
@@ -390,6 +391,34 @@ impl ExperimentConfig {
         );
         ensure!(b.learning_rate.min > 0.0, "hyperparameter_bounds.learning_rate.min must be > 0");
         ensure!(b.lora_dropout.max < 1.0 && b.lora_dropout.min >= 0.0, "hyperparameter_bounds.lora_dropout must lie in [0, 1)");
+        let h = &self.baseline.hyperparameters;
+        lora_settings(
+            "baseline.hyperparameters",
+            h.lora_rank as f64,
+            h.lora_alpha as f64,
+            h.lora_dropout,
+            h.learning_rate,
+            h.num_epochs as f64,
+            h.gradient_accumulation_steps as f64,
+        )?;
+        self.baseline.sampling.validate().context("baseline.sampling")?;
+        let f = &self.sft;
+        lora_settings(
+            "sft",
+            f.lora_rank as f64,
+            f.lora_alpha,
+            f.lora_dropout,
+            f.learning_rate,
+            f.num_epochs as f64,
+            f.gradient_accumulation_steps as f64,
+        )?;
+        ensure!(f.top_k >= 1 && f.max_len >= 1 && f.checkpoint_every >= 1, "sft.top_k, sft.max_len and sft.checkpoint_every must be >= 1");
+        ensure!(self.training.max_len >= 1, "training.max_len must be >= 1 (tokens)");
+        ensure!(
+            self.training.max_grad_norm >= 0.0 && self.training.max_grad_norm.is_finite(),
+            "training.max_grad_norm must be a finite number >= 0 (0 turns clipping off), not {}",
+            self.training.max_grad_norm
+        );
         match (&self.novelty, self.variant) {
             (None, Variant::Novelty) => bail!("the novelty variant needs a [novelty] section (weight, crowded_similarity, embedder)"),
             (Some(_), v) if v != Variant::Novelty => {
@@ -409,6 +438,18 @@ impl ExperimentConfig {
         }
         Ok(())
     }
+}
+
+/// A LoRA run's settings are usable: rank, epochs and accumulation at least 1, alpha and the
+/// learning rate positive and finite, dropout in [0, 1). `section` names the config table.
+fn lora_settings(section: &str, rank: f64, alpha: f64, dropout: f64, lr: f64, epochs: f64, accumulation: f64) -> anyhow::Result<()> {
+    ensure!(rank >= 1.0, "{section}.lora_rank must be >= 1, not {rank}");
+    ensure!(alpha > 0.0 && alpha.is_finite(), "{section}.lora_alpha must be > 0, not {alpha}");
+    ensure!((0.0..1.0).contains(&dropout), "{section}.lora_dropout must lie in [0, 1), not {dropout}");
+    ensure!(lr > 0.0 && lr.is_finite(), "{section}.learning_rate must be > 0, not {lr}");
+    ensure!(epochs >= 1.0, "{section}.num_epochs must be >= 1, not {epochs}");
+    ensure!(accumulation >= 1.0, "{section}.gradient_accumulation_steps must be >= 1, not {accumulation}");
+    Ok(())
 }
 
 #[cfg(test)]
