@@ -349,4 +349,23 @@ mod tests {
         assert_eq!(v[0].article_id, "v000");
         assert!(v.iter().all(|x| ps[x.source_index as usize].context == x.context));
     }
+
+    /// The shipped passages grade honestly under the paper's substring verdict: no question's
+    /// gold answer occurs in the question itself or in its passage's title, so a model that
+    /// only repeats the question scores nothing (the demo's currency once read "velt", found
+    /// in every answer naming "Veltoria").
+    #[test]
+    fn shipped_questions_do_not_contain_their_answers() {
+        use crate::experiment::grading::substring_correct;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for file in ["demo_passages.json", "demo_validation.json", "science_passages.json", "science_validation.json"] {
+            let passages = load_passages(&root.join("data").join(file)).unwrap();
+            for p in &passages {
+                for q in &p.questions {
+                    let echo = format!("{} {}", q.question, p.title);
+                    assert!(!substring_correct(&echo, &q.answers), "{file}: {:?} gives away its answer {:?}", q.question, q.answers);
+                }
+            }
+        }
+    }
 }

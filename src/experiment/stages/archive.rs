@@ -101,7 +101,15 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<()> {
     let templates: Vec<TemplateRow> = ctx.read()?;
     let stats: Vec<TemplateStatsRow> = ctx.read()?;
     let mut rows = update_archive(previous, ctx.iteration, &templates, &stats);
-    let mut detail = format!("best {:.3} ({})", rows[0].accuracy, rows[0].template_id);
+    // The seeds carry the paper's accuracies, not this run's: name this iteration's best apart.
+    let source = format!("iter{}", ctx.iteration);
+    let mut detail = match rows.iter().find(|r| r.source == source) {
+        Some(r) => format!(
+            "best of {source} {:.3} ({}); first overall {} ({}, {:.3})",
+            r.accuracy, r.template_id, rows[0].template_id, rows[0].source, rows[0].accuracy
+        ),
+        None => format!("no template of {source} scored; first {} ({}, {:.3})", rows[0].template_id, rows[0].source, rows[0].accuracy),
+    };
     if let Some(cfg) = &ctx.exp.config.novelty {
         let embedder = Embedder::load(&cfg.embedder, &candle_core::Device::Cpu)
             .with_context(|| format!("novelty.embedder {} (run `make embedder`)", cfg.embedder.display()))?;
