@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::experiment::cli::{progress, ModelArgs, ShardArgs, StageContext};
-use crate::experiment::config::ExperimentConfig;
+use crate::experiment::config::{ExperimentConfig, Variant};
 use crate::experiment::layout::Stage;
 use crate::experiment::states::AdapterStatus;
 use crate::experiment::tables::{AdapterRow, ArticleRow, SelfEditRow, TemplateRow};
@@ -39,10 +39,12 @@ pub struct AdapterRecord {
 /// The record's file name inside an adapter folder.
 pub const TRAIN_RECORD: &str = "train_record.json";
 
-/// The training sequences of a self-edit (plus the passage when configured).
+/// The training sequences of a self-edit, plus the passage when `training.append_passage` is
+/// set, except under `baseline-passage`, whose one sequence is the passage already (appending
+/// it again would train on it twice an epoch).
 pub fn training_texts(cfg: &ExperimentConfig, edit: &SelfEditRow, article: &ArticleRow) -> Vec<String> {
     let mut texts: Vec<String> = edit.sequences.iter().filter(|s| !s.trim().is_empty()).cloned().collect();
-    if cfg.training.append_passage && !texts.is_empty() {
+    if cfg.training.append_passage && cfg.variant != Variant::BaselinePassage && !texts.is_empty() {
         texts.push(format!("{}\n{}", article.title, article.context).trim().to_string());
     }
     texts
@@ -340,6 +342,46 @@ mod tests {
 
     fn seqs(n: usize, len: usize) -> Vec<TrainExample> {
         (0..n).map(|i| TrainExample { ids: vec![i as u32; len], loss_from: 0 }).collect()
+    }
+
+    #[test]
+    fn the_passage_is_appended_once_and_not_to_the_passage_baseline() {
+        use crate::experiment::states::{Category, Split};
+        use crate::experiment::tables::Question;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut cfg = crate::experiment::config::Experiment::load(&root.join("configs/tiny.toml")).unwrap().config;
+        let article = ArticleRow {
+            article_id: "a000".into(),
+            split: Split::Train,
+            title: "Veltoria".into(),
+            context: "Its capital is Marzipane.".into(),
+            questions: vec![Question { question: "Capital?".into(), answers: vec!["Marzipane".into()] }],
+            source_index: 0,
+        };
+        let edit = |sequences: Vec<String>| SelfEditRow {
+            self_edit_id: "a000-t00-c0".into(),
+            template_id: "iter0-t00".into(),
+            article_id: "a000".into(),
+            completion: 0,
+            category: Category::Exploit,
+            sequences,
+            valid: true,
+            error: None,
+            raw_response: String::new(),
+            seed: 0,
+            reasoning: None,
+        };
+        let passage = "Veltoria\nIts capital is Marzipane.".to_string();
+        cfg.training.append_passage = true;
+        let texts = training_texts(&cfg, &edit(vec!["A fact.".into(), " ".into()]), &article);
+        assert_eq!(texts, ["A fact.".to_string(), passage.clone()], "blank sequences dropped, the passage appended");
+        assert!(training_texts(&cfg, &edit(vec![" ".into()]), &article).is_empty(), "nothing to train on stays nothing");
+        cfg.variant = Variant::BaselinePassage;
+        let texts = training_texts(&cfg, &edit(vec![article.context.clone()]), &article);
+        assert_eq!(texts, std::slice::from_ref(&article.context), "baseline-passage trains on the passage once");
+        cfg.variant = Variant::NoArchive;
+        cfg.training.append_passage = false;
+        assert_eq!(training_texts(&cfg, &edit(vec!["A fact.".into()]), &article), ["A fact.".to_string()]);
     }
 
     #[test]
