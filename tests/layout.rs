@@ -55,3 +55,48 @@ fn makefile_and_layout_name_the_same_paths() {
         assert!(makefile.contains(&format!("$(STAMPS)/{}.hash", s.name())), "no rule uses the {} stamp", s.name());
     }
 }
+
+/// The README's "The tables, column by column" names every column of every table, in the
+/// schema's order (the six hyperparameter columns as the word "hyperparameters").
+#[test]
+fn readme_lists_every_tables_columns_in_order() {
+    use selfedit::experiment::tables::*;
+    use selfedit::experiment::template::Hyperparameters;
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme.split("### The tables, column by column").nth(1).expect("README has no section on the tables");
+    let section = section.split("\n### ").next().unwrap();
+    fn check<T: Table>(section: &str) {
+        let start = format!("\n- `{}.parquet`", T::NAME);
+        let bullet = section.split(start.as_str()).nth(1).unwrap_or_else(|| panic!("README: no bullet for {}.parquet", T::NAME));
+        let bullet = bullet.split("\n- `").next().unwrap();
+        let mut at = 0;
+        let mut hyper_done = false;
+        for f in T::schema().fields() {
+            let name = f.name().as_str();
+            let needle = if Hyperparameters::NAMES.contains(&name) {
+                if hyper_done {
+                    continue;
+                }
+                hyper_done = true;
+                " hyperparameters".to_string()
+            } else {
+                format!("`{name}`")
+            };
+            let found = bullet[at..]
+                .find(&needle)
+                .unwrap_or_else(|| panic!("README's {}.parquet bullet lacks {needle} (or lists it out of the schema's order)", T::NAME));
+            at += found + needle.len();
+        }
+    }
+    check::<ArticleRow>(section);
+    check::<TemplateRow>(section);
+    check::<SelfEditRow>(section);
+    check::<AdapterRow>(section);
+    check::<AnswerRow>(section);
+    check::<ScoreRow>(section);
+    check::<TemplateStatsRow>(section);
+    check::<ArchiveRow>(section);
+    check::<SftRow>(section);
+    check::<CollapseRow>(section);
+    check::<ScienceRow>(section);
+}
