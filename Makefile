@@ -151,6 +151,13 @@ OUTPUTS ?= outputs
 OUT := $(OUTPUTS)/$(EXP)
 I := $(OUT)/iter$(ITER)
 STAMPS := $(OUT)/stamps
+# A dry run (make -n) stamps a copy, stamps/dry/ (the stamps' times kept), and reads that one:
+# it lists what make would run and leaves the real stamps as they were, so that a setting
+# changed, dry-run and changed back reruns nothing.
+ifneq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+STAMPS_REAL := $(STAMPS)
+STAMPS := $(STAMPS)/dry
+endif
 BIN ?= $(or $(CARGO_TARGET_DIR),target)/release
 # Set BUILD= to skip the cargo build step (the tests drive make with their own binaries).
 BUILD ?= build
@@ -210,15 +217,16 @@ paths:  ## print the output paths for CONFIG, ITER and SHARDS
 ifneq ($(and $(wildcard $(BIN)/stamp),$(filter pipeline validation generator $(OUT)/%,$(MAKECMDGOALS))),)
 # The stamp's messages go straight to stderr (a $(shell)'s output would lose its line breaks),
 # and make 4.3 does not export variables to $(shell), so OpenBLAS's kernels are named here.
-STAMP_RC := $(shell mkdir -p $(STAMPS) && $(if $(OPENBLAS_CORETYPE),OPENBLAS_CORETYPE=$(OPENBLAS_CORETYPE) )$(BIN)/stamp $(STAGE_ARGS) >&2; echo $$?)
+STAMP_RC := $(shell mkdir -p $(STAMPS) && { $(if $(STAMPS_REAL),cp -p $(STAMPS_REAL)/*.hash $(STAMPS)/ 2>/dev/null;) true; } \
+  && $(if $(OPENBLAS_CORETYPE),OPENBLAS_CORETYPE=$(OPENBLAS_CORETYPE) )$(BIN)/stamp $(STAGE_ARGS) --into $(STAMPS) >&2; echo $$?)
 $(if $(filter 0,$(STAMP_RC)),,$(error $(BIN)/stamp failed on $(CONFIG) (its message is above); fix that and run make again))
 endif
 
 stamps: $(BUILD)
-	@mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS)
+	@mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS) --into $(STAMPS)
 
 $(STAMPS)/%.hash: | $(BUILD)
-	@mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS)
+	@mkdir -p $(STAMPS) && $(BIN)/stamp $(STAGE_ARGS) --into $(STAMPS)
 
 $(OUT)/articles.parquet: $(STAMPS)/prepare.hash
 	$(call job,iter$(ITER)-prepare-data)$(BIN)/prepare-data $(STAGE_ARGS)

@@ -2,8 +2,16 @@
 //! changed, so `make` reruns exactly the stages whose settings changed.
 mod common;
 
-common::stage_main!(unlocked "Stamp the config: one hash file per stage", [], |ctx, _cli| {
-    let changed = selfedit::experiment::cli::write_stamps(&ctx.exp, &ctx.layout)?;
+#[derive(clap::Args)]
+struct Into {
+    /// Write the hashes in this folder instead of the experiment's stamps/ (make's dry runs
+    /// stamp a copy there, so `make -n` changes nothing)
+    #[arg(long, value_name = "DIR")]
+    into: Option<std::path::PathBuf>,
+}
+
+common::stage_main!(unlocked "Stamp the config: one hash file per stage", [dir: Into], |ctx, cli| {
+    let changed = selfedit::experiment::cli::write_stamps(&ctx.exp, &ctx.layout, cli.dir.into.as_deref())?;
     if !changed.is_empty() {
         println!("stamp: settings changed for {}", changed.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "));
     }

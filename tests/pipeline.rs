@@ -146,6 +146,11 @@ fn tiny_pipeline_runs_resumes_and_is_reproducible() {
     let dry = String::from_utf8_lossy(&dry.stdout).to_string();
     let listed: Vec<&str> = stage_bins.iter().copied().filter(|b| dry.contains(&format!("/{b}"))).collect();
     assert_eq!(listed, ["evaluate ", "score ", "update-archive"], "make -n:\n{dry}");
+    // the dry run changed nothing: with the settings changed back, make runs nothing
+    std::fs::write(&cfg, &text).unwrap();
+    let log = run_cfg(&cfg);
+    assert!(!log.contains("wrote"), "a dry run left its settings' stamps behind:\n{log}");
+    std::fs::write(&cfg, text.replace("max_new_tokens = 24", "max_new_tokens = 16")).unwrap();
     let log = run_cfg(&cfg);
     for stage in ["evaluate: wrote", "score: wrote", "archive: wrote"] {
         assert!(log.contains(stage), "{stage} missing:\n{log}");

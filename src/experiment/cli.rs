@@ -221,14 +221,17 @@ pub fn stage_hash(exp: &Experiment, stage: Stage) -> anyhow::Result<String> {
     Ok(content_hash(&v))
 }
 
-/// Writes `stamps/<stage>.hash` for every stamped stage, touching only the files whose hash
-/// changed, so make reruns exactly the stages whose settings changed. Returns those stages.
-pub fn write_stamps(exp: &Experiment, layout: &Layout) -> anyhow::Result<Vec<Stage>> {
-    std::fs::create_dir_all(layout.stamps_dir())?;
+/// Writes `stamps/<stage>.hash` for every stamped stage (in `into` instead of the
+/// experiment's `stamps/` when given: make's dry runs stamp a copy), touching only the files
+/// whose hash changed, so make reruns exactly the stages whose settings changed. Returns those
+/// stages.
+pub fn write_stamps(exp: &Experiment, layout: &Layout, into: Option<&Path>) -> anyhow::Result<Vec<Stage>> {
+    let dir = into.map(Path::to_path_buf).unwrap_or_else(|| layout.stamps_dir());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut changed = Vec::new();
     for stage in Stage::stamped() {
         let hash = stage_hash(exp, stage)?;
-        let path = layout.stamp(stage);
+        let path = dir.join(layout.stamp(stage).file_name().expect("a stamp is a file"));
         if std::fs::read_to_string(&path).ok().as_deref() != Some(hash.as_str()) {
             crate::util::atomic::write_string_atomically(&path, &hash)?;
             changed.push(stage);
