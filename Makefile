@@ -215,10 +215,12 @@ paths:  ## print the output paths for CONFIG, ITER and SHARDS
 # lists exactly the stages a real run executes. Before the first build the rule below makes
 # them.
 ifneq ($(and $(wildcard $(BIN)/stamp),$(filter pipeline validation generator $(OUT)/%,$(MAKECMDGOALS))),)
-# The stamp's messages go straight to stderr (a $(shell)'s output would lose its line breaks),
-# and make 4.3 does not export variables to $(shell), so OpenBLAS's kernels are named here.
-STAMP_RC := $(shell mkdir -p $(STAMPS) && { $(if $(STAMPS_REAL),cp -p $(STAMPS_REAL)/*.hash $(STAMPS)/ 2>/dev/null;) true; } \
-  && $(if $(OPENBLAS_CORETYPE),OPENBLAS_CORETYPE=$(OPENBLAS_CORETYPE) )$(BIN)/stamp $(STAGE_ARGS) --into $(STAMPS) >&2; echo $$?)
+# The stamp's messages go straight to stderr (a $(shell)'s output would lose its line breaks).
+# Make 4.3 does not export variables to $(shell), so the ones the configs and OpenBLAS read
+# are named here (SQUAD_DIR=... on make's command line must reach the stamp's hash).
+SHELL_ENV := $(foreach v,SQUAD_DIR MODEL DEVICE OPENBLAS_CORETYPE,$(if $($(v)),$(v)='$($(v))' ))
+STAMP_RC := $(shell mkdir -p $(STAMPS) && { $(if $(STAMPS_REAL),rm -f $(STAMPS)/*.hash; cp -p $(STAMPS_REAL)/*.hash $(STAMPS)/ 2>/dev/null;) true; } \
+  && $(SHELL_ENV)$(BIN)/stamp $(STAGE_ARGS) --into $(STAMPS) >&2; echo $$?)
 $(if $(filter 0,$(STAMP_RC)),,$(error $(BIN)/stamp failed on $(CONFIG) (its message is above); fix that and run make again))
 endif
 
@@ -272,9 +274,11 @@ endif
 
 # `score` writes two tables. A pattern rule with two targets tells make so: either one deleted
 # reruns it. (A grouped rule, `&:`, would too, but make 4.3's dry runs then skip what follows.)
-# The stem is the iteration's folder, or its validation folder.
+# The stem is the iteration's folder or its validation folder (make drops a leading ./ from it).
 %/template_stats.parquet %/scores.parquet: %/answers.parquet
-	$(if $(filter $(V),$*),$(call job,iter$(ITER)-val-score)$(BIN)/score $(VAL_ARGS),$(call job,iter$(ITER)-score)$(BIN)/score $(STAGE_ARGS))
+	$(if $(filter $(patsubst ./%,%,$(V)),$*),$(call job,iter$(ITER)-val-score)$(BIN)/score $(VAL_ARGS),$(if \
+	  $(filter $(patsubst ./%,%,$(I)),$*),$(call job,iter$(ITER)-score)$(BIN)/score $(STAGE_ARGS),$(error \
+	  $*/ is not iteration $(ITER)'s folder of $(CONFIG): name the iteration with ITER=k and the config with CONFIG=...)))
 
 # (scores.parquet too: it names score's other table, so a deleted one reruns score and this)
 $(I)/archive.parquet: $(I)/template_stats.parquet $(I)/scores.parquet $(STAMPS)/archive.hash
@@ -318,7 +322,7 @@ iterations: $(BUILD)  ## run ITERS iterations of CONFIG, the generator improved 
 status:  ## the experiment's Slurm jobs and which of iteration ITER's stage files exist
 	@if [ "$(SCHEDULER)" = slurm ] && command -v squeue >/dev/null; then squeue -u "$$(id -un)" -o '%.12i %.45j %.9T %.10M %R' | grep -E 'JOBID|selfedit-$(EXP)-' || echo "no Slurm jobs of $(EXP)"; fi
 	@for f in $(OUT)/articles.parquet $(foreach t,templates self_edits adapters answers scores template_stats archive sft,$(I)/$(t).parquet) \
-	  $(I)/generator/config.json $(if $(HAS_VALIDATION),$(V)/template_stats.parquet,); do \
+	  $(I)/generator/config.json $(if $(HAS_VALIDATION),$(V)/scores.parquet $(V)/template_stats.parquet,); do \
 	  if [ -e $$f ]; then echo "done     $$f"; else echo "missing  $$f"; fi; done
 
 collapse: $(OUT)/collapse.parquet  ## how alike each iteration's templates are (text, hyperparameters, words)

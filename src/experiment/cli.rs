@@ -232,12 +232,30 @@ pub fn write_stamps(exp: &Experiment, layout: &Layout, into: Option<&Path>) -> a
     for stage in Stage::stamped() {
         let hash = stage_hash(exp, stage)?;
         let path = dir.join(layout.stamp(stage).file_name().expect("a stamp is a file"));
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(hash.as_str()) {
-            crate::util::atomic::write_string_atomically(&path, &hash)?;
-            changed.push(stage);
+        let old = std::fs::read_to_string(&path).ok();
+        if old.as_deref() == Some(hash.as_str()) {
+            continue;
+        }
+        // A prepare stamp written before the passage files' contents were hashed keeps its
+        // time: its settings are unchanged, so upgrading reruns nothing.
+        let upgraded = stage == Stage::Prepare && old.as_deref() == Some(prepare_hash_of_settings_only(exp).as_str());
+        let time = if upgraded { std::fs::metadata(&path).and_then(|m| m.modified()).ok() } else { None };
+        crate::util::atomic::write_string_atomically(&path, &hash)?;
+        match time {
+            Some(t) => std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(t))
+                .with_context(|| format!("keeping the time of {}", path.display()))?,
+            None => changed.push(stage),
         }
     }
     Ok(changed)
+}
+
+/// The prepare stamp as versions before the passage files' contents were hashed wrote it.
+fn prepare_hash_of_settings_only(exp: &Experiment) -> String {
+    content_hash(&serde_json::json!([exp.config.data]))
 }
 
 /// The one line a finished stage prints.
@@ -273,5 +291,27 @@ mod tests {
         std::fs::remove_file(&passages).unwrap();
         let e = format!("{:#}", stage_hash(&exp, Stage::Prepare).unwrap_err());
         assert!(e.contains("data.train_path") && e.contains("passages.json"), "{e}");
+    }
+
+    /// A prepare stamp of the settings alone (older versions) becomes the new hash and keeps
+    /// its time, so upgrading reruns nothing; a real change gets a new time.
+    #[test]
+    fn an_older_prepare_stamp_is_upgraded_in_place() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let exp = Experiment::load(&root.join("configs/tiny.toml")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let layout = Layout::new(out.path(), "tiny");
+        write_stamps(&exp, &layout, None).unwrap();
+        let path = layout.stamp(Stage::Prepare);
+        let old_time = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        std::fs::write(&path, prepare_hash_of_settings_only(&exp)).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(old_time).unwrap();
+        assert!(write_stamps(&exp, &layout, None).unwrap().is_empty(), "an upgrade is not a change");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), stage_hash(&exp, Stage::Prepare).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), old_time);
+        std::fs::write(&path, "0123456789abcdef").unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(old_time).unwrap();
+        assert_eq!(write_stamps(&exp, &layout, None).unwrap(), [Stage::Prepare]);
+        assert!(std::fs::metadata(&path).unwrap().modified().unwrap() > old_time);
     }
 }

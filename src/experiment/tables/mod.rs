@@ -154,7 +154,8 @@ table! {
         status: AdapterStatus,
         adapter_path: Option<String>,
         /// the self-edit's training sequences (the passage included when
-        /// `training.append_passage`), after `training.max_tokens_per_self_edit`
+        /// `training.append_passage`, except under `baseline-passage`, whose sequence it is),
+        /// after `training.max_tokens_per_self_edit`
         sequences: i64,
         /// tokens trained on, summed over all epochs (Hugging Face's count)
         tokens: i64,
